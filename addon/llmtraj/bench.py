@@ -1,0 +1,756 @@
+"""Benchmark (not a test): what recording costs, measured on loopback in one run.
+
+    scripts/bench [--seconds 3] [--quick] [--json FILE]
+
+Four targets, each in front of the same stand-in upstream (its own process, so
+it does not share a GIL with the load generator):
+
+  direct         the stand-in itself
+  mitmdump       bare mitmdump in reverse mode; by default it buffers bodies,
+                 so a streamed answer arrives all at once
+  mitmdump-sb1   bare mitmdump with stream_large_bodies=1: it streams, the fair
+                 baseline for an addon that streams
+  llm-traj       mitmdump with the addon recording every call
+
+Measured per target: requests/s and p50/p99 latency of small non-streamed chat
+completions from 1 and 16 concurrent keep-alive clients; for a 200-event SSE
+stream with 1 ms between events, the time to the first event (TTFB) and to the
+end (p50 of sequential requests); the same stream without delays (end-to-end
+chunk throughput); and the proxy's CPU time per request. The load generator is
+a minimal asyncio HTTP/1.1 client, so it costs little per request; the direct
+numbers show how far above the proxies it can go.
+
+Targets checked: recording keeps >= 90% of mitmdump-sb1's requests/s and adds
+<= 2 ms to a stream's first event. The addon target must also have written one
+record per request, so a broken addon cannot look fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .proxy_process import ProxyProcess
+
+ADDON_DIR = Path(__file__).resolve().parent.parent
+RPS_TARGET = 0.90  # recording keeps at least this share of bare mitmdump's requests/s
+TTFB_TARGET_MS = 2.0  # and adds at most this much to a stream's first event
+# mitmdump prints nothing per flow (flow_detail=0) but keeps its info-level log,
+# which carries the "listening"/"ready" lines ProxyProcess waits for (-q would hide them).
+QUIET = ["--set", "flow_detail=0", "--set", "termlog_verbosity=info"]
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    label: str
+    proxy: bool = True
+    addon: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+
+
+DIRECT = Target("direct", "direct to upstream", proxy=False)
+BARE = Target("mitmdump", "mitmdump reverse (default: buffers)")
+BARE_SB1 = Target("mitmdump-sb1", "mitmdump reverse, stream_large_bodies=1", options={"stream_large_bodies": "1"})
+RECORD = Target("llm-traj", "mitmdump + llm-traj record", addon=True, options={"llm_traj_mode": "record"})
+TARGETS = [DIRECT, BARE, BARE_SB1, RECORD]
+BASELINE, BUFFERED = BARE_SB1, BARE  # main and secondary baselines of the ratios
+
+
+@dataclass
+class Running:
+    """A started target: where to send requests and whose CPU time to watch."""
+
+    url: str
+    pid: int | None  # the proxy process (None for direct)
+    trajectory: Path | None = None  # where the addon records
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Standin:
+    """The stand-in upstream as a child process (`python -m llmtraj.standin`)."""
+
+    _LISTENING = re.compile(r"listening on (http://\S+)")
+    command = [sys.executable, "-m", "llmtraj.standin", "--port", "0"]
+
+    def __init__(self, timeout: float = 20.0) -> None:
+        self.timeout = timeout
+        self.url = ""
+        self.lines: collections.deque[str] = collections.deque(maxlen=30)
+        self._proc: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+
+    def __enter__(self) -> Standin:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ADDON_DIR), env.get("PYTHONPATH")) if p)
+        self._proc = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        threading.Thread(target=self._drain, daemon=True).start()  # never let its pipe fill up
+        deadline = time.monotonic() + self.timeout
+        while not self._ready.wait(0.05):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = "\n".join(self.lines)
+                raise RuntimeError(f"the stand-in upstream did not start:\n{tail}")
+        return self
+
+    def _drain(self) -> None:
+        for line in self._proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if not self._ready.is_set() and (m := self._LISTENING.search(line)):
+                self.url = m.group(1).rstrip("/")
+                self._ready.set()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def stop(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def start_target(target: Target, upstream: Standin, workdir: Path) -> Iterator[Running]:
+    if not target.proxy:
+        yield Running(url=upstream.url, pid=None)
+        return
+    options: dict[str, object] = dict(target.options)
+    trajectory = None
+    if target.addon:
+        trajectory = workdir / target.name
+        options["llm_traj_path"] = trajectory
+    with ProxyProcess(upstream=upstream.url, options=options, addon=target.addon, extra_args=QUIET) as proxy:
+        yield Running(url=proxy.url, pid=proxy.pid, trajectory=trajectory)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------- HTTP client
+
+
+class BadResponse(RuntimeError):
+    pass
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes | None  # only when asked to keep it
+    first_event: float | None  # perf_counter when the first SSE event (blank line) was in
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection with just enough of a client: a
+    prebuilt request goes out, the response comes back by Content-Length,
+    chunked encoding or connection close."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def request(self, data: bytes, *, keep_body: bool = False, watch_events: bool = False) -> Response:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        self._writer.write(data)
+        try:
+            return await self._read_response(keep_body, watch_events)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            self.close()
+            raise BadResponse(f"connection lost: {exc!r}") from None
+
+    async def _read_response(self, keep_body: bool, watch_events: bool) -> Response:
+        reader = self._reader
+        head = await reader.readuntil(b"\r\n\r\n")
+        try:
+            status = int(head[9:12])
+        except ValueError:
+            raise BadResponse(f"not an HTTP response: {head[:80]!r}") from None
+        length, chunked, close = _framing(head)
+        body = bytearray()
+        first_event: float | None = None
+        want_body = keep_body or watch_events
+
+        def take(data: bytes) -> None:
+            nonlocal first_event
+            if want_body:
+                start = max(0, len(body) - 3)
+                body.extend(data)
+                if watch_events and first_event is None and (b"\n\n" in body[start:] or b"\r\n\r\n" in body[start:]):
+                    first_event = time.perf_counter()
+
+        if chunked:
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")  # no trailers expected
+                    break
+                take((await reader.readexactly(size + 2))[:-2])
+        elif length is not None:
+            left = length
+            while left:
+                data = await reader.read(min(left, 1 << 16)) if watch_events else await reader.readexactly(left)
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", left)
+                take(data)
+                left -= len(data)
+        else:
+            close = True
+            while data := await reader.read(1 << 16):
+                take(data)
+        if close:
+            self.close()
+        return Response(status, bytes(body) if keep_body else None, first_event)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+def _framing(head: bytes) -> tuple[int | None, bool, bool]:
+    length, chunked, close = None, False, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"connection":
+            close = b"close" in value.lower()
+    return length, chunked, close
+
+
+def chat_request(url: str, *, stream: bool, headers: dict[str, str]) -> bytes:
+    """A prebuilt small chat-completions request for the stand-in."""
+    body = {
+        "model": "bench",  # no `standin-` prefix: the scenario header decides
+        "messages": [{"role": "user", "content": "Say something short."}],
+        "stream": stream,
+    }
+    payload = json.dumps(body).encode()
+    host = urlsplit(url).netloc
+    lines = [
+        "POST /v1/chat/completions HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/json",
+        "Accept: application/json" if not stream else "Accept: text/event-stream",
+        "Authorization: Bearer sk-bench-not-a-real-key",
+        f"Content-Length: {len(payload)}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+
+
+def host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+@dataclass(frozen=True)
+class Settings:
+    seconds: float
+    warmup: float
+    stream_requests: int  # per round
+    rounds: int
+    chunks: int = 200
+    delay_ms: int = 1
+
+
+@dataclass
+class Outcome:
+    metrics: dict[str, float]
+    requests: int  # every request sent, warmup included (for the record count)
+    check: Callable[[dict], str | None] | None = None  # checks the last record written
+
+
+@dataclass(frozen=True)
+class Load:
+    """Small non-streamed calls from `concurrency` keep-alive clients for a fixed time."""
+
+    concurrency: int
+
+    @property
+    def name(self) -> str:
+        return f"c{self.concurrency}"
+
+    def columns(self) -> list[tuple[str, str, str]]:
+        c = self.concurrency
+        return [
+            (f"{self.name}.rps", f"c={c} req/s", "{:.0f}"),
+            (f"{self.name}.p50_ms", f"c={c} p50 ms", "{:.2f}"),
+            (f"{self.name}.p99_ms", f"c={c} p99 ms", "{:.2f}"),
+            (f"{self.name}.cpu_us", f"c={c} proxy CPU µs/req", "{:.0f}"),
+        ]
+
+    async def run(self, target: Running, settings: Settings) -> Outcome:
+        data = chat_request(target.url, stream=False, headers={"x-standin-scenario": "text"})
+        host, port = host_port(target.url)
+        conns = [Connection(host, port) for _ in range(self.concurrency)]
+        for conn in conns:  # connect (and warm the path) before the clock starts
+            _ok(await conn.request(data))
+        sent = self.concurrency
+        latencies: list[float] = []
+        start = time.perf_counter() + settings.warmup
+        end = start + settings.seconds
+
+        async def client(conn: Connection) -> None:
+            nonlocal sent
+            while (t0 := time.perf_counter()) < end:
+                _ok(await conn.request(data))
+                t1 = time.perf_counter()
+                sent += 1
+                if t0 >= start and t1 <= end:
+                    latencies.append(t1 - t0)
+
+        cpu0 = cpu_seconds(target.pid)
+        try:
+            await asyncio.gather(*(client(conn) for conn in conns))
+        finally:
+            for conn in conns:
+                conn.close()
+        cpu1 = cpu_seconds(target.pid)
+        metrics = {
+            f"{self.name}.rps": len(latencies) / settings.seconds,
+            f"{self.name}.p50_ms": percentile(latencies, 50) * 1e3,
+            f"{self.name}.p99_ms": percentile(latencies, 99) * 1e3,
+        }
+        if cpu0 is not None and cpu1 is not None:
+            metrics[f"{self.name}.cpu_us"] = (cpu1 - cpu0) / (sent - self.concurrency) * 1e6
+        return Outcome(metrics, sent, check=_check_text_record)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Sequential streamed calls of `chunks` SSE events on one keep-alive connection."""
+
+    name: str
+    delay_ms: int | None  # None: the settings' delay
+    ttfb: bool  # report the time to the first event
+
+    def columns(self) -> list[tuple[str, str, str]]:
+        cols = [(f"{self.name}.total_ms", f"{self.name} total ms", "{:.1f}")]
+        if self.ttfb:
+            cols.insert(0, (f"{self.name}.ttfb_ms", f"{self.name} TTFB ms", "{:.2f}"))
+        return cols
+
+    async def run(self, target: Running, settings: Settings) -> Outcome:
+        delay = settings.delay_ms if self.delay_ms is None else self.delay_ms
+        headers = {"x-standin-scenario": "chunks", "x-standin-chunks": str(settings.chunks)}
+        if delay:
+            headers["x-standin-delay-ms"] = str(delay)
+        data = chat_request(target.url, stream=True, headers=headers)
+        conn = Connection(*host_port(target.url))
+        firsts: list[float] = []
+        totals: list[float] = []
+        cpu0 = None
+        try:
+            for i in range(settings.stream_requests + 1):  # the first one warms up
+                if i == 1:
+                    cpu0 = cpu_seconds(target.pid)
+                t0 = time.perf_counter()
+                response = await conn.request(data, keep_body=True, watch_events=True)
+                t1 = time.perf_counter()
+                _ok(response)
+                events = _count_events(response.body)
+                if events < settings.chunks:
+                    raise BadResponse(f"streamed {events} SSE events, expected at least {settings.chunks}")
+                if i:
+                    firsts.append(response.first_event - t0)
+                    totals.append(t1 - t0)
+        finally:
+            conn.close()
+        cpu1 = cpu_seconds(target.pid)
+        metrics = {f"{self.name}.total_ms": percentile(totals, 50) * 1e3}
+        if self.ttfb:
+            metrics[f"{self.name}.ttfb_ms"] = percentile(firsts, 50) * 1e3
+        if cpu0 is not None and cpu1 is not None:
+            metrics[f"{self.name}.cpu_us"] = (cpu1 - cpu0) / settings.stream_requests * 1e6
+        chunks = settings.chunks
+        return Outcome(metrics, settings.stream_requests + 1, check=lambda rec: _check_stream_record(rec, chunks))
+
+
+def _ok(response: Response) -> Response:
+    if response.status != 200:
+        raise BadResponse(f"HTTP {response.status}")
+    return response
+
+
+def _count_events(body: bytes) -> int:
+    return body.replace(b"\r\n", b"\n").count(b"\n\n")
+
+
+MEASUREMENTS = [
+    Load(1),
+    Load(16),
+    Stream("stream", delay_ms=None, ttfb=True),  # events 1 ms apart: buffering shows in TTFB
+    Stream("burst", delay_ms=0, ttfb=False),  # back to back: per-event cost shows in the total
+]
+
+
+# ---------------------------------------------------------------- record check
+
+
+def count_records(path: Path) -> int:
+    total = 0
+    for file in sorted(path.glob("*.jsonl")) if path.is_dir() else []:
+        with open(file, "rb") as fh:
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+    return total
+
+
+def last_record(path: Path) -> dict | None:
+    files = sorted(path.glob("*.jsonl"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return None
+    with open(files[-1], "rb") as fh:
+        fh.seek(max(0, fh.seek(0, os.SEEK_END) - (4 << 20)))
+        lines = fh.read().rstrip(b"\n").rsplit(b"\n", 1)
+    return json.loads(lines[-1])
+
+
+def _check_text_record(record: dict) -> str | None:
+    if record.get("status") != 200 or record.get("stream") or not record.get("response"):
+        return "last record is not a complete non-streamed 200 response"
+    return None
+
+
+def _check_stream_record(record: dict, chunks: int) -> str | None:
+    events = len(record.get("events") or [])
+    if record.get("status") != 200 or not record.get("stream") or events < chunks or not record.get("complete"):
+        return f"last record is not a complete stream of >= {chunks} events (status {record.get('status')}, {events} events)"
+    return None
+
+
+def verify_records(path: Path, expected: int, check: Callable[[dict], str | None] | None, timeout: float = 5.0) -> str | None:
+    """None when the addon wrote one record per request (and the last looks right),
+    else what is wrong. Records land just after the client has its last byte."""
+    deadline = time.monotonic() + timeout
+    while (found := count_records(path)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if found != expected:
+        return f"{found} records for {expected} requests in {path}"
+    if check is not None:
+        record = last_record(path)
+        if record is None:
+            return f"no records in {path}"
+        return check(record)
+    return None
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class TargetResult:
+    target: Target
+    samples: dict[str, list[float]] = field(default_factory=dict)  # metric: one value per round
+    requests: int = 0
+    records: int | None = None  # for the addon target
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The median over the rounds of each metric."""
+        return {key: statistics.median(values) for key, values in self.samples.items()}
+
+    def add(self, outcome: Outcome) -> None:
+        for key, value in outcome.metrics.items():
+            self.samples.setdefault(key, []).append(value)
+        self.requests += outcome.requests
+
+
+def measure(measurement, target: Target, running: Running, result: TargetResult, settings: Settings) -> None:
+    outcome = asyncio.run(measurement.run(running, settings))
+    result.add(outcome)
+    if running.trajectory is not None:
+        problem = verify_records(running.trajectory, result.requests, outcome.check)
+        if problem:
+            raise BadResponse(f"{target.name}: the addon did not record every call: {problem}")
+        result.records = count_records(running.trajectory)
+
+
+def run(settings: Settings) -> dict[str, TargetResult]:
+    """All targets run side by side (idle ones cost nothing); each measurement
+    goes round the targets `rounds` times, in a rotating order, so drift of the
+    machine spreads over all of them instead of favouring one."""
+    results = {target.name: TargetResult(target) for target in TARGETS}
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm-traj-bench-")))
+        upstream = stack.enter_context(Standin())
+        progress(f"upstream: stand-in at {upstream.url} (pid {upstream.pid})")
+        running: dict[str, Running] = {}
+        for target in TARGETS:
+            running[target.name] = stack.enter_context(start_target(target, upstream, workdir))
+            progress(f"{target.name}: {running[target.name].url}")
+        for measurement in MEASUREMENTS:
+            for round in range(settings.rounds):
+                progress(f"{measurement.name}, round {round + 1}/{settings.rounds}")
+                for target in TARGETS[round % len(TARGETS):] + TARGETS[: round % len(TARGETS)]:
+                    measure(measurement, target, running[target.name], results[target.name], settings)
+    return results
+
+
+def progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- report
+
+
+def columns() -> list[tuple[str, str, str]]:
+    return [col for m in MEASUREMENTS for col in m.columns()]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def absolute_table(results: dict[str, TargetResult]) -> str:
+    cols = columns()
+    rows = [
+        [r.target.name, *(fmt.format(r.metrics[key]) if key in r.metrics else "-" for key, _, fmt in cols)]
+        for r in results.values()
+    ]
+    return markdown_table(["target", *(label for _, label, _ in cols)], rows)
+
+
+def _vs(results: dict[str, TargetResult], name: str, base: Target, key: str) -> float | None:
+    a, b = results[name].metrics.get(key), results[base.name].metrics.get(key)
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _delta(results: dict[str, TargetResult], name: str, base: Target, key: str) -> float | None:
+    a, b = results[name].metrics.get(key), results[base.name].metrics.get(key)
+    return None if a is None or b is None else a - b
+
+
+# (metric, label, "ratio" of rates / "delta" of times, format)
+COMPARISONS = [
+    ("c1.rps", "c=1 req/s", "ratio", "{:.2f}x"),
+    ("c16.rps", "c=16 req/s", "ratio", "{:.2f}x"),
+    ("c1.p50_ms", "c=1 p50", "delta", "{:+.2f} ms"),
+    ("c16.p50_ms", "c=16 p50", "delta", "{:+.2f} ms"),
+    ("stream.ttfb_ms", "stream TTFB", "delta", "{:+.2f} ms"),
+    ("stream.total_ms", "stream total", "delta", "{:+.1f} ms"),
+    ("burst.total_ms", "burst total", "delta", "{:+.1f} ms"),
+]
+
+
+def comparison(results: dict[str, TargetResult], name: str, base: Target, key: str, kind: str) -> float | None:
+    return (_vs if kind == "ratio" else _delta)(results, name, base, key)
+
+
+def ratio_table(results: dict[str, TargetResult], base: Target) -> str:
+    rows = []
+    for r in results.values():
+        if r.target is base or not r.target.proxy:
+            continue
+        cells = [r.target.name]
+        for key, _, kind, fmt in COMPARISONS:
+            value = comparison(results, r.target.name, base, key, kind)
+            cells.append("-" if value is None else fmt.format(value))
+        rows.append(cells)
+    return markdown_table([f"vs {base.name}", *(label for _, label, _, _ in COMPARISONS)], rows)
+
+
+def checks(results: dict[str, TargetResult]) -> list[dict]:
+    out = []
+    for key, label in (("c1.rps", "throughput, 1 client"), ("c16.rps", "throughput, 16 clients")):
+        ratio = _vs(results, RECORD.name, BASELINE, key)
+        out.append({
+            "name": key, "value": ratio, "target": f">= {RPS_TARGET:.2f}x",
+            "ok": ratio is not None and ratio >= RPS_TARGET,
+            "text": f"{label}: {RECORD.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name} (target >= {RPS_TARGET:.2f}x)",
+        })
+    delta = _delta(results, RECORD.name, BASELINE, "stream.ttfb_ms")
+    out.append({
+        "name": "stream.ttfb_ms", "value": delta, "target": f"<= +{TTFB_TARGET_MS:g} ms",
+        "ok": delta is not None and delta <= TTFB_TARGET_MS,
+        "text": f"stream first event: {RECORD.name} {_fmt(delta, '{:+.2f} ms')} vs {BASELINE.name} (target <= +{TTFB_TARGET_MS:g} ms)",
+    })
+    return out
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def environment() -> str:
+    try:
+        from mitmproxy.version import VERSION as mitmproxy_version
+    except ImportError:
+        mitmproxy_version = "?"
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, mitmproxy {mitmproxy_version}, all on 127.0.0.1"
+    )
+
+
+def report(results: dict[str, TargetResult], settings: Settings) -> str:
+    record = results[RECORD.name]
+    direct_ok = all(
+        results[DIRECT.name].metrics.get(k, 0) > 1.5 * max(r.metrics.get(k, 0) for r in results.values() if r.target.proxy)
+        for k in ("c1.rps", "c16.rps")
+    )
+    parts = [
+        f"llm-traj benchmark: {environment()}",
+        f"load: small non-streamed chat completions from 1 and 16 keep-alive clients, "
+        f"{settings.seconds:g} s after {settings.warmup:g} s warmup;",
+        f"stream: {settings.chunks} SSE events {settings.delay_ms} ms apart (TTFB = first event), "
+        f"burst: the same without delay, p50 of {settings.stream_requests} sequential requests;",
+        f"proxy CPU: mitmdump user+system time per request; "
+        f"every figure is the median of {settings.rounds} round(s) taken in turn across the targets",
+        "",
+        "targets: " + "; ".join(f"{t.name} = {t.label}" for t in TARGETS),
+        "",
+        absolute_table(results),
+        "",
+        ratio_table(results, BASELINE),
+        "",
+        ratio_table(results, BUFFERED),
+        "",
+        f"records: {RECORD.name} wrote {record.records} records for {record.requests} requests (checked after every measurement)",
+        "load generator: " + ("direct req/s well above every proxy's (> 1.5x): the client is not the bottleneck" if direct_ok
+                              else "direct req/s NOT well above the proxies': the client or upstream may be limiting"),
+        "",
+        *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in checks(results)),
+    ]
+    return "\n".join(parts)
+
+
+def to_json(results: dict[str, TargetResult], settings: Settings) -> dict:
+    return {
+        "environment": environment(),
+        "settings": vars(settings),
+        "targets": {
+            name: {"label": r.target.label, "metrics": r.metrics, "samples": r.samples,
+                   "requests": r.requests, "records": r.records}
+            for name, r in results.items()
+        },
+        "vs": {
+            base.name: {
+                name: {key: comparison(results, name, base, key, kind) for key, _, kind, _ in COMPARISONS}
+                for name, r in results.items() if r.target.proxy and r.target is not base
+            }
+            for base in (BASELINE, BUFFERED)
+        },
+        "checks": [{k: v for k, v in c.items() if k != "text"} for c in checks(results)],
+    }
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per load level (default 3)")
+    parser.add_argument("--warmup", type=float, default=None, help="warmup seconds before each load level (default 0.5)")
+    parser.add_argument("--streams", type=int, default=None,
+                        help="sequential streamed requests per target and round (default 10)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="times each measurement goes round the targets; metrics are the median (default 3)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    quick = args.quick
+    seconds = 0.5 if quick and args.seconds == 3.0 else args.seconds
+    warmup = args.warmup if args.warmup is not None else (0.2 if quick else 0.5)
+    streams = args.streams if args.streams is not None else (5 if quick else 10)
+    rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
+    return Settings(seconds=seconds, warmup=warmup, stream_requests=streams, rounds=rounds)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # so every `with` stops its process
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        results = run(settings)
+    except KeyboardInterrupt:
+        print("interrupted; all processes stopped", file=sys.stderr)
+        return 130
+    except BadResponse as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    print(report(results, settings))
+    if args.json:
+        args.json.write_text(json.dumps(to_json(results, settings), indent=2) + "\n")
+        print(f"\nresults: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

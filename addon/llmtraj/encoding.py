@@ -1,0 +1,80 @@
+"""Incremental decoders for content-encoded response bodies (record side only:
+the client always gets the bytes as the upstream sent them)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Protocol
+
+import brotli
+import zstandard
+
+
+class Decoder(Protocol):
+    def decode(self, chunk: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def decode(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
+
+
+class _Zlib:
+    def __init__(self, wbits: int) -> None:
+        self._d = zlib.decompressobj(wbits)
+
+    def decode(self, chunk: bytes) -> bytes:
+        return self._d.decompress(chunk)
+
+    def flush(self) -> bytes:
+        return self._d.flush()
+
+
+class _Brotli:
+    def __init__(self) -> None:
+        self._d = brotli.Decompressor()
+
+    def decode(self, chunk: bytes) -> bytes:
+        return self._d.process(chunk)
+
+    def flush(self) -> bytes:
+        return b""
+
+
+class _Zstd:
+    def __init__(self) -> None:
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+
+    def decode(self, chunk: bytes) -> bytes:
+        return self._d.decompress(chunk)
+
+    def flush(self) -> bytes:
+        return b""
+
+
+class UnsupportedEncoding(ValueError):
+    pass
+
+
+def decoder_for(content_encoding: str | None) -> Decoder:
+    """A decoder for a Content-Encoding header value."""
+    names = [n.strip().lower() for n in (content_encoding or "").split(",") if n.strip()]
+    names = [n for n in names if n != "identity"]
+    if not names:
+        return _Identity()
+    if len(names) > 1:
+        raise UnsupportedEncoding(f"stacked content-encodings {content_encoding!r}")
+    name = names[0]
+    if name in ("gzip", "x-gzip"):
+        return _Zlib(16 + zlib.MAX_WBITS)
+    if name == "deflate":
+        return _Zlib(zlib.MAX_WBITS | 32)  # zlib or gzip header, auto-detected
+    if name == "br":
+        return _Brotli()
+    if name == "zstd":
+        return _Zstd()
+    raise UnsupportedEncoding(f"unsupported content-encoding {name!r}")

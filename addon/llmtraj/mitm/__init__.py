@@ -1,0 +1,1 @@
+"""The mitmproxy edge: thin addons that map mitmproxy hooks onto the plain modules."""

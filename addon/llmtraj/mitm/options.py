@@ -1,0 +1,111 @@
+"""Declares the `llm_traj_*` options and validates them.
+
+mitmproxy does not enforce `choices`, ignores misspelled `--set` names and
+keeps a script running after its `configure` fails, so every check is done
+here and a bad value stops startup with one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmproxy import ctx
+
+from ..session import InvalidSession, validate_session
+
+logger = logging.getLogger("llm_traj")
+
+MODES = ("record",)
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str
+    path: Path
+    default_session: str
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def startup_error(message: str) -> None:
+    """Report a configuration error as one line. Errors logged during startup
+    make mitmdump exit non-zero (its errorcheck addon)."""
+    logger.error(f"llm-traj: {message}")
+
+
+class LlmTrajOptions:
+    """Owns the options; other addons read `settings`."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "llm_traj_mode", str, "record",
+            f"What llm-traj does with LLM calls: {', '.join(MODES)}.",
+        )
+        loader.add_option(
+            "llm_traj_path", str, "",
+            "Where trajectories go: a directory of <session>.jsonl files, "
+            "or a single file if the path ends in .jsonl. Required.",
+        )
+        loader.add_option(
+            "llm_traj_session", str, "default",
+            "Session of calls that name none (no /s/<session>/ path prefix, "
+            "no x-llm-traj-session header).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if not any(name.startswith("llm_traj_") for name in updated):
+            return
+        try:
+            self.settings = self._validate()
+        except ConfigError as exc:
+            self.settings = None
+            startup_error(str(exc))
+            return
+        if ctx.options.connection_strategy != "lazy":
+            # eager connects upstream before the request is seen: a dead upstream
+            # would then drop the agent's connection with no record and no answer.
+            ctx.options.update(connection_strategy="lazy")
+
+    def running(self) -> None:
+        unknown = sorted(name for name in ctx.options.deferred if name.startswith("llm_traj"))
+        if unknown:
+            startup_error(
+                f"unknown option(s) {', '.join(unknown)}; known: "
+                + ", ".join(sorted(n for n in ctx.options.keys() if n.startswith("llm_traj_")))
+            )
+            return
+        if self.settings is None:
+            return
+        # One line that wrappers and tests wait for: the proxy is up, and where.
+        server = ctx.master.addons.get("proxyserver")
+        addrs = ", ".join(f"{host}:{port}" for host, port, *_ in server.listen_addrs())
+        logger.info(f"llm-traj: ready, mode {self.settings.mode}, listening on {addrs}, path {self.settings.path}")
+
+    @staticmethod
+    def _validate() -> Settings:
+        opts = ctx.options
+        mode = opts.llm_traj_mode.strip().lower()
+        if mode not in MODES:
+            raise ConfigError(
+                f"llm_traj_mode={opts.llm_traj_mode!r} is not a mode; use one of: {', '.join(MODES)}"
+            )
+        if not opts.llm_traj_path:
+            raise ConfigError(
+                "llm_traj_path is not set; add --set llm_traj_path=DIR (or FILE.jsonl) for the trajectory"
+            )
+        path = Path(opts.llm_traj_path).expanduser()
+        target = path if path.suffix != ".jsonl" else path.parent
+        if target.exists() and not target.is_dir():
+            raise ConfigError(f"llm_traj_path={opts.llm_traj_path!r}: {target} exists and is not a directory")
+        try:
+            validate_session(opts.llm_traj_session)
+        except InvalidSession as exc:
+            raise ConfigError(f"llm_traj_session: {exc}") from None
+        return Settings(mode=mode, path=path, default_session=opts.llm_traj_session)

@@ -1,0 +1,97 @@
+"""Record mode: forward every LLM call untouched, stream it chunk by chunk and
+tee a copy of the bytes into a `CallTee`, then append the record."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mitmproxy import http
+
+from ..recorder import CallTee
+from ..store import TrajectoryWriter
+from .options import LlmTrajOptions
+from .routing import CALL_KEY, llm_call
+
+logger = logging.getLogger("llm_traj")
+
+
+def error_kind(flow: http.HTTPFlow) -> str:
+    message = flow.error.msg.lower() if flow.error else ""
+    if "client" in message:
+        return "client_disconnected"
+    if flow.response is None and not flow.server_conn.timestamp_tcp_setup:
+        return "upstream_unreachable"
+    return "upstream_disconnected"
+
+
+class Recorder:
+    def __init__(self, options: LlmTrajOptions) -> None:
+        self._options = options
+        self._writer: TrajectoryWriter | None = None
+        self._tees: dict[str, CallTee] = {}  # by flow id, while the call is in flight
+
+    def configure(self, updated: set[str]) -> None:
+        settings = self._options.settings
+        path = settings.path if settings and settings.mode == "record" else None
+        if self._writer is not None and self._writer.path != path:
+            self._writer.close()
+            self._writer = None
+        if path is not None and self._writer is None:
+            self._writer = TrajectoryWriter(path)
+            logger.info(f"llm-traj: recording to {path}")
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        call = llm_call(flow)
+        if self._writer is None or call is None or flow.response is not None:
+            return
+        request = flow.request
+        index = self._writer.next_index(call.session)
+        flow.metadata[CALL_KEY]["index"] = index
+        flow.comment = f"llm-traj {call.session} #{index}"
+        self._tees[flow.id] = CallTee(
+            api=call.api,
+            session=call.session,
+            index=index,
+            mode="record",
+            method=request.method,
+            url=request.url,
+            request_headers=list(request.headers.items(multi=True)),
+            request_body=request.get_content(strict=False) or b"",
+            started_at=request.timestamp_start,
+        )
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        tee = self._tees.get(flow.id)
+        if tee is None:
+            return
+        response = flow.response
+        tee.response_started(response.status_code, list(response.headers.items(multi=True)))
+
+        def tee_chunk(data: bytes) -> bytes:
+            tee.chunk(data)
+            return data
+
+        response.stream = tee_chunk
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        tee = self._tees.pop(flow.id, None)
+        if tee is not None:
+            self._write(tee, tee.finish())
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        tee = self._tees.pop(flow.id, None)
+        if tee is not None:
+            message = flow.error.msg if flow.error else "unknown error"
+            self._write(tee, tee.fail(error_kind(flow), message))
+
+    def _write(self, tee: CallTee, record) -> None:
+        try:
+            self._writer.append(record, tee.secrets)
+        except OSError as exc:  # the agent already has its answer; say loudly what was lost
+            logger.error(f"llm-traj: could not write {record.session} #{record.index}: {exc}")
+
+    def done(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

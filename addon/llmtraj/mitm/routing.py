@@ -1,0 +1,64 @@
+"""Finds which session and API a request belongs to, before any mode acts on it.
+
+Strips the `/s/<session>/` prefix (for every request, so a base URL with a
+session also works for `/models` and the like) and the session header, so the
+upstream sees the request the agent would have sent it directly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from mitmproxy import http
+
+from ..apis import API_BY_NAME, ApiShape, api_for
+from ..session import SESSION_HEADER, InvalidSession, split_session_prefix, validate_session
+from .options import LlmTrajOptions
+
+CALL_KEY = "llm_traj"  # flow.metadata key: a JSON-able summary, shown in mitmweb
+
+
+@dataclass(frozen=True)
+class LlmCall:
+    session: str
+    api: ApiShape
+
+
+def llm_call(flow: http.HTTPFlow) -> LlmCall | None:
+    """The LLM call a flow carries, as found by `Routing`; None for other traffic."""
+    info = flow.metadata.get(CALL_KEY)
+    if info is None:
+        return None
+    return LlmCall(session=info["session"], api=API_BY_NAME[info["api"]])
+
+
+def error_response(status: int, message: str, type: str, code: str | None = None) -> http.Response:
+    """An OpenAI-shaped error for the agent."""
+    body = {"error": {"message": message, "type": type, "param": None, "code": code}}
+    return http.Response.make(status, json.dumps(body), {"content-type": "application/json"})
+
+
+class Routing:
+    def __init__(self, options: LlmTrajOptions) -> None:
+        self._options = options
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        settings = self._options.settings
+        if settings is None:
+            return
+        request = flow.request
+        session, path = split_session_prefix(request.path)
+        if session is not None:
+            request.path = path
+        header_session = request.headers.pop(SESSION_HEADER, None)
+        session = session or header_session or settings.default_session
+        api = api_for(request.method, path.split("?", 1)[0])
+        if api is None:
+            return
+        try:
+            validate_session(session)
+        except InvalidSession as exc:
+            flow.response = error_response(400, str(exc), "invalid_request_error", "invalid_session")
+            return
+        flow.metadata[CALL_KEY] = {"session": session, "api": api.name}

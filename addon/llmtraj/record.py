@@ -1,0 +1,64 @@
+"""The trajectory record: one JSON line per LLM call. Writer and reader share it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+Headers = list[tuple[str, str]]
+
+
+class StreamEvent(BaseModel):
+    """One SSE block exactly as the client received it (after content decoding)."""
+
+    t: float = Field(description="seconds from the start of the call to its arrival")
+    raw: str
+
+
+class CallError(BaseModel):
+    kind: Literal[
+        "upstream_unreachable",
+        "upstream_disconnected",
+        "client_disconnected",
+        "bad_stream",
+        "proxy",
+    ]
+    message: str
+
+
+class Timings(BaseModel):
+    """Unix times in seconds."""
+
+    started_at: float
+    response_headers_at: float | None = None
+    first_byte_at: float | None = None
+    ended_at: float | None = None
+
+
+class CallRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    session: str
+    index: int = Field(ge=1, description="1-based position of the call in its session")
+    api: str
+    mode: str
+    method: str
+    url: str = Field(description="where the call went, session prefix removed")
+    request_headers: Headers
+    request: Any = Field(None, description="the request body as JSON, secret fields redacted")
+    request_raw: str | None = Field(None, description="the request body when it was not JSON")
+    status: int | None = None
+    response_headers: Headers = []
+    stream: bool = False
+    response: Any = Field(None, description="the final object: the JSON body or the aggregated stream")
+    response_raw: str | None = Field(None, description="the response body when it was not JSON")
+    events: list[StreamEvent] | None = Field(None, description="the SSE blocks of a streamed response")
+    complete: bool = True
+    error: CallError | None = None
+    problems: list[str] = Field([], description="events that could not be aggregated")
+    timings: Timings
+    extra: dict[str, Any] = {}

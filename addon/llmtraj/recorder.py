@@ -1,0 +1,160 @@
+"""The record-side tee for one call: fed the response as it passes through,
+it keeps the exact SSE blocks, aggregates them into the final object and
+builds the `CallRecord`. Knows nothing of mitmproxy."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .apis import ApiShape
+from .encoding import Decoder, UnsupportedEncoding, decoder_for
+from .record import CallError, CallRecord, Headers, StreamEvent, Timings
+from .redact import redact_fields, redact_headers
+from .sse import SSEBlock, SSEParser
+
+
+def header(headers: Headers, name: str) -> str | None:
+    name = name.lower()
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
+def parse_json_body(body: bytes) -> tuple[Any, str | None]:
+    """(JSON value, None), or (None, the body as text) when it is not JSON."""
+    if not body:
+        return None, None
+    try:
+        return json.loads(body), None
+    except ValueError:
+        return None, body.decode("utf-8", errors="replace")
+
+
+class CallTee:
+    def __init__(
+        self,
+        *,
+        api: ApiShape,
+        session: str,
+        index: int,
+        mode: str,
+        method: str,
+        url: str,
+        request_headers: Headers,
+        request_body: bytes,
+        started_at: float | None = None,
+    ) -> None:
+        self.api = api
+        headers, self.secrets = redact_headers(request_headers)
+        request, request_raw = parse_json_body(request_body)
+        self.record = CallRecord(
+            session=session,
+            index=index,
+            api=api.name,
+            mode=mode,
+            method=method,
+            url=url,
+            request_headers=headers,
+            request=redact_fields(request, self.secrets),
+            request_raw=request_raw,
+            timings=Timings(started_at=started_at or time.time()),
+        )
+        self._decoder: Decoder | None = None
+        self._parser: SSEParser | None = None
+        self._aggregator = None
+        self._events: list[StreamEvent] = []
+        self._body: list[bytes] = []
+        self._undecodable = False  # a corrupt compressed stream is still forwarded, not parsed
+
+    @property
+    def streaming(self) -> bool:
+        return self._parser is not None
+
+    def response_started(self, status: int, headers: Headers, now: float | None = None) -> None:
+        record = self.record
+        record.status = status
+        record.response_headers = redact_headers(headers)[0]
+        record.timings.response_headers_at = now or time.time()
+        try:
+            self._decoder = decoder_for(header(headers, "content-encoding"))
+        except UnsupportedEncoding as exc:
+            record.problems.append(f"{exc}: body recorded undecoded")
+            self._decoder = decoder_for(None)
+        content_type = (header(headers, "content-type") or "").lower()
+        if content_type.startswith("text/event-stream"):
+            record.stream = True
+            self._parser = SSEParser()
+            self._aggregator = self.api.new_aggregator()
+
+    def chunk(self, data: bytes, now: float | None = None) -> None:
+        """Feed body bytes as received (still content-encoded)."""
+        if not data:
+            return
+        if self.record.timings.first_byte_at is None:
+            self.record.timings.first_byte_at = now or time.time()
+        if self._parser is None:
+            self._body.append(data)  # decoded once at the end: cheaper than per chunk
+            return
+        if self._undecodable:
+            return
+        try:
+            decoded = self._decoder.decode(data)
+        except Exception as exc:  # corrupt compressed stream: keep forwarding, note it
+            self._bad_stream(f"cannot decode body: {exc}")
+            return
+        self._take(self._parser.feed(decoded), now)
+
+    def _take(self, blocks: list[SSEBlock], now: float | None) -> None:
+        if not blocks:
+            return
+        t = round((now or time.time()) - self.record.timings.started_at, 6)
+        for block in blocks:
+            self._events.append(StreamEvent(t=t, raw=block.raw.decode("utf-8", errors="replace")))
+            self._aggregator.add(block)
+
+    def finish(self, now: float | None = None) -> CallRecord:
+        """The upstream ended the response normally."""
+        record = self.record
+        if self._parser is not None:
+            if not self._undecodable:
+                try:
+                    self._take(self._parser.feed(self._decoder.flush()), now)
+                except Exception as exc:
+                    self._bad_stream(f"cannot decode body: {exc}")
+            self._take(self._parser.finish(), now)
+        elif self._decoder is not None:
+            self._finish_body()
+        return self._close(now)
+
+    def fail(self, kind: str, message: str, now: float | None = None) -> CallRecord:
+        """The call ended without a complete response: keep what arrived and why."""
+        record = self.record
+        if self._parser is not None:
+            self._take(self._parser.finish(), now)
+        elif self._body:
+            self._finish_body()
+        record.complete = False
+        record.error = CallError(kind=kind, message=message)
+        return self._close(now)
+
+    def _finish_body(self) -> None:
+        record = self.record
+        body = b"".join(self._body)
+        try:
+            body = self._decoder.decode(body) + self._decoder.flush()
+        except Exception as exc:
+            record.problems.append(f"cannot decode body: {exc}: recorded undecoded")
+        record.response, record.response_raw = parse_json_body(body)
+
+    def _bad_stream(self, message: str) -> None:
+        self.record.problems.append(message)
+        self._undecodable = True
+
+    def _close(self, now: float | None) -> CallRecord:
+        record = self.record
+        record.timings.ended_at = now or time.time()
+        if self._parser is not None or self._events:
+            record.events = self._events
+            record.response = self._aggregator.result()
+            record.problems.extend(self._aggregator.problems)
+        return record

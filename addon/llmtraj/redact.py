@@ -1,0 +1,68 @@
+"""Keeps secrets out of trajectories: secret headers and body fields are
+replaced by a marker, and the values of secret headers are scrubbed from
+anything else the record holds."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+REDACTED = "[REDACTED]"
+
+_SECRET_HEADER = re.compile(
+    r"authorization|api[-_]?key|secret|token|password|cookie|credential|signature|session-key",
+    re.IGNORECASE,
+)
+# Whole-name matches only: `max_tokens`, `token` (a logprob entry) and the like must survive.
+_SECRET_FIELD = re.compile(
+    r"(?:[a-z0-9]+[-_])*(?:api[-_]?key|apikey|secret|client[-_]?secret|password|passwd"
+    r"|access[-_]?token|refresh[-_]?token|auth[-_]?token|id[-_]?token|bearer[-_]?token"
+    r"|authorization|credentials?|private[-_]?key)",
+    re.IGNORECASE,
+)
+_MIN_SCRUB_LEN = 8  # shorter values would scrub ordinary words
+
+
+def is_secret_header(name: str) -> bool:
+    return bool(_SECRET_HEADER.search(name))
+
+
+def redact_headers(headers: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], set[str]]:
+    """Headers with secret values replaced, and the secret values themselves
+    (a bearer token also without its scheme) for `scrub`."""
+    out: list[tuple[str, str]] = []
+    secrets: set[str] = set()
+    for name, value in headers:
+        if is_secret_header(name):
+            out.append((name, REDACTED))
+            for candidate in (value.strip(), value.strip().partition(" ")[2].strip()):
+                if len(candidate) >= _MIN_SCRUB_LEN:
+                    secrets.add(candidate)
+        else:
+            out.append((name, value))
+    return out, secrets
+
+
+def redact_fields(value: Any, secrets: set[str] | None = None) -> Any:
+    """A copy of a JSON value with secret-named fields replaced, at any depth.
+    The replaced string values are added to `secrets` for `scrub`."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if isinstance(k, str) and _SECRET_FIELD.fullmatch(k) and v not in (None, ""):
+                out[k] = REDACTED
+                if secrets is not None and isinstance(v, str) and len(v) >= _MIN_SCRUB_LEN:
+                    secrets.add(v)
+            else:
+                out[k] = redact_fields(v, secrets)
+        return out
+    if isinstance(value, list):
+        return [redact_fields(v, secrets) for v in value]
+    return value
+
+
+def scrub(text: str, secrets: set[str]) -> str:
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text

@@ -1,0 +1,54 @@
+"""Shared end-to-end harness: a stand-in upstream and a real mitmdump with the
+addon, both on 127.0.0.1 with ephemeral ports, stopped when the tests end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from llmtraj.proxy_process import ProxyProcess
+from llmtraj.record import CallRecord
+from llmtraj.standin import StandinUpstream
+from llmtraj.store import read_records
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    with StandinUpstream() as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def traj_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("traj")
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream, traj_dir):
+    """One recording proxy per test module; tests keep apart by session id."""
+    with ProxyProcess(
+        upstream=upstream.url,
+        options={"llm_traj_mode": "record", "llm_traj_path": traj_dir},
+    ) as p:
+        yield p
+
+
+@pytest.fixture
+def session(request) -> str:
+    """A session id unique to the test."""
+    name = request.node.name.replace("[", "-").replace("]", "")
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:100]
+
+
+def wait_records(path: Path, count: int, timeout: float = 10.0) -> list[CallRecord]:
+    """The records of a trajectory file once it holds `count` of them (the
+    record is written just after the client has its last byte)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(read_records(path)) if path.exists() else []
+        if len(records) >= count or time.monotonic() > deadline:
+            assert len(records) == count, f"{path}: expected {count} records, found {len(records)}"
+            return records
+        time.sleep(0.02)
