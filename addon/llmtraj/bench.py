@@ -709,7 +709,7 @@ def to_json(results: dict[str, TargetResult], settings: Settings) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per load level (default 3)")
+    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per load level (default 3)")
     parser.add_argument("--warmup", type=float, default=None, help="warmup seconds before each load level (default 0.5)")
     parser.add_argument("--streams", type=int, default=None,
                         help="sequential streamed requests per target and round (default 10)")
@@ -722,7 +722,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     quick = args.quick
-    seconds = 0.5 if quick and args.seconds == 3.0 else args.seconds
+    seconds = args.seconds if args.seconds is not None else (0.5 if quick else 3.0)
     warmup = args.warmup if args.warmup is not None else (0.2 if quick else 0.5)
     streams = args.streams if args.streams is not None else (5 if quick else 10)
     rounds = args.rounds if args.rounds is not None else (1 if quick else 3)

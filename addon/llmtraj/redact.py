@@ -10,7 +10,8 @@ from typing import Any
 REDACTED = "[REDACTED]"
 
 _SECRET_HEADER = re.compile(
-    r"authorization|api[-_]?key|secret|token|password|cookie|credential|signature|session-key",
+    # `token(?!s)`: `x-auth-token` is a secret, `x-ratelimit-remaining-tokens` is not
+    r"authorization|api[-_]?key|secret|token(?!s)|password|cookie|credential|signature|session-key",
     re.IGNORECASE,
 )
 # Whole-name matches only: `max_tokens`, `token` (a logprob entry) and the like must survive.

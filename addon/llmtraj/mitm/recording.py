@@ -8,6 +8,7 @@ import time
 
 from mitmproxy import http
 
+from ..record import CallRecord
 from ..recorder import CallTee
 from ..store import TrajectoryWriter
 from .options import LlmTrajOptions
@@ -25,7 +26,17 @@ def error_kind(flow: http.HTTPFlow) -> str:
     return "upstream_disconnected"
 
 
+RECORDING_MODES = ("record", "anticall")
+
+
 class Recorder:
+    """Tees LLM calls into the trajectory: every call in record and anti-call
+    mode (there the "upstream" is the driver behind the loopback server), and in
+    any mode a call another addon marked with `"record": True` in its
+    `flow.metadata["llm_traj"]` (replay's forward-and-record on a miss).
+    What another addon puts under `"extra"` there is stored in the record's
+    `extra` (an anti-call driver's token ids, for instance), never sent."""
+
     def __init__(self, options: LlmTrajOptions) -> None:
         self._options = options
         self._writer: TrajectoryWriter | None = None
@@ -33,7 +44,7 @@ class Recorder:
 
     def configure(self, updated: set[str]) -> None:
         settings = self._options.settings
-        path = settings.path if settings and settings.mode == "record" else None
+        path = settings.path if settings else None
         if self._writer is not None and self._writer.path != path:
             self._writer.close()
             self._writer = None
@@ -45,6 +56,9 @@ class Recorder:
         call = llm_call(flow)
         if self._writer is None or call is None or flow.response is not None:
             return
+        mode = self._options.settings.mode
+        if mode not in RECORDING_MODES and not flow.metadata[CALL_KEY].get("record"):
+            return
         request = flow.request
         index = self._writer.next_index(call.session)
         flow.metadata[CALL_KEY]["index"] = index
@@ -53,7 +67,7 @@ class Recorder:
             api=call.api,
             session=call.session,
             index=index,
-            mode="record",
+            mode=mode,
             method=request.method,
             url=request.url,
             request_headers=list(request.headers.items(multi=True)),
@@ -77,15 +91,16 @@ class Recorder:
     def response(self, flow: http.HTTPFlow) -> None:
         tee = self._tees.pop(flow.id, None)
         if tee is not None:
-            self._write(tee, tee.finish())
+            self._write(flow, tee, tee.finish())
 
     def error(self, flow: http.HTTPFlow) -> None:
         tee = self._tees.pop(flow.id, None)
         if tee is not None:
             message = flow.error.msg if flow.error else "unknown error"
-            self._write(tee, tee.fail(error_kind(flow), message))
+            self._write(flow, tee, tee.fail(error_kind(flow), message))
 
-    def _write(self, tee: CallTee, record) -> None:
+    def _write(self, flow: http.HTTPFlow, tee: CallTee, record: CallRecord) -> None:
+        record.extra.update(flow.metadata[CALL_KEY].get("extra") or {})
         try:
             self._writer.append(record, tee.secrets)
         except OSError as exc:  # the agent already has its answer; say loudly what was lost
