@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -348,7 +349,8 @@ def test_regular_mode_via_https_proxy(tmp_path):
     with StandinUpstream(tls=(cert, key)) as up, ProxyProcess(
         options={"llm_traj_path": tmp_path / "traj", "confdir": confdir, "ssl_insecure": "true"}
     ) as p:
-        http_client = httpx.Client(proxy=p.url, verify=str(confdir / "mitmproxy-ca-cert.pem"))
+        trust_mitmproxy = ssl.create_default_context(cafile=confdir / "mitmproxy-ca-cert.pem")
+        http_client = httpx.Client(proxy=p.url, verify=trust_mitmproxy)
         c = OpenAI(base_url=f"{up.url}/v1", api_key=API_KEY, http_client=http_client, max_retries=0)
         chunks = list(c.chat.completions.create(model="standin-tools", messages=MESSAGES, stream=True))
         plain = c.chat.completions.create(model="standin-text", messages=MESSAGES)

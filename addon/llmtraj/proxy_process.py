@@ -1,34 +1,41 @@
-"""Runs mitmdump (with or without the llm-traj addon) as a child process and
-waits until it listens. Used by the `llm-traj` command, the tests and the
-benchmark, so all three start the proxy exactly the same way."""
+"""Runs mitmdump or mitmweb (with or without the llm-traj addon) as a child
+process and waits until it listens. Used by the `llm-traj` command, the tests
+and the benchmark, so all of them start the proxy exactly the same way.
+
+The proxy runs in its own session (process group): a Ctrl-C in the terminal
+reaches the agent, not the proxy, which must outlive the agent's last call; the
+owner stops it explicitly. Its output goes to a log file, where readiness is
+read from, so a detached proxy (`llm-traj start`) works the same way."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 ADDON_SCRIPT = Path(__file__).resolve().parent.parent / "llm_traj.py"
 _READY = re.compile(r"llm-traj: ready, .* listening on ([^,\s]+):(\d+)")
-_BARE_READY = re.compile(r"listening at \[?([^\]\s]*)\]?:(\d+)\.")
+_BARE_READY = re.compile(r"listening at \[?([^\]\s]*?)\]?:(\d+)\.")
 
 
 class ProxyStartError(RuntimeError):
     pass
 
 
-def mitmdump_path() -> str:
-    beside = Path(sys.executable).with_name("mitmdump")
+def mitm_program(name: str = "mitmdump") -> str:
+    beside = Path(sys.executable).with_name(name)
     if beside.exists():
         return str(beside)
-    found = shutil.which("mitmdump")
+    found = shutil.which(name)
     if found is None:
-        raise ProxyStartError("mitmdump not found: install llm-traj (pip install -e .) in this Python environment")
+        raise ProxyStartError(f"{name} not found: install llm-traj (pip install -e .) in this Python environment")
     return found
 
 
@@ -45,8 +52,11 @@ class ProxyProcess:
         port: int = 0,
         extra_args: Iterable[str] = (),
         log: Path | None = None,
+        program: str = "mitmdump",
     ) -> None:
-        args = [mitmdump_path(), "--listen-host", listen_host, "-p", str(port)]
+        args = [mitm_program(program), "--listen-host", listen_host, "-p", str(port)]
+        if program == "mitmweb":
+            args += ["--no-web-open-browser"]
         if upstream:
             args += ["--mode", f"reverse:{upstream}"]
         if addon:
@@ -56,12 +66,12 @@ class ProxyProcess:
         args += list(extra_args)
         self.args = args
         self.addon = addon
-        self.log = log
-        self.lines: list[str] = []
+        self._own_log = log is None
+        self.log = Path(log) if log else Path(tempfile.mkstemp(prefix="llm-traj-proxy-", suffix=".log")[1])
         self.host = listen_host
         self.port: int | None = None
-        self._proc: subprocess.Popen[str] | None = None
-        self._ready = threading.Event()
+        self._proc: subprocess.Popen | None = None
+        self._final_output: str | None = None  # kept when our temporary log is removed
 
     @property
     def url(self) -> str:
@@ -73,53 +83,59 @@ class ProxyProcess:
         return self._proc.pid
 
     def start(self, timeout: float = 30.0) -> ProxyProcess:
-        self._proc = subprocess.Popen(
-            self.args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        threading.Thread(target=self._drain, daemon=True).start()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as sink:
+            self._proc = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+        ready = _READY if self.addon else _BARE_READY
         deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.05):
+        while True:
+            if m := ready.search(self._read_log(offset)):
+                self.port = int(m.group(2))
+                return self
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                tail = "\n".join(self.lines[-15:])
-                raise ProxyStartError(f"mitmdump did not start (exit {self._proc.returncode}):\n{tail}")
-        return self
+                raise ProxyStartError(self.failure_reason(offset))
+            time.sleep(0.02)
 
-    def _drain(self) -> None:
-        ready = _READY if self.addon else _BARE_READY
-        sink = open(self.log, "a") if self.log else None
-        try:
-            for line in self._proc.stdout:
-                self.lines.append(line.rstrip("\n"))
-                if sink:
-                    sink.write(line)
-                    sink.flush()
-                if not self._ready.is_set() and (m := ready.search(line)):
-                    self.port = int(m.group(2))
-                    self._ready.set()
-        finally:
-            if sink:
-                sink.close()
+    def _read_log(self, offset: int = 0) -> str:
+        with open(self.log, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode("utf-8", errors="replace")
+
+    def failure_reason(self, offset: int = 0) -> str:
+        """The proxy's own error lines (llm-traj's one-liners first), else its last lines."""
+        lines = [line for line in self._read_log(offset).splitlines() if line.strip()]
+        ours = [line.split("llm-traj: ", 1)[1] for line in lines if "llm-traj: " in line]
+        errors = [line for line in lines if "rror" in line]
+        if ours:
+            return ours[0]
+        return (errors or lines or ["mitmdump exited without output"])[-1].strip()
 
     def output(self) -> str:
-        return "\n".join(self.lines)
+        return self._final_output if self._final_output is not None else self._read_log()
 
     def stop(self, timeout: float = 10.0) -> int | None:
         proc = self._proc
         if proc is None:
             return None
         if proc.poll() is None:
-            proc.terminate()
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._own_log and self.log.exists():
+            self._final_output = self._read_log()
+            self.log.unlink()
         return proc.returncode
 
     def __enter__(self) -> ProxyProcess:
