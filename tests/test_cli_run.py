@@ -1,0 +1,155 @@
+"""The `llm-traj` command driven for real in a subprocess: run (both --via
+modes), exit codes, signals, the background service, and user-facing errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from llmtraj.standin import StandinUpstream, make_self_signed_cert
+from llmtraj.store import read_records
+
+LLM_TRAJ = str(Path(sys.executable).with_name("llm-traj"))
+
+AGENT = textwrap.dedent(
+    """
+    import os, sys, time
+    from openai import OpenAI
+    client = OpenAI(max_retries=0, api_key="sk-dummy-agent-key-0123456789")
+    for step in range(2):
+        chunks = client.chat.completions.create(
+            model="standin-text", messages=[{"role": "user", "content": f"step {step}"}], stream=step == 1)
+        if step == 1:
+            list(chunks)
+    print("agent done", flush=True)
+    if sys.argv[1] == "hang":
+        time.sleep(60)
+    sys.exit(int(sys.argv[1]))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("agent") / "agent.py"
+    path.write_text(AGENT)
+    return path
+
+
+def llm_traj(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([LLM_TRAJ, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_run_base_url_records_and_returns_the_agent_exit_code(upstream, agent, tmp_path):
+    traj = tmp_path / "traj"
+    r = llm_traj("run", "--upstream", upstream.url, "--traj", str(traj), "--session", "s1", "--",
+                 sys.executable, str(agent), "3")
+    assert r.returncode == 3, r.stderr
+    assert "agent done" in r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith("llm-traj: agent exited 3; session s1: 2 calls, 0 failed")
+    records = list(read_records(traj / "s1.jsonl"))
+    assert [(x.index, x.stream) for x in records] == [(1, False), (2, True)]
+    assert "sk-dummy-agent-key" not in (traj / "s1.jsonl").read_text()
+    assert processes_mentioning(str(traj)) == []
+
+
+def test_run_https_proxy_mode_against_https_upstream(agent, tmp_path):
+    cert, key = make_self_signed_cert(tmp_path)
+    traj = tmp_path / "traj"
+    with StandinUpstream(tls=(cert, key)) as up:
+        env = {**os.environ, "OPENAI_BASE_URL": f"{up.url}/v1"}
+        r = llm_traj("run", "--via", "https-proxy", "--traj", str(traj), "--session", "tls",
+                     "--set", "ssl_insecure=true", "--", sys.executable, str(agent), "0", env=env)
+    assert r.returncode == 0, r.stderr
+    records = list(read_records(traj / "tls.jsonl"))
+    assert len(records) == 2 and records[0].url.startswith(up.url)
+    assert records[1].response["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_forwards_signals_and_leaves_nothing_behind(upstream, agent, tmp_path, signum):
+    traj = tmp_path / "traj"
+    proc = subprocess.Popen(
+        [LLM_TRAJ, "run", "--upstream", upstream.url, "--traj", str(traj), "--", sys.executable, str(agent), "hang"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout.readline().strip() == "agent done"
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum, err
+    assert len(list(read_records(traj / "default.jsonl"))) == 2
+    assert processes_mentioning(str(traj)) == []
+    assert processes_mentioning(str(agent)) == []
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--upstream", "http://127.0.0.1:1", "--", "no-such-agent-xyz"], "llm-traj: agent command not found: no-such-agent-xyz"),
+        (["--upstream", "ftp://example", "--", "true"], "llm-traj: --upstream 'ftp://example' is not an http(s) URL"),
+        (["--", "true"], "llm-traj: --upstream is required to record in base-url mode"),
+        (["--upstream", "http://127.0.0.1:1"], "llm-traj: no agent command: put it after --"),
+        (["--upstream", "http://127.0.0.1:1", "--session", "../x", "--", "true"], "llm-traj: --session: invalid session id"),
+        (["--upstream", "http://127.0.0.1:1", "--mode", "bogus", "--", "true"], "llm-traj: llm_traj_mode='bogus' is not a mode"),
+    ],
+)
+def test_run_user_errors_are_one_line(tmp_path, args, message):
+    r = llm_traj("run", "--traj", str(tmp_path / "t"), *args)
+    assert r.returncode == 2
+    assert r.stderr.startswith(message), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_background_service_start_status_stop(upstream, tmp_path):
+    state = ["--state-dir", str(tmp_path / "state")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = llm_traj("start", "--upstream", upstream.url, "--traj", str(tmp_path / "traj"), "--port", str(port), *state)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert llm_traj("status", *state).returncode == 0
+        from openai import OpenAI
+
+        OpenAI(base_url=f"http://127.0.0.1:{port}/s/svc/v1", api_key="x").chat.completions.create(
+            model="standin-text", messages=[{"role": "user", "content": "hi"}])
+        deadline = time.monotonic() + 5
+        while not (tmp_path / "traj" / "svc.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(read_records(tmp_path / "traj" / "svc.jsonl"))) == 1
+
+        again = llm_traj("start", "--upstream", upstream.url, "--port", str(port), *state)
+        assert again.returncode == 2 and "already runs" in again.stderr
+        busy = llm_traj("start", "--upstream", upstream.url, "--port", str(port), "--name", "other", *state)
+        assert busy.returncode == 2 and busy.stderr.strip() == f"llm-traj: port {port} on 127.0.0.1 is busy; choose another with --port"
+    finally:
+        stopped = llm_traj("stop", *state)
+    assert stopped.returncode == 0, stopped.stderr
+    status = llm_traj("status", *state)
+    assert status.returncode == 3 and status.stderr.strip() == "llm-traj: default: not running"
+    assert processes_mentioning(str(tmp_path / "traj")) == []
+
+
+def test_show_missing_file_is_one_line(tmp_path):
+    r = llm_traj("show", str(tmp_path / "nope.jsonl"))
+    assert r.returncode == 1 and r.stderr.strip() == f"llm-traj: {tmp_path / 'nope.jsonl'} does not exist"
