@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--quick] [--json FILE]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -20,42 +20,54 @@ chunk throughput); and the proxy's CPU time per request. The load generator is
 a minimal asyncio HTTP/1.1 client, so it costs little per request; the direct
 numbers show how far above the proxies it can go.
 
+All proxies run side by side and each measurement goes round them `--rounds`
+times; a figure is the median of its rounds. mitmdump's per-stream info log
+lines are silenced in every proxy alike (see QUIET_SCRIPT).
+
 Targets checked: recording keeps >= 90% of mitmdump-sb1's requests/s and adds
-<= 2 ms to a stream's first event. The addon target must also have written one
-record per request, so a broken addon cannot look fast.
+<= 2 ms to a stream's first event; each is printed as PASS or MISS (the exit
+status stays 0: this is a measurement, not a test). The addon target must also
+have written one record per request, checked after every measurement, so a
+broken addon cannot look fast: if not, or if any response is wrong, the
+benchmark stops with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import json
 import math
 import os
 import platform
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .proxy_process import ProxyProcess
+from .proxy_process import ProxyProcess, ProxyStartError, ServerProcess, standin_process
 
-ADDON_DIR = Path(__file__).resolve().parent.parent
 RPS_TARGET = 0.90  # recording keeps at least this share of bare mitmdump's requests/s
 TTFB_TARGET_MS = 2.0  # and adds at most this much to a stream's first event
 # mitmdump prints nothing per flow (flow_detail=0) but keeps its info-level log,
 # which carries the "listening"/"ready" lines ProxyProcess waits for (-q would hide them).
 QUIET = ["--set", "flow_detail=0", "--set", "termlog_verbosity=info"]
+# That log also has a line per streamed body ("Streaming response from ...", one
+# more for the request with stream_large_bodies) and per connection: printing
+# them costs the streaming targets, unevenly, CPU that has nothing to do with
+# proxying. Every proxy target loads this script, which silences just that logger
+# (no hooks, so it costs nothing per request).
+QUIET_SCRIPT = """\
+import logging
+
+logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
+"""
 
 
 # ---------------------------------------------------------------- targets
@@ -90,67 +102,8 @@ class Running:
 # ---------------------------------------------------------------- processes
 
 
-class Standin:
-    """The stand-in upstream as a child process (`python -m llmtraj.standin`)."""
-
-    _LISTENING = re.compile(r"listening on (http://\S+)")
-    command = [sys.executable, "-m", "llmtraj.standin", "--port", "0"]
-
-    def __init__(self, timeout: float = 20.0) -> None:
-        self.timeout = timeout
-        self.url = ""
-        self.lines: collections.deque[str] = collections.deque(maxlen=30)
-        self._proc: subprocess.Popen[str] | None = None
-        self._ready = threading.Event()
-
-    def __enter__(self) -> Standin:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ADDON_DIR), env.get("PYTHONPATH")) if p)
-        self._proc = subprocess.Popen(
-            self.command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env=env,
-        )
-        threading.Thread(target=self._drain, daemon=True).start()  # never let its pipe fill up
-        deadline = time.monotonic() + self.timeout
-        while not self._ready.wait(0.05):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = "\n".join(self.lines)
-                raise RuntimeError(f"the stand-in upstream did not start:\n{tail}")
-        return self
-
-    def _drain(self) -> None:
-        for line in self._proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if not self._ready.is_set() and (m := self._LISTENING.search(line)):
-                self.url = m.group(1).rstrip("/")
-                self._ready.set()
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def stop(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 @contextlib.contextmanager
-def start_target(target: Target, upstream: Standin, workdir: Path) -> Iterator[Running]:
+def start_target(target: Target, upstream: ServerProcess, workdir: Path) -> Iterator[Running]:
     if not target.proxy:
         yield Running(url=upstream.url, pid=None)
         return
@@ -159,7 +112,11 @@ def start_target(target: Target, upstream: Standin, workdir: Path) -> Iterator[R
     if target.addon:
         trajectory = workdir / target.name
         options["llm_traj_path"] = trajectory
-    with ProxyProcess(upstream=upstream.url, options=options, addon=target.addon, extra_args=QUIET) as proxy:
+    quiet = workdir / "quiet_log.py"
+    if not quiet.exists():
+        quiet.write_text(QUIET_SCRIPT)
+    extra = [*QUIET, "-s", str(quiet)]
+    with ProxyProcess(upstream=upstream.url, options=options, addon=target.addon, extra_args=extra) as proxy:
         yield Running(url=proxy.url, pid=proxy.pid, trajectory=trajectory)
 
 
@@ -536,7 +493,7 @@ def run(settings: Settings) -> dict[str, TargetResult]:
     results = {target.name: TargetResult(target) for target in TARGETS}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm-traj-bench-")))
-        upstream = stack.enter_context(Standin())
+        upstream = stack.enter_context(standin_process())
         progress(f"upstream: stand-in at {upstream.url} (pid {upstream.pid})")
         running: dict[str, Running] = {}
         for target in TARGETS:
@@ -596,6 +553,8 @@ COMPARISONS = [
     ("c16.rps", "c=16 req/s", "ratio", "{:.2f}x"),
     ("c1.p50_ms", "c=1 p50", "delta", "{:+.2f} ms"),
     ("c16.p50_ms", "c=16 p50", "delta", "{:+.2f} ms"),
+    ("c1.cpu_us", "c=1 CPU/req", "delta", "{:+.0f} µs"),
+    ("c16.cpu_us", "c=16 CPU/req", "delta", "{:+.0f} µs"),
     ("stream.ttfb_ms", "stream TTFB", "delta", "{:+.2f} ms"),
     ("stream.total_ms", "stream total", "delta", "{:+.1f} ms"),
     ("burst.total_ms", "burst total", "delta", "{:+.1f} ms"),
@@ -649,6 +608,7 @@ def environment() -> str:
     return (
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, mitmproxy {mitmproxy_version}, all on 127.0.0.1"
+        f"; load average at the end {os.getloadavg()[0]:.2f} (other work on the machine skews the figures)"
     )
 
 
@@ -729,20 +689,34 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(seconds=seconds, warmup=warmup, stream_requests=streams, rounds=rounds)
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # so every `with` stops its process
+_interrupted = False
+
+
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C or SIGTERM: unwind at once, so every `with` stops its process.
+    (Ctrl-C also reaches the children, whose dying answers may arrive first.)"""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from(args)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         results = run(settings)
     except KeyboardInterrupt:
-        print("interrupted; all processes stopped", file=sys.stderr)
+        print("bench: interrupted; all processes stopped", file=sys.stderr)
         return 130
+    except ProxyStartError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     except BadResponse as exc:
+        if _interrupted:
+            print("bench: interrupted; all processes stopped", file=sys.stderr)
+            return 130
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     print(report(results, settings))

@@ -52,13 +52,13 @@ class CallRecord(BaseModel):
     request: Any = Field(None, description="the request body as JSON, secret fields redacted")
     request_raw: str | None = Field(None, description="the request body when it was not JSON")
     status: int | None = None
-    response_headers: Headers = []
+    response_headers: Headers = Field(default_factory=list)
     stream: bool = False
     response: Any = Field(None, description="the final object: the JSON body or the aggregated stream")
     response_raw: str | None = Field(None, description="the response body when it was not JSON")
     events: list[StreamEvent] | None = Field(None, description="the SSE blocks of a streamed response")
     complete: bool = True
     error: CallError | None = None
-    problems: list[str] = Field([], description="events that could not be aggregated")
+    problems: list[str] = Field(default_factory=list, description="events that could not be aggregated")
     timings: Timings
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = Field(default_factory=dict)

@@ -11,7 +11,7 @@ from typing import Any
 from .apis import ApiShape
 from .encoding import Decoder, UnsupportedEncoding, decoder_for
 from .record import CallError, CallRecord, Headers, StreamEvent, Timings
-from .redact import redact_fields, redact_headers
+from .redact import may_have_secret_fields, redact_fields, redact_headers
 from .sse import SSEBlock, SSEParser
 
 
@@ -47,6 +47,8 @@ class CallTee:
         self.api = api
         headers, self.secrets = redact_headers(request_headers)
         request, request_raw = parse_json_body(request_body)
+        if request is not None and may_have_secret_fields(request_body):
+            request = redact_fields(request, self.secrets)
         self.record = CallRecord(
             session=session,
             index=index,
@@ -55,7 +57,7 @@ class CallTee:
             method=method,
             url=url,
             request_headers=headers,
-            request=redact_fields(request, self.secrets),
+            request=request,
             request_raw=request_raw,
             timings=Timings(started_at=started_at or time.time()),
         )
@@ -114,7 +116,6 @@ class CallTee:
 
     def finish(self, now: float | None = None) -> CallRecord:
         """The upstream ended the response normally."""
-        record = self.record
         if self._parser is not None:
             if not self._undecodable:
                 try:
