@@ -33,6 +33,11 @@ SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-con
 JSON_HEADERS = [("content-type", "application/json")]
 
 
+def validated(fields) -> CallRecord:
+    """What the writer would write, read back through the trajectory model."""
+    return CallRecord.model_validate(fields)
+
+
 def expected_for(fixture: Path) -> dict[str, Any]:
     return json.loads((fixture.parent / (fixture.stem + ".expected.json")).read_text(encoding="utf-8"))
 
@@ -93,7 +98,7 @@ def run(tee: CallTee, headers, chunks: list[bytes], status: int = 200) -> CallRe
     tee.response_started(status, headers, now=T0 + 0.1)
     for i, chunk in enumerate(chunks):
         tee.chunk(chunk, now=T0 + 0.2 + i * 0.001)
-    return tee.finish(now=T0 + 5)
+    return validated(tee.finish(now=T0 + 5))
 
 
 def events_bytes(record: CallRecord) -> bytes:
@@ -143,7 +148,7 @@ def test_sync_flushed_gzip_yields_each_event_as_it_arrives():
         tee.chunk(body[offset : offset + piece], now=T0 + 1 + i)
         offset += piece
     tee.chunk(body[offset:], now=T0 + 100)
-    record = tee.finish(now=T0 + 101)
+    record = validated(tee.finish(now=T0 + 101))
     # each event is stamped with the time of the chunk that completed it, not a later one
     assert [e.t for e in record.events] == [float(1 + i) for i in range(len(raws))]
     assert events_bytes(record) == decoded
@@ -156,7 +161,7 @@ def test_crlf_events_are_stamped_with_their_own_chunk_time():
     tee.response_started(200, SSE_HEADERS, now=T0 + 0.1)
     for i, raw in enumerate(raws):
         tee.chunk(raw, now=T0 + 1 + i)
-    record = tee.finish(now=T0 + 100)
+    record = validated(tee.finish(now=T0 + 100))
     assert [e.t for e in record.events] == [float(1 + i) for i in range(len(raws))]
     assert events_bytes(record) == data
 
@@ -168,7 +173,7 @@ def test_event_times_are_relative_to_the_start():
     first, second = data[:700], data[700:]
     tee.chunk(first, now=T0 + 0.25)
     tee.chunk(second, now=T0 + 0.75)
-    record = tee.finish(now=T0 + 1)
+    record = validated(tee.finish(now=T0 + 1))
     times = [e.t for e in record.events]
     assert times == sorted(times) and set(times) == {0.25, 0.75}
     assert record.timings.started_at == T0
@@ -251,7 +256,7 @@ def test_corrupt_compressed_stream_does_not_raise():
 
 def test_request_body_that_is_not_json():
     tee = new_tee(request_body=b"not json \xff")
-    assert tee.record.request is None and tee.record.request_raw == "not json \ufffd"
+    assert tee.fields['request'] is None and tee.fields['request_raw'] == "not json \ufffd"
 
 
 # ------------------------------------------------------------------- failures
@@ -265,7 +270,7 @@ def test_fail_mid_stream_keeps_what_arrived():
     tee.response_started(200, SSE_HEADERS, now=T0 + 0.1)
     for i, chunk in enumerate(chunkings(data[:cut], 5)):
         tee.chunk(chunk, now=T0 + 0.2 + i * 0.001)
-    record = tee.fail("upstream_disconnected", "connection reset by peer", now=T0 + 3)
+    record = validated(tee.fail("upstream_disconnected", "connection reset by peer", now=T0 + 3))
     assert record.complete is False
     assert record.error.kind == "upstream_disconnected" and record.error.message == "connection reset by peer"
     assert events_bytes(record) == data[:cut]
@@ -282,7 +287,7 @@ def test_fail_mid_compressed_stream():
     tee = new_tee()
     tee.response_started(200, SSE_HEADERS + [("content-encoding", "gzip")])
     tee.chunk(body[: len(body) * 3 // 4])
-    record = tee.fail("client_disconnected", "client went away")
+    record = validated(tee.fail("client_disconnected", "client went away"))
     assert record.complete is False and record.error.kind == "client_disconnected"
     got = events_bytes(record)
     assert got and data.startswith(got)
@@ -293,13 +298,13 @@ def test_fail_non_stream_keeps_partial_body():
     tee = new_tee()
     tee.response_started(200, JSON_HEADERS)
     tee.chunk(b'{"id": "chatcmpl-1", "choi')
-    record = tee.fail("upstream_disconnected", "eof")
+    record = validated(tee.fail("upstream_disconnected", "eof"))
     assert record.complete is False and record.response is None
     assert record.response_raw == '{"id": "chatcmpl-1", "choi'
 
 
 def test_fail_before_any_response():
-    record = new_tee().fail("upstream_unreachable", "connect: connection refused", now=T0 + 1)
+    record = validated(new_tee().fail("upstream_unreachable", "connect: connection refused", now=T0 + 1))
     assert record.complete is False and record.status is None
     assert record.events is None and record.response is None
     assert record.error.kind == "upstream_unreachable"
@@ -336,13 +341,13 @@ def test_redaction_of_headers_body_and_echoed_secrets(tmp_path):
         ],
         request_body=json.dumps(request).encode(),
     )
-    headers = dict(tee.record.request_headers)
+    headers = dict(tee.fields['request_headers'])
     assert headers["Authorization"] == REDACTED and headers["x-api-key"] == REDACTED
     assert headers["Content-Type"] == "application/json" and headers["OpenAI-Organization"] == "org-visible"
     assert SECRET in tee.secrets and ANTHROPIC_KEY in tee.secrets
     assert f"Bearer {SECRET}" in tee.secrets
 
-    body = tee.record.request
+    body = tee.fields['request']
     assert body["api_key"] == REDACTED
     assert body["metadata"] == {"token": "kept-token", "client_secret": REDACTED, "tokens": 5}
     assert (body["max_tokens"], body["max_completion_tokens"], body["top_logprobs"]) == (256, 300, 2)
@@ -350,7 +355,7 @@ def test_redaction_of_headers_body_and_echoed_secrets(tmp_path):
     fixture = STREAMS / "openai_chat_logprobs.sse"
     tee.response_started(200, SSE_HEADERS + [("set-cookie", "__cf_bm=abcdefghijkl; path=/"), ("x-request-id", "req_123")])
     tee.chunk(fixture.read_bytes())
-    record = tee.finish()
+    record = validated(tee.finish())
     response_headers = dict(record.response_headers)
     assert response_headers["set-cookie"] == REDACTED and response_headers["x-request-id"] == "req_123"
     # logprob entries named `token` are response data, not secrets
@@ -372,5 +377,16 @@ def test_redaction_of_headers_body_and_echoed_secrets(tmp_path):
 
 def test_short_header_values_are_redacted_but_not_scrubbed():
     tee = new_tee(request_headers=[("authorization", "Bearer abc"), ("content-type", "application/json")])
-    assert dict(tee.record.request_headers)["authorization"] == REDACTED
+    assert dict(tee.fields['request_headers'])["authorization"] == REDACTED
     assert "abc" not in tee.secrets  # scrubbing 3 letters would mangle ordinary text
+
+
+def test_tee_fields_are_exactly_the_record_schema():
+    """The tee writes its dict unvalidated: it must name every CallRecord field, no more."""
+    tee = CallTee(api=ChatCompletions(), session="s", index=1, mode="record", method="POST",
+                  url="http://u/v1/chat/completions", request_headers=[], request_body=b"{}")
+    tee.response_started(200, JSON_HEADERS)
+    tee.chunk(b"{}")
+    fields = tee.finish()
+    assert set(fields) == set(CallRecord.model_fields)
+    assert CallRecord.model_validate(fields).model_dump(mode="json") == json.loads(json.dumps(fields))

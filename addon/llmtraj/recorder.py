@@ -4,13 +4,14 @@ builds the `CallRecord`. Knows nothing of mitmproxy."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
+from pydantic_core import from_json
+
 from .apis import ApiShape
 from .encoding import Decoder, UnsupportedEncoding, decoder_for
-from .record import CallError, CallRecord, Headers, StreamEvent, Timings
+from .record import SCHEMA_VERSION, Headers
 from .redact import may_have_secret_fields, redact_fields, redact_headers
 from .sse import SSEBlock, SSEParser
 
@@ -25,12 +26,20 @@ def parse_json_body(body: bytes) -> tuple[Any, str | None]:
     if not body:
         return None, None
     try:
-        return json.loads(body), None
+        return from_json(body), None
     except ValueError:
         return None, body.decode("utf-8", errors="replace")
 
 
+RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
+
+
 class CallTee:
+    """The record of one call in the making, on the hot path of every call: its
+    fields stay plain values and `finish`/`fail` hand them over as a dict with
+    `CallRecord`'s fields, written without a second validation (the reader, and
+    the tests, validate what was written against `CallRecord`)."""
+
     def __init__(
         self,
         *,
@@ -49,22 +58,36 @@ class CallTee:
         request, request_raw = parse_json_body(request_body)
         if request is not None and may_have_secret_fields(request_body):
             request = redact_fields(request, self.secrets)
-        self.record = CallRecord(
-            session=session,
-            index=index,
-            api=api.name,
-            mode=mode,
-            method=method,
-            url=url,
-            request_headers=headers,
-            request=request,
-            request_raw=request_raw,
-            timings=Timings(started_at=started_at or time.time()),
-        )
+        self.started_at = started_at or time.time()
+        self.fields: RecordFields = {
+            "schema_version": SCHEMA_VERSION,
+            "session": session,
+            "index": index,
+            "api": api.name,
+            "mode": mode,
+            "method": method,
+            "url": url,
+            "request_headers": headers,
+            "request": request,
+            "request_raw": request_raw,
+            "status": None,
+            "response_headers": [],
+            "stream": False,
+            "response": None,
+            "response_raw": None,
+            "events": None,
+            "complete": True,
+            "error": None,
+            "problems": [],
+            "timings": None,  # set at the end
+            "extra": {},
+        }
+        self.response_headers_at: float | None = None
+        self.first_byte_at: float | None = None
         self._decoder: Decoder | None = None
         self._parser: SSEParser | None = None
         self._aggregator = None
-        self._events: list[StreamEvent] = []
+        self._events: list[dict[str, Any]] = []
         self._body: list[bytes] = []
         self._undecodable = False  # a corrupt compressed stream is still forwarded, not parsed
 
@@ -73,18 +96,18 @@ class CallTee:
         return self._parser is not None
 
     def response_started(self, status: int, headers: Headers, now: float | None = None) -> None:
-        record = self.record
-        record.status = status
-        record.response_headers = redact_headers(headers)[0]
-        record.timings.response_headers_at = now or time.time()
+        fields = self.fields
+        fields["status"] = status
+        fields["response_headers"] = redact_headers(headers)[0]
+        self.response_headers_at = now or time.time()
         try:
             self._decoder = decoder_for(header(headers, "content-encoding"))
         except UnsupportedEncoding as exc:
-            record.problems.append(f"{exc}: body recorded undecoded")
+            fields["problems"].append(f"{exc}: body recorded undecoded")
             self._decoder = decoder_for(None)
         content_type = (header(headers, "content-type") or "").lower()
         if content_type.startswith("text/event-stream"):
-            record.stream = True
+            fields["stream"] = True
             self._parser = SSEParser()
             self._aggregator = self.api.new_aggregator()
 
@@ -92,8 +115,8 @@ class CallTee:
         """Feed body bytes as received (still content-encoded)."""
         if not data:
             return
-        if self.record.timings.first_byte_at is None:
-            self.record.timings.first_byte_at = now or time.time()
+        if self.first_byte_at is None:
+            self.first_byte_at = now or time.time()
         if self._parser is None:
             self._body.append(data)  # decoded once at the end: cheaper than per chunk
             return
@@ -109,12 +132,12 @@ class CallTee:
     def _take(self, blocks: list[SSEBlock], now: float | None) -> None:
         if not blocks:
             return
-        t = round((now or time.time()) - self.record.timings.started_at, 6)
+        t = round((now or time.time()) - self.started_at, 6)
         for block in blocks:
-            self._events.append(StreamEvent(t=t, raw=block.raw.decode("utf-8", errors="replace")))
+            self._events.append({"t": t, "raw": block.raw.decode("utf-8", errors="replace")})
             self._aggregator.add(block)
 
-    def finish(self, now: float | None = None) -> CallRecord:
+    def finish(self, now: float | None = None) -> RecordFields:
         """The upstream ended the response normally."""
         if self._parser is not None:
             if not self._undecodable:
@@ -127,35 +150,38 @@ class CallTee:
             self._finish_body()
         return self._close(now)
 
-    def fail(self, kind: str, message: str, now: float | None = None) -> CallRecord:
+    def fail(self, kind: str, message: str, now: float | None = None) -> RecordFields:
         """The call ended without a complete response: keep what arrived and why."""
-        record = self.record
         if self._parser is not None:
             self._take(self._parser.finish(), now)
         elif self._body:
             self._finish_body()
-        record.complete = False
-        record.error = CallError(kind=kind, message=message)
+        self.fields["complete"] = False
+        self.fields["error"] = {"kind": kind, "message": message}
         return self._close(now)
 
     def _finish_body(self) -> None:
-        record = self.record
         body = b"".join(self._body)
         try:
             body = self._decoder.decode(body) + self._decoder.flush()
         except Exception as exc:
-            record.problems.append(f"cannot decode body: {exc}: recorded undecoded")
-        record.response, record.response_raw = parse_json_body(body)
+            self.fields["problems"].append(f"cannot decode body: {exc}: recorded undecoded")
+        self.fields["response"], self.fields["response_raw"] = parse_json_body(body)
 
     def _bad_stream(self, message: str) -> None:
-        self.record.problems.append(message)
+        self.fields["problems"].append(message)
         self._undecodable = True
 
-    def _close(self, now: float | None) -> CallRecord:
-        record = self.record
-        record.timings.ended_at = now or time.time()
+    def _close(self, now: float | None) -> RecordFields:
+        fields = self.fields
+        fields["timings"] = {
+            "started_at": self.started_at,
+            "response_headers_at": self.response_headers_at,
+            "first_byte_at": self.first_byte_at,
+            "ended_at": now or time.time(),
+        }
         if self._parser is not None or self._events:
-            record.events = self._events
-            record.response = self._aggregator.result()
-            record.problems.extend(self._aggregator.problems)
-        return record
+            fields["events"] = self._events
+            fields["response"] = self._aggregator.result()
+            fields["problems"].extend(self._aggregator.problems)
+        return fields

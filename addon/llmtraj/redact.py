@@ -22,9 +22,13 @@ _SECRET_NAME = (
     r"|authorization|credentials?|private[-_]?key)"
 )
 _SECRET_FIELD = re.compile(_SECRET_NAME, re.IGNORECASE)
-# The same names as JSON keys in raw bytes: most bodies have none, and one C-speed
-# scan spares them the walk over every message of a long conversation.
-_SECRET_KEY_IN_JSON = re.compile(rb'"' + _SECRET_NAME.encode() + rb'"\s*:', re.IGNORECASE)
+# The names' endings as JSON keys, searched in the raw body: most bodies have
+# none, and one C-speed scan spares them a walk over every message of a long
+# conversation (`max_tokens` is no hit: the quote must follow the name).
+_SECRET_KEY_IN_JSON = re.compile(
+    rb'(?:api[-_]?key|apikey|secret|password|passwd|token|authorization|credentials?|private[-_]?key)"\s*:',
+    re.IGNORECASE,
+)
 _MIN_SCRUB_LEN = 8  # shorter values would scrub ordinary words
 
 

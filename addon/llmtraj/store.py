@@ -9,20 +9,22 @@ very last line, which the reader reports and skips).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import from_json, to_json
 
 from .record import SCHEMA_VERSION, CallRecord
-from .redact import scrub
+from .redact import REDACTED
 from .session import validate_session
 
 _MAX_OPEN_FILES = 128
+REDACTED_BYTES = REDACTED.encode()
 
 
 def is_single_file(path: Path) -> bool:
@@ -39,13 +41,17 @@ class TrajectoryWriter:
             self.path.mkdir(parents=True, exist_ok=True)
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._last_index: dict[str, int] = {}
+        self._files: dict[str, Path] = {}  # by session, validated
         if self.single_file and self.path.exists():
             for record in read_records(self.path, tolerate_corrupt=True):
                 self._last_index[record.session] = max(self._last_index.get(record.session, 0), record.index)
 
     def file_for(self, session: str) -> Path:
-        validate_session(session)
-        return self.path if self.single_file else self.path / f"{session}.jsonl"
+        file = self._files.get(session)
+        if file is None:
+            validate_session(session)
+            file = self._files[session] = self.path if self.single_file else self.path / f"{session}.jsonl"
+        return file
 
     def next_index(self, session: str) -> int:
         """Reserve the next call index of a session (continuing an existing file)."""
@@ -58,10 +64,19 @@ class TrajectoryWriter:
         self._last_index[session] = last + 1
         return last + 1
 
-    def append(self, record: CallRecord, secrets: set[str] = frozenset()) -> None:
-        line = scrub(record.model_dump_json(), secrets) + "\n"
-        data = line.encode()
-        fd = self._fd(self.file_for(record.session))
+    def append(self, record: CallRecord | dict[str, Any], secrets: Set[str] = frozenset()) -> None:
+        """Append one record: a `CallRecord`, or a dict of its fields (the
+        recorder's hot path, which skips validating twice)."""
+        if isinstance(record, CallRecord):
+            line = record.model_dump_json().encode()
+            session = record.session
+        else:
+            line = to_json(record)
+            session = record["session"]
+        for secret in secrets:  # scrubbed in the serialised line: secrets echoed anywhere go too
+            line = line.replace(secret.encode(), REDACTED_BYTES)
+        data = line + b"\n"
+        fd = self._fd(self.file_for(session))
         written = os.write(fd, data)
         while written < len(data):  # only on a full disk or a signal; finish the line
             written += os.write(fd, data[written:])
@@ -141,7 +156,7 @@ def read_records(
 
 def _parse_line(raw: bytes) -> CallRecord:
     try:
-        obj = json.loads(raw)
+        obj = from_json(raw)
     except ValueError as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict):

@@ -11,13 +11,23 @@ lists of scalars and logprob entries extend. Unknown vendor fields
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from typing import Any
+
+from pydantic_core import from_json
 
 from ..sse import SSEBlock
 
 # Top-level chunk fields that describe the chunk, not the completion
 # (`obfuscation`: OpenAI's per-chunk random padding).
 _CHUNK_ONLY = {"choices", "object", "obfuscation"}
+_DONE = b"data: [DONE]\n\n"
+_ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def _sse_event(obj: Any) -> bytes:
+    return b"data: %s\n\n" % json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def merge_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
@@ -70,9 +80,9 @@ class ChatCompletionAggregator:
             self.done = True
             return
         try:
-            chunk = json.loads(data)
+            chunk = from_json(data)
         except ValueError as exc:
-            self.problems.append(f"event is not JSON ({exc.msg}): {data[:200]!r}")
+            self.problems.append(f"event is not JSON ({exc}): {data[:200]!r}")
             return
         if not isinstance(chunk, dict):
             self.problems.append(f"event is not a JSON object: {data[:200]!r}")
@@ -139,6 +149,86 @@ class ChatCompletionAggregator:
         return choice
 
 
+def _new_id() -> str:
+    return "chatcmpl-llmtraj-" + secrets.token_hex(12)
+
+
+def _model(request: Any) -> str:
+    return str(request.get("model") or "") if isinstance(request, dict) else ""
+
+
+def _tool_call(call: Any, position: int) -> dict[str, Any]:
+    """A complete tool call from a driver's `{"function": {"name", "arguments"}}`
+    (arguments may be an object; id and type are filled in when missing)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ValueError(f"tool_calls[{position}] needs function.name (a string)")
+    arguments = function.get("arguments", "")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {
+        "id": call.get("id") or "call_" + secrets.token_hex(12),
+        "type": call.get("type") or "function",
+        "function": {**function, "arguments": arguments},
+    }
+
+
+class ChatCompletionStream:
+    """A `chat.completion.chunk` stream built delta by delta (anti-call). It
+    aggregates what it builds, so a non-streaming agent can get the same
+    answer as JSON."""
+
+    def __init__(self, request: Any) -> None:
+        options = request.get("stream_options") if isinstance(request, dict) else None
+        self._include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        self._top = {"id": _new_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": _model(request)}
+        self._open: dict[int, bool] = {}  # choice index -> whether it has tool calls, once started
+        self._finished: set[int] = set()
+        self._aggregator = ChatCompletionAggregator()
+        self._usage: dict[str, Any] | None = None
+
+    def _event(self, choices: list[dict[str, Any]], **top: Any) -> bytes:
+        chunk = {**self._top, "choices": choices, **top}
+        if self._include_usage:  # as OpenAI: null in every chunk but the usage-only one
+            chunk.setdefault("usage", None)
+        text = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+        self._aggregator.add(SSEBlock(raw=b"", data=text))
+        return b"data: %s\n\n" % text.encode()
+
+    def delta(self, delta: dict[str, Any], *, index: int = 0, finish_reason: str | None = None,
+              logprobs: Any = None) -> bytes:
+        delta = dict(delta)
+        if index not in self._open:
+            delta.setdefault("role", "assistant")
+            self._open[index] = False
+        if delta.get("tool_calls"):
+            self._open[index] = True
+        if finish_reason is not None:
+            self._finished.add(index)
+        return self._event([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
+
+    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+        self._usage = usage or dict(_ZERO_USAGE)
+        events = []
+        for index, has_tools in sorted((self._open or {0: False}).items()):
+            if index in self._finished:
+                continue
+            delta = {} if index in self._open else {"role": "assistant", "content": ""}
+            reason = finish_reason or ("tool_calls" if has_tools else "stop")
+            events.append(self._event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]))
+        if self._include_usage:
+            events.append(self._event([], usage=self._usage))
+        return b"".join(events) + _DONE
+
+    def error(self, body: dict[str, Any]) -> bytes:
+        return _sse_event(body)
+
+    def completion(self) -> dict[str, Any]:
+        completion = self._aggregator.result() or {**self._top, "object": "chat.completion", "choices": []}
+        completion["usage"] = self._usage or dict(_ZERO_USAGE)
+        return completion
+
+
 class ChatCompletions:
     name = "chat.completions"
 
@@ -148,5 +238,46 @@ class ChatCompletions:
     def new_aggregator(self) -> ChatCompletionAggregator:
         return ChatCompletionAggregator()
 
+    def chunks_from_final(self, final: dict[str, Any]) -> list[bytes]:
+        # Per choice one delta carrying the whole message and one carrying the
+        # finish_reason (and vendor fields such as stop_reason), as OpenAI ends a
+        # choice; then usage in the usage-only chunk; then [DONE].
+        top = {k: v for k, v in final.items() if k not in ("choices", "usage", "object")}
+        top["object"] = "chat.completion.chunk"
+        chunks = []
+        for position, choice in enumerate(final.get("choices") or []):
+            index = choice.get("index", position)
+            delta = dict(choice.get("message") or {})
+            if isinstance(delta.get("tool_calls"), list):  # a stream's tool calls need their `index`
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
+            finish = {k: v for k, v in choice.items() if k not in ("index", "message", "logprobs")}
+            chunks.append({**top, "choices": [
+                {"index": index, "delta": delta, "logprobs": choice.get("logprobs"), "finish_reason": None}]})
+            chunks.append({**top, "choices": [{"index": index, "delta": {}, "logprobs": None, **finish}]})
+        if final.get("usage") is not None:
+            chunks.append({**top, "choices": [], "usage": final["usage"]})
+        return [_sse_event(c) for c in chunks] + [_DONE]
+
     def error_body(self, message: str, type: str, code: str | None = None) -> dict[str, Any]:
         return {"error": {"message": message, "type": type, "param": None, "code": code}}
+
+    def wants_stream(self, request: Any) -> bool:
+        return isinstance(request, dict) and request.get("stream") is True
+
+    def completion_from_text(self, request: Any, text: str | None, *, tool_calls: list[dict[str, Any]] | None = None,
+                             finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = [_tool_call(call, i) for i, call in enumerate(tool_calls)]
+        return {
+            "id": _new_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": _model(request),
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason or ("tool_calls" if tool_calls else "stop")}],
+            "usage": usage or dict(_ZERO_USAGE),
+        }  # fmt: skip
+
+    def new_stream(self, request: Any) -> ChatCompletionStream:
+        return ChatCompletionStream(request)

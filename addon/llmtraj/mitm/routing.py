@@ -51,7 +51,9 @@ class Routing:
         session, path = split_session_prefix(request.path)
         if session is not None:
             request.path = path
-        header_session = request.headers.pop(SESSION_HEADER, None)
+        header_session = request.headers.get(SESSION_HEADER)
+        if header_session is not None:  # (MutableMapping.pop is slow on mitmproxy's Headers)
+            del request.headers[SESSION_HEADER]
         session = session or header_session or settings.default_session
         api = api_for(request.method, path.split("?", 1)[0])
         if api is None:
