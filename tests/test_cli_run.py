@@ -3,6 +3,7 @@ modes), exit codes, signals, the background service, and user-facing errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -153,3 +154,50 @@ def test_background_service_start_status_stop(upstream, tmp_path):
 def test_show_missing_file_is_one_line(tmp_path):
     r = llm_traj("show", str(tmp_path / "nope.jsonl"))
     assert r.returncode == 1 and r.stderr.strip() == f"llm-traj: {tmp_path / 'nope.jsonl'} does not exist"
+
+
+@pytest.fixture(scope="module")
+def demo_traj(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    r = llm_traj("demo", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out / "demo.jsonl"
+
+
+def test_stats_diff_export_commands(demo_traj, tmp_path):
+    r = llm_traj("stats", str(demo_traj))
+    assert r.returncode == 0 and "demo" in r.stdout
+    rows = json.loads(llm_traj("stats", str(demo_traj), "--json").stdout)
+    assert any(row.get("calls") == len(list(read_records(demo_traj))) for row in rows)
+
+    assert llm_traj("diff", str(demo_traj), str(demo_traj)).returncode == 0
+    changed = tmp_path / "changed.jsonl"
+    lines = demo_traj.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["request"]["messages"][-1]["content"] = "something else entirely"
+    changed.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    r = llm_traj("diff", str(demo_traj), str(changed))
+    assert r.returncode == 1 and "something else entirely" in r.stdout
+
+    for fmt in ("openai-chat", "har", "atif"):
+        out = tmp_path / f"out.{fmt}"
+        r = llm_traj("export", str(demo_traj), "--format", fmt, "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        text = out.read_text()
+        if fmt == "har":
+            assert json.loads(text)["log"]["version"] == "1.2"
+        else:
+            assert all(json.loads(line) for line in text.splitlines())
+
+
+def test_inspect_commands_errors_are_one_line(tmp_path, demo_traj):
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text(demo_traj.read_text().splitlines()[0] + "\n{not json\n" + demo_traj.read_text().splitlines()[0] + "\n")
+    for args in (["stats", str(corrupt)], ["show", str(corrupt)], ["export", str(corrupt), "--format", "har"]):
+        r = llm_traj(*args)
+        assert r.returncode == 1 and r.stderr.startswith(f"llm-traj: {corrupt}:2: not valid JSON"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = llm_traj("export", str(demo_traj), "--format", "csv")
+    assert r.returncode == 2 and r.stderr.strip() == "llm-traj: --format 'csv': use one of openai-chat, har, atif"
+    r = llm_traj("stats", str(tmp_path / "missing"))
+    assert r.returncode == 1 and r.stderr.strip() == f"llm-traj: {tmp_path / 'missing'} does not exist"

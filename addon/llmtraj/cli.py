@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -92,11 +94,25 @@ def run(
     try:
         plan = plan_run(mode=mode, traj=traj, session=session, via=via, upstream=upstream, command=ctx.args, sets=set_)
         run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))
-        code, started = run_plan(plan, run_dir)
+        code, started = run_plan(plan, run_dir, _end_anticall_session(plan) if plan.mode == "anticall" else None)
     except (RunError, ProxyStartError) as exc:
         fail(str(exc), 2)
     typer.echo(_summary(traj, session, started, code, started), err=True)
     raise typer.Exit(code)
+
+
+def _end_anticall_session(plan):
+    """Anti-call: the agent has exited, so its drivers get SESSION_END at once."""
+    from .anticall.client import AntiCallError
+    from .anticall.driver import end_session
+
+    def on_agent_exit(proxy) -> None:
+        try:
+            end_session(plan.traj, plan.session, "the agent exited")
+        except AntiCallError as exc:
+            typer.echo(f"llm-traj: could not end session {plan.session}: {exc.message}", err=True)
+
+    return on_agent_exit
 
 
 STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Where service state lives (default ~/.llm-traj).")
@@ -155,6 +171,139 @@ def status(name: str = typer.Option("default", help="Service name."), state_dir:
     if not healthy(state):
         fail(f"{name}: pid {state.pid} at {state.url} is not answering; see {state.log}", 3)
     typer.echo(f"llm-traj: {name} healthy, pid {state.pid}, {state.url}, mode {state.mode}, trajectory {state.traj}")
+
+
+# Where the driver-side commands find the proxy's control API.
+ControlFile = Annotated[Optional[Path], typer.Option(
+    "--control-file", envvar="LLM_TRAJ_CONTROL_FILE", help="The proxy's control file (<llm_traj_path>/control.json).")]
+ControlUrl = Annotated[Optional[str], typer.Option(
+    "--control", envvar="LLM_TRAJ_CONTROL", help="The control API's URL (instead of --control-file).")]
+Token = Annotated[Optional[str], typer.Option("--token", envvar="LLM_TRAJ_TOKEN", help="The control API's token.")]
+
+
+def _drive(control_file: Path | None, control: str | None, token: str | None, work):
+    """Run `work(client)` against the proxy's control API; errors end the command with one line."""
+    from .anticall.client import AntiCallError
+    from .anticall.driver import UsageError, connect, using
+
+    try:
+        return asyncio.run(using(connect(control_file, control, token), work))
+    except UsageError as exc:
+        fail(str(exc), 2)
+    except AntiCallError as exc:
+        fail(exc.message)
+
+
+@app.command("anti-call")
+def anti_call(
+    index: int = typer.Option(..., "--index", help="0: wait for the first call; N: answer call N (calls count from 1)."),
+    response: Optional[str] = typer.Option(None, "--response", help="The answer: a chat.completion JSON object, or a JSON string (text)."),
+    response_file: Optional[Path] = typer.Option(None, "--response-file", help="Read the answer from this file (large payloads)."),
+    session: str = typer.Option("default", "--session", help="The agent's session."),
+    timeout: float = typer.Option(0.0, "--timeout", help="Give up after this many seconds (0: wait as long as it takes)."),
+    control_file: ControlFile = None,
+    control: ControlUrl = None,
+    token: Token = None,
+) -> None:
+    """ROCK's anti-call-llm: answer call N, wait for call N+1 and print its request (one JSON line) or SESSION_END."""
+    from .anticall.driver import UsageError, anti_call as step, parse_response
+
+    if response is not None and response_file is not None:
+        fail("give --response or --response-file, not both", 2)
+    try:
+        text = response_file.read_text() if response_file is not None else response
+        answer = None if text is None else parse_response(text)
+    except OSError as exc:
+        fail(f"cannot read --response-file: {exc}", 2)
+    except UsageError as exc:
+        fail(str(exc), 2)
+    warn = lambda line: typer.echo(line, err=True)  # noqa: E731
+    typer.echo(_drive(control_file, control, token, lambda client: step(client, session, index, answer, timeout, warn)))
+
+
+@app.command("watch-agent")
+def watch_agent(
+    pid: int = typer.Option(..., "--pid", help="The agent's process id."),
+    session: str = typer.Option("default", "--session", help="The agent's session."),
+    control_file: ControlFile = None,
+    control: ControlUrl = None,
+    token: Token = None,
+) -> None:
+    """End the agent's session the moment its process exits: drivers get SESSION_END, its later calls an error."""
+    from .anticall.driver import watch_agent as watch
+
+    info = _drive(control_file, control, token, lambda client: watch(client, pid, session))
+    typer.echo(f"llm-traj: session {info.id} ended: {info.end_reason}")
+
+
+
+def _records(path: Path):
+    """All records of a trajectory, or a one-line exit."""
+    from .store import TrajectoryError, read_records
+
+    if not path.exists():
+        fail(f"{path} does not exist")
+    try:
+        return list(read_records(path))
+    except TrajectoryError as exc:
+        fail(f"{exc} (fix or remove that line)")
+
+
+@app.command()
+def stats(path: Path = typer.Argument(..., help=TRAJ_HELP), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Totals per session and model: calls, failures, tokens, time."""
+    import dataclasses
+    import json
+
+    from .stats import render_stats, stats as compute
+
+    rows = compute(_records(path))
+    typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) if as_json else render_stats(rows))
+
+
+@app.command()
+def diff(
+    a: Path = typer.Argument(..., help="First trajectory."),
+    b: Path = typer.Argument(..., help="Second trajectory."),
+    ignore: str = typer.Option(None, help="Comma-separated request fields to ignore (default: replay's)."),
+) -> None:
+    """Where two trajectories of the same task diverge. Exit 1 if they do."""
+    from .stats import DEFAULT_IGNORE, diff as compute, render_diff
+
+    fields = [f.strip() for f in ignore.split(",") if f.strip()] if ignore is not None else DEFAULT_IGNORE
+    result = compute(_records(a), _records(b), ignore=fields)
+    typer.echo(render_diff(result))
+    raise typer.Exit(0 if result.identical else 1)
+
+
+@app.command()
+def export(
+    path: Path = typer.Argument(..., help=TRAJ_HELP),
+    fmt: str = typer.Option(..., "--format", help="openai-chat, har or atif."),
+    granularity: str = typer.Option("per_call", help="openai-chat: per_call or per_session."),
+    agent_name: str = typer.Option("unknown", help="atif: the agent's name."),
+    agent_version: str = typer.Option("unknown", help="atif: the agent's version."),
+    out: Path = typer.Option(None, "-o", "--out", help="Output file (default: stdout)."),
+) -> None:
+    """Turn a trajectory into training or HTTP-tooling data."""
+    from .export import FORMATS, GRANULARITIES, export as convert
+
+    if fmt not in FORMATS:
+        fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}", 2)
+    if granularity not in GRANULARITIES:
+        fail(f"--granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}", 2)
+    skipped: list = []
+    result = convert(_records(path), fmt, granularity=granularity, agent_name=agent_name,
+                     agent_version=agent_version, skipped=skipped)
+    text = result if isinstance(result, str) else "".join(line + "\n" for line in result)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+    if skipped:
+        shown = "; ".join(f"{s.session} #{s.index}: {s.reason}" for s in skipped[:5])
+        more = f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        typer.echo(f"llm-traj: skipped {len(skipped)} calls: {shown}{more}", err=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The no-API-key demo: a scripted tool-using agent talks, through mitmdump with
-the llm-traj addon in record mode, to the bundled stand-in model server."""
+the llm-traj addon in record mode, to the bundled stand-in model server; then
+the same agent runs again against a replaying proxy with no upstream."""
 
 from __future__ import annotations
 
@@ -47,10 +48,19 @@ def scripted_agent(base_url: str, api_key: str = "sk-demo-not-a-real-key") -> st
 
 
 def run_demo(path: Path) -> str:
-    """Record the scripted agent into `path`; return the rendered trajectory."""
+    """Record the scripted agent into `path`, replay it with no upstream at
+    all, and return the rendered trajectory with what the replay did."""
     with StandinUpstream() as upstream, ProxyProcess(
         upstream=upstream.url, options={"llm_traj_mode": "record", "llm_traj_path": path}
     ) as proxy:
-        scripted_agent(f"{proxy.url}/s/demo/v1")
+        recorded = scripted_agent(f"{proxy.url}/s/demo/v1")
+    nowhere = "http://127.0.0.1:9"  # the discard port: nothing answers there
+    with ProxyProcess(upstream=nowhere, options={"llm_traj_mode": "replay", "llm_traj_path": path}) as proxy:
+        replayed = scripted_agent(f"{proxy.url}/s/demo/v1")
     records = list(read_records(path / "demo.jsonl"))
-    return render(records)
+    verdict = "the same answer" if replayed == recorded else f"a different answer: {replayed!r}"
+    return (
+        f"recorded {len(records)} calls of a scripted agent through mitmdump + llm-traj:\n\n"
+        f"{render(records)}\n\n"
+        f"replayed them with no upstream at all: the agent got {verdict}"
+    )

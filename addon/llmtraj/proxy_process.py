@@ -80,8 +80,9 @@ class ServerProcess:
                 self.port = int(m.group(2))
                 return self
             if self._proc.poll() is not None or time.monotonic() > deadline:
+                reason = self.failure_reason(offset)  # before stop() removes our temporary log
                 self.stop()
-                raise ProxyStartError(self.failure_reason(offset))
+                raise ProxyStartError(reason)
             time.sleep(0.02)
 
     def _read_log(self, offset: int = 0) -> str:

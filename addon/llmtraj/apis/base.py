@@ -24,6 +24,25 @@ class StreamAggregator(Protocol):
         """Events that could not be folded in (bad JSON, error events), in order."""
 
 
+class StreamBuilder(Protocol):
+    """Makes the response stream of one call from pieces pushed one at a time
+    (an anti-call driver's deltas), as SSE bytes ready for the wire."""
+
+    def delta(self, delta: dict[str, Any], *, index: int = 0, finish_reason: str | None = None,
+              logprobs: Any = None) -> bytes:
+        """One delta of choice `index` (the first one of a choice gets its role)."""
+
+    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+        """The end of the stream: closes the choices still open, then usage if
+        the request asked for it, then the end marker."""
+
+    def error(self, body: dict[str, Any]) -> bytes:
+        """An error event (the stream ends after it)."""
+
+    def completion(self) -> dict[str, Any]:
+        """What a non-streamed call answers for everything built so far."""
+
+
 class ApiShape(Protocol):
     name: str
 
@@ -32,5 +51,20 @@ class ApiShape(Protocol):
 
     def new_aggregator(self) -> StreamAggregator: ...
 
+    def chunks_from_final(self, final: dict[str, Any]) -> list[bytes]:
+        """The SSE blocks of a stream that a client folds back into `final`
+        (replaying a non-streamed recording to a client that asks for a stream)."""
+
     def error_body(self, message: str, type: str, code: str | None = None) -> dict[str, Any]:
         """An error object in this API's own error shape."""
+
+    def wants_stream(self, request: Any) -> bool:
+        """Whether a request (its JSON body) asks for a streamed response."""
+
+    def completion_from_text(self, request: Any, text: str | None, *, tool_calls: list[dict[str, Any]] | None = None,
+                             finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The final object answering `request` with `text` (and tool calls);
+        ValueError for a malformed tool call."""
+
+    def new_stream(self, request: Any) -> StreamBuilder:
+        """A builder for the response stream of `request`."""

@@ -9,6 +9,10 @@ recorder's tee see it like one).
 
     loopback.serve(flow, produce)   # in a `request` hook; `produce` is awaited
                                     # only when mitmproxy connects to us
+    loopback.at_stop(callback)      # when the proxy stops: make waiting producers answer
+
+When the proxy stops, the answers being produced get a moment (`DRAIN_SECONDS`)
+to reach their agents, before the addons after this one (the recorder) close.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mitmproxy import http
 logger = logging.getLogger("llm_traj")
 
 PATH_PREFIX = "/__llm_traj__/"
+DRAIN_SECONDS = 2.0
 ORIGINAL_URL_KEY = "llm_traj_original_url"  # flow.metadata: where the agent meant to go
 
 
@@ -48,6 +53,9 @@ class Loopback:
         self._sock: socket.socket | None = None
         self._task: asyncio.Future | None = None
         self._producers: dict[str, Producer] = {}
+        self._stop_callbacks: list[Callable[[], None]] = []
+        self._serving: set[str] = set()  # ids of the flows served and not finished yet
+        self._writers: set[asyncio.StreamWriter] = set()
         self.port: int | None = None
 
     def running(self) -> None:
@@ -62,22 +70,49 @@ class Loopback:
     async def _serve(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_server(self._handle, sock=sock)
 
-    def done(self) -> None:
+    def at_stop(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called when the proxy stops (before the drain)."""
+        self._stop_callbacks.append(callback)
+
+    def done(self) -> asyncio.Future | None:
+        for callback in self._stop_callbacks:
+            callback()
         if self._server is not None:
             self._server.close()
         elif self._sock is not None:
             self._sock.close()
         self._server = self._sock = self._task = None
         self._producers.clear()
+        # mitmproxy awaits an awaitable a hook returns (a script reload calls
+        # this synchronously: then the drain goes on in the background).
+        if self._serving:
+            return asyncio.ensure_future(self._drain())
+        self._close_connections()
+        return None
+
+    async def _drain(self) -> None:
+        deadline = asyncio.get_running_loop().time() + DRAIN_SECONDS
+        while self._serving and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        self._close_connections()
+
+    def _close_connections(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._serving.discard(flow.id)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.forget(flow)
+        self._serving.discard(flow.id)
 
     def serve(self, flow: http.HTTPFlow, produce: Producer) -> None:
         """Point `flow` at the loopback server, which will answer with `produce()`."""
         assert self.port is not None, "loopback server not started"
         token = secrets.token_urlsafe(12)
         self._producers[token] = produce
+        self._serving.add(flow.id)
         flow.metadata[ORIGINAL_URL_KEY] = flow.request.url
         request = flow.request
         request.scheme, request.host, request.port = "http", "127.0.0.1", self.port
@@ -91,6 +126,11 @@ class Loopback:
             self._producers.pop(path[len(PATH_PREFIX) :], None)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio disables Nagle only for sockets made with proto=IPPROTO_TCP, not
+        # for those of socket.create_server: without this, a body written after
+        # its head waits for the delayed ACK (40 ms).
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._writers.add(writer)
         try:
             while True:  # keep-alive: mitmproxy reuses the connection
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -107,6 +147,7 @@ class Loopback:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
 
 

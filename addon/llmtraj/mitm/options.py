@@ -17,7 +17,7 @@ from ..session import InvalidSession, validate_session
 
 logger = logging.getLogger("llm_traj")
 
-MODES = ("record",)
+MODES = ("record", "replay", "anticall")
 
 
 @dataclass(frozen=True)

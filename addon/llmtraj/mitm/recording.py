@@ -4,12 +4,11 @@ tee a copy of the bytes into a `CallTee`, then append the record."""
 from __future__ import annotations
 
 import logging
-import time
+from pathlib import Path
 
 from mitmproxy import http
 
-from ..record import CallRecord
-from ..recorder import CallTee
+from ..recorder import CallTee, RecordFields
 from ..store import TrajectoryWriter
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, llm_call
@@ -29,6 +28,11 @@ def error_kind(flow: http.HTTPFlow) -> str:
 RECORDING_MODES = ("record", "anticall")
 
 
+def _str_fields(headers: http.Headers) -> list[tuple[str, str]]:
+    # (mitmproxy's items(multi=True) does the same, several times slower)
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.fields]
+
+
 class Recorder:
     """Tees LLM calls into the trajectory: every call in record and anti-call
     mode (there the "upstream" is the driver behind the loopback server), and in
@@ -41,10 +45,16 @@ class Recorder:
         self._options = options
         self._writer: TrajectoryWriter | None = None
         self._tees: dict[str, CallTee] = {}  # by flow id, while the call is in flight
+        # Where marked calls go in a mode that records only those (replay, whose
+        # llm_traj_path is what it reads); set by that mode's addon, which
+        # configures before this one.
+        self.marked_path: Path | None = None
 
     def configure(self, updated: set[str]) -> None:
         settings = self._options.settings
-        path = settings.path if settings else None
+        path = None
+        if settings is not None:
+            path = settings.path if settings.mode in RECORDING_MODES else self.marked_path
         if self._writer is not None and self._writer.path != path:
             self._writer.close()
             self._writer = None
@@ -62,7 +72,6 @@ class Recorder:
         request = flow.request
         index = self._writer.next_index(call.session)
         flow.metadata[CALL_KEY]["index"] = index
-        flow.comment = f"llm-traj {call.session} #{index}"
         self._tees[flow.id] = CallTee(
             api=call.api,
             session=call.session,
@@ -70,8 +79,8 @@ class Recorder:
             mode=mode,
             method=request.method,
             url=request.url,
-            request_headers=list(request.headers.items(multi=True)),
-            request_body=request.get_content(strict=False) or b"",
+            request_headers=_str_fields(request.headers),
+            request_body=(request.get_content(strict=False) if "content-encoding" in request.headers else request.raw_content) or b"",
             started_at=request.timestamp_start,
         )
 
@@ -80,7 +89,9 @@ class Recorder:
         if tee is None:
             return
         response = flow.response
-        tee.response_started(response.status_code, list(response.headers.items(multi=True)))
+        tee.response_started(response.status_code, _str_fields(response.headers), now=response.timestamp_start)
+        if not tee.streaming:
+            return  # a JSON body is read whole in `response`: cheaper than a callback per chunk
 
         def tee_chunk(data: bytes) -> bytes:
             tee.chunk(data)
@@ -91,6 +102,8 @@ class Recorder:
     def response(self, flow: http.HTTPFlow) -> None:
         tee = self._tees.pop(flow.id, None)
         if tee is not None:
+            if not tee.streaming:
+                tee.chunk(flow.response.raw_content or b"", now=flow.response.timestamp_start)
             self._write(flow, tee, tee.finish())
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -99,12 +112,12 @@ class Recorder:
             message = flow.error.msg if flow.error else "unknown error"
             self._write(flow, tee, tee.fail(error_kind(flow), message))
 
-    def _write(self, flow: http.HTTPFlow, tee: CallTee, record: CallRecord) -> None:
-        record.extra.update(flow.metadata[CALL_KEY].get("extra") or {})
+    def _write(self, flow: http.HTTPFlow, tee: CallTee, record: RecordFields) -> None:
+        record["extra"].update(flow.metadata[CALL_KEY].get("extra") or {})
         try:
             self._writer.append(record, tee.secrets)
         except OSError as exc:  # the agent already has its answer; say loudly what was lost
-            logger.error(f"llm-traj: could not write {record.session} #{record.index}: {exc}")
+            logger.error(f"llm-traj: could not write {record['session']} #{record['index']}: {exc}")
 
     def done(self) -> None:
         if self._writer is not None:

@@ -1,0 +1,223 @@
+"""Anti-call mode: every LLM call is held (no upstream connection) and handed
+to drivers through `llmtraj.anticall.Broker`; their answer goes back to the
+agent through the loopback server, so the recorder (before this addon) tees
+it like an upstream response.
+
+While a call is held, mitmproxy's idle timeout (TCP_TIMEOUT, 600 s, which
+would cut the agent's connection) is disarmed for that connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmproxy import ctx, http
+
+from ..anticall.broker import Broker, BrokerError, Failure
+from ..anticall.control import ControlServer, control_file_for, write_control_file
+from ..anticall.models import ControlInfo
+from ..anticall.respond import Answer, answer, error_answer
+from ..anticall.rockfile import RockFileChannel
+from ..redact import redact_fields
+from .loopback import Loopback, ProducedResponse
+from .options import ConfigError, LlmTrajOptions, Settings, startup_error
+from .routing import CALL_KEY, llm_call
+
+logger = logging.getLogger("llm_traj")
+
+CALL_ID_KEY = "anticall_id"  # in flow.metadata["llm_traj"]
+_DEFAULTS = {"llm_traj_control_port": "0", "llm_traj_hold_timeout": "0", "llm_traj_rock_file": ""}
+
+
+@dataclass(frozen=True)
+class AntiCallSettings:
+    control_port: int
+    hold_timeout: float
+    rock_file: str
+    control_file: Path
+
+
+class AntiCalling:
+    def __init__(self, options: LlmTrajOptions, loopback: Loopback) -> None:
+        self._options = options
+        self._loopback = loopback
+        self._settings: AntiCallSettings | None = None
+        self.broker: Broker | None = None
+        self._control: ControlServer | None = None
+        self._rock: RockFileChannel | None = None
+        loopback.at_stop(self._stop_broker)
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "llm_traj_control_port", str, _DEFAULTS["llm_traj_control_port"],
+            "Anti-call: port of the control API on 127.0.0.1 (0: any free port). The address and its token "
+            "are written to <llm_traj_path>/control.json.",
+        )
+        loader.add_option(
+            "llm_traj_hold_timeout", str, _DEFAULTS["llm_traj_hold_timeout"],
+            "Anti-call: seconds a call waits for the driver (for its answer, and between streamed deltas) "
+            "before the agent gets a 504; 0: no limit.",
+        )
+        loader.add_option(
+            "llm_traj_rock_file", str, _DEFAULTS["llm_traj_rock_file"],
+            "Anti-call: also exchange calls through a ROCK-style log file (LLM_REQUEST_START...); {session} in "
+            "the path is replaced by the session id, else the file serves the default session only.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if not any(name.startswith("llm_traj_") for name in updated):
+            return
+        settings = self._options.settings
+        try:
+            new = _read_settings(settings) if settings is not None else None
+        except ConfigError as exc:
+            new = None
+            startup_error(str(exc))
+        if new == self._settings:
+            return
+        self._stop()
+        if new is None:
+            return
+        broker = Broker(new.hold_timeout)
+        control = ControlServer(broker)
+        try:
+            control.bind(new.control_port)
+            write_control_file(new.control_file, ControlInfo(url=control.url, token=control.token, pid=os.getpid()))
+        except OSError as exc:
+            control.close()
+            startup_error(f"anti-call control API: cannot listen on 127.0.0.1:{new.control_port} or write "
+                          f"{new.control_file}: {exc}")  # fmt: skip
+            return
+        self._settings, self.broker, self._control = new, broker, control
+        asyncio.ensure_future(control.start())
+        if new.rock_file:
+            self._rock = RockFileChannel(broker, new.rock_file, settings.default_session)
+            self._rock.start()
+
+    def running(self) -> None:
+        if self._settings is not None:
+            rock = f", ROCK log {self._settings.rock_file}" if self._settings.rock_file else ""
+            logger.info(f"llm-traj: anti-call control API on {self._control.url}, control file "
+                        f"{self._settings.control_file}{rock}")  # fmt: skip
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        broker = self.broker
+        call = llm_call(flow)
+        if broker is None or call is None or flow.response is not None:
+            return
+        api = call.api
+        try:
+            request = json.loads(flow.request.get_content(strict=False) or b"")
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            failure = Failure(400, f"llm-traj: the request body is not a JSON object ({exc})", "invalid_request_error")
+            self._serve(flow, error_answer(api, failure))
+            return
+        try:
+            held = broker.open_call(call.session, api, redact_fields(request), api.wants_stream(request))
+        except BrokerError as exc:  # its session ended, or the proxy is stopping
+            kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+            self._serve(flow, error_answer(api, Failure(exc.status, str(exc), kind, exc.code)))
+            return
+        info = flow.metadata[CALL_KEY]
+        info[CALL_ID_KEY] = held.id
+        info["extra"] = held.extra  # filled by the drivers, written by the recorder at the end
+
+        async def produce() -> ProducedResponse:
+            hold = self._disarm_idle_timeout(flow)
+            try:
+                result = await answer(broker, held)
+            except BaseException:
+                hold.close()
+                raise
+
+            def on_done(completed: bool) -> None:
+                hold.close()
+                if not completed:
+                    broker.release(held.id)
+
+            return ProducedResponse(result.status, result.headers, result.body, on_done)
+
+        self._loopback.serve(flow, produce)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        call_id = (flow.metadata.get(CALL_KEY) or {}).get(CALL_ID_KEY)
+        if call_id is not None and self.broker is not None:
+            self.broker.release(call_id)  # the agent hung up: tell the drivers
+
+    def done(self) -> None:
+        self._stop()
+
+    # --- internals -----------------------------------------------------------
+
+    def _serve(self, flow: http.HTTPFlow, result: Answer) -> None:
+        async def produce() -> ProducedResponse:
+            return ProducedResponse(result.status, result.headers, result.body)
+
+        self._loopback.serve(flow, produce)
+
+    @staticmethod
+    def _disarm_idle_timeout(flow: http.HTTPFlow) -> ExitStack:
+        """Keep mitmproxy from closing the agent's connection as idle while its
+        call is held; closing the returned stack re-arms it."""
+        hold = ExitStack()
+        handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+        if handler is not None:
+            hold.enter_context(handler.timeout_watchdog.disarm())
+        return hold
+
+    def _stop_broker(self) -> None:
+        if self.broker is not None:
+            self.broker.shutdown()
+
+    def _stop(self) -> None:
+        if self.broker is not None:
+            self.broker.shutdown()
+        if self._rock is not None:
+            self._rock.close()
+        if self._control is not None:
+            self._control.close()
+            _remove_control_file(self._settings.control_file, self._control.token)
+        self._settings = self.broker = self._control = self._rock = None
+
+
+def _remove_control_file(path: Path, token: str) -> None:
+    """Remove the control file if it is still ours (not a newer proxy's)."""
+    try:
+        if ControlInfo.model_validate_json(path.read_bytes()).token == token:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _read_settings(settings: Settings) -> AntiCallSettings | None:
+    opts = ctx.options
+    if settings.mode != "anticall":
+        for name, default in _DEFAULTS.items():
+            if getattr(opts, name) != default:
+                raise ConfigError(f"{name} is only used with llm_traj_mode=anticall")
+        return None
+    try:
+        port = int(opts.llm_traj_control_port)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"llm_traj_control_port={opts.llm_traj_control_port!r} is not a port (0-65535; 0: any free port)")
+    try:
+        hold = float(opts.llm_traj_hold_timeout)
+    except ValueError:
+        hold = math.nan
+    if not (math.isfinite(hold) and hold >= 0):
+        raise ConfigError(f"llm_traj_hold_timeout={opts.llm_traj_hold_timeout!r} is not a number of seconds >= 0 (0: no limit)")
+    rock = opts.llm_traj_rock_file.strip()
+    if rock and Path(rock.replace("{session}", "default")).expanduser().is_dir():
+        raise ConfigError(f"llm_traj_rock_file={rock!r} is a directory; give a file path (with {{session}} for one per session)")
+    return AntiCallSettings(port, hold, rock, control_file_for(settings.path))

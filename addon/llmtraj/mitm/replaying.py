@@ -1,0 +1,206 @@
+"""Replay mode: answers every LLM call from the recording at llm_traj_path
+(matching is `llmtraj.replay`'s), in `request`, so no upstream connection is
+ever opened for it. A miss is answered with an error, or forwarded upstream
+(and recorded elsewhere), as llm_traj_replay_miss says.
+
+Whole answers are set as the flow's response at once (the cheapest path); a
+stream paced at its recorded speed, and a call that was cut short when
+recorded, are written by the loopback server so that they go out as they did.
+`GET /llm-traj/replay-report` on the proxy answers with the report so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmproxy import ctx, http
+
+from ..replay import (
+    DEFAULT_IGNORE, EXACT, LATER, MATCH_HEADER, POSITION, Miss, Replay, ReplayLoadError, load, reply_body,
+)  # fmt: skip
+from ..store import TrajectoryError
+from .loopback import Loopback, ProducedResponse
+from .options import ConfigError, LlmTrajOptions, startup_error
+from .recording import Recorder
+from .routing import CALL_KEY, error_response, llm_call
+
+logger = logging.getLogger("llm_traj")
+
+REPORT_PATH = "/llm-traj/replay-report"
+MISS_POLICIES = ("error", "forward", "forward-record")
+_RUNG_HEADERS = {rung: ((MATCH_HEADER, rung.encode()),) for rung in (EXACT, LATER, POSITION)}
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    miss: str
+    position: bool
+    speed: float
+    ignore: frozenset[str]
+    record_path: Path | None
+
+
+class Replayer:
+    def __init__(self, options: LlmTrajOptions, loopback: Loopback, recorder: Recorder) -> None:
+        self._options = options
+        self._loopback = loopback
+        self._recorder = recorder
+        self._settings: ReplaySettings | None = None
+        self._replay: Replay | None = None
+        self._source: tuple[Path, frozenset[str]] | None = None  # what _replay was loaded from
+        self._broken = False  # replay mode, but the configuration failed: refuse calls rather than forward them
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "llm_traj_replay_miss", str, "error",
+            "Replay: what to do with a call the recording does not have: error (an OpenAI-shaped 400 "
+            "naming the session, the step and the first difference), forward (to the upstream), "
+            "forward-record (and record it to llm_traj_replay_record_path).",
+        )
+        loader.add_option(
+            "llm_traj_replay_record_path", str, "",
+            "Replay with llm_traj_replay_miss=forward-record: where the forwarded calls are recorded "
+            "(a directory or a .jsonl file, not llm_traj_path).",
+        )
+        loader.add_option(
+            "llm_traj_replay_position", bool, False,
+            "Replay: when a request matches no recorded call, answer with the call at the session's "
+            "cursor anyway (match by position).",
+        )
+        loader.add_option(
+            "llm_traj_replay_speed", str, "0",
+            "Replay: pace of recorded streams: 0 = at once, 1 = as recorded, 2 = twice as fast.",
+        )
+        loader.add_option(
+            "llm_traj_replay_ignore", str, ",".join(DEFAULT_IGNORE),
+            "Replay: top-level request fields (comma-separated) ignored when matching a request to the recording.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if not any(name.startswith("llm_traj_") for name in updated):
+            return
+        settings = self._options.settings
+        if settings is None or settings.mode != "replay":
+            self._settings = self._replay = self._source = None
+            self._broken = False
+            self._recorder.marked_path = None
+            return
+        try:
+            replay_settings = _read_settings(settings.path)
+            source = (settings.path, replay_settings.ignore)
+            if source != self._source:  # reloading resets every cursor: only when the recording changes
+                replay, skipped = load(settings.path, replay_settings.ignore)
+                for line in skipped:
+                    logger.warning(f"llm-traj: {line}")
+                self._replay, self._source = replay, source
+                logger.info(
+                    f"llm-traj: replaying {replay.calls} calls of {replay.sessions} sessions from {settings.path}"
+                )
+        except (ConfigError, TrajectoryError, ReplayLoadError) as exc:
+            self._settings = self._replay = self._source = None
+            self._broken = True
+            self._recorder.marked_path = None
+            startup_error(str(exc))
+            return
+        self._settings = replay_settings
+        self._broken = False
+        self._recorder.marked_path = replay_settings.record_path
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        replay = self._replay
+        if replay is None or flow.response is not None:
+            if self._broken and flow.response is None and llm_call(flow) is not None:
+                flow.response = error_response(503, "llm-traj replay is not configured; see the proxy's log",
+                                               "server_error", "replay_not_configured")  # fmt: skip
+            return
+        call = llm_call(flow)
+        if call is None:
+            if flow.request.method == "GET" and flow.request.path == REPORT_PATH:
+                body = json.dumps(replay.report(), indent=2, ensure_ascii=False)
+                flow.response = http.Response.make(200, body, {"content-type": "application/json"})
+            return
+        request = flow.request
+        settings = self._settings
+        body = request.get_content(strict=False) or b""
+        canonical = replay.canonical(call.api, body, request.headers.items(multi=True))
+        outcome = replay.match(call.session, canonical, settings.position)
+        info = flow.metadata[CALL_KEY]
+        if isinstance(outcome, Miss):
+            info["replay"] = "miss"
+            if settings.miss == "error":
+                logger.warning(outcome.message)
+                flow.response = error_response(400, outcome.message, "invalid_request_error", outcome.code)
+            else:  # the flow goes on to the upstream
+                info["record"] = settings.miss == "forward-record"
+                logger.warning(f"{outcome.message}; forwarded upstream{' and recorded' if info['record'] else ''}")
+            return
+        reply, step = outcome.reply, outcome.step
+        info["replay"], info["index"] = outcome.rung, step.index
+        # The header tells every call's rung; the log only the noteworthy ones
+        # unless asked (termlog_verbosity=debug): a line per call costs ~8% of
+        # the requests/s.
+        logger.log(logging.DEBUG if outcome.rung == EXACT else logging.INFO,
+                   f"llm-traj: replayed {call.session} #{step.index} ({outcome.rung})")  # fmt: skip
+        headers = reply.headers + _RUNG_HEADERS[outcome.rung]
+        if reply.cut or (settings.speed > 0 and reply.events):
+            speed = settings.speed
+
+            async def produce() -> ProducedResponse:
+                # latin-1 both ways keeps the header bytes as recorded
+                return ProducedResponse(reply.status, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+                                        reply_body(reply, speed))  # fmt: skip
+
+            self._loopback.serve(flow, produce)
+        else:
+            flow.response = http.Response.make(reply.status, reply.body, headers)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # Only loopback replies and forwarded misses get here (a response set in
+        # `request` skips this hook): pass them on as they come, never buffered;
+        # but a call being recorded is the recorder's to stream or read whole.
+        info = flow.metadata.get(CALL_KEY)
+        if info is not None and "replay" in info and not info.get("record"):
+            flow.response.stream = True
+
+    def done(self) -> None:
+        if self._replay is not None:
+            for line in self._replay.report_lines():
+                logger.info(f"llm-traj: {line}")
+
+
+def _read_settings(path: Path) -> ReplaySettings:
+    opts = ctx.options
+    miss = opts.llm_traj_replay_miss.strip().lower()
+    if miss not in MISS_POLICIES:
+        raise ConfigError(
+            f"llm_traj_replay_miss={opts.llm_traj_replay_miss!r} is not a policy; use one of: {', '.join(MISS_POLICIES)}"
+        )
+    try:
+        speed = float(opts.llm_traj_replay_speed)
+    except ValueError:
+        speed = math.nan
+    if not (math.isfinite(speed) and speed >= 0):
+        raise ConfigError(
+            f"llm_traj_replay_speed={opts.llm_traj_replay_speed!r} is not a number >= 0 "
+            "(0: at once, 1: as recorded, 2: twice as fast)"
+        )
+    record_path = None
+    if miss == "forward-record":
+        if not opts.llm_traj_replay_record_path:
+            raise ConfigError(
+                "llm_traj_replay_miss=forward-record needs --set llm_traj_replay_record_path=DIR (or FILE.jsonl) "
+                "for the forwarded calls"
+            )
+        record_path = Path(opts.llm_traj_replay_record_path).expanduser()
+        if record_path.resolve() == path.resolve():
+            raise ConfigError(
+                "llm_traj_replay_record_path must differ from llm_traj_path, the recording being replayed"
+            )
+    elif opts.llm_traj_replay_record_path:
+        raise ConfigError("llm_traj_replay_record_path is only used with llm_traj_replay_miss=forward-record")
+    ignore = frozenset(name.strip() for name in opts.llm_traj_replay_ignore.split(",") if name.strip())
+    return ReplaySettings(miss, opts.llm_traj_replay_position, speed, ignore, record_path)
