@@ -201,3 +201,39 @@ def test_inspect_commands_errors_are_one_line(tmp_path, demo_traj):
     assert r.returncode == 2 and r.stderr.strip() == "llm-traj: --format 'csv': use one of openai-chat, har, atif"
     r = llm_traj("stats", str(tmp_path / "missing"))
     assert r.returncode == 1 and r.stderr.strip() == f"llm-traj: {tmp_path / 'missing'} does not exist"
+
+
+def test_web_shows_annotated_llm_flows(upstream, tmp_path):
+    import httpx
+    from openai import OpenAI
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    proc = subprocess.Popen(
+        [LLM_TRAJ, "web", "--upstream", upstream.url, "--traj", str(tmp_path / "traj"),
+         "--port", str(ports[0]), "--web-port", str(ports[1])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr.readline().startswith(f"llm-traj: proxy http://127.0.0.1:{ports[0]}, web UI")
+        OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/s/web/v1", api_key="x").chat.completions.create(
+            model="standin-tools", messages=[{"role": "user", "content": "hi"}], stream=True).close()
+        web = f"http://127.0.0.1:{ports[1]}"
+        deadline = time.monotonic() + 10
+        while True:
+            flows = [f for f in httpx.get(f"{web}/flows").json() if "web #1" in (f.get("comment") or "")]
+            if flows and flows[0].get("response") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        (flow,) = flows
+        assert flow["marked"]
+        view = httpx.get(f"{web}/flows/{flow['id']}/response/content/auto.json").json()
+        text = json.dumps(view["lines"])
+        assert "get_weather" in text and "LLM chat" in view["description"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(15)
+    assert processes_mentioning(str(tmp_path / "traj")) == []

@@ -306,5 +306,44 @@ def export(
         typer.echo(f"llm-traj: skipped {len(skipped)} calls: {shown}{more}", err=True)
 
 
+
+@app.command()
+def web(
+    mode: str = typer.Option("record", help=MODE_HELP),
+    upstream: str = typer.Option(None, help="Reverse-proxy to this endpoint; without it, a regular (HTTPS_PROXY) proxy."),
+    traj: Path = typer.Option(Path("trajectories"), help=TRAJ_HELP),
+    port: int = typer.Option(8080, help="Proxy port."),
+    web_port: int = typer.Option(8081, help="Web UI port."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (proxy and UI)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """The proxy under mitmweb: LLM flows annotated, streams shown as the aggregated message. Ctrl-C stops it."""
+    import signal
+
+    from .proxy_process import ProxyProcess, ProxyStartError
+    from .runner import RunError, check_upstream, parse_sets
+    from .service import port_free
+
+    try:
+        for p in (port, web_port):
+            if not port_free(host, p):
+                raise RunError(f"port {p} on {host} is busy; choose another with --port / --web-port")
+        options = {"llm_traj_mode": mode, "llm_traj_path": traj.resolve(), "web_port": web_port,
+                   "web_host": host, **parse_sets(set_)}
+        proxy = ProxyProcess(program="mitmweb", upstream=check_upstream(upstream) if upstream else None,
+                             options=options, listen_host=host, port=port)
+        proxy.start()
+    except (RunError, ProxyStartError) as exc:
+        fail(str(exc), 2)
+    typer.echo(f"llm-traj: proxy {proxy.url}, web UI http://{host}:{web_port}/ (Ctrl-C stops)", err=True)
+    signal.signal(signal.SIGTERM, lambda *_: proxy.stop())
+    try:
+        proxy.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proxy.stop()
+
+
 if __name__ == "__main__":
     app()

@@ -99,6 +99,11 @@ class ServerProcess:
             return ours[0]
         return (errors or lines or [f"{Path(self.args[0]).name} exited without output"])[-1].strip()
 
+    def wait(self) -> int:
+        """Block until the process exits by itself; its exit code."""
+        assert self._proc is not None
+        return self._proc.wait()
+
     def output(self) -> str:
         return self._final_output if self._final_output is not None else self._read_log()
 
