@@ -96,7 +96,7 @@ class ServerProcess:
         ours = [line.split("llm-traj: ", 1)[1] for line in lines if "llm-traj: " in line]
         errors = [line for line in lines if "rror" in line]
         if ours:
-            return ours[0]
+            return ours[-1]  # the error comes after the info lines ("recording to ...")
         return (errors or lines or [f"{Path(self.args[0]).name} exited without output"])[-1].strip()
 
     def wait(self) -> int:
