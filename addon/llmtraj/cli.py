@@ -41,18 +41,17 @@ def demo(
 
 
 @app.command()
-def show(path: Path = typer.Argument(..., help="A trajectory directory or .jsonl file.")) -> None:
-    """Print a trajectory readably."""
+def show(
+    path: Path = typer.Argument(..., help="A trajectory directory or .jsonl file."),
+    session: str = typer.Option(None, help="Only this session (default: all)."),
+) -> None:
+    """Print a trajectory readably: turns, tool calls, token usage, timings, errors."""
     from .show import render
-    from .store import TrajectoryError, read_records
 
-    if not path.exists():
-        fail(f"{path} does not exist")
-    try:
-        typer.echo(render(read_records(path)))
-    except TrajectoryError as exc:
-        fail(f"{exc} (fix or remove that line)")
-
+    records = [r for r in _records(path) if session is None or r.session == session]
+    if session is not None and not records:
+        fail(f"no calls of session {session!r} in {path}")
+    typer.echo(render(records))
 
 
 MODE_HELP = "record, replay or anticall"
