@@ -6,22 +6,19 @@ from __future__ import annotations
 import copy
 import json
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "addon") not in sys.path:
-    sys.path.insert(0, str(ROOT / "addon"))
 
-import pytest  # noqa: E402
-from openai._models import construct_type  # noqa: E402
-from openai.lib.streaming.chat import ChatCompletionStreamState  # noqa: E402
-from openai.types.chat import ChatCompletionChunk  # noqa: E402
+import pytest
+from openai._models import construct_type
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
-from llmtraj.apis import api_for  # noqa: E402
-from llmtraj.apis.chat_completions import ChatCompletionAggregator, ChatCompletions, merge_delta  # noqa: E402
-from llmtraj.sse import SSEBlock, SSEParser  # noqa: E402
+from llmtraj.apis import api_for
+from llmtraj.apis.chat_completions import ChatCompletionAggregator, ChatCompletions, merge_delta
+from llmtraj.sse import SSEBlock, SSEParser
 
 STREAMS = ROOT / "fixtures" / "streams"
 FIXTURES = sorted(STREAMS.glob("*.sse"))

@@ -6,24 +6,21 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import sys
 import zlib
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "addon") not in sys.path:
-    sys.path.insert(0, str(ROOT / "addon"))
 
-import brotli  # noqa: E402
-import pytest  # noqa: E402
-import zstandard  # noqa: E402
+import brotli
+import pytest
+import zstandard
 
-from llmtraj.apis.chat_completions import ChatCompletions  # noqa: E402
-from llmtraj.record import CallRecord  # noqa: E402
-from llmtraj.recorder import CallTee  # noqa: E402
-from llmtraj.redact import REDACTED  # noqa: E402
-from llmtraj.store import TrajectoryWriter, read_records  # noqa: E402
+from llmtraj.apis.chat_completions import ChatCompletions
+from llmtraj.record import CallRecord
+from llmtraj.recorder import CallTee
+from llmtraj.redact import REDACTED
+from llmtraj.store import TrajectoryWriter, read_records
 
 STREAMS = ROOT / "fixtures" / "streams"
 FIXTURES = sorted(STREAMS.glob("*.sse"))

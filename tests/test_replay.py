@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "addon") not in sys.path:
-    sys.path.insert(0, str(ROOT / "addon"))
 
-import pytest  # noqa: E402
+import pytest
 
-from llmtraj.apis.chat_completions import ChatCompletions  # noqa: E402
-from llmtraj.record import CallError, CallRecord, Timings  # noqa: E402
-from llmtraj.recorder import CallTee  # noqa: E402
-from llmtraj.replay import (  # noqa: E402
+from llmtraj.apis.chat_completions import ChatCompletions
+from llmtraj.record import CallError, CallRecord, Timings
+from llmtraj.recorder import CallTee
+from llmtraj.replay import (
     DEFAULT_IGNORE,
     Miss,
     Replay,
@@ -34,9 +32,9 @@ from llmtraj.replay import (  # noqa: E402
     load,
     reply_body,
 )
-from llmtraj.store import TrajectoryError, TrajectoryWriter  # noqa: E402
+from llmtraj.store import TrajectoryError, TrajectoryWriter
 
-from .test_chat_aggregate import FIXTURES, aggregate, blocks_of, canon, expected_for, sdk_accumulate  # noqa: E402
+from .test_chat_aggregate import FIXTURES, aggregate, blocks_of, canon, expected_for, sdk_accumulate
 
 API = ChatCompletions()
 T0 = 1_700_000_000.0

@@ -4,18 +4,15 @@ byte-exact `raw`, and linear work for huge lines."""
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "addon") not in sys.path:
-    sys.path.insert(0, str(ROOT / "addon"))
 
-import pytest  # noqa: E402
-from openai._streaming import SSEDecoder  # noqa: E402
+import pytest
+from openai._streaming import SSEDecoder
 
-from llmtraj import sse as sse_module  # noqa: E402
-from llmtraj.sse import SSEBlock, SSEParser  # noqa: E402
+from llmtraj import sse as sse_module
+from llmtraj.sse import SSEBlock, SSEParser
 
 STREAMS = ROOT / "fixtures" / "streams"
 FIXTURES = sorted(STREAMS.glob("*.sse"))

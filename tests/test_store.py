@@ -6,19 +6,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "addon") not in sys.path:
-    sys.path.insert(0, str(ROOT / "addon"))
 
-import pytest  # noqa: E402
+import pytest
 
-from llmtraj.record import SCHEMA_VERSION, CallRecord, Timings  # noqa: E402
-from llmtraj.session import InvalidSession  # noqa: E402
-from llmtraj.store import (  # noqa: E402
+from llmtraj.record import SCHEMA_VERSION, CallRecord, Timings
+from llmtraj.session import InvalidSession
+from llmtraj.store import (
     SkippedLine,
     TrajectoryError,
     TrajectoryWriter,

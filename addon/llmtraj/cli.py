@@ -57,6 +57,13 @@ def show(
 MODE_HELP = "record, replay or anticall"
 TRAJ_HELP = "Trajectory directory, or a FILE.jsonl."
 SET_HELP = "Extra mitmproxy/llm-traj option as name=value (repeatable)."
+# Options the proxy-starting commands (run, start, web) share.
+MODE_OPTION = typer.Option("record", help=MODE_HELP)
+TRAJ_OPTION = typer.Option(Path("trajectories"), help=TRAJ_HELP)
+SET_OPTION = typer.Option([], "--set", help=SET_HELP)
+SERVICE_UPSTREAM_OPTION = typer.Option(
+    None, help="Reverse-proxy to this endpoint; without it, a regular (HTTPS_PROXY) proxy."
+)
 
 
 def _summary(traj: Path, session: str, since: float, code: int, started: float) -> str:
@@ -79,12 +86,12 @@ def _summary(traj: Path, session: str, since: float, code: int, started: float) 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
-    mode: str = typer.Option("record", help=MODE_HELP),
+    mode: str = MODE_OPTION,
     upstream: str = typer.Option(None, help="Model endpoint to forward to (base-url mode), e.g. https://api.openai.com"),
-    traj: Path = typer.Option(Path("trajectories"), help=TRAJ_HELP),
+    traj: Path = TRAJ_OPTION,
     session: str = typer.Option("default", help="Session id of the agent's calls."),
     via: str = typer.Option("base-url", help="How the agent reaches the proxy: base-url or https-proxy."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    set_: list[str] = SET_OPTION,
 ) -> None:
     """Run an agent (after --) with its LLM calls going through the proxy; exit with the agent's code."""
     from .proxy_process import ProxyStartError
@@ -119,13 +126,13 @@ STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Where service state l
 
 @app.command()
 def start(
-    mode: str = typer.Option("record", help=MODE_HELP),
-    upstream: str = typer.Option(None, help="Reverse-proxy to this endpoint; without it, a regular (HTTPS_PROXY) proxy."),
-    traj: Path = typer.Option(Path("trajectories"), help=TRAJ_HELP),
+    mode: str = MODE_OPTION,
+    upstream: str = SERVICE_UPSTREAM_OPTION,
+    traj: Path = TRAJ_OPTION,
     port: int = typer.Option(8080, help="Port to listen on."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     name: str = typer.Option("default", help="Service name, to run several."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    set_: list[str] = SET_OPTION,
     state_dir: Path = STATE_DIR_OPTION,
 ) -> None:
     """Start the proxy in the background."""
@@ -300,7 +307,7 @@ def export(
     else:
         out.write_text(text)
     if skipped:
-        shown = "; ".join(f"{s.session} #{s.index}: {s.reason}" for s in skipped[:5])
+        shown = "; ".join(str(s) for s in skipped[:5])
         more = f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""
         typer.echo(f"llm-traj: skipped {len(skipped)} calls: {shown}{more}", err=True)
 
@@ -308,13 +315,13 @@ def export(
 
 @app.command()
 def web(
-    mode: str = typer.Option("record", help=MODE_HELP),
-    upstream: str = typer.Option(None, help="Reverse-proxy to this endpoint; without it, a regular (HTTPS_PROXY) proxy."),
-    traj: Path = typer.Option(Path("trajectories"), help=TRAJ_HELP),
+    mode: str = MODE_OPTION,
+    upstream: str = SERVICE_UPSTREAM_OPTION,
+    traj: Path = TRAJ_OPTION,
     port: int = typer.Option(8080, help="Proxy port."),
     web_port: int = typer.Option(8081, help="Web UI port."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (proxy and UI)."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    set_: list[str] = SET_OPTION,
 ) -> None:
     """The proxy under mitmweb: LLM flows annotated, streams shown as the aggregated message. Ctrl-C stops it."""
     import signal

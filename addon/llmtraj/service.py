@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .proxy_process import ProxyProcess
+from .proxy_process import ProxyProcess, pid_alive
 from .runner import RunError
 
 DEFAULT_STATE_DIR = Path(os.environ.get("LLM_TRAJ_STATE_DIR", Path.home() / ".llm-traj"))
@@ -38,16 +38,6 @@ def read_state(state_dir: Path, name: str) -> ServiceState | None:
         return ServiceState(**json.loads(state_file(state_dir, name).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def port_free(host: str, port: int) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..proxy_process import pid_alive
 from .client import AntiCallClient, AntiCallError
 from .control import control_file_for
 from .models import DEFAULT_POLL, Event, SessionInfo
@@ -103,23 +104,13 @@ def wait_for_exit(pid: int) -> None:
     except ProcessLookupError:
         return
     except (AttributeError, OSError):
-        while _exists(pid):
+        while pid_alive(pid):
             time.sleep(0.05)
         return
     try:
         select.select([fd], [], [])
     finally:
         os.close(fd)
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process
-    return True
 
 
 def end_session(traj: Path, session: str, reason: str) -> SessionInfo:
