@@ -328,3 +328,32 @@ def test_concurrent_appends_never_interleave_within_a_line(tmp_path, shared):
         seen.setdefault(obj["session"], []).append(obj["index"])
     assert seen == {f"thread-{t}": list(range(1, PER_THREAD + 1)) for t in range(THREADS)}
     assert sum(1 for _ in read_records(file)) == THREADS * PER_THREAD
+
+
+def test_request_body_written_as_received_reads_back_equal(tmp_path):
+    """The recorder hands the writer the request body to splice in as is."""
+    from llmtraj.apis.chat_completions import ChatCompletions
+    from llmtraj.recorder import CallTee
+
+    body = b'{"model": "m",  "messages": [{"role": "user", "content": "caf\\u00e9 \\"quoted\\" \\u0000"}], "max_tokens": 5}'
+    tee = CallTee(api=ChatCompletions(), session="s", index=1, mode="record", method="POST",
+                  url="http://u/v1/chat/completions", request_headers=[], request_body=body)
+    assert tee.request_json == body
+    tee.response_started(200, [("content-type", "application/json")])
+    tee.chunk(b'{"ok": true}')
+    writer = TrajectoryWriter(tmp_path)
+    writer.append(tee.finish(), tee.secrets, tee.request_json)
+    writer.close()
+    assert body in (tmp_path / "s.jsonl").read_bytes()
+    (record,) = read_records(tmp_path)
+    assert record.request == json.loads(body) and record.response == {"ok": True}
+
+
+@pytest.mark.parametrize("body", [b'{"model": "m",\n "messages": []}', b'{"api_key": "sk-123456789", "model": "m"}'])
+def test_request_bodies_that_cannot_be_written_as_received(body):
+    from llmtraj.apis.chat_completions import ChatCompletions
+    from llmtraj.recorder import CallTee
+
+    tee = CallTee(api=ChatCompletions(), session="s", index=1, mode="record", method="POST",
+                  url="http://u", request_headers=[], request_body=body)
+    assert tee.request_json is None  # a newline would break the line; a secret must be redacted

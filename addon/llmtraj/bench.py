@@ -41,7 +41,10 @@ import json
 import math
 import os
 import platform
+import re
+import resource
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -51,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .anticall.client import AntiCallClient, AntiCallError
 from .proxy_process import ProxyProcess, ProxyStartError, ServerProcess, standin_process
 
 RPS_TARGET = 0.90  # recording keeps at least this share of bare mitmdump's requests/s
@@ -80,14 +84,35 @@ class Target:
     proxy: bool = True
     addon: bool = False
     options: dict[str, str] = field(default_factory=dict)
+    upstream: bool = True  # False: reverse to a port where nothing listens (no LLM call goes upstream)
+    only: tuple[str, ...] | None = None  # the measurements it takes part in (None: all)
+
+    @property
+    def mode(self) -> str | None:
+        return self.options.get("llm_traj_mode")
+
+    def takes(self, measurement) -> bool:
+        return self.only is None or measurement.name in self.only
 
 
 DIRECT = Target("direct", "direct to upstream", proxy=False)
 BARE = Target("mitmdump", "mitmdump reverse (default: buffers)")
 BARE_SB1 = Target("mitmdump-sb1", "mitmdump reverse, stream_large_bodies=1", options={"stream_large_bodies": "1"})
 RECORD = Target("llm-traj", "mitmdump + llm-traj record", addon=True, options={"llm_traj_mode": "record"})
-TARGETS = [DIRECT, BARE, BARE_SB1, RECORD]
+REPLAY = Target("llm-traj-replay", "mitmdump + llm-traj replay (no upstream)", addon=True,
+                options={"llm_traj_mode": "replay"}, upstream=False, only=("c1", "c16"))  # fmt: skip
+ANTICALL = Target("llm-traj-anticall", "mitmdump + llm-traj anticall, a driver process answering", addon=True,
+                  options={"llm_traj_mode": "anticall"}, upstream=False, only=("c1",))  # fmt: skip
+RECORDING_TARGETS = [DIRECT, BARE, BARE_SB1, RECORD]  # the main tables
+TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL]
 BASELINE, BUFFERED = BARE_SB1, BARE  # main and secondary baselines of the ratios
+REPLAY_RPS_TARGET = 1.0  # replay keeps at least bare mitmdump's requests/s (no upstream involved)
+ANTICALL_P50_TARGET_MS = 2.0  # agent -> driver -> agent adds at most this over bare mitmdump at p50
+REPLAY_RATE_BOUND = 3000  # req/s no target reaches here: sizes the replayed trajectory
+REPLAY_MAX_CALLS = 200_000  # ... within reason (loading takes ~1-2 s per 60k lines)
+HELD_CALLS = 1000  # held at once for the anti-call memory figure
+HELD_SESSION = "held"
+DRIVER_TEXT = "Something short."
 
 
 @dataclass
@@ -96,28 +121,76 @@ class Running:
 
     url: str
     pid: int | None  # the proxy process (None for direct)
-    trajectory: Path | None = None  # where the addon records
+    trajectory: Path | None = None  # where the addon records (one record per call, verified)
+    replayed: int | None = None  # replay: the calls in the trajectory it serves
+    control_file: Path | None = None  # anticall: the control API's address and token
+    driver: ServerProcess | None = None  # anticall: the driver process answering every call
 
 
 # ---------------------------------------------------------------- processes
 
 
 @contextlib.contextmanager
-def start_target(target: Target, upstream: ServerProcess, workdir: Path) -> Iterator[Running]:
+def start_target(target: Target, upstream: ServerProcess, workdir: Path, settings: Settings) -> Iterator[Running]:
     if not target.proxy:
         yield Running(url=upstream.url, pid=None)
         return
     options: dict[str, object] = dict(target.options)
-    trajectory = None
+    trajectory = replayed = None
     if target.addon:
         trajectory = workdir / target.name
         options["llm_traj_path"] = trajectory
+    if target.mode == "replay":
+        replayed = replay_calls(settings)
+        prepare_replay(trajectory, replayed, upstream, workdir)
+    with contextlib.ExitStack() as stack:
+        proxy = stack.enter_context(start_proxy(upstream.url if target.upstream else dead_address(), options,
+                                                target.addon, workdir))  # fmt: skip
+        running = Running(url=proxy.url, pid=proxy.pid, trajectory=trajectory, replayed=replayed)
+        if target.mode == "replay":
+            running.trajectory = None  # replay records nothing: the replay report is checked instead
+        if target.mode == "anticall":
+            running.control_file = trajectory / "control.json"
+            running.driver = stack.enter_context(driver_process(running.control_file))
+        yield running
+
+
+def start_proxy(upstream: str, options: dict[str, object], addon: bool, workdir: Path) -> ProxyProcess:
     quiet = workdir / "quiet_log.py"
     if not quiet.exists():
         quiet.write_text(QUIET_SCRIPT)
-    extra = [*QUIET, "-s", str(quiet)]
-    with ProxyProcess(upstream=upstream.url, options=options, addon=target.addon, extra_args=extra) as proxy:
-        yield Running(url=proxy.url, pid=proxy.pid, trajectory=trajectory)
+    return ProxyProcess(upstream=upstream, options=options, addon=addon, extra_args=[*QUIET, "-s", str(quiet)])
+
+
+def dead_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens here once closed
+
+
+def driver_process(control_file: Path) -> ServerProcess:
+    """The anti-call driver (`--driver`, below) in its own process, as a trainer would be."""
+    return ServerProcess([sys.executable, "-m", "llmtraj.bench", "--driver", str(control_file)],
+                         re.compile(r"bench driver: ready for (\S+) on port (\d+)"))  # fmt: skip
+
+
+def vm_rss(pid: int | None) -> int | None:
+    """Resident memory of a process in bytes (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, TypeError):
+        pass
+    return None
+
+
+def raise_fd_limit(wanted: int) -> None:
+    """Held calls need a socket each, in this process and in the proxy (which inherits the limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard == resource.RLIM_INFINITY else min(hard, max(wanted, soft)), hard))
 
 
 def cpu_seconds(pid: int | None) -> float | None:

@@ -56,8 +56,15 @@ class CallTee:
         self.api = api
         headers, self.secrets = redact_headers(request_headers)
         request, request_raw = parse_json_body(request_body)
-        if request is not None and may_have_secret_fields(request_body):
-            request = redact_fields(request, self.secrets)
+        # The body for the writer to write as received, when it is valid JSON
+        # (just parsed), has nothing to redact and fits on one line: serialising
+        # a long conversation again on every call costs more than parsing it did.
+        self.request_json: bytes | None = None
+        if request is not None:
+            if may_have_secret_fields(request_body):
+                request = redact_fields(request, self.secrets)
+            elif b"\n" not in request_body and b"\r" not in request_body:
+                self.request_json = request_body
         self.started_at = started_at or time.time()
         self.fields: RecordFields = {
             "schema_version": SCHEMA_VERSION,

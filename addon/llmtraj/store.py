@@ -25,6 +25,10 @@ from .session import validate_session
 
 _MAX_OPEN_FILES = 128
 REDACTED_BYTES = REDACTED.encode()
+# Stands for the request in the serialised line until the body is spliced in;
+# NULs occur nowhere else in a record line.
+_RAW_REQUEST = "\x00llm-traj:request\x00"
+_RAW_REQUEST_JSON = to_json(_RAW_REQUEST)
 
 
 def is_single_file(path: Path) -> bool:
@@ -64,15 +68,24 @@ class TrajectoryWriter:
         self._last_index[session] = last + 1
         return last + 1
 
-    def append(self, record: CallRecord | dict[str, Any], secrets: Set[str] = frozenset()) -> None:
+    def append(
+        self,
+        record: CallRecord | dict[str, Any],
+        secrets: Set[str] = frozenset(),
+        request_json: bytes | None = None,
+    ) -> None:
         """Append one record: a `CallRecord`, or a dict of its fields (the
-        recorder's hot path, which skips validating twice)."""
+        recorder's hot path, which skips validating twice). `request_json`, if
+        given, is the dict's `request` as JSON text, written as is."""
         if isinstance(record, CallRecord):
             line = record.model_dump_json().encode()
             session = record.session
         else:
-            line = to_json(record)
             session = record["session"]
+            if request_json is None:
+                line = to_json(record)
+            else:
+                line = to_json({**record, "request": _RAW_REQUEST}).replace(_RAW_REQUEST_JSON, request_json, 1)
         for secret in secrets:  # scrubbed in the serialised line: secrets echoed anywhere go too
             line = line.replace(secret.encode(), REDACTED_BYTES)
         data = line + b"\n"

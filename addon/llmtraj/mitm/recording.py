@@ -115,7 +115,7 @@ class Recorder:
     def _write(self, flow: http.HTTPFlow, tee: CallTee, record: RecordFields) -> None:
         record["extra"].update(flow.metadata[CALL_KEY].get("extra") or {})
         try:
-            self._writer.append(record, tee.secrets)
+            self._writer.append(record, tee.secrets, tee.request_json)
         except OSError as exc:  # the agent already has its answer; say loudly what was lost
             logger.error(f"llm-traj: could not write {record['session']} #{record['index']}: {exc}")
 
