@@ -24,11 +24,24 @@ All proxies run side by side and each measurement goes round them `--rounds`
 times; a figure is the median of its rounds. mitmdump's per-stream info log
 lines are silenced in every proxy alike (see QUIET_SCRIPT).
 
+Two more targets, measured in the same rotation on the small calls only:
+
+  llm-traj-replay    the addon replaying (upstream: a port where nothing
+                     listens) a trajectory made before the measurements: the
+                     load levels' call, recorded once, copied into as many
+                     calls as the run can send (each is served once)
+  llm-traj-anticall  the addon in anti-call mode, a driver in its own process
+                     answering each call through the control API (1 client);
+                     then, with no driver, 1000 calls held at once: the
+                     proxy's resident memory before and while they are held
+
 Targets checked: recording keeps >= 90% of mitmdump-sb1's requests/s and adds
-<= 2 ms to a stream's first event; each is printed as PASS or MISS (the exit
-status stays 0: this is a measurement, not a test). The addon target must also
-have written one record per request, checked after every measurement, so a
-broken addon cannot look fast: if not, or if any response is wrong, the
+<= 2 ms to a stream's first event; replay keeps >= 100% of it; the anti-call
+round trip adds <= 2 ms at p50. Each is printed as PASS or MISS (the exit
+status stays 0: this is a measurement, not a test). The record and anti-call
+targets must also have written one record per request, and the replay target
+served each from the recording by exact match, checked after every measurement,
+so a broken addon cannot look fast: if not, or if any response is wrong, the
 benchmark stops with exit status 2.
 """
 
@@ -55,6 +68,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .anticall.client import AntiCallClient, AntiCallError
+from .replay import REPORT_PATH
 from .proxy_process import ProxyProcess, ProxyStartError, ServerProcess, standin_process
 
 RPS_TARGET = 0.90  # recording keeps at least this share of bare mitmdump's requests/s
@@ -190,7 +204,7 @@ def raise_fd_limit(wanted: int) -> None:
     """Held calls need a socket each, in this process and in the proxy (which inherits the limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard == resource.RLIM_INFINITY else min(hard, max(wanted, soft)), hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else hard, hard))
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -302,7 +316,7 @@ def _framing(head: bytes) -> tuple[int | None, bool, bool]:
     return length, chunked, close
 
 
-def chat_request(url: str, *, stream: bool, headers: dict[str, str]) -> bytes:
+def chat_request(url: str, *, stream: bool, headers: dict[str, str], session: str | None = None) -> bytes:
     """A prebuilt small chat-completions request for the stand-in."""
     body = {
         "model": "bench",  # no `standin-` prefix: the scenario header decides
@@ -311,8 +325,9 @@ def chat_request(url: str, *, stream: bool, headers: dict[str, str]) -> bytes:
     }
     payload = json.dumps(body).encode()
     host = urlsplit(url).netloc
+    prefix = f"/s/{session}" if session else ""
     lines = [
-        "POST /v1/chat/completions HTTP/1.1",
+        f"POST {prefix}/v1/chat/completions HTTP/1.1",
         f"Host: {host}",
         "Content-Type: application/json",
         "Accept: application/json" if not stream else "Accept: text/event-stream",
@@ -321,6 +336,20 @@ def chat_request(url: str, *, stream: bool, headers: dict[str, str]) -> bytes:
         *(f"{name}: {value}" for name, value in headers.items()),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+
+
+def small_request(url: str, session: str | None = None) -> bytes:
+    """The small non-streamed call of the load levels."""
+    return chat_request(url, stream=False, headers={"x-standin-scenario": "text"}, session=session)
+
+
+async def one_request(url: str, data: bytes) -> Response:
+    """One request on its own connection; the body kept."""
+    conn = Connection(*host_port(url))
+    try:
+        return await conn.request(data, keep_body=True)
+    finally:
+        conn.close()
 
 
 def host_port(url: str) -> tuple[str, int]:
@@ -374,7 +403,7 @@ class Load:
         ]
 
     async def run(self, target: Running, settings: Settings) -> Outcome:
-        data = chat_request(target.url, stream=False, headers={"x-standin-scenario": "text"})
+        data = small_request(target.url)
         host, port = host_port(target.url)
         conns = [Connection(host, port) for _ in range(self.concurrency)]
         for conn in conns:  # connect (and warm the path) before the clock starts
@@ -528,6 +557,104 @@ def verify_records(path: Path, expected: int, check: Callable[[dict], str | None
     return None
 
 
+# ---------------------------------------------------------------- replay
+
+
+def replay_calls(settings: Settings) -> int:
+    """Calls to record for the replay target: more than it can be sent in the run
+    (each recorded call is served once), load levels taken x rounds x rate bound."""
+    levels = [m for m in MEASUREMENTS if REPLAY.takes(m)]
+    per_round = sum(REPLAY_RATE_BOUND * (settings.warmup + settings.seconds) + m.concurrency for m in levels)
+    return min(REPLAY_MAX_CALLS, math.ceil(per_round * settings.rounds) + 100)
+
+
+def prepare_replay(path: Path, calls: int, upstream: ServerProcess, workdir: Path) -> None:
+    """Records the load levels' call once, through a short-lived record-mode proxy,
+    and writes it `calls` times (index 1, 2, ...) as one session to replay."""
+    source = workdir / "replay-source"
+    with start_proxy(upstream.url, {"llm_traj_mode": "record", "llm_traj_path": source}, True, workdir) as proxy:
+        _ok(asyncio.run(one_request(proxy.url, small_request(proxy.url))))
+        if problem := verify_records(source, 1, _check_text_record):
+            raise BadResponse(f"recording the call to replay: {problem}")
+    record = last_record(source)
+    head, tail = json.dumps({**record, "index": 0}).split('"index": 0', 1)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / f"{record['session']}.jsonl", "w") as fh:
+        fh.writelines(f'{head}"index": {i}{tail}\n' for i in range(1, calls + 1))
+
+
+def check_replay(running: Running, expected: int) -> tuple[str | None, int]:
+    """(what is wrong or None, calls served): every request sent must have been
+    served from the recording by an exact match (all answered 200 already)."""
+    host = urlsplit(running.url).netloc
+    response = asyncio.run(one_request(running.url, f"GET {REPORT_PATH} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()))
+    sessions = json.loads(_ok(response).body)["sessions"]
+    served = sum(s["served"] for s in sessions.values())
+    exact = sum(s["rungs"].get("exact", 0) for s in sessions.values())
+    misses = sum(s["misses"] for s in sessions.values())
+    if served != expected or exact != expected or misses:
+        return f"served {served} calls ({exact} exact, {misses} misses) for {expected} requests", served
+    return None, served
+
+
+# ---------------------------------------------------------------- anti-call
+
+
+async def drive(control_file: Path) -> None:
+    """The driver (`--driver CONTROL_FILE`): answers every call with a short text,
+    through the real client, until stopped."""
+    async with AntiCallClient.from_control_file(control_file) as client:
+        deadline = time.monotonic() + 10
+        while True:  # the control API may still be starting
+            try:
+                await client.sessions()
+                break
+            except AntiCallError as exc:
+                if exc.status or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        print(f"bench driver: ready for {client.url} on port {urlsplit(client.url).port}", flush=True)
+        while True:
+            event = await client.get_request(timeout=1.0)
+            if event is None or event.type != "request":
+                continue
+            with contextlib.suppress(AntiCallError):  # the agent may have hung up meanwhile
+                await client.send_response(event, DRIVER_TEXT)
+
+
+async def hold_calls(running: Running, count: int, timeout: float = 60.0) -> dict[str, float]:
+    """With no driver answering: the proxy's memory with `count` calls held at
+    once (each its own connection), then all of them released by ending their session."""
+    before = vm_rss(running.pid)
+    data = small_request(running.url, session=HELD_SESSION)
+    host, port = host_port(running.url)
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    async with AntiCallClient.from_control_file(running.control_file) as client:
+        try:
+            for start in range(0, count, 100):  # in batches: the listen backlog is short
+                batch = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(min(100, count - start))))
+                for _, writer in batch:
+                    writer.write(data)
+                conns += batch
+            deadline = time.monotonic() + timeout
+            while (held := len(await client.calls(HELD_SESSION))) < count and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            after = vm_rss(running.pid)
+            await client.end_session(HELD_SESSION, "benchmark done")
+            heads = await asyncio.wait_for(asyncio.gather(*(reader.readuntil(b"\r\n\r\n") for reader, _ in conns)), timeout)
+        finally:
+            for _, writer in conns:
+                writer.close()
+    released = sum(1 for head in heads if head[9:12] == b"410")
+    if held < count or released < count:
+        raise BadResponse(f"{ANTICALL.name}: {held} of {count} calls held, {released} released with a 410")
+    metrics = {"held.calls": float(held), "held.released": float(released)}
+    if before is not None and after is not None:
+        metrics |= {"held.rss_before_mib": before / 2**20, "held.rss_after_mib": after / 2**20,
+                    "held.added_mib": (after - before) / 2**20, "held.kib_per_call": (after - before) / 1024 / held}  # fmt: skip
+    return metrics
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -557,6 +684,10 @@ def measure(measurement, target: Target, running: Running, result: TargetResult,
         if problem:
             raise BadResponse(f"{target.name}: the addon did not record every call: {problem}")
         result.records = count_records(running.trajectory)
+    if running.replayed is not None:
+        problem, result.records = check_replay(running, result.requests)
+        if problem:
+            raise BadResponse(f"{target.name}: the replay did not serve every call from the recording: {problem}")
 
 
 def run(settings: Settings) -> dict[str, TargetResult]:
@@ -564,19 +695,25 @@ def run(settings: Settings) -> dict[str, TargetResult]:
     goes round the targets `rounds` times, in a rotating order, so drift of the
     machine spreads over all of them instead of favouring one."""
     results = {target.name: TargetResult(target) for target in TARGETS}
+    raise_fd_limit(2 * HELD_CALLS + 256)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm-traj-bench-")))
         upstream = stack.enter_context(standin_process())
         progress(f"upstream: stand-in at {upstream.url} (pid {upstream.pid})")
         running: dict[str, Running] = {}
         for target in TARGETS:
-            running[target.name] = stack.enter_context(start_target(target, upstream, workdir))
+            running[target.name] = stack.enter_context(start_target(target, upstream, workdir, settings))
             progress(f"{target.name}: {running[target.name].url}")
         for measurement in MEASUREMENTS:
             for round in range(settings.rounds):
                 progress(f"{measurement.name}, round {round + 1}/{settings.rounds}")
                 for target in TARGETS[round % len(TARGETS):] + TARGETS[: round % len(TARGETS)]:
-                    measure(measurement, target, running[target.name], results[target.name], settings)
+                    if target.takes(measurement):
+                        measure(measurement, target, running[target.name], results[target.name], settings)
+        anticall = running[ANTICALL.name]
+        anticall.driver.stop()  # nobody answers now
+        progress(f"{ANTICALL.name}: holding {HELD_CALLS} calls")
+        results[ANTICALL.name].add(Outcome(asyncio.run(hold_calls(anticall, HELD_CALLS)), 0))
     return results
 
 
@@ -601,11 +738,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def absolute_table(results: dict[str, TargetResult]) -> str:
-    cols = columns()
+Column = tuple[str, str, str]  # metric, label, format
+
+
+def absolute_table(results: dict[str, TargetResult], targets: list[Target], cols: list[Column] | None = None) -> str:
+    cols = columns() if cols is None else cols
     rows = [
-        [r.target.name, *(fmt.format(r.metrics[key]) if key in r.metrics else "-" for key, _, fmt in cols)]
-        for r in results.values()
+        [t.name, *(fmt.format(results[t.name].metrics[key]) if key in results[t.name].metrics else "-" for key, _, fmt in cols)]
+        for t in targets
     ]
     return markdown_table(["target", *(label for _, label, _ in cols)], rows)
 
@@ -638,14 +778,14 @@ def comparison(results: dict[str, TargetResult], name: str, base: Target, key: s
     return (_vs if kind == "ratio" else _delta)(results, name, base, key)
 
 
-def ratio_table(results: dict[str, TargetResult], base: Target) -> str:
+def ratio_table(results: dict[str, TargetResult], base: Target, targets: list[Target]) -> str:
     rows = []
-    for r in results.values():
-        if r.target is base or not r.target.proxy:
+    for target in targets:
+        if target is base or not target.proxy:
             continue
-        cells = [r.target.name]
+        cells = [target.name]
         for key, _, kind, fmt in COMPARISONS:
-            value = comparison(results, r.target.name, base, key, kind)
+            value = comparison(results, target.name, base, key, kind)
             cells.append("-" if value is None else fmt.format(value))
         rows.append(cells)
     return markdown_table([f"vs {base.name}", *(label for _, label, _, _ in COMPARISONS)], rows)
@@ -666,6 +806,21 @@ def checks(results: dict[str, TargetResult]) -> list[dict]:
         "ok": delta is not None and delta <= TTFB_TARGET_MS,
         "text": f"stream first event: {RECORD.name} {_fmt(delta, '{:+.2f} ms')} vs {BASELINE.name} (target <= +{TTFB_TARGET_MS:g} ms)",
     })
+    for key, label in (("c1.rps", "replay throughput, 1 client"), ("c16.rps", "replay throughput, 16 clients")):
+        ratio, buffered = _vs(results, REPLAY.name, BASELINE, key), _vs(results, REPLAY.name, BUFFERED, key)
+        out.append({
+            "name": f"replay.{key}", "value": ratio, "target": f">= {REPLAY_RPS_TARGET:.2f}x",
+            "ok": ratio is not None and ratio >= REPLAY_RPS_TARGET,
+            "text": f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
+                    f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})",
+        })  # fmt: skip
+    delta = _delta(results, ANTICALL.name, BASELINE, "c1.p50_ms")
+    out.append({
+        "name": "anticall.c1.p50_ms", "value": delta, "target": f"<= +{ANTICALL_P50_TARGET_MS:g} ms",
+        "ok": delta is not None and delta <= ANTICALL_P50_TARGET_MS,
+        "text": f"anti-call round trip agent -> driver -> agent: {ANTICALL.name} {_fmt(delta, '{:+.2f} ms')} at p50 "
+                f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)",
+    })  # fmt: skip
     return out
 
 
@@ -685,6 +840,39 @@ def environment() -> str:
     )
 
 
+HELD_COLUMNS = [
+    ("held.calls", "held calls", "{:.0f}"),
+    ("held.rss_before_mib", "RSS before MiB", "{:.1f}"),
+    ("held.rss_after_mib", "RSS held MiB", "{:.1f}"),
+    ("held.added_mib", "added MiB", "{:+.1f}"),
+    ("held.kib_per_call", "KiB per held call", "{:.1f}"),
+    ("held.released", "released (410)", "{:.0f}"),
+]
+
+
+def replay_anticall_report(results: dict[str, TargetResult]) -> list[str]:
+    replay, anticall = results[REPLAY.name], results[ANTICALL.name]
+    load_cols = [col for m in MEASUREMENTS if REPLAY.takes(m) for col in m.columns()]
+    return [
+        f"replay: {REPLAY.label}; one recorded call replicated, each copy served once: "
+        f"{replay.records} served by exact match for {replay.requests} requests, all 200",
+        "",
+        absolute_table(results, [BARE, BARE_SB1, REPLAY], load_cols),
+        "",
+        ratio_table(results, BASELINE, [REPLAY]),
+        "",
+        f"anti-call: {ANTICALL.label} (sequential calls, 1 client; get_request -> send_response through the "
+        f"control API); {anticall.records} records for {anticall.requests} requests",
+        "",
+        absolute_table(results, [BARE_SB1, ANTICALL], Load(1).columns()),
+        "",
+        f"anti-call memory: {HELD_CALLS} non-streamed calls held at once with no driver answering "
+        f"(mitmdump VmRSS), then released by ending their session",
+        "",
+        absolute_table(results, [ANTICALL], HELD_COLUMNS),
+    ]
+
+
 def report(results: dict[str, TargetResult], settings: Settings) -> str:
     record = results[RECORD.name]
     direct_ok = all(
@@ -700,17 +888,19 @@ def report(results: dict[str, TargetResult], settings: Settings) -> str:
         f"proxy CPU: mitmdump user+system time per request; "
         f"every figure is the median of {settings.rounds} round(s) taken in turn across the targets",
         "",
-        "targets: " + "; ".join(f"{t.name} = {t.label}" for t in TARGETS),
+        "targets: " + "; ".join(f"{t.name} = {t.label}" for t in RECORDING_TARGETS),
         "",
-        absolute_table(results),
+        absolute_table(results, RECORDING_TARGETS),
         "",
-        ratio_table(results, BASELINE),
+        ratio_table(results, BASELINE, RECORDING_TARGETS),
         "",
-        ratio_table(results, BUFFERED),
+        ratio_table(results, BUFFERED, RECORDING_TARGETS),
         "",
         f"records: {RECORD.name} wrote {record.records} records for {record.requests} requests (checked after every measurement)",
         "load generator: " + ("direct req/s well above every proxy's (> 1.5x): the client is not the bottleneck" if direct_ok
                               else "direct req/s NOT well above the proxies': the client or upstream may be limiting"),
+        "",
+        *replay_anticall_report(results),
         "",
         *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in checks(results)),
     ]
@@ -750,6 +940,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
 
@@ -775,6 +966,9 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.driver:
+        asyncio.run(drive(args.driver))  # until stopped
+        return 0
     settings = settings_from(args)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)

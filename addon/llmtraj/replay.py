@@ -25,14 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import from_json
+
 from .apis import API_BY_NAME, ApiShape
 from .record import CallRecord
-from .redact import REDACTED, redact_fields, redact_headers, scrub
+from .redact import REDACTED, may_have_secret_fields, redact_fields, redact_headers, scrub
 from .store import SkippedLine, read_records, trajectory_files
 
 # Fields that change from run to run without changing the answer: how it is
 # delivered (a stream recording is replayed to a non-stream request and back)
 # and bookkeeping that the model does not see.
+REPORT_PATH = "/llm-traj/replay-report"  # where the proxy answers the replay report
+
 DEFAULT_IGNORE = (
     "stream", "stream_options", "user", "metadata", "store",
     "service_tier", "prompt_cache_key", "safety_identifier",
@@ -98,10 +102,12 @@ def canonical_request(
     """The canonical form of a live request, redacted as the recorder redacts."""
     _, secrets = redact_headers(list(headers))
     try:
-        obj = json.loads(body) if body else None
+        obj = from_json(body) if body else None
     except ValueError:
         return canonical(api, None, body.decode("utf-8", errors="replace"), ignore, secrets)
-    return canonical(api, redact_fields(obj, secrets), None, ignore, secrets)
+    if may_have_secret_fields(body):
+        obj = redact_fields(obj, secrets)
+    return canonical(api, obj, None, ignore, secrets)
 
 
 MISSING = object()

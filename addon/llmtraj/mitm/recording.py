@@ -11,7 +11,7 @@ from mitmproxy import http
 from ..recorder import CallTee, RecordFields
 from ..store import TrajectoryWriter
 from .options import LlmTrajOptions
-from .routing import CALL_KEY, llm_call
+from .routing import CALL_KEY, llm_call, str_headers
 
 logger = logging.getLogger("llm_traj")
 
@@ -27,10 +27,6 @@ def error_kind(flow: http.HTTPFlow) -> str:
 
 RECORDING_MODES = ("record", "anticall")
 
-
-def _str_fields(headers: http.Headers) -> list[tuple[str, str]]:
-    # (mitmproxy's items(multi=True) does the same, several times slower)
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.fields]
 
 
 class Recorder:
@@ -79,7 +75,7 @@ class Recorder:
             mode=mode,
             method=request.method,
             url=request.url,
-            request_headers=_str_fields(request.headers),
+            request_headers=str_headers(request.headers),
             request_body=(request.get_content(strict=False) if "content-encoding" in request.headers else request.raw_content) or b"",
             started_at=request.timestamp_start,
         )
@@ -89,7 +85,7 @@ class Recorder:
         if tee is None:
             return
         response = flow.response
-        tee.response_started(response.status_code, _str_fields(response.headers), now=response.timestamp_start)
+        tee.response_started(response.status_code, str_headers(response.headers), now=response.timestamp_start)
         if not tee.streaming:
             return  # a JSON body is read whole in `response`: cheaper than a callback per chunk
 

@@ -20,17 +20,16 @@ from pathlib import Path
 from mitmproxy import ctx, http
 
 from ..replay import (
-    DEFAULT_IGNORE, EXACT, LATER, MATCH_HEADER, POSITION, Miss, Replay, ReplayLoadError, load, reply_body,
+    DEFAULT_IGNORE, EXACT, LATER, MATCH_HEADER, POSITION, REPORT_PATH, Miss, Replay, ReplayLoadError, load, reply_body,
 )  # fmt: skip
 from ..store import TrajectoryError
 from .loopback import Loopback, ProducedResponse
 from .options import ConfigError, LlmTrajOptions, startup_error
 from .recording import Recorder
-from .routing import CALL_KEY, error_response, llm_call
+from .routing import CALL_KEY, error_response, llm_call, str_headers
 
 logger = logging.getLogger("llm_traj")
 
-REPORT_PATH = "/llm-traj/replay-report"
 MISS_POLICIES = ("error", "forward", "forward-record")
 _RUNG_HEADERS = {rung: ((MATCH_HEADER, rung.encode()),) for rung in (EXACT, LATER, POSITION)}
 
@@ -126,7 +125,7 @@ class Replayer:
         request = flow.request
         settings = self._settings
         body = request.get_content(strict=False) or b""
-        canonical = replay.canonical(call.api, body, request.headers.items(multi=True))
+        canonical = replay.canonical(call.api, body, str_headers(request.headers))
         outcome = replay.match(call.session, canonical, settings.position)
         info = flow.metadata[CALL_KEY]
         if isinstance(outcome, Miss):
