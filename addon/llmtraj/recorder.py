@@ -98,10 +98,6 @@ class CallTee:
         self._body: list[bytes] = []
         self._undecodable = False  # a corrupt compressed stream is still forwarded, not parsed
 
-    @property
-    def streaming(self) -> bool:
-        return self._parser is not None
-
     def response_started(self, status: int, headers: Headers, now: float | None = None) -> None:
         fields = self.fields
         fields["status"] = status

@@ -225,9 +225,9 @@ class Step:
 
     def _as_recorded(self) -> Reply:
         record = self._record
-        if record.status is None or not (record.complete or record.stream):
-            # No answer came, or a body the proxy held whole was cut: the agent
-            # got the proxy's 502, written as mitm/proxy_errors.py writes it.
+        if record.status is None:
+            # No answer came: the agent got the proxy's 502, written as
+            # mitm/proxy_errors.py writes it.
             message = f"llm-traj proxy: {record.error.message if record.error else 'no response'}"
             body = json.dumps(self._api.error_body(message, "proxy_error", "proxy_502")).encode()
             return Reply(502, _headers((), self._step_header(), _JSON), body)

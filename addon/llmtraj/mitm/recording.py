@@ -86,9 +86,9 @@ class Recorder:
             return
         response = flow.response
         tee.response_started(response.status_code, str_headers(response.headers), now=response.timestamp_start)
-        if not tee.streaming:
-            return  # a JSON body is read whole in `response`: cheaper than a callback per chunk
 
+        # Every response streams, JSON too: nothing is held back from the agent,
+        # and mitmproxy's streaming path costs less than buffering the body.
         def tee_chunk(data: bytes) -> bytes:
             tee.chunk(data)
             return data
@@ -98,8 +98,6 @@ class Recorder:
     def response(self, flow: http.HTTPFlow) -> None:
         tee = self._tees.pop(flow.id, None)
         if tee is not None:
-            if not tee.streaming:
-                tee.chunk(flow.response.raw_content or b"", now=flow.response.timestamp_start)
             self._write(flow, tee, tee.finish())
 
     def error(self, flow: http.HTTPFlow) -> None:
