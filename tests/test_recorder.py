@@ -387,3 +387,32 @@ def test_tee_fields_are_exactly_the_record_schema():
     fields = tee.finish()
     assert set(fields) == set(CallRecord.model_fields)
     assert CallRecord.model_validate(fields).model_dump(mode="json") == json.loads(json.dumps(fields))
+
+
+def test_record_sink_writes_what_the_proxy_captured(tmp_path):
+    """The proxy's capture goes through the frame format to the child's writer;
+    a frame cut off (the proxy killed mid-write) is dropped, the rest kept."""
+    import io
+
+    from llmtraj.record_sink import CallCapture, serve
+
+    sse = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n'
+    cut = sse.index(b"\n\n") + 2  # one event per chunk
+
+    def capture(index: int) -> CallCapture:
+        return CallCapture(
+            api="chat.completions", session="s", index=index, mode="record", method="POST",
+            url="http://u/v1/chat/completions", request_headers=[(b"authorization", b"Bearer sk-secret-123456")],
+            request_body=b'{"model": "m", "messages": []}', started_at=T0, status=200,
+            response_headers=[(b"content-type", b"text/event-stream")], response_headers_at=T0 + 0.1,
+            chunks=[sse[:cut], sse[cut:]], chunk_times=[T0 + 0.2, T0 + 0.3], ended_at=T0 + 0.4,
+            extra={"token_ids": [1, 2]},
+        )
+
+    frames = capture(1).frame() + capture(2).frame()
+    serve(str(tmp_path), io.BytesIO(frames + capture(3).frame()[:-5]))
+    records = list(read_records(tmp_path))
+    assert [r.index for r in records] == [1, 2]
+    assert records[0].response["choices"][0]["message"]["content"] == "Hi"
+    assert records[0].extra == {"token_ids": [1, 2]} and [e.t for e in records[0].events] == [0.2, 0.3]
+    assert "sk-secret-123456" not in (tmp_path / "s.jsonl").read_text()

@@ -1,17 +1,18 @@
-"""Record mode: forward every LLM call untouched, stream it chunk by chunk and
-tee a copy of the bytes into a `CallTee`, then append the record."""
+"""Record mode: forward every LLM call untouched, streamed chunk by chunk, and
+hand a capture of it to the record writer."""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from mitmproxy import http
 
-from ..recorder import CallTee, RecordFields
+from ..record_sink import CallCapture, RecordSink
 from ..store import TrajectoryWriter
 from .options import LlmTrajOptions
-from .routing import CALL_KEY, llm_call, str_headers
+from .routing import CALL_KEY, llm_call
 
 logger = logging.getLogger("llm_traj")
 
@@ -30,17 +31,21 @@ RECORDING_MODES = ("record", "anticall")
 
 
 class Recorder:
-    """Tees LLM calls into the trajectory: every call in record and anti-call
-    mode (there the "upstream" is the driver behind the loopback server), and in
-    any mode a call another addon marked with `"record": True` in its
+    """Records LLM calls: every call in record and anti-call mode (there the
+    "upstream" is the driver behind the loopback server), and in any mode a
+    call another addon marked with `"record": True` in its
     `flow.metadata["llm_traj"]` (replay's forward-and-record on a miss).
     What another addon puts under `"extra"` there is stored in the record's
-    `extra` (an anti-call driver's token ids, for instance), never sent."""
+    `extra` (an anti-call driver's token ids, for instance), never sent.
+
+    On the event loop it only captures (the bytes as they stream past, and
+    when); the record is made and written by the `RecordSink` child process."""
 
     def __init__(self, options: LlmTrajOptions) -> None:
         self._options = options
-        self._writer: TrajectoryWriter | None = None
-        self._tees: dict[str, CallTee] = {}  # by flow id, while the call is in flight
+        self._indexes: TrajectoryWriter | None = None  # numbers the calls (continuing existing files)
+        self._sink: RecordSink | None = None
+        self._captures: dict[str, CallCapture] = {}  # by flow id, while the call is in flight
         # Where marked calls go in a mode that records only those (replay, whose
         # llm_traj_path is what it reads); set by that mode's addon, which
         # configures before this one.
@@ -51,69 +56,75 @@ class Recorder:
         path = None
         if settings is not None:
             path = settings.path if settings.mode in RECORDING_MODES else self.marked_path
-        if self._writer is not None and self._writer.path != path:
-            self._writer.close()
-            self._writer = None
-        if path is not None and self._writer is None:
-            self._writer = TrajectoryWriter(path)
+        if self._sink is not None and self._sink.path != path:
+            self._close()
+        if path is not None and self._sink is None:
+            self._indexes = TrajectoryWriter(path)
+            self._sink = RecordSink(path)
             logger.info(f"llm-traj: recording to {path}")
 
     def request(self, flow: http.HTTPFlow) -> None:
         call = llm_call(flow)
-        if self._writer is None or call is None or flow.response is not None:
+        if self._sink is None or call is None or flow.response is not None:
             return
         mode = self._options.settings.mode
         if mode not in RECORDING_MODES and not flow.metadata[CALL_KEY].get("record"):
             return
         request = flow.request
-        index = self._writer.next_index(call.session)
+        index = self._indexes.next_index(call.session)
         flow.metadata[CALL_KEY]["index"] = index
-        self._tees[flow.id] = CallTee(
-            api=call.api,
+        self._captures[flow.id] = CallCapture(
+            api=call.api.name,
             session=call.session,
             index=index,
             mode=mode,
             method=request.method,
             url=request.url,
-            request_headers=str_headers(request.headers),
+            request_headers=list(request.headers.fields),
             request_body=(request.get_content(strict=False) if "content-encoding" in request.headers else request.raw_content) or b"",
             started_at=request.timestamp_start,
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        tee = self._tees.get(flow.id)
-        if tee is None:
+        capture = self._captures.get(flow.id)
+        if capture is None:
             return
         response = flow.response
-        tee.response_started(response.status_code, str_headers(response.headers), now=response.timestamp_start)
+        capture.status = response.status_code
+        capture.response_headers = list(response.headers.fields)
+        capture.response_headers_at = response.timestamp_start
+        chunks, times = capture.chunks, capture.chunk_times
 
         # Every response streams, JSON too: nothing is held back from the agent,
         # and mitmproxy's streaming path costs less than buffering the body.
-        def tee_chunk(data: bytes) -> bytes:
-            tee.chunk(data)
+        def capture_chunk(data: bytes) -> bytes:
+            if data:
+                chunks.append(data)
+                times.append(time.time())
             return data
 
-        response.stream = tee_chunk
+        response.stream = capture_chunk
 
     def response(self, flow: http.HTTPFlow) -> None:
-        tee = self._tees.pop(flow.id, None)
-        if tee is not None:
-            self._write(flow, tee, tee.finish())
+        self._send(flow, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        tee = self._tees.pop(flow.id, None)
-        if tee is not None:
-            message = flow.error.msg if flow.error else "unknown error"
-            self._write(flow, tee, tee.fail(error_kind(flow), message))
+        if flow.id in self._captures:
+            self._send(flow, (error_kind(flow), flow.error.msg if flow.error else "unknown error"))
 
-    def _write(self, flow: http.HTTPFlow, tee: CallTee, record: RecordFields) -> None:
-        record["extra"].update(flow.metadata[CALL_KEY].get("extra") or {})
-        try:
-            self._writer.append(record, tee.secrets, tee.request_json)
-        except OSError as exc:  # the agent already has its answer; say loudly what was lost
-            logger.error(f"llm-traj: could not write {record['session']} #{record['index']}: {exc}")
+    def _send(self, flow: http.HTTPFlow, error: tuple[str, str] | None) -> None:
+        capture = self._captures.pop(flow.id, None)
+        if capture is None:
+            return
+        capture.ended_at = time.time()
+        capture.error = error
+        capture.extra = flow.metadata[CALL_KEY].get("extra") or {}
+        self._sink.send(capture)
+
+    def _close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+        self._sink = self._indexes = None
 
     def done(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._close()
