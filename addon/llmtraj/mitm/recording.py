@@ -12,7 +12,7 @@ from mitmproxy import http
 from ..record_sink import CallCapture, RecordSink
 from ..store import TrajectoryWriter
 from .options import LlmTrajOptions
-from .routing import CALL_KEY, llm_call
+from .routing import CALL_KEY, LlmCall, llm_call
 
 logger = logging.getLogger("llm_traj")
 
@@ -46,6 +46,7 @@ class Recorder:
         self._indexes: TrajectoryWriter | None = None  # numbers the calls (continuing existing files)
         self._sink: RecordSink | None = None
         self._captures: dict[str, CallCapture] = {}  # by flow id, while the call is in flight
+        self._request_parts: dict[str, list[bytes]] = {}  # by flow id, while a request body streams
         # Where marked calls go in a mode that records only those (replay, whose
         # llm_traj_path is what it reads); set by that mode's addon, which
         # configures before this one.
@@ -63,13 +64,41 @@ class Recorder:
             self._sink = RecordSink(path)
             logger.info(f"llm-traj: recording to {path}")
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # In record mode the request body streams upstream too, collected on the
+        # way (buffering it costs the proxy more); the other modes need it whole
+        # in `request`, and so does a content-encoded body (decoded there).
+        call = llm_call(flow)
+        if (
+            self._sink is None or call is None or flow.response is not None
+            or self._options.settings.mode != "record" or "content-encoding" in flow.request.headers
+        ):
+            return
+        self._capture(flow, call, "record", b"")
+        parts = self._request_parts[flow.id] = []
+
+        def collect(data: bytes) -> bytes:
+            if data:
+                parts.append(data)
+            return data
+
+        flow.request.stream = collect
+
     def request(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self._request_parts:
+            self._captures[flow.id].request_body = b"".join(self._request_parts.pop(flow.id))
+            return
         call = llm_call(flow)
         if self._sink is None or call is None or flow.response is not None:
             return
         mode = self._options.settings.mode
         if mode not in RECORDING_MODES and not flow.metadata[CALL_KEY].get("record"):
             return
+        request = flow.request
+        body = request.get_content(strict=False) if "content-encoding" in request.headers else request.raw_content
+        self._capture(flow, call, mode, body or b"")
+
+    def _capture(self, flow: http.HTTPFlow, call: LlmCall, mode: str, body: bytes) -> None:
         request = flow.request
         index = self._indexes.next_index(call.session)
         flow.metadata[CALL_KEY]["index"] = index
@@ -81,7 +110,7 @@ class Recorder:
             method=request.method,
             url=request.url,
             request_headers=list(request.headers.fields),
-            request_body=(request.get_content(strict=False) if "content-encoding" in request.headers else request.raw_content) or b"",
+            request_body=body,
             started_at=request.timestamp_start,
         )
 
@@ -116,6 +145,8 @@ class Recorder:
         capture = self._captures.pop(flow.id, None)
         if capture is None:
             return
+        if (parts := self._request_parts.pop(flow.id, None)) is not None:
+            capture.request_body = b"".join(parts)  # ended before the whole request was sent
         capture.ended_at = time.time()
         capture.error = error
         capture.extra = flow.metadata[CALL_KEY].get("extra") or {}
