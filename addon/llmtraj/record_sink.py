@@ -108,6 +108,8 @@ class RecordSink:
         self._proc: subprocess.Popen | None = None
         self._pending = bytearray()
         self._fd = -1
+        self._flush_scheduled = False
+        self._waiting_writable = False
 
     def _start(self) -> None:
         self._proc = subprocess.Popen(
@@ -123,36 +125,41 @@ class RecordSink:
             pass  # not Linux, or over the limit: the default size works too
 
     def send(self, capture: CallCapture) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            if self._proc is not None:
-                logger.error(f"llm-traj: the record writer exited ({self._proc.returncode}); restarting it")
-                if self._pending:
-                    asyncio.get_running_loop().remove_writer(self._fd)
-                    self._pending.clear()
+        if self._proc is None:
             self._start()
-        frame = capture.frame()
-        if self._pending:
-            self._pending += frame
-            return
-        try:
-            written = os.write(self._fd, frame)
-        except BlockingIOError:
-            written = 0
-        if written < len(frame):
-            self._pending += frame[written:]
-            asyncio.get_running_loop().add_writer(self._fd, self._drain)
+        self._pending += capture.frame()
+        if not (self._flush_scheduled or self._waiting_writable):
+            # Written once per loop iteration: under load many calls end in one,
+            # and one write (one wake-up of the child) carries them all.
+            asyncio.get_running_loop().call_soon(self._flush)
+            self._flush_scheduled = True
 
-    def _drain(self) -> None:
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._proc is None:  # closed meanwhile: close() wrote what was pending
+            return
         try:
             written = os.write(self._fd, self._pending)
         except BlockingIOError:
+            written = 0
+        except OSError as exc:  # the child is gone: say so, start another
+            logger.error(f"llm-traj: the record writer stopped ({exc}); {len(self._pending)} bytes of calls lost")
+            self._forget_writer()
+            self._pending.clear()
+            self._proc.poll()  # reap it if it is already gone
+            self._proc = None
             return
-        except OSError as exc:
-            logger.error(f"llm-traj: the record writer stopped taking calls ({exc}); {len(self._pending)} bytes lost")
-            written = len(self._pending)
         del self._pending[:written]
-        if not self._pending:
+        if self._pending and not self._waiting_writable:
+            asyncio.get_running_loop().add_writer(self._fd, self._flush)
+            self._waiting_writable = True
+        elif not self._pending:
+            self._forget_writer()
+
+    def _forget_writer(self) -> None:
+        if self._waiting_writable:
             asyncio.get_running_loop().remove_writer(self._fd)
+            self._waiting_writable = False
 
     def close(self, timeout: float = 30.0) -> None:
         """Hand over what is pending and wait until it is written."""
@@ -160,7 +167,7 @@ class RecordSink:
         if proc is None:
             return
         try:
-            asyncio.get_running_loop().remove_writer(self._fd)
+            self._forget_writer()
         except RuntimeError:
             pass  # no loop running
         os.set_blocking(self._fd, True)
