@@ -230,8 +230,12 @@ def test_web_shows_annotated_llm_flows(upstream, tmp_path):
             time.sleep(0.1)
         (flow,) = flows
         assert flow["marked"]
-        view = httpx.get(f"{web}/flows/{flow['id']}/response/content/auto.json").json()
-        text = json.dumps(view["lines"])
+        while True:  # the body is kept once the stream has ended, a moment after the headers show
+            view = httpx.get(f"{web}/flows/{flow['id']}/response/content/auto.json").json()
+            text = json.dumps(view["lines"])
+            if "get_weather" in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert "get_weather" in text and "LLM chat" in view["description"]
     finally:
         proc.send_signal(signal.SIGINT)

@@ -359,3 +359,26 @@ def test_regular_mode_via_https_proxy(tmp_path):
     assert messages_of(streamed.response) == messages_of(sdk_aggregate(chunks))
     assert non_streamed.response == plain.model_dump(exclude_unset=True)
     assert API_KEY not in (tmp_path / "traj" / "default.jsonl").read_text()
+
+
+def test_record_writer_killed_is_restarted(upstream, tmp_path):
+    """The record writer is a child process: if it dies, the proxy says so and
+    starts another for the next calls; the agent never notices."""
+    from .test_cli_run import processes_mentioning
+
+    path = tmp_path / "traj"
+    with ProxyProcess(upstream=upstream.url, options={"llm_traj_path": path}) as p:
+        c = OpenAI(base_url=f"{p.url}/v1", api_key="x", max_retries=0)
+        c.chat.completions.create(model="standin-text", messages=MESSAGES)
+        wait_records(path / "default.jsonl", 1)
+        (writer,) = set(processes_mentioning("llmtraj.record_sink")) & set(processes_mentioning(str(path))) - {p.pid}
+        os.kill(writer, signal.SIGKILL)
+        time.sleep(0.2)
+        for _ in range(3):  # the first one after the death is lost with it (and logged)
+            c.chat.completions.create(model="standin-text", messages=MESSAGES)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(list(read_records(path / "default.jsonl"))) < 3:
+            time.sleep(0.05)
+    records = list(read_records(path / "default.jsonl"))
+    assert records[0].index == 1 and len(records) >= 3 and records[-1].index == 4
+    assert "the record writer stopped" in p.output()

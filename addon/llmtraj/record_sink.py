@@ -5,8 +5,9 @@ capture happens (`CallCapture`: references to the bytes as they pass, and
 when). Parsing, decoding, SSE aggregation, redaction, serialising and writing
 run here, in `python -m llmtraj.record_sink PATH`, on the machine's other core.
 Captures arrive on stdin as length-prefixed marshal data (both ends are this
-package, on the same Python). At end of input, whatever arrived is written: a proxy killed with
-`kill -9` loses no call it had finished.
+package, on the same Python). The child runs in its own session, so a Ctrl-C
+meant for the proxy does not reach it, and ends at end of input, once whatever
+arrived is written: a proxy killed with `kill -9` loses no call it had finished.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import os
 import marshal
+import os
 import struct
 import subprocess
 import sys
@@ -111,10 +112,11 @@ class RecordSink:
         self._flush_scheduled = False
         self._waiting_writable = False
 
-    def _start(self) -> None:
+    def start(self) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "llmtraj.record_sink", str(self.path)],
             stdin=subprocess.PIPE,
+            start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))},
         )
         self._fd = self._proc.stdin.fileno()
@@ -126,7 +128,7 @@ class RecordSink:
 
     def send(self, capture: CallCapture) -> None:
         if self._proc is None:
-            self._start()
+            self.start()
         self._pending += capture.frame()
         if not (self._flush_scheduled or self._waiting_writable):
             # Written once per loop iteration: under load many calls end in one,
@@ -163,20 +165,21 @@ class RecordSink:
 
     def close(self, timeout: float = 30.0) -> None:
         """Hand over what is pending and wait until it is written."""
-        proc, self._proc = self._proc, None
-        if proc is None:
+        if self._proc is None and not self._pending:
             return
         try:
             self._forget_writer()
         except RuntimeError:
             pass  # no loop running
+        if self._proc is None or self._proc.poll() is not None:
+            self.start()  # the writer is gone: a new one writes what is pending
+        proc, self._proc = self._proc, None
         os.set_blocking(self._fd, True)
         try:
-            if self._pending:
-                proc.stdin.write(bytes(self._pending))
+            proc.stdin.write(bytes(self._pending))
             proc.stdin.close()
-        except OSError:
-            pass
+        except OSError as exc:
+            logger.error(f"llm-traj: could not hand the last calls to the record writer: {exc}")
         self._pending.clear()
         try:
             proc.wait(timeout)

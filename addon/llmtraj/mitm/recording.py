@@ -62,6 +62,7 @@ class Recorder:
         if path is not None and self._sink is None:
             self._indexes = TrajectoryWriter(path)
             self._sink = RecordSink(path)
+            self._sink.start()  # ready (imports done) before the first call ends
             logger.info(f"llm-traj: recording to {path}")
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
