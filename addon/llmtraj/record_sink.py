@@ -34,7 +34,8 @@ logger = logging.getLogger("llm_traj")
 RawHeaders = list[tuple[bytes, bytes]]
 
 
-def _text(headers: RawHeaders) -> list[tuple[str, str]]:
+def text_headers(headers: RawHeaders) -> list[tuple[str, str]]:
+    """Raw header pairs as text (as mitmproxy's `items(multi=True)` gives them, several times faster)."""
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
@@ -83,12 +84,12 @@ def record_of(capture: CallCapture) -> tuple[dict[str, Any], set[str], bytes | N
         mode=capture.mode,
         method=capture.method,
         url=capture.url,
-        request_headers=_text(capture.request_headers),
+        request_headers=text_headers(capture.request_headers),
         request_body=capture.request_body,
         started_at=capture.started_at,
     )
     if capture.status is not None:
-        tee.response_started(capture.status, _text(capture.response_headers), now=capture.response_headers_at)
+        tee.response_started(capture.status, text_headers(capture.response_headers), now=capture.response_headers_at)
         for data, at in zip(capture.chunks, capture.chunk_times):
             tee.chunk(data, now=at)
     if capture.error is None:

@@ -35,10 +35,11 @@ RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
 
 
 class CallTee:
-    """The record of one call in the making, on the hot path of every call: its
-    fields stay plain values and `finish`/`fail` hand them over as a dict with
-    `CallRecord`'s fields, written without a second validation (the reader, and
-    the tests, validate what was written against `CallRecord`)."""
+    """The record of one call in the making, fed the call's bytes in order (in
+    the record writer, `record_sink`). Its fields stay plain values and
+    `finish`/`fail` hand them over as a dict with `CallRecord`'s fields, written
+    without a second validation (the reader, and the tests, validate what was
+    written against `CallRecord`)."""
 
     def __init__(
         self,

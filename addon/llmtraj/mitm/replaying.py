@@ -22,11 +22,12 @@ from mitmproxy import ctx, http
 from ..replay import (
     DEFAULT_IGNORE, EXACT, LATER, MATCH_HEADER, POSITION, REPORT_PATH, Miss, Replay, ReplayLoadError, load, reply_body,
 )  # fmt: skip
+from ..record_sink import text_headers
 from ..store import TrajectoryError
 from .loopback import Loopback, ProducedResponse
 from .options import ConfigError, LlmTrajOptions, startup_error
 from .recording import Recorder
-from .routing import CALL_KEY, error_response, llm_call, str_headers
+from .routing import CALL_KEY, error_response, llm_call
 
 logger = logging.getLogger("llm_traj")
 
@@ -125,7 +126,7 @@ class Replayer:
         request = flow.request
         settings = self._settings
         body = request.get_content(strict=False) or b""
-        canonical = replay.canonical(call.api, body, str_headers(request.headers))
+        canonical = replay.canonical(call.api, body, text_headers(request.headers.fields))
         outcome = replay.match(call.session, canonical, settings.position)
         info = flow.metadata[CALL_KEY]
         if isinstance(outcome, Miss):

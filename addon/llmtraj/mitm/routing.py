@@ -33,11 +33,6 @@ def llm_call(flow: http.HTTPFlow) -> LlmCall | None:
     return LlmCall(session=info["session"], api=API_BY_NAME[info["api"]])
 
 
-def str_headers(headers: http.Headers) -> list[tuple[str, str]]:
-    """Header pairs as text (mitmproxy's `items(multi=True)` does the same, several times slower)."""
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.fields]
-
-
 def error_response(status: int, message: str, type: str, code: str | None = None) -> http.Response:
     """An OpenAI-shaped error for the agent."""
     body = {"error": {"message": message, "type": type, "param": None, "code": code}}
