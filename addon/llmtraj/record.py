@@ -38,6 +38,23 @@ class Timings(BaseModel):
     ended_at: float | None = None
 
 
+class Attempt(BaseModel):
+    started_at: float
+    waited: float = Field(0, description="seconds of backoff before this attempt")
+    status: int | None = None
+    error: str | None = Field(None, description="why no response came")
+
+
+class Upstream(BaseModel):
+    """Where llm-traj sent the call, when its config or retries chose it."""
+
+    route: str
+    url: str
+    model: str | None = Field(None, description="the model name sent upstream, when the config rewrote it")
+    attempts: list[Attempt] | None = Field(None, description="each try, when the route retries or has timeouts")
+    error: str | None = Field(None, description="why the call failed or the response stopped")
+
+
 class CallRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,4 +78,5 @@ class CallRecord(BaseModel):
     error: CallError | None = None
     problems: list[str] = Field(default_factory=list, description="events that could not be aggregated")
     timings: Timings
+    upstream: Upstream | None = None
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -60,6 +60,7 @@ class CallCapture:
     ended_at: float | None = None
     error: tuple[str, str] | None = None  # (kind, message) when the call did not finish
     extra: dict[str, Any] = field(default_factory=dict)
+    upstream: dict[str, Any] | None = None  # route, url, attempts: see `record.Upstream`
 
     def frame(self) -> bytes:
         # marshal: the fastest stdlib serialiser for plain values, and both
@@ -97,6 +98,7 @@ def record_of(capture: CallCapture) -> tuple[dict[str, Any], set[str], bytes | N
     else:
         fields = tee.fail(*capture.error, now=capture.ended_at)
     fields["extra"].update(capture.extra)
+    fields["upstream"] = capture.upstream
     return fields, tee.secrets, tee.request_json
 
 

@@ -88,6 +88,7 @@ class CallTee:
             "error": None,
             "problems": [],
             "timings": None,  # set at the end
+            "upstream": None,
             "extra": {},
         }
         self.response_headers_at: float | None = None

@@ -47,6 +47,13 @@ SCENARIO_HEADER = "x-standin-scenario"
 CHUNKS_HEADER = "x-standin-chunks"  # `chunks` scenario: number of content deltas
 DELAY_HEADER = "x-standin-delay-ms"  # sleep before each stream event / the response
 ENCODING_HEADER = "x-standin-encoding"  # gzip | br | zstd
+# Transient failures: the first N requests with the same fail key (default:
+# the path) get the fail status (default 500), with the retry-after headers
+# given; the later ones are answered normally.
+FAIL_FIRST_HEADER = "x-standin-fail-first"
+FAIL_STATUS_HEADER = "x-standin-fail-status"
+FAIL_KEY_HEADER = "x-standin-fail-key"
+RETRY_AFTER_HEADERS = {"x-standin-retry-after": "retry-after", "x-standin-retry-after-ms": "retry-after-ms"}
 
 CHAT_ID = "chatcmpl-standin-1"
 CREATED = 1_700_000_000
@@ -486,6 +493,7 @@ class StandinServer:
         self.sent: list[SentResponse] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._failed: dict[str, int] = {}  # fail key -> failures sent
 
     async def start(self) -> None:
         ctx = None
@@ -553,7 +561,7 @@ class StandinServer:
 
         enc, delay = h.get(ENCODING_HEADER, "").lower(), h.get(DELAY_HEADER, "0")
         if enc in _ENCODERS and delay.isdigit():
-            resp = _route(req, h)
+            resp = self._failure(req, h) or _route(req, h)
         else:
             resp = _error(400, f"bad {ENCODING_HEADER} or {DELAY_HEADER}", "invalid_request_error")
             enc, delay = "", "0"
@@ -595,6 +603,19 @@ class StandinServer:
         # `drop`: the caller closes the connection mid-body (no last chunk, no [DONE]);
         # a plain close rather than a RST so that the chunks sent surely arrive.
         return not resp.drop
+
+    def _failure(self, req: ReceivedRequest, h: dict[str, str]) -> _Response | None:
+        first = h.get(FAIL_FIRST_HEADER)
+        if first is None:
+            return None
+        key = h.get(FAIL_KEY_HEADER) or req.path
+        failed = self._failed.get(key, 0)
+        if not first.isdigit() or failed >= int(first):
+            return None
+        self._failed[key] = failed + 1
+        status = int(h.get(FAIL_STATUS_HEADER) or 500)
+        headers = [(name, h[ours]) for ours, name in RETRY_AFTER_HEADERS.items() if ours in h]
+        return _error(status, f"standin: transient failure {failed + 1} of {first}", "server_error", None, headers)
 
     def _sent(self, sent: SentResponse) -> SentResponse:
         if self.record:

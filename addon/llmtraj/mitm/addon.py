@@ -20,6 +20,7 @@ from .proxy_errors import OpenAIShapedProxyErrors
 from .recording import Recorder
 from .replaying import Replayer
 from .routing import Routing
+from .upstreaming import UpstreamForwarding, UpstreamRouting
 from .webview import WebAnnotations, WebChatView
 
 logger = logging.getLogger("llm_traj")
@@ -73,8 +74,10 @@ def make_addons() -> list[object]:
     recorder = Recorder(options)
     replayer = Replayer(options, loopback, recorder)  # configures before the recorder: see Recorder.marked_path
     anticalling = AntiCalling(options, loopback)  # after the recorder, which tees the call's original URL
+    # The upstream route is chosen before the recorder captures the call as the
+    # agent made it, and applied (model rewrite, key, retries) after.
     parts = [
-        options, OpenAIShapedProxyErrors(), loopback, Routing(options), replayer, recorder, anticalling,
-        WebAnnotations(options), WebChatView(),
+        options, OpenAIShapedProxyErrors(), loopback, Routing(options), replayer, UpstreamRouting(options), recorder,
+        anticalling, UpstreamForwarding(options, loopback), WebAnnotations(options), WebChatView(),
     ]
     return [LlmTraj(parts)]

@@ -14,10 +14,15 @@ from pathlib import Path
 from mitmproxy import ctx
 
 from ..session import InvalidSession, validate_session
+from ..upstreams import ConfigError as UpstreamConfigError
+from ..upstreams import Registry, load_registry
 
 logger = logging.getLogger("llm_traj")
 
 MODES = ("record", "replay", "anticall")
+
+
+MAX_RETRIES = 20
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,15 @@ class Settings:
     mode: str
     path: Path
     default_session: str
+    retries: int = 0
+    config_path: str | None = None
+    registry: Registry | None = None  # the upstream config's providers and models
+
+    @property
+    def routes_calls(self) -> bool:
+        """Whether llm-traj chooses where calls go (a config, or retries), for
+        which it needs each request body whole before forwarding it."""
+        return self.registry is not None or self.retries > 0
 
 
 class ConfigError(ValueError):
@@ -57,6 +71,16 @@ class LlmTrajOptions:
             "llm_traj_session", str, "default",
             "Session of calls that name none (no /s/<session>/ path prefix, "
             "no x-llm-traj-session header).",
+        )
+        loader.add_option(
+            "llm_traj_config", str, "",
+            "Upstream config (.toml, .yaml): providers and models, routes by model name, "
+            "keys to inject, retries and timeouts per route. Unset: calls go where the agent sent them.",
+        )
+        loader.add_option(
+            "llm_traj_retries", int, 0,
+            f"Extra attempts (0-{MAX_RETRIES}) for a call whose upstream fails before answering "
+            "(connect error, 429, 500, 502, 503), with backoff. A route in llm_traj_config may set its own.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -108,4 +132,15 @@ class LlmTrajOptions:
             validate_session(opts.llm_traj_session)
         except InvalidSession as exc:
             raise ConfigError(f"llm_traj_session: {exc}") from None
-        return Settings(mode=mode, path=path, default_session=opts.llm_traj_session)
+        if not 0 <= opts.llm_traj_retries <= MAX_RETRIES:
+            raise ConfigError(f"llm_traj_retries={opts.llm_traj_retries} must be between 0 and {MAX_RETRIES}")
+        registry = None
+        if opts.llm_traj_config:
+            try:
+                registry = load_registry(opts.llm_traj_config, retries=opts.llm_traj_retries)
+            except UpstreamConfigError as exc:
+                raise ConfigError(f"llm_traj_config: {exc}") from None
+            for skipped in registry.skipped:
+                logger.info(f"llm-traj: config: left out {skipped}")
+        return Settings(mode=mode, path=path, default_session=opts.llm_traj_session, retries=opts.llm_traj_retries,
+                        config_path=opts.llm_traj_config or None, registry=registry)  # fmt: skip

@@ -73,6 +73,7 @@ class Recorder:
         if (
             self._sink is None or call is None or flow.response is not None
             or self._options.settings.mode != "record" or "content-encoding" in flow.request.headers
+            or self._options.settings.routes_calls
         ):
             return
         self._capture(flow, call, "record", b"")
@@ -150,7 +151,9 @@ class Recorder:
             capture.request_body = b"".join(parts)  # ended before the whole request was sent
         capture.ended_at = time.time()
         capture.error = error
-        capture.extra = flow.metadata[CALL_KEY].get("extra") or {}
+        info = flow.metadata[CALL_KEY]
+        capture.extra = info.get("extra") or {}
+        capture.upstream = info.get("upstream")
         self._sink.send(capture)
 
     def _close(self) -> None:
