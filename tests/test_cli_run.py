@@ -87,6 +87,38 @@ def test_run_https_proxy_mode_against_https_upstream(agent, tmp_path):
     assert records[1].response["choices"][0]["message"]["content"]
 
 
+KEYLESS_AGENT = textwrap.dedent(
+    """
+    import os
+    from openai import OpenAI
+    assert "LLM_TRAJ_TEST_REAL_KEY" not in os.environ, "the real key reached the agent"
+    reply = OpenAI(max_retries=0).chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}])
+    print("agent got:", reply.choices[0].message.content)
+    """
+)
+
+
+def test_run_with_config_injects_the_key_the_agent_never_sees(upstream, tmp_path):
+    """`--config` routes by model (no --upstream needed); the agent runs with no
+    key of its own and without the proxy's key variable in its environment."""
+    agent = tmp_path / "keyless.py"
+    agent.write_text(KEYLESS_AGENT)
+    config = tmp_path / "upstreams.yaml"
+    config.write_text(
+        f"providers:\n  local: {{base_url: '{upstream.url}/v1', api_key_env: LLM_TRAJ_TEST_REAL_KEY}}\n"
+        "models:\n  fast: {provider: local, upstream_model: standin-text}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env["LLM_TRAJ_TEST_REAL_KEY"] = "sk-real-key-for-the-proxy-only"
+    r = llm_traj("run", "--config", str(config), "--traj", str(tmp_path / "traj"), "--session", "keys", "--",
+                 sys.executable, str(agent), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "agent got: Hello! I am the standin upstream" in r.stdout
+    assert upstream.requests[-1].header("authorization") == "Bearer sk-real-key-for-the-proxy-only"
+    text = (tmp_path / "traj" / "keys.jsonl").read_text()
+    assert "sk-real-key" not in text and json.loads(text)["upstream"]["model"] == "standin-text"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_run_forwards_signals_and_leaves_nothing_behind(upstream, agent, tmp_path, signum):
     traj = tmp_path / "traj"
@@ -108,7 +140,7 @@ def test_run_forwards_signals_and_leaves_nothing_behind(upstream, agent, tmp_pat
     [
         (["--upstream", "http://127.0.0.1:1", "--", "no-such-agent-xyz"], "llm-traj: agent command not found: no-such-agent-xyz"),
         (["--upstream", "ftp://example", "--", "true"], "llm-traj: --upstream 'ftp://example' is not an http(s) URL"),
-        (["--", "true"], "llm-traj: --upstream is required to record in base-url mode"),
+        (["--", "true"], "llm-traj: --upstream (or --config) is required to record in base-url mode"),
         (["--upstream", "http://127.0.0.1:1"], "llm-traj: no agent command: put it after --"),
         (["--upstream", "http://127.0.0.1:1", "--session", "../x", "--", "true"], "llm-traj: --session: invalid session id"),
         (["--upstream", "http://127.0.0.1:1", "--mode", "bogus", "--", "true"], "llm-traj: llm_traj_mode='bogus' is not a mode"),

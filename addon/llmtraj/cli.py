@@ -61,6 +61,9 @@ SET_HELP = "Extra mitmproxy/llm-traj option as name=value (repeatable)."
 MODE_OPTION = typer.Option("record", help=MODE_HELP)
 TRAJ_OPTION = typer.Option(Path("trajectories"), help=TRAJ_HELP)
 SET_OPTION = typer.Option([], "--set", help=SET_HELP)
+CONFIG_OPTION = typer.Option(
+    None, "--config", help="Upstream config (.toml/.yaml): routes by model, keys to inject, retries (llm_traj_config)."
+)
 SERVICE_UPSTREAM_OPTION = typer.Option(
     None, help="Reverse-proxy to this endpoint; without it, a regular (HTTPS_PROXY) proxy."
 )
@@ -91,6 +94,7 @@ def run(
     traj: Path = TRAJ_OPTION,
     session: str = typer.Option("default", help="Session id of the agent's calls."),
     via: str = typer.Option("base-url", help="How the agent reaches the proxy: base-url or https-proxy."),
+    config: Path = CONFIG_OPTION,
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Run an agent (after --) with its LLM calls going through the proxy; exit with the agent's code."""
@@ -98,7 +102,8 @@ def run(
     from .runner import RunError, plan_run, run as run_plan
 
     try:
-        plan = plan_run(mode=mode, traj=traj, session=session, via=via, upstream=upstream, command=ctx.args, sets=set_)
+        plan = plan_run(mode=mode, traj=traj, session=session, via=via, upstream=upstream, command=ctx.args,
+                        sets=[*set_, *_config_set(config)])
         run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))
         code, started = run_plan(plan, run_dir, _end_anticall_session(plan) if plan.mode == "anticall" else None)
     except (RunError, ProxyStartError) as exc:
@@ -124,11 +129,16 @@ def _end_anticall_session(plan):
 STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Where service state lives (default ~/.llm-traj).")
 
 
+def _config_set(config: Path | None) -> list[str]:
+    return [f"llm_traj_config={config.resolve()}"] if config is not None else []
+
+
 @app.command()
 def start(
     mode: str = MODE_OPTION,
     upstream: str = SERVICE_UPSTREAM_OPTION,
     traj: Path = TRAJ_OPTION,
+    config: Path = CONFIG_OPTION,
     port: int = typer.Option(8080, help="Port to listen on."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     name: str = typer.Option("default", help="Service name, to run several."),
@@ -142,7 +152,7 @@ def start(
 
     state_dir = state_dir or DEFAULT_STATE_DIR
     try:
-        options = {"llm_traj_mode": mode, "llm_traj_path": traj.resolve(), **parse_sets(set_)}
+        options = {"llm_traj_mode": mode, "llm_traj_path": traj.resolve(), **parse_sets([*set_, *_config_set(config)])}
         proxy = ProxyProcess(
             upstream=check_upstream(upstream) if upstream else None,
             options=options, listen_host=host, port=port, log=state_dir / f"{name}.log",
@@ -318,6 +328,7 @@ def web(
     mode: str = MODE_OPTION,
     upstream: str = SERVICE_UPSTREAM_OPTION,
     traj: Path = TRAJ_OPTION,
+    config: Path = CONFIG_OPTION,
     port: int = typer.Option(8080, help="Proxy port."),
     web_port: int = typer.Option(8081, help="Web UI port."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (proxy and UI)."),
@@ -335,7 +346,7 @@ def web(
             if not port_free(host, p):
                 raise RunError(f"port {p} on {host} is busy; choose another with --port / --web-port")
         options = {"llm_traj_mode": mode, "llm_traj_path": traj.resolve(), "web_port": web_port,
-                   "web_host": host, **parse_sets(set_)}
+                   "web_host": host, **parse_sets([*set_, *_config_set(config)])}
         proxy = ProxyProcess(program="mitmweb", upstream=check_upstream(upstream) if upstream else None,
                              options=options, listen_host=host, port=port)
         proxy.start()

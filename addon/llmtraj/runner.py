@@ -21,8 +21,10 @@ from urllib.parse import urlsplit
 
 from .proxy_process import ProxyProcess
 from .session import InvalidSession, validate_session
+from .upstreams import ConfigError, key_variables, read_config
 
 VIA = ("base-url", "https-proxy")
+DUMMY_KEY = "llm-traj-no-key"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -79,11 +81,13 @@ def plan_run(
         validate_session(session)
     except InvalidSession as exc:
         raise RunError(f"--session: {exc}") from None
+    parsed = parse_sets(sets)
     if upstream is not None:
         upstream = check_upstream(upstream)
-    elif via == "base-url" and mode != "replay" and mode != "anticall":
-        raise RunError("--upstream is required to record in base-url mode, e.g. --upstream https://api.openai.com")
-    return RunPlan(mode, traj, session, via, upstream, list(command), parse_sets(sets))
+    elif via == "base-url" and mode == "record" and "llm_traj_config" not in parsed:
+        raise RunError("--upstream (or --config) is required to record in base-url mode, "
+                       "e.g. --upstream https://api.openai.com")
+    return RunPlan(mode, traj, session, via, upstream, list(command), parsed)
 
 
 def proxy_for(plan: RunPlan, run_dir: Path) -> ProxyProcess:
@@ -98,7 +102,8 @@ def proxy_for(plan: RunPlan, run_dir: Path) -> ProxyProcess:
         options["confdir"] = plan.confdir
         upstream = None  # regular mode: the agent names its own hosts
     elif upstream is None:
-        upstream = "http://127.0.0.1:9"  # replay / anti-call answer every LLM call themselves
+        # replay / anti-call answer every LLM call themselves; with a config, it routes them
+        upstream = "http://127.0.0.1:9"
     options.update(plan.sets)
     return ProxyProcess(upstream=upstream, options=options, log=run_dir / "proxy.log")
 
@@ -125,6 +130,13 @@ def ca_bundle(confdir: Path, out: Path) -> Path:
 
 def agent_env(plan: RunPlan, proxy_url: str, run_dir: Path, base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
+    config = plan.sets.get("llm_traj_config")
+    if config:  # the keys the proxy injects stay out of the agent's reach
+        try:
+            for name in key_variables(read_config(config)):
+                env.pop(name, None)
+        except ConfigError as exc:
+            raise RunError(f"--config: {exc}") from None
     env["LLM_TRAJ_SESSION"] = plan.session
     if plan.via == "base-url":
         root = f"{proxy_url}/s/{plan.session}"
@@ -144,6 +156,12 @@ def agent_env(plan: RunPlan, proxy_url: str, run_dir: Path, base: Mapping[str, s
             CURL_CA_BUNDLE=bundle,
             NODE_EXTRA_CA_CERTS=bundle,
         )
+    # An agent needs some key to start; the proxy injects the real one (upstream
+    # config), or answers itself (replay, anti-call). A key of the agent's own is kept.
+    if not env.get("OPENAI_API_KEY"):
+        env["OPENAI_API_KEY"] = DUMMY_KEY
+    if not env.get("ANTHROPIC_API_KEY") and not env.get("ANTHROPIC_AUTH_TOKEN"):
+        env["ANTHROPIC_AUTH_TOKEN"] = DUMMY_KEY  # Claude Code's variable; the SDK reads it too
     return env
 
 

@@ -357,17 +357,30 @@ def parse_config(text: str, suffix: str) -> UpstreamConfig:
         raise ConfigError(_first_error(exc)) from None
 
 
-def load_registry(path: str | os.PathLike, *, retries: int = 0, environ: Mapping[str, str] | None = None) -> Registry:
-    """The registry of a config file; ConfigError (one line, naming the file) when it cannot be used."""
+def read_config(path: str | os.PathLike) -> UpstreamConfig:
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     try:
-        return build_registry(parse_config(text, path.suffix.lower()), retries=retries, environ=environ)
+        return parse_config(text, path.suffix.lower())
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def key_variables(config: UpstreamConfig) -> set[str]:
+    """The environment variables holding the keys the proxy injects (kept from agents)."""
+    return {e.api_key_env for e in [*config.providers.values(), *config.models.values()] if e.api_key_env}
+
+
+def load_registry(path: str | os.PathLike, *, retries: int = 0, environ: Mapping[str, str] | None = None) -> Registry:
+    """The registry of a config file; ConfigError (one line, naming the file) when it cannot be used."""
+    config = read_config(path)
+    try:
+        return build_registry(config, retries=retries, environ=environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(path).expanduser()}: {exc}") from None
 
 
 # --- /v1/models ------------------------------------------------------------------
