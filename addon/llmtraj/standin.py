@@ -454,10 +454,41 @@ def _chat(raw: bytes, scenario: str | None, chunks: str | None) -> _Response:
     return _Response(body=_dumps(_completion(events, model, usage)).encode(), drop=drop)
 
 
+# The other APIs answer with the fixtures shaped like real captures: the
+# scenario names a fixture (`<name>.sse` streamed one event per write, its
+# `<name>.expected.json` as the non-stream body); default `text`.
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "streams"
+FIXTURE_APIS = (("/v1/messages", "anthropic"), ("/responses", "responses"), ("/completions", "completions"))
+
+
+@functools.lru_cache(maxsize=32)
+def _from_fixture(folder: str, raw: bytes, scenario: str | None) -> _Response:
+    try:
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+    except ValueError as e:
+        return _error(400, f"We could not parse the JSON body of your request: {e}", "invalid_request_error")
+    model = body.get("model") if isinstance(body.get("model"), str) else ""
+    name = scenario or (model[8:] if model.startswith("standin-") else "text")
+    fixture = FIXTURES / folder / f"{name}.sse"
+    if not fixture.is_file():
+        known = sorted(p.stem for p in (FIXTURES / folder).glob("*.sse"))
+        return _error(400, f"unknown standin scenario {name!r} for {folder}; known: {', '.join(known)}",
+                      "invalid_request_error", "unknown_scenario")  # fmt: skip
+    if body.get("stream"):
+        events = fixture.read_bytes().split(b"\n\n")
+        return _Response(body=tuple(e + b"\n\n" for e in events if e.strip()), content_type="text/event-stream")
+    return _Response(body=fixture.with_suffix(".expected.json").read_bytes())
+
+
 def _route(req: ReceivedRequest, h: dict[str, str]) -> _Response:
     path = req.path.partition("?")[0]
     if req.method == "POST" and path.endswith("/chat/completions"):
         return _chat(req.body, h.get(SCENARIO_HEADER), h.get(CHUNKS_HEADER))
+    for suffix, folder in FIXTURE_APIS:
+        if req.method == "POST" and path.endswith(suffix):
+            return _from_fixture(folder, req.body, h.get(SCENARIO_HEADER))
     if req.method == "GET" and path.endswith("/models"):
         return _json(200, MODELS)
     if req.method == "GET" and path == "/plain":

@@ -48,14 +48,26 @@ async def answer(broker: Broker, call: Call) -> Answer:
     while True:  # deltas for an agent that wants JSON: gather them
         if isinstance(piece, Failure):
             return error_answer(api, piece)
-        if _encode(api, stream, piece)[1]:
-            return Answer(200, JSON_HEADERS, _json(stream.completion()))
+        try:
+            if _encode(api, stream, piece)[1]:
+                return Answer(200, JSON_HEADERS, _json(stream.completion()))
+        except ValueError as exc:
+            return error_answer(api, _bad_piece(exc))
         piece = await broker.next_piece(call)
+
+
+def _bad_piece(exc: ValueError) -> Failure:
+    return Failure(502, f"llm-traj: the driver's delta does not fit this API: {exc}", "proxy_error", "bad_driver_delta")
 
 
 async def _events(broker: Broker, call: Call, stream: StreamBuilder, piece: Piece) -> AsyncIterator[bytes]:
     while True:
-        data, last = _encode(call.api, stream, piece)
+        try:
+            data, last = _encode(call.api, stream, piece)
+        except ValueError as exc:  # the head is out: an error event ends the stream
+            failure = _bad_piece(exc)
+            yield stream.error(call.api.error_body(failure.message, failure.type, failure.code))
+            return
         yield data
         if last:
             return

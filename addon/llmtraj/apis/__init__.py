@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from .anthropic_messages import AnthropicMessages
 from .base import ApiShape, StreamAggregator
 from .chat_completions import ChatCompletions
 
-API_SHAPES: tuple[ApiShape, ...] = (ChatCompletions(),)
+API_SHAPES: tuple[ApiShape, ...] = (ChatCompletions(), AnthropicMessages())
 API_BY_NAME: dict[str, ApiShape] = {shape.name: shape for shape in API_SHAPES}
 
 

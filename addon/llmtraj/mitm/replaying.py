@@ -113,9 +113,9 @@ class Replayer:
     def request(self, flow: http.HTTPFlow) -> None:
         replay = self._replay
         if replay is None or flow.response is not None:
-            if self._broken and flow.response is None and llm_call(flow) is not None:
+            if self._broken and flow.response is None and (call := llm_call(flow)) is not None:
                 flow.response = error_response(503, "llm-traj replay is not configured; see the proxy's log",
-                                               "server_error", "replay_not_configured")  # fmt: skip
+                                               "server_error", "replay_not_configured", call.api)  # fmt: skip
             return
         call = llm_call(flow)
         if call is None:
@@ -133,7 +133,7 @@ class Replayer:
             info["replay"] = "miss"
             if settings.miss == "error":
                 logger.warning(outcome.message)
-                flow.response = error_response(400, outcome.message, "invalid_request_error", outcome.code)
+                flow.response = error_response(400, outcome.message, "invalid_request_error", outcome.code, call.api)
             else:  # the flow goes on to the upstream
                 info["record"] = settings.miss == "forward-record"
                 logger.warning(f"{outcome.message}; forwarded upstream{' and recorded' if info['record'] else ''}")

@@ -33,9 +33,9 @@ def llm_call(flow: http.HTTPFlow) -> LlmCall | None:
     return LlmCall(session=info["session"], api=API_BY_NAME[info["api"]])
 
 
-def error_response(status: int, message: str, type: str, code: str | None = None) -> http.Response:
-    """An OpenAI-shaped error for the agent."""
-    body = {"error": {"message": message, "type": type, "param": None, "code": code}}
+def error_response(status: int, message: str, type: str, code: str | None = None, api: ApiShape | None = None) -> http.Response:
+    """An error for the agent, in the shape of the API it called (OpenAI's for other requests)."""
+    body = (api or API_BY_NAME["chat.completions"]).error_body(message, type, code)
     return http.Response.make(status, json.dumps(body), {"content-type": "application/json"})
 
 
@@ -61,6 +61,6 @@ class Routing:
         try:
             validate_session(session)
         except InvalidSession as exc:
-            flow.response = error_response(400, str(exc), "invalid_request_error", "invalid_session")
+            flow.response = error_response(400, str(exc), "invalid_request_error", "invalid_session", api)
             return
         flow.metadata[CALL_KEY] = {"session": session, "api": api.name}
