@@ -5,8 +5,10 @@ from __future__ import annotations
 from .anthropic_messages import AnthropicMessages
 from .base import ApiShape, StreamAggregator
 from .chat_completions import ChatCompletions
+from .completions import Completions
+from .responses import Responses
 
-API_SHAPES: tuple[ApiShape, ...] = (ChatCompletions(), AnthropicMessages())
+API_SHAPES: tuple[ApiShape, ...] = (ChatCompletions(), AnthropicMessages(), Responses(), Completions())
 API_BY_NAME: dict[str, ApiShape] = {shape.name: shape for shape in API_SHAPES}
 
 

@@ -73,8 +73,10 @@ class UpstreamRouting:
 
     def request(self, flow: http.HTTPFlow) -> None:
         settings = self._options.settings
+        if settings is None or not settings.routes_calls or flow.response is not None:
+            return
         call = llm_call(flow)
-        if settings is None or call is None or flow.response is not None or not settings.routes_calls:
+        if call is None:
             return
         if ORIGINAL_URL_KEY in flow.metadata:  # answered by the addon itself (anti-call, paced replay)
             return
