@@ -447,7 +447,9 @@ def test_matches(method, path, expected):
 
 
 def test_error_body_and_wants_stream():
-    assert API.error_body("slow down", "rate_limit_error", "429") == {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+    assert API.error_body("slow down", "rate_limit_error") == {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+    # llm-traj's own codes (replay_miss, model_not_found) ride along for scripts
+    assert API.error_body("no", "invalid_request_error", "replay_miss")["error"]["code"] == "replay_miss"
     assert API.name == "anthropic.messages"
     assert API.wants_stream({"stream": True})
     assert not any(API.wants_stream(r) for r in ({"stream": False}, {}, {"stream": "true"}, None, []))

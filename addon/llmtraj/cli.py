@@ -70,6 +70,7 @@ SERVICE_UPSTREAM_OPTION = typer.Option(
 
 
 def _summary(traj: Path, session: str, since: float, code: int, started: float) -> str:
+    from .stats import usage_of
     from .store import TrajectoryError, read_records
 
     try:
@@ -77,7 +78,7 @@ def _summary(traj: Path, session: str, since: float, code: int, started: float) 
     except (OSError, TrajectoryError):
         records = []
     failed = sum(1 for r in records if not r.complete or (r.status or 0) >= 400)
-    usage = [r.response.get("usage") or {} for r in records if isinstance(r.response, dict)]
+    usage = [usage_of(r) or {} for r in records]
     prompt = sum(u.get("prompt_tokens") or 0 for u in usage)
     completion = sum(u.get("completion_tokens") or 0 for u in usage)
     return (
@@ -255,6 +256,7 @@ def watch_agent(
 
 def _records(path: Path):
     """All records of a trajectory, or a one-line exit."""
+    from .stats import usage_of
     from .store import TrajectoryError, read_records
 
     if not path.exists():

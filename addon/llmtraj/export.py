@@ -63,6 +63,7 @@ from importlib import metadata
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from .apis import chat_view
 from .record import CallRecord, Headers
 from .recorder import header
 from .stats import by_session, call_outcome, reasoning_tokens, request_model, usage_of
@@ -135,6 +136,8 @@ def _ok_calls(calls: list[CallRecord], skipped: list[Skipped] | None) -> Iterato
 
 
 def _request_messages(record: CallRecord) -> list[Any]:
+    if record.api != "chat.completions":  # its messages are in that API's own shape
+        raise _Unusable(f"a {record.api} call (its request is not turned into chat messages)")
     messages = record.request.get("messages") if isinstance(record.request, dict) else None
     if not isinstance(messages, list) or not messages:
         raise _Unusable("the request has no messages")
@@ -143,7 +146,7 @@ def _request_messages(record: CallRecord) -> list[Any]:
 
 def _first_choice(record: CallRecord) -> tuple[dict[str, Any], dict[str, Any]]:
     """(choice, its message) of a successful call."""
-    choice = record.response["choices"][0]
+    choice = chat_view(record.api, record.response)["choices"][0]
     message = choice.get("message") if isinstance(choice, dict) else None
     if not isinstance(message, dict):
         raise _Unusable("the reply has no message")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from .apis import chat_view
 from .record import CallRecord
+from .stats import usage_of
 
 
 def _ms(a: float | None, b: float | None) -> str:
@@ -18,7 +20,7 @@ def _clip(text: str, width: int = 100) -> str:
 
 
 def describe_reply(record: CallRecord) -> list[str]:
-    response = record.response
+    response = chat_view(record.api, record.response)
     if not isinstance(response, dict):
         return [_clip(record.response_raw or "(no body)")]
     if "error" in response and "choices" not in response:
@@ -38,11 +40,25 @@ def describe_reply(record: CallRecord) -> list[str]:
     return lines
 
 
+def _last_input(request: object) -> dict | None:
+    """The last message of a request: `messages` (chat, Anthropic), `input`
+    (Responses: text or items), `prompt` (legacy completions)."""
+    if not isinstance(request, dict):
+        return None
+    for key in ("messages", "input", "prompt"):
+        value = request.get(key)
+        if isinstance(value, str):
+            return {"role": "user", "content": value}
+        if isinstance(value, list) and value and isinstance(value[-1], dict):
+            return value[-1]
+    return None
+
+
 def render(records: Iterable[CallRecord]) -> str:
     out = []
     for r in records:
         model = (r.request or {}).get("model") if isinstance(r.request, dict) else None
-        usage = (r.response or {}).get("usage") if isinstance(r.response, dict) else None
+        usage = usage_of(r)
         tokens = f"{usage.get('prompt_tokens')}+{usage.get('completion_tokens')} tokens" if usage else "no usage"
         kind = "stream" if r.stream else "json"
         t = r.timings
@@ -50,12 +66,11 @@ def render(records: Iterable[CallRecord]) -> str:
             f"{r.session} #{r.index}  {r.api}  {model}  {r.status}  {kind}  {tokens}  "
             f"first byte {_ms(t.started_at, t.first_byte_at)}, total {_ms(t.started_at, t.ended_at)}"
         )
-        messages = (r.request or {}).get("messages") if isinstance(r.request, dict) else None
-        if messages:
-            last = messages[-1]
-            content = last.get("content")
-            text = content if isinstance(content, str) else json.dumps(content)
-            out.append(f"    {last.get('role')}: {_clip(text or '')}")
+        last = _last_input(r.request)
+        if last is not None:
+            content = last.get("content", last.get("output"))  # a Responses tool result: output
+            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+            out.append(f"    {last.get('role') or last.get('type')}: {_clip(text or '')}")
         out += [f"    {line}" for line in describe_reply(r)]
         if r.error:
             out.append(f"    INCOMPLETE ({r.error.kind}): {r.error.message}")

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .apis import chat_view
 from .record import CallRecord
 from .replay import DEFAULT_IGNORE, excerpt, first_difference
 
@@ -25,7 +26,7 @@ def call_outcome(record: CallRecord) -> Outcome:
     stream that carried only an error event); `ok` otherwise."""
     if not record.complete:
         return "incomplete"
-    response = record.response
+    response = chat_view(record.api, record.response)
     if record.status is None or not 200 <= record.status < 300:
         return "failed"
     if not isinstance(response, dict) or not isinstance(response.get("choices"), list) or not response["choices"]:
@@ -48,7 +49,9 @@ def request_model(record: CallRecord) -> str | None:
 
 
 def usage_of(record: CallRecord) -> dict[str, Any] | None:
-    usage = record.response.get("usage") if isinstance(record.response, dict) else None
+    """The usage of a call in chat terms (prompt_tokens, completion_tokens), whatever its API."""
+    response = chat_view(record.api, record.response)
+    usage = response.get("usage") if isinstance(response, dict) else None
     return usage if isinstance(usage, dict) else None
 
 
@@ -197,7 +200,7 @@ def _reply(record: CallRecord) -> dict[str, Any]:
     """What the agent got, without what changes on every run of the same
     answer (ids, timestamps, usage, fingerprints)."""
     view: dict[str, Any] = {"status": record.status, "complete": record.complete}
-    response = record.response
+    response = chat_view(record.api, record.response)
     if isinstance(response, dict) and isinstance(response.get("choices"), list):
         view["choices"] = [
             {"message": c.get("message"), "finish_reason": c.get("finish_reason")} if isinstance(c, dict) else c

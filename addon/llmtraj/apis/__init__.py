@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .anthropic_messages import AnthropicMessages
 from .base import ApiShape, StreamAggregator
 from .chat_completions import ChatCompletions
@@ -20,4 +22,11 @@ def api_for(method: str, path: str) -> ApiShape | None:
     return None
 
 
-__all__ = ["API_BY_NAME", "API_SHAPES", "ApiShape", "StreamAggregator", "api_for"]
+def chat_view(api: str, final: Any) -> Any:
+    """A recorded final object as a chat.completion (see `ApiShape.chat_view`);
+    anything that is not an object of a known API comes back as is."""
+    shape = API_BY_NAME.get(api)
+    return shape.chat_view(final) if shape is not None and isinstance(final, dict) else final
+
+
+__all__ = ["API_BY_NAME", "API_SHAPES", "ApiShape", "StreamAggregator", "api_for", "chat_view"]

@@ -498,3 +498,34 @@ class AnthropicMessages:
 
     def new_stream(self, request: Any) -> AnthropicMessageStream:
         return AnthropicMessageStream(request)
+
+    def chat_view(self, final: dict[str, Any]) -> dict[str, Any]:
+        content = final.get("content")
+        if not isinstance(content, list):
+            return final
+        texts, thinking, calls = [], [], []
+        for block in content:
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                texts.append(block.get("text") or "")
+            elif kind == "thinking":
+                thinking.append(block.get("thinking") or "")
+            elif kind in _TOOL_INPUT_BLOCKS:
+                arguments = json.dumps(block.get("input", {}), ensure_ascii=False)
+                calls.append({"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": arguments}})
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+        if thinking:
+            message["reasoning_content"] = "".join(thinking)
+        if calls:
+            message["tool_calls"] = calls
+        finish = {v: k for k, v in _STOP_REASONS.items()}.get(final.get("stop_reason"), final.get("stop_reason"))
+        view = {"id": final.get("id"), "object": "chat.completion", "model": final.get("model"),
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}]}  # fmt: skip
+        usage = final.get("usage")
+        if isinstance(usage, dict):
+            prompt = sum(usage.get(k) or 0 for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+            completion = usage.get("output_tokens") or 0
+            view["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if "error" in final:
+            view["error"] = final["error"]
+        return view

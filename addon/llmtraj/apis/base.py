@@ -68,3 +68,9 @@ class ApiShape(Protocol):
 
     def new_stream(self, request: Any) -> StreamBuilder:
         """A builder for the response stream of `request`."""
+
+    def chat_view(self, final: dict[str, Any]) -> dict[str, Any]:
+        """A final object seen as a chat.completion (choices whose message has
+        content, reasoning_content and tool_calls; usage as prompt/completion
+        tokens), for what people read: show, stats, export, mitmweb. An error
+        body comes back as is."""

@@ -152,3 +152,13 @@ class Completions:
 
     def new_stream(self, request: Any) -> TextCompletionStream:
         return TextCompletionStream(request)
+
+    def chat_view(self, final: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(final.get("choices"), list):
+            return final
+        choices = [
+            {"index": c.get("index", i), "message": {"role": "assistant", "content": c.get("text")},
+             "finish_reason": c.get("finish_reason")}
+            for i, c in enumerate(final["choices"]) if isinstance(c, dict)
+        ]  # fmt: skip
+        return {**final, "object": "chat.completion", "choices": choices}

@@ -565,3 +565,36 @@ class Responses:
 
     def new_stream(self, request: Any) -> ResponsesStream:
         return ResponsesStream(request)
+
+    def chat_view(self, final: dict[str, Any]) -> dict[str, Any]:
+        output = final.get("output")
+        if not isinstance(output, list):
+            return final
+        texts, reasoning, calls = [], [], []
+        for item in output:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "message":
+                texts += [p.get("text") or p.get("refusal") or "" for p in item.get("content") or [] if isinstance(p, dict)]
+            elif kind == "reasoning":
+                parts = [*(item.get("summary") or []), *(item.get("content") or [])]
+                reasoning += [p.get("text") or "" for p in parts if isinstance(p, dict)]
+            elif kind in ("function_call", "custom_tool_call"):
+                arguments = item.get("arguments") if kind == "function_call" else item.get("input")
+                calls.append({"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": arguments}})
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+        if reasoning:
+            message["reasoning_content"] = "\n\n".join(reasoning)
+        if calls:
+            message["tool_calls"] = calls
+        status = final.get("status")
+        finish = "length" if status == "incomplete" else "tool_calls" if calls else "stop" if status == "completed" else status
+        view = {"id": final.get("id"), "object": "chat.completion", "model": final.get("model"),
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}]}  # fmt: skip
+        usage = final.get("usage")
+        if isinstance(usage, dict):
+            prompt, completion = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
+            view["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                             "completion_tokens_details": {"reasoning_tokens": (usage.get("output_tokens_details") or {}).get("reasoning_tokens")}}  # fmt: skip
+        if final.get("error"):
+            view["error"] = final["error"]
+        return view

@@ -32,8 +32,7 @@ from typing import Any
 from mitmproxy import contentviews, ctx, hooks, http
 from mitmproxy.contentviews.base import TViewLine
 
-from ..apis import api_for
-from ..apis.chat_completions import ChatCompletions
+from ..apis import ApiShape, api_for
 from ..recorder import parse_json_body
 from ..sse import SSEParser
 from .anticalling import CALL_ID_KEY
@@ -51,14 +50,13 @@ MARK_CALL = ":memo:"
 _OUR_MARKS = {MARK_HELD, MARK_FAILED, MARK_MISS, MARK_REPLAYED, MARK_CALL}
 
 
-def _chat_api(flow: Any) -> ChatCompletions | None:
-    """The chat-completions shape of a flow's call: from routing's tag, or for
-    an untagged flow (a flow file of another proxy) from its request."""
+def _api_of(flow: Any) -> ApiShape | None:
+    """The API shape of a flow's call: from routing's tag, or for an untagged
+    flow (a flow file of another proxy) from its request."""
     if not isinstance(flow, http.HTTPFlow):
         return None
     call = llm_call(flow)
-    api = call.api if call is not None else api_for(flow.request.method, flow.request.path.split("?", 1)[0])
-    return api if isinstance(api, ChatCompletions) else None
+    return call.api if call is not None else api_for(flow.request.method, flow.request.path.split("?", 1)[0])
 
 
 def _text(value: Any) -> str:
@@ -113,7 +111,7 @@ class ChatView(contentviews.View):
     def __call__(
         self, data: bytes, *, content_type: str | None = None, flow=None, http_message=None, **unknown_metadata
     ):
-        api = _chat_api(flow)
+        api = _api_of(flow)
         if api is None or http_message is not flow.response or not data:
             return None  # mitmproxy falls back to the raw view
         if content_type == "text/event-stream":
@@ -128,7 +126,7 @@ class ChatView(contentviews.View):
             description = "LLM chat"
         if not isinstance(completion, dict):
             return None
-        return description, completion_lines(completion, problems)
+        return description, completion_lines(api.chat_view(completion), problems)
 
     def render_priority(self, data: bytes, *, flow=None, http_message=None, **unknown_metadata) -> float:
         is_llm_response = isinstance(flow, http.HTTPFlow) and http_message is flow.response and llm_call(flow)
