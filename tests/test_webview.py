@@ -88,6 +88,30 @@ def test_stream_problems_are_shown(chat_view):
     assert "content:\n  Hi" in text and "problem: error event:" in text and "overloaded" in text
 
 
+STREAMS = Path(__file__).resolve().parents[1] / "fixtures" / "streams"
+
+
+@pytest.mark.parametrize(
+    ("api", "path", "folder", "expected"),
+    [
+        ("anthropic.messages", "/v1/messages", "anthropic",
+         ["reasoning:\n  The user asks", "content:\n  Let me look up Apple", "tool call get_stock_price (toolu_",
+          '"ticker": "AAPL"', "finish reason: tool_calls"]),
+        ("responses", "/v1/responses", "responses",
+         ["reasoning:\n  **Listing directory contents**", "content:\n  I'll list", "tool call shell (call_"]),
+    ],
+)  # fmt: skip
+def test_other_apis_are_shown_as_chat(chat_view, api, path, folder, expected):
+    name = "thinking_tool_use" if folder == "anthropic" else "reasoning_function_call"
+    for content, content_type in (((STREAMS / folder / f"{name}.sse").read_bytes(), "text/event-stream"),
+                                  ((STREAMS / folder / f"{name}.expected.json").read_bytes(), "application/json")):  # fmt: skip
+        flow = llm_flow(content, content_type, api=api)
+        flow.request.path = path
+        description, text = shown(flow)
+        assert description.startswith("LLM chat")
+        assert all(part in text for part in expected), text
+
+
 def test_other_flows_keep_their_views(upstream, chat_view):
     content, content_type = standin_body(upstream, "text", stream=False)
     untagged = llm_flow(content, content_type, tagged=False)
