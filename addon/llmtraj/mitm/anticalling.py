@@ -101,6 +101,9 @@ class AntiCalling:
             self._rock = RockFileChannel(broker, new.rock_file, settings.default_session)
             self._rock.start()
 
+    def serves_flows(self) -> bool:
+        return self.broker is not None
+
     def running(self) -> None:
         if self._settings is not None:
             rock = f", ROCK log {self._settings.rock_file}" if self._settings.rock_file else ""

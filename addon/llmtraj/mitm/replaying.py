@@ -110,6 +110,9 @@ class Replayer:
         self._broken = False
         self._recorder.marked_path = replay_settings.record_path
 
+    def serves_flows(self) -> bool:
+        return self._replay is not None or self._broken
+
     def request(self, flow: http.HTTPFlow) -> None:
         replay = self._replay
         if replay is None or flow.response is not None:

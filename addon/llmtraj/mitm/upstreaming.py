@@ -152,6 +152,10 @@ class UpstreamForwarding:
         self._loopback = loopback
         self._client: UpstreamClient | None = None
 
+    def serves_flows(self) -> bool:
+        settings = self._options.settings
+        return settings is not None and settings.routes_calls
+
     def configure(self, updated: set[str]) -> None:
         if "ssl_insecure" in updated and self._client is not None:
             client, self._client = self._client, None

@@ -156,6 +156,9 @@ class WebChatView:
     def done(self) -> None:
         contentviews.remove(self.view)
 
+    def serves_flows(self) -> bool:
+        return self._keep_bodies
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         inner = flow.response.stream
         if not (self._keep_bodies and inner and llm_call(flow) is not None):
