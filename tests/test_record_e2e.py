@@ -382,3 +382,16 @@ def test_record_writer_killed_is_restarted(upstream, tmp_path):
     records = list(read_records(path / "default.jsonl"))
     assert records[0].index == 1 and len(records) >= 3 and records[-1].index == 4
     assert "the record writer stopped" in p.output()
+
+
+def test_log_has_no_line_per_streamed_call(upstream, tmp_path):
+    """mitmproxy's "Streaming response from ..." notices, one per recorded call,
+    are dropped; its other lines stay."""
+    with ProxyProcess(upstream=upstream.url, options={"llm_traj_path": tmp_path}) as p:
+        client = OpenAI(base_url=f"{p.url}/v1", api_key=API_KEY, max_retries=0)
+        list(client.chat.completions.create(model="standin-text", messages=MESSAGES, stream=True))
+        client.chat.completions.create(model="standin-text", messages=MESSAGES)
+        wait_records(tmp_path / "default.jsonl", 2)
+    output = p.output()
+    assert "Streaming response" not in output and "Streaming request" not in output
+    assert "client connect" in output and "POST" in output

@@ -17,6 +17,7 @@ from .anticalling import AntiCalling
 from .loopback import Loopback
 from .options import LlmTrajOptions
 from .proxy_errors import OpenAIShapedProxyErrors
+from .quiet_log import QuietStreamingLog
 from .recording import Recorder
 from .replaying import Replayer
 from .routing import Routing
@@ -110,7 +111,7 @@ def make_addons() -> list[object]:
     # The upstream route is chosen before the recorder captures the call as the
     # agent made it, and applied (model rewrite, key, retries) after.
     parts = [
-        options, OpenAIShapedProxyErrors(), loopback, Routing(options), replayer, UpstreamRouting(options), recorder,
+        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), replayer, UpstreamRouting(options), recorder,
         anticalling, UpstreamForwarding(options, loopback), WebAnnotations(options), WebChatView(),
     ]
     return [LlmTraj(parts)]
