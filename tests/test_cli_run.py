@@ -273,3 +273,28 @@ def test_web_shows_annotated_llm_flows(upstream, tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(15)
     assert processes_mentioning(str(tmp_path / "traj")) == []
+
+
+ANTHROPIC_AGENT = textwrap.dedent(
+    """
+    from anthropic import Anthropic
+    message = Anthropic(max_retries=0).messages.create(
+        model="standin-tool_use", max_tokens=256, messages=[{"role": "user", "content": "weather?"}])
+    print("agent got:", [block.type for block in message.content])
+    """
+)
+
+
+def test_run_records_an_anthropic_sdk_agent_unchanged(upstream, tmp_path):
+    """The Anthropic SDK finds the proxy by ANTHROPIC_BASE_URL and, with no key
+    of its own, runs on the dummy ANTHROPIC_AUTH_TOKEN (Claude Code's variable)."""
+    agent = tmp_path / "claude_agent.py"
+    agent.write_text(ANTHROPIC_AGENT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
+    r = llm_traj("run", "--upstream", upstream.url, "--traj", str(tmp_path / "traj"), "--session", "claude", "--",
+                 sys.executable, str(agent), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "agent got: ['text', 'tool_use']" in r.stdout
+    [record] = read_records(tmp_path / "traj" / "claude.jsonl")
+    assert record.api == "anthropic.messages" and record.response["stop_reason"] == "tool_use"
+    assert dict((k.lower(), v) for k, v in record.request_headers)["authorization"] == "[REDACTED]"

@@ -5,19 +5,21 @@ are what is seen)."""
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
 from llmtraj.proxy_process import ADDON_SCRIPT, ProxyProcess, mitm_program
-from llmtraj.standin import StandinUpstream
+from llmtraj.standin import StandinUpstream, make_self_signed_cert
 
 from .conftest import wait_records
 
@@ -286,3 +288,51 @@ def test_config_errors_stop_startup_with_one_line(tmp_path, text, suffix, expect
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "llm-traj:" in line]
     assert len(lines) == 1 and expected in lines[0] and str(config) in lines[0], lines
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_regular_mode_routes_by_model_too(upstream_a, tmp_path, monkeypatch, session):
+    """Through HTTPS_PROXY the agent names its own host (an HTTPS upstream here);
+    the config still sends the call to the model's route, with the real key."""
+    cert, key = make_self_signed_cert(tmp_path)
+    monkeypatch.setenv("LLM_TRAJ_TEST_A_KEY", REAL_KEY)
+    config = write_config(tmp_path / "u.toml", f"""
+[providers.a]
+base_url = "{upstream_a.url}/v1"
+api_key_env = "LLM_TRAJ_TEST_A_KEY"
+[models.routed]
+provider = "a"
+upstream_model = "standin-text"
+""")
+    confdir = tmp_path / "mitm"
+    with StandinUpstream(tls=(cert, key)) as named, ProxyProcess(
+        options={"llm_traj_path": tmp_path / "traj", "llm_traj_config": config, "confdir": confdir}
+    ) as proxy:
+        trust = ssl.create_default_context(cafile=confdir / "mitmproxy-ca-cert.pem")
+        agent = OpenAI(base_url=f"{named.url}/v1", api_key=DUMMY_KEY, max_retries=0,
+                       http_client=httpx.Client(proxy=proxy.url, verify=trust))  # fmt: skip
+        reply = agent.chat.completions.create(model="routed", messages=MESSAGES)
+        assert reply.choices[0].message.content.startswith("Hello!")
+        assert named.requests == []  # the host the agent named never saw the call
+        assert upstream_a.requests[-1].header("authorization") == f"Bearer {REAL_KEY}"
+        [record] = wait_records(tmp_path / "traj" / "default.jsonl", 1)
+        assert record.url.startswith(named.url) and record.upstream.url == f"{upstream_a.url}/v1/chat/completions"
+
+
+def test_anthropic_route_gets_its_key_as_x_api_key(upstream_a, tmp_path, monkeypatch, session):
+    monkeypatch.setenv("LLM_TRAJ_TEST_ANT_KEY", REAL_KEY)
+    config = write_config(tmp_path / "u.yaml", f"""
+providers:
+  claude: {{base_url: "{upstream_a.url}/v1", kind: anthropic, api_key_env: LLM_TRAJ_TEST_ANT_KEY}}
+models:
+  sonnet: {{provider: claude, upstream_model: standin-text}}
+""")
+    with ProxyProcess(upstream="http://127.0.0.1:9", options={"llm_traj_path": tmp_path, "llm_traj_config": config}) as proxy:
+        agent = anthropic.Anthropic(base_url=f"{proxy.url}/s/{session}", auth_token=DUMMY_KEY, max_retries=0)
+        message = agent.messages.create(model="sonnet", max_tokens=64, messages=MESSAGES)
+        assert message.content[0].text.startswith("The capital of France")
+        seen = upstream_a.requests[-1]
+        assert seen.path == "/v1/messages" and seen.header("x-api-key") == REAL_KEY
+        assert seen.header("authorization") is None  # the agent's bearer token is not passed on
+        [record] = wait_records(tmp_path / f"{session}.jsonl", 1)
+        assert record.api == "anthropic.messages" and record.request["model"] == "sonnet"
+        assert REAL_KEY not in (tmp_path / f"{session}.jsonl").read_text()
