@@ -1,5 +1,5 @@
-"""Every API's final object seen as a chat completion, and the views built on
-that (show, stats, the record summary), for calls of each API."""
+"""Every API's final object seen as a chat completion and its request as a chat
+request, and what is built on them (show, stats, export), for calls of each API."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmtraj.apis import API_BY_NAME, chat_view
+from llmtraj.export import openai_chat_samples
 from llmtraj.record import CallRecord, Timings
 from llmtraj.show import render
 from llmtraj.stats import call_outcome, usage_of
@@ -75,3 +76,72 @@ def test_show_and_stats_read_every_api():
     assert usage_of(anthropic)["completion_tokens"] == 154
     failed = record("anthropic.messages", {}, API_BY_NAME["anthropic.messages"].error_body("overloaded", "overloaded_error"), 529)
     assert call_outcome(failed) == "failed" and "error: " in render([failed])
+
+
+ANTHROPIC_TURN_2 = {
+    "model": "claude-sonnet-4-5",
+    "system": [{"type": "text", "text": "Be brief."}],
+    "tools": [{"name": "get_stock_price", "input_schema": {"type": "object"}},
+              {"type": "web_search_20250305", "name": "web_search"}],
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "AAPL in euros?"},
+                                     {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Use the tool.", "signature": "sig"},
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_stock_price", "input": {"ticker": "AAPL"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "212.40 EUR"}]}]},
+    ],
+}  # fmt: skip
+RESPONSES_TURN_2 = {
+    "model": "gpt-5",
+    "instructions": "You are a coding agent.",
+    "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "List the files."}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAA"},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell", "arguments": '{"command":["ls"]}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "README.md\nsrc"},
+    ],
+    "tools": [{"type": "function", "name": "shell", "parameters": {"type": "object"}}, {"type": "web_search"}],
+    "parallel_tool_calls": False,
+}
+
+
+def test_requests_of_other_apis_as_chat_requests():
+    anthropic = API_BY_NAME["anthropic.messages"].chat_request_view(ANTHROPIC_TURN_2)
+    assert anthropic["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "AAPL in euros?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]},
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "Use the tool.", "tool_calls": [
+            {"id": "toolu_1", "type": "function", "function": {"name": "get_stock_price", "arguments": '{"ticker": "AAPL"}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "212.40 EUR"},
+    ]  # fmt: skip
+    assert [t["function"]["name"] for t in anthropic["tools"]] == ["get_stock_price"]  # server tools left out
+    responses = API_BY_NAME["responses"].chat_request_view(RESPONSES_TURN_2)
+    assert responses["messages"] == [
+        {"role": "system", "content": "You are a coding agent."},
+        {"role": "user", "content": "List the files."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "shell", "arguments": '{"command":["ls"]}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "README.md\nsrc"},
+    ]  # fmt: skip
+    assert [t["function"]["name"] for t in responses["tools"]] == ["shell"] and responses["parallel_tool_calls"] is False
+    assert API_BY_NAME["completions"].chat_request_view({"prompt": "x"}) is None
+
+
+def test_export_makes_chat_samples_of_every_api_with_a_conversation():
+    records = [
+        record("anthropic.messages", ANTHROPIC_TURN_2, final("anthropic", "text")),
+        record("responses", RESPONSES_TURN_2, final("responses", "text")),
+        record("completions", {"prompt": "Say this is a test"}, final("completions", "text")),
+    ]
+    records = [r.model_copy(update={"session": f"s{i}"}) for i, r in enumerate(records)]
+    skipped: list = []
+    first, second = list(openai_chat_samples(records, skipped=skipped))
+    assert [m["role"] for m in first["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert first["messages"][-1]["content"].startswith("The capital of France")
+    assert first["tools"] == [{"type": "function", "function": {"name": "get_stock_price", "parameters": {"type": "object"}}}]
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert second["parallel_tool_calls"] is False
+    assert [(s.session, s.reason) for s in skipped] == [("s2", "a completions call has no conversation")]

@@ -63,7 +63,7 @@ from importlib import metadata
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from .apis import chat_view
+from .apis import API_BY_NAME, chat_view
 from .record import CallRecord, Headers
 from .recorder import header
 from .stats import by_session, call_outcome, reasoning_tokens, request_model, usage_of
@@ -135,13 +135,15 @@ def _ok_calls(calls: list[CallRecord], skipped: list[Skipped] | None) -> Iterato
             skipped.append(Skipped(record.session, record.index, f"{outcome} ({detail})"))
 
 
-def _request_messages(record: CallRecord) -> list[Any]:
-    if record.api != "chat.completions":  # its messages are in that API's own shape
-        raise _Unusable(f"a {record.api} call (its request is not turned into chat messages)")
-    messages = record.request.get("messages") if isinstance(record.request, dict) else None
-    if not isinstance(messages, list) or not messages:
+def _chat_request(record: CallRecord) -> dict[str, Any]:
+    """The request as chat completions sees it (Anthropic and Responses requests converted)."""
+    shape = API_BY_NAME.get(record.api)
+    request = shape.chat_request_view(record.request) if shape is not None else None
+    if request is None:
+        raise _Unusable(f"a {record.api} call has no conversation")
+    if not request.get("messages"):
         raise _Unusable("the request has no messages")
-    return messages
+    return request
 
 
 def _first_choice(record: CallRecord) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -200,10 +202,10 @@ def _samples(
 
 
 def _sample(record: CallRecord) -> dict[str, Any]:
-    request = record.request
+    request = _chat_request(record)
     _, reply = _first_choice(record)
     call_ids: set[str] = set()
-    sample: dict[str, Any] = {"messages": [_ft_message(m, call_ids) for m in [*_request_messages(record), reply]]}
+    sample: dict[str, Any] = {"messages": [_ft_message(m, call_ids) for m in [*request["messages"], reply]]}
     if request.get("tools"):
         sample["tools"] = [_ft_tool(tool) for tool in request["tools"]]
     if isinstance(request.get("parallel_tool_calls"), bool):
@@ -446,7 +448,7 @@ class _AtifSession:
         self._history: list[Any] = []
 
     def add_call(self, record: CallRecord) -> None:
-        messages = _request_messages(record)
+        messages = _chat_request(record)["messages"]
         choice, reply = _first_choice(record)
         self.first = self.first or record
         timestamp = _iso(record.timings.started_at)

@@ -529,3 +529,62 @@ class AnthropicMessages:
         if "error" in final:
             view["error"] = final["error"]
         return view
+
+    def chat_request_view(self, request: Any) -> dict[str, Any] | None:
+        if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+            return None
+        messages: list[dict[str, Any]] = []
+        if request.get("system"):
+            messages.append({"role": "system", "content": _plain_text(request["system"])})
+        for message in request["messages"]:
+            if isinstance(message, dict):
+                messages += _chat_messages(message)
+        view: dict[str, Any] = {"model": request.get("model"), "messages": messages}
+        tools = [  # client tools; server tools (web search, ...) have no schema and run at Anthropic
+            {"type": "function", "function": {k: v for k, v in (("name", t.get("name")), ("description", t.get("description")),
+                                                                ("parameters", t["input_schema"])) if v is not None}}
+            for t in request.get("tools") or [] if isinstance(t, dict) and "input_schema" in t
+        ]  # fmt: skip
+        if tools:
+            view["tools"] = tools
+        return view
+
+
+def _plain_text(content: Any) -> str:
+    """The text of a system prompt or tool result: a string, or its text blocks joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(b.get("text") or "" for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return ""
+
+
+def _chat_part(block: dict[str, Any]) -> dict[str, Any]:
+    if block.get("type") == "text":
+        return {"type": "text", "text": block.get("text") or ""}
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if block.get("type") == "image" and source.get("type") == "base64":
+        return {"type": "image_url", "image_url": {"url": f"data:{source.get('media_type')};base64,{source.get('data')}"}}
+    if block.get("type") == "image" and source.get("type") == "url":
+        return {"type": "image_url", "image_url": {"url": source.get("url")}}
+    return {"type": "text", "text": f"[{block.get('type')}]"}
+
+
+def _chat_messages(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """One Anthropic message as chat messages: an assistant turn's blocks in one
+    message (text, thinking as reasoning_content, tool_use as tool_calls); a user
+    turn's tool results as tool messages first, then what else it says."""
+    role, content = message.get("role"), message.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    blocks = [b for b in content or [] if isinstance(b, dict)]
+    if role == "assistant":
+        view = AnthropicMessages().chat_view({"content": blocks})
+        return [view["choices"][0]["message"]]
+    out = [{"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": _plain_text(b.get("content"))}
+           for b in blocks if b.get("type") == "tool_result"]  # fmt: skip
+    parts = [_chat_part(b) for b in blocks if b.get("type") != "tool_result"]
+    if parts:
+        only_text = all(p["type"] == "text" for p in parts)
+        out.append({"role": role, "content": "".join(p["text"] for p in parts) if only_text else parts})
+    return out

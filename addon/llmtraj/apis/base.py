@@ -69,6 +69,11 @@ class ApiShape(Protocol):
     def new_stream(self, request: Any) -> StreamBuilder:
         """A builder for the response stream of `request`."""
 
+    def chat_request_view(self, request: Any) -> dict[str, Any] | None:
+        """A request seen as a chat-completions request (`messages` with roles
+        system/user/assistant/tool, `tools` as functions), for export; None when
+        the API has no conversation (legacy completions) or the body is not one."""
+
     def chat_view(self, final: dict[str, Any]) -> dict[str, Any]:
         """A final object seen as a chat.completion (choices whose message has
         content, reasoning_content and tool_calls; usage as prompt/completion

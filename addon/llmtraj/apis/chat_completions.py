@@ -284,3 +284,6 @@ class ChatCompletions:
 
     def chat_view(self, final: dict[str, Any]) -> dict[str, Any]:
         return final
+
+    def chat_request_view(self, request: Any) -> dict[str, Any] | None:
+        return request if isinstance(request, dict) and isinstance(request.get("messages"), list) else None

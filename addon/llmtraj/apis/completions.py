@@ -162,3 +162,6 @@ class Completions:
             for i, c in enumerate(final["choices"]) if isinstance(c, dict)
         ]  # fmt: skip
         return {**final, "object": "chat.completion", "choices": choices}
+
+    def chat_request_view(self, request: Any) -> None:
+        return None  # a prompt, not a conversation

@@ -598,3 +598,63 @@ class Responses:
         if final.get("error"):
             view["error"] = final["error"]
         return view
+
+    def chat_request_view(self, request: Any) -> dict[str, Any] | None:
+        if not isinstance(request, dict) or not isinstance(request.get("input"), (str, list)):
+            return None
+        messages: list[dict[str, Any]] = []
+        if request.get("instructions"):
+            messages.append({"role": "system", "content": str(request["instructions"])})
+        items = request["input"] if isinstance(request["input"], list) else [{"role": "user", "content": request["input"]}]
+        for item in items:
+            if isinstance(item, dict):
+                _add_chat_message(messages, item)
+        view: dict[str, Any] = {"model": request.get("model"), "messages": messages}
+        tools = [
+            {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if t.get(k) is not None}}
+            for t in request.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"
+        ]  # fmt: skip
+        if tools:
+            view["tools"] = tools
+        if isinstance(request.get("parallel_tool_calls"), bool):
+            view["parallel_tool_calls"] = request["parallel_tool_calls"]
+        return view
+
+
+def _chat_content(content: Any) -> Any:
+    """Input content as chat content: a string, or parts (text, image_url)."""
+    if not isinstance(content, list):
+        return content
+    parts = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": part.get("text") or ""})
+        elif part.get("type") == "input_image" and part.get("image_url"):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        else:
+            parts.append({"type": "text", "text": f"[{part.get('type')}]"})
+    return "".join(p["text"] for p in parts) if all(p["type"] == "text" for p in parts) else parts
+
+
+def _add_chat_message(messages: list[dict[str, Any]], item: dict[str, Any]) -> None:
+    """Appends one input item as chat: a message as is, a function call to the
+    assistant turn it belongs to, a function call's output as a tool message.
+    Reasoning items (encrypted, for the model's own reuse) are left out."""
+    kind = item.get("type") or "message"
+    if kind == "message":
+        messages.append({"role": item.get("role"), "content": _chat_content(item.get("content"))})
+    elif kind in ("function_call", "custom_tool_call"):
+        arguments = item.get("arguments") if kind == "function_call" else item.get("input")
+        call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": arguments}}
+        last = messages[-1] if messages else None
+        if last is None or last.get("role") != "assistant":
+            last = {"role": "assistant", "content": None}
+            messages.append(last)
+        last.setdefault("tool_calls", []).append(call)
+    elif kind in ("function_call_output", "custom_tool_call_output"):
+        output = item.get("output")
+        text = output if isinstance(output, str) else _chat_content(output)
+        messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                         "content": text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)})  # fmt: skip
