@@ -336,3 +336,24 @@ models:
         [record] = wait_records(tmp_path / f"{session}.jsonl", 1)
         assert record.api == "anthropic.messages" and record.request["model"] == "sonnet"
         assert REAL_KEY not in (tmp_path / f"{session}.jsonl").read_text()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_saved_flows_hold_the_agents_key_not_the_injected_one(upstream_a, tmp_path, monkeypatch, stream):
+    """`mitmdump -w` writes a flow once it is done: by then the injected key is
+    gone from it again (mitmweb shows the same flow)."""
+    from mitmproxy import io
+
+    monkeypatch.setenv("LLM_TRAJ_TEST_A_KEY", REAL_KEY)
+    config = write_config(tmp_path / "u.toml", f'default_route = "a"\n[providers.a]\nbase_url = "{upstream_a.url}/v1"\n'
+                                               'api_key_env = "LLM_TRAJ_TEST_A_KEY"\n')  # fmt: skip
+    flows = tmp_path / "flows.mitm"
+    with ProxyProcess(upstream="http://127.0.0.1:9", options={"llm_traj_path": tmp_path, "llm_traj_config": config},
+                      extra_args=["-w", str(flows)]) as proxy:  # fmt: skip
+        reply = client(proxy, "saved").chat.completions.create(model="standin-text", messages=MESSAGES, stream=stream)
+        list(reply) if stream else None
+        assert upstream_a.requests[-1].header("authorization") == f"Bearer {REAL_KEY}"
+    with open(flows, "rb") as fh:
+        [flow] = list(io.FlowReader(fh).stream())
+    assert flow.request.headers["authorization"] == f"Bearer {DUMMY_KEY}"
+    assert REAL_KEY.encode() not in flows.read_bytes()

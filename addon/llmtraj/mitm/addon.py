@@ -110,8 +110,10 @@ def make_addons() -> list[object]:
     anticalling = AntiCalling(options, loopback)  # after the recorder, which tees the call's original URL
     # The upstream route is chosen before the recorder captures the call as the
     # agent made it, and applied (model rewrite, key, retries) after.
+    upstream_routing = UpstreamRouting(options)
     parts = [
-        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), replayer, UpstreamRouting(options), recorder,
-        anticalling, UpstreamForwarding(options, loopback), WebAnnotations(options), WebChatView(),
+        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), replayer, upstream_routing,
+        recorder, anticalling, UpstreamForwarding(options, upstream_routing, loopback), WebAnnotations(options),
+        WebChatView(),
     ]
     return [LlmTraj(parts)]

@@ -6,6 +6,8 @@ from the registry, and `GET /llm-traj/health` (also `/health` in reverse mode).
 Two parts, because the record must keep the call as the agent made it:
 `UpstreamRouting` decides before the recorder captures the call (and answers
 an unknown model there); `UpstreamForwarding` rewrites the call after it.
+What they keep per flow stays out of `flow.metadata`, which mitmproxy
+serialises (`-w` flow files, mitmweb) and which must not hold a key.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ logger = logging.getLogger("llm_traj")
 
 HEALTH_PATH = "/llm-traj/health"
 MODELS_PATHS = ("/v1/models", "/models")
-TARGET_KEY = "llm_traj_target"  # flow.metadata: the Target chosen for the call
-SAVED_AUTH_KEY = "llm_traj_agent_auth"  # flow.metadata: the agent's own key headers, put back once sent
 REACHABILITY_TIMEOUT = 2.0
 
 
@@ -43,6 +43,7 @@ class UpstreamRouting:
     def __init__(self, options: LlmTrajOptions) -> None:
         self._options = options
         self._started = int(time.time())
+        self.targets: dict[str, Target] = {}  # by flow id, until `UpstreamForwarding` takes it
 
     @property
     def _registry(self) -> Registry | None:
@@ -84,7 +85,7 @@ class UpstreamRouting:
             return  # answered by the addon: only replay's forwarded misses go upstream
         registry = settings.registry
         if registry is None:  # retries only: where the agent sent it
-            flow.metadata[TARGET_KEY] = Target(Route("agent", None, policy=RetryPolicy(retries=settings.retries)), None)
+            self.targets[flow.id] = Target(Route("agent", None, policy=RetryPolicy(retries=settings.retries)), None)
             return
         try:
             body = from_json(flow.request.get_content(strict=False) or b"null")
@@ -92,7 +93,7 @@ class UpstreamRouting:
             body = None
         model = body.get("model") if isinstance(body, dict) else None
         try:
-            flow.metadata[TARGET_KEY] = registry.target(model)
+            self.targets[flow.id] = registry.target(model)
         except UnknownModel as exc:
             body = call.api.error_body(str(exc), "invalid_request_error", "model_not_found")
             flow.response = _json_response(404, body)
@@ -147,10 +148,12 @@ class UpstreamForwarding:
     has no retries or timeouts, else the addon's own client does (behind the
     loopback server, so the response still streams through mitmproxy)."""
 
-    def __init__(self, options: LlmTrajOptions, loopback: Loopback) -> None:
+    def __init__(self, options: LlmTrajOptions, routing: UpstreamRouting, loopback: Loopback) -> None:
         self._options = options
+        self._routing = routing
         self._loopback = loopback
         self._client: UpstreamClient | None = None
+        self._agent_auth: dict[str, list[tuple[str, str]]] = {}  # by flow id: the agent's key headers, put back once sent
 
     def serves_flows(self) -> bool:
         settings = self._options.settings
@@ -162,7 +165,7 @@ class UpstreamForwarding:
             asyncio.ensure_future(client.aclose())
 
     def request(self, flow: http.HTTPFlow) -> None:
-        target: Target | None = flow.metadata.get(TARGET_KEY)
+        target = self._routing.targets.pop(flow.id, None)
         if target is None or flow.response is not None:
             return
         request = flow.request
@@ -174,7 +177,7 @@ class UpstreamForwarding:
             upstream["model"] = target.upstream_model
             _set_model(request, target.upstream_model)
         if route.api_key is not None:
-            flow.metadata[SAVED_AUTH_KEY] = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() in AUTH_HEADERS]
+            self._agent_auth[flow.id] = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() in AUTH_HEADERS]
             _set_auth(request.headers, route.auth_headers())
         if not route.policy.needs_client:
             request.url = url
@@ -182,8 +185,8 @@ class UpstreamForwarding:
         attempts: list[Attempt] = []
         upstream["attempts"] = attempts  # filled in as they happen; complete before the response streams
         headers = list(request.headers.items(multi=True))
-        if SAVED_AUTH_KEY in flow.metadata:  # the key only goes to the client, never stays on the flow
-            _set_auth(request.headers, flow.metadata.pop(SAVED_AUTH_KEY))
+        if flow.id in self._agent_auth:  # the key only goes to the client, never stays on the flow
+            _set_auth(request.headers, self._agent_auth.pop(flow.id))
         body = request.raw_content or b""
         method, api, policy = request.method, llm_call(flow).api, route.policy
 
@@ -208,11 +211,10 @@ class UpstreamForwarding:
     def error(self, flow: http.HTTPFlow) -> None:
         self._restore_auth(flow)
 
-    @staticmethod
-    def _restore_auth(flow: http.HTTPFlow) -> None:
+    def _restore_auth(self, flow: http.HTTPFlow) -> None:
         # The request has gone: the flow (shown in mitmweb, saved by `-w`) keeps
         # the agent's own key headers, not the injected key.
-        saved = flow.metadata.pop(SAVED_AUTH_KEY, None)
+        saved = self._agent_auth.pop(flow.id, None)
         if saved is not None:
             _set_auth(flow.request.headers, saved)
 
