@@ -168,3 +168,18 @@ def test_forwarded_headers_drop_hop_by_hop_and_keep_encodings_as_the_agent_asked
     kept = forward_headers([("Host", "x"), ("Connection", "keep-alive"), ("Content-Length", "3"), ("X-A", "1")])
     assert kept == [("X-A", "1"), ("accept-encoding", "identity")]
     assert forward_headers([("Accept-Encoding", "gzip")]) == [("Accept-Encoding", "gzip")]
+
+
+def test_failures_without_a_response_say_what_happened():
+    from llmtraj.upstream_client import _failure
+
+    policy = RetryPolicy(connect_timeout=2, first_byte_timeout=30)
+    cases = [
+        (httpx.ConnectTimeout("timed out"), 504, "connection not made within 2 s (connect timeout)", "upstream_timeout"),
+        (TimeoutError(), 504, "no response within 30 s (first_byte timeout)", "upstream_timeout"),
+        (httpx.ConnectError("[Errno 111] Connection refused"), 502, "unreachable: [Errno 111] Connection refused", "upstream_unreachable"),
+        (httpx.RemoteProtocolError("Server disconnected"), 502, "failed before responding: Server disconnected", "upstream_failed"),
+    ]
+    for exc, status, message, code in cases:
+        failure = _failure(exc, policy)
+        assert (failure.status, failure.code) == (status, code) and message in failure.message
