@@ -305,7 +305,8 @@ upstream_model = "standin-text"
 """)
     confdir = tmp_path / "mitm"
     with StandinUpstream(tls=(cert, key)) as named, ProxyProcess(
-        options={"llm_traj_path": tmp_path / "traj", "llm_traj_config": config, "confdir": confdir}
+        options={"llm_traj_path": tmp_path / "traj", "llm_traj_config": config, "confdir": confdir,
+                 "ssl_insecure": "true"}  # the named host's certificate is self-signed
     ) as proxy:
         trust = ssl.create_default_context(cafile=confdir / "mitmproxy-ca-cert.pem")
         agent = OpenAI(base_url=f"{named.url}/v1", api_key=DUMMY_KEY, max_retries=0,
@@ -316,6 +317,11 @@ upstream_model = "standin-text"
         assert upstream_a.requests[-1].header("authorization") == f"Bearer {REAL_KEY}"
         [record] = wait_records(tmp_path / "traj" / "default.jsonl", 1)
         assert record.url.startswith(named.url) and record.upstream.url == f"{upstream_a.url}/v1/chat/completions"
+        # /v1/models is answered from the config only for a configured upstream's host
+        assert [m.id for m in agent.models.list()][0] == "standin-text"  # the named host's own list
+        configured = OpenAI(base_url=f"{upstream_a.url}/v1", api_key=DUMMY_KEY, max_retries=0,
+                            http_client=httpx.Client(proxy=proxy.url))  # fmt: skip
+        assert [m.id for m in configured.models.list()] == ["routed"]
 
 
 def test_anthropic_route_gets_its_key_as_x_api_key(upstream_a, tmp_path, monkeypatch, session):

@@ -218,6 +218,7 @@ class Registry:
         self.routes = routes
         self.default = default
         self.skipped = skipped  # optional providers/models left out: their key variable is unset
+        self.addresses = {address_of(route.base_url) for route in routes if route.base_url}  # (host, port) of each upstream
         self._by_name: dict[str, ModelEntry] = {}
         for entry in models:
             for name in (entry.name, *entry.aliases):
@@ -233,6 +234,12 @@ class Registry:
 
     def model(self, name: str) -> ModelEntry | None:
         return self._by_name.get(name)
+
+
+def address_of(url: str) -> tuple[str, int]:
+    """(host, port) of an http(s) URL."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _policy(layers: list[RetrySettings], retries: int) -> RetryPolicy:

@@ -23,7 +23,9 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from pydantic_core import from_json
 
 from ..upstream_client import Attempt, UpstreamClient, UpstreamFailure
-from ..upstreams import AUTH_HEADERS, Registry, RetryPolicy, Route, Target, UnknownModel, model_object, models_list
+from ..upstreams import (
+    AUTH_HEADERS, Registry, RetryPolicy, Route, Target, UnknownModel, address_of, model_object, models_list,
+)  # fmt: skip
 from .loopback import ORIGINAL_URL_KEY, Loopback, ProducedResponse
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, error_response, llm_call
@@ -58,7 +60,7 @@ class UpstreamRouting:
         if path == HEALTH_PATH or (path == "/health" and isinstance(flow.client_conn.proxy_mode, ReverseMode)):
             return self._health(flow)
         registry = self._registry
-        if registry is None:
+        if registry is None or not self._for_the_models(flow, registry):
             return
         if path in MODELS_PATHS:
             flow.response = _json_response(200, models_list(registry, self._started))
@@ -71,6 +73,15 @@ class UpstreamRouting:
                                                "invalid_request_error", "model_not_found")  # fmt: skip
             else:
                 flow.response = _json_response(200, model_object(entry, self._started))
+
+    @staticmethod
+    def _for_the_models(flow: http.HTTPFlow, registry: Registry) -> bool:
+        """Whether a request is addressed to the configured models: in reverse mode
+        every request is; through HTTPS_PROXY only those to a configured upstream's
+        host (another service's /models is not ours to answer)."""
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return True
+        return (flow.request.host, flow.request.port) in registry.addresses
 
     def request(self, flow: http.HTTPFlow) -> None:
         settings = self._options.settings
@@ -132,11 +143,9 @@ class UpstreamRouting:
 
 
 async def _reachable(route: dict) -> dict:
-    parts = urlsplit(route["url"])
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     started = time.perf_counter()
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, port), REACHABILITY_TIMEOUT)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*address_of(route["url"])), REACHABILITY_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         return {**route, "reachable": False, "error": str(exc) or type(exc).__name__}
     writer.close()
