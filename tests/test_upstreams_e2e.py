@@ -363,3 +363,17 @@ def test_saved_flows_hold_the_agents_key_not_the_injected_one(upstream_a, tmp_pa
         [flow] = list(io.FlowReader(fh).stream())
     assert flow.request.headers["authorization"] == f"Bearer {DUMMY_KEY}"
     assert REAL_KEY.encode() not in flows.read_bytes()
+
+
+def test_other_requests_in_reverse_mode_follow_their_model_or_the_default_route(routed, upstream_a, upstream_b):
+    """Embeddings, files and the like are not recorded, but in reverse mode they
+    are meant for the model endpoint too: they take the model's route, else the
+    default one (the proxy's own reverse target here is a dead port)."""
+    embeddings = httpx.post(f"{routed.url}/v1/embeddings", json={"model": "gpt-a", "input": "x"},
+                            headers={"authorization": f"Bearer {DUMMY_KEY}"})  # fmt: skip
+    assert embeddings.status_code == 404 and "Unknown request URL: POST /v1/embeddings" in embeddings.text  # A's own answer
+    seen = upstream_a.requests[-1]
+    assert seen.path == "/v1/embeddings" and seen.header("authorization") == f"Bearer {REAL_KEY}"
+    assert json.loads(seen.body)["model"] == "standin-text"
+    files = httpx.get(f"{routed.url}/v1/files")
+    assert files.status_code == 404 and upstream_b.requests[-1].path == "/v1/files"

@@ -22,6 +22,7 @@ from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from pydantic_core import from_json
 
+from ..apis import API_BY_NAME
 from ..upstream_client import Attempt, UpstreamClient, UpstreamFailure
 from ..upstreams import (
     AUTH_HEADERS, Registry, RetryPolicy, Route, Target, UnknownModel, address_of, model_object, models_list,
@@ -89,6 +90,7 @@ class UpstreamRouting:
             return
         call = llm_call(flow)
         if call is None:
+            self._route_other(flow, settings.registry)
             return
         if ORIGINAL_URL_KEY in flow.metadata:  # answered by the addon itself (anti-call, paced replay)
             return
@@ -99,15 +101,22 @@ class UpstreamRouting:
             self.targets[flow.id] = Target(Route("agent", None, policy=RetryPolicy(retries=settings.retries)), None)
             return
         try:
-            body = from_json(flow.request.get_content(strict=False) or b"null")
-        except ValueError:
-            body = None
-        model = body.get("model") if isinstance(body, dict) else None
-        try:
-            self.targets[flow.id] = registry.target(model)
+            self.targets[flow.id] = registry.target(_model_of(flow.request))
         except UnknownModel as exc:
             body = call.api.error_body(str(exc), "invalid_request_error", "model_not_found")
             flow.response = _json_response(404, body)
+
+    def _route_other(self, flow: http.HTTPFlow, registry: Registry | None) -> None:
+        """A request that is not an LLM call (embeddings, files, ...) in reverse
+        mode, where every request is meant for the model endpoint: to its model's
+        route, else the default route, else where the proxy's reverse target is.
+        Through HTTPS_PROXY other traffic is the agent's own business."""
+        if registry is None or not isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return
+        try:
+            self.targets[flow.id] = registry.target(_model_of(flow.request))
+        except UnknownModel:
+            pass
 
     def _health(self, flow: http.HTTPFlow):
         settings = self._options.settings
@@ -180,8 +189,10 @@ class UpstreamForwarding:
         request = flow.request
         route = target.route
         url = route.url_for(request.path) if route.base_url is not None else request.url
-        info = flow.metadata[CALL_KEY]
-        upstream = info["upstream"] = {"route": route.name, "url": url}
+        call = llm_call(flow)
+        upstream = {"route": route.name, "url": url}
+        if call is not None:  # in the call's record
+            flow.metadata[CALL_KEY]["upstream"] = upstream
         if target.upstream_model is not None:
             upstream["model"] = target.upstream_model
             _set_model(request, target.upstream_model)
@@ -197,7 +208,8 @@ class UpstreamForwarding:
         if flow.id in self._agent_auth:  # the key only goes to the client, never stays on the flow
             _set_auth(request.headers, self._agent_auth.pop(flow.id))
         body = request.raw_content or b""
-        method, api, policy = request.method, llm_call(flow).api, route.policy
+        method, policy = request.method, route.policy
+        api = call.api if call is not None else API_BY_NAME["chat.completions"]  # OpenAI's error shape for the rest
 
         async def produce() -> ProducedResponse:
             try:
@@ -243,6 +255,17 @@ def _set_auth(headers: http.Headers, values: list[tuple[str, str]]) -> None:
             del headers[name]
     for name, value in values:
         headers.add(name, value)
+
+
+def _model_of(request: http.Request) -> object:
+    """The `model` of a JSON request body, if it names one."""
+    if "json" not in request.headers.get("content-type", "json"):
+        return None
+    try:
+        body = from_json(request.get_content(strict=False) or b"null")
+    except ValueError:
+        return None
+    return body.get("model") if isinstance(body, dict) else None
 
 
 def _set_model(request: http.Request, model: str) -> None:
