@@ -13,7 +13,7 @@ import anthropic
 import pytest
 from anthropic import Anthropic, AsyncAnthropic
 
-from llmtraj.anticall import AntiCallClient
+from llmtraj.anticall import AntiCallClient, AntiCallError
 from llmtraj.proxy_process import ProxyProcess
 from llmtraj.store import read_records
 
@@ -161,16 +161,18 @@ def test_anticall_driver_sees_the_api_and_answers_in_deltas_or_whole(tmp_path):
                 await driver.send_response(event, text="Just text.")
                 text = await text
 
-                bad = asyncio.ensure_future(client.messages.create(**request))  # a delta Messages cannot carry
+                later = asyncio.ensure_future(client.messages.create(**request))
                 event = await driver.get_request("ac", 10)
-                await driver.send_delta(event, "second choice", index=1)
-                with pytest.raises(anthropic.APIStatusError) as exc:
-                    await bad
-                assert exc.value.status_code == 502 and "index" in exc.value.body["error"]["message"]
+                with pytest.raises(AntiCallError) as exc:  # a delta Messages cannot carry: refused to the driver
+                    await driver.send_delta(event, "second choice", index=1)
+                assert exc.value.status == 400 and exc.value.code == "bad_delta" and "index" in exc.value.message
+                await driver.send_delta(event, "First choice.")  # the call is unharmed
+                await driver.finish(event)
+                later = await later
             await client.close()
-        return deltas, whole, text
+        return deltas, whole, text, later
 
-    deltas, whole, text = asyncio.run(asyncio.wait_for(main(), 60))
+    deltas, whole, text, later = asyncio.run(asyncio.wait_for(main(), 60))
     assert [block.type for block in deltas.content] == ["thinking", "text", "tool_use"]
     assert deltas.content[0].thinking == "Need the price. Call the tool."
     assert deltas.content[2].input == {"ticker": "AAPL"} and deltas.content[2].id == "toolu_1"
@@ -179,4 +181,5 @@ def test_anticall_driver_sees_the_api_and_answers_in_deltas_or_whole(tmp_path):
     assert text.content[0].text == "Just text." and text.stop_reason == "end_turn"
     records = wait_records(tmp_path / "ac.jsonl", 4)
     assert records[0].api == "anthropic.messages" and records[0].response == dumped(deltas)
-    assert records[1].response == expected and records[3].status == 502
+    assert records[1].response == expected
+    assert later.content[0].text == "First choice." and records[3].response == dumped(later)

@@ -23,10 +23,11 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ..apis import ApiShape
+from ..apis.base import StreamBuilder
 from .models import CallInfo, Event, SessionInfo
 
 ANSWERED = "answered"
@@ -59,6 +60,10 @@ class ShuttingDown(BrokerError):
     status, code = 503, "shutting_down"
 
 
+class BadDelta(BrokerError):
+    status, code = 400, "bad_delta"
+
+
 # --- what the agent side gets, in order ---------------------------------------
 
 
@@ -73,6 +78,7 @@ class Delta:
     index: int = 0
     finish_reason: str | None = None
     logprobs: Any = None
+    data: bytes = b""  # the stream event(s) it became, made when it was pushed
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,9 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)  # what drivers attach for the trajectory
     pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued: _Queued | None = None  # its request event, while undelivered
+    # The answer's stream, made from the deltas as they are pushed (so that a
+    # delta the API cannot carry is refused to the driver who pushed it).
+    builder: StreamBuilder | None = None
 
     def info(self) -> CallInfo:
         return CallInfo(
@@ -316,7 +325,16 @@ class Broker:
         return self._answer(call_id, finish, extra)
 
     def delta(self, call_id: str, delta: Delta, extra: dict[str, Any] | None = None) -> None:
+        """Stream a delta; BadDelta when the call's API cannot carry it (the call is unchanged)."""
         call = self.call(call_id)
+        if call.builder is None:
+            call.builder = call.api.new_stream(call.request)
+        try:
+            data = call.builder.delta(delta.delta, index=delta.index, finish_reason=delta.finish_reason,
+                                      logprobs=delta.logprobs)  # fmt: skip
+        except ValueError as exc:
+            raise BadDelta(f"the delta does not fit this {call.api.name} call: {exc}") from None
+        delta = replace(delta, data=data)
         call.state = "streaming"
         self._deliver(call)
         call.extra.update(extra or {})

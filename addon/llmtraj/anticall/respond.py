@@ -42,32 +42,20 @@ async def answer(broker: Broker, call: Call) -> Answer:
             return Answer(200, SSE_HEADERS, b"".join(api.chunks_from_final(piece.response)))
         except (AttributeError, TypeError, ValueError) as exc:  # not shaped like the API's response
             return error_answer(api, Failure(502, f"llm-traj: the driver's response cannot be streamed: {exc}", "proxy_error", "bad_driver_response"))
-    stream = api.new_stream(call.request)
+    stream = call.builder or api.new_stream(call.request)  # made by the deltas pushed, if any
     if call.stream:
         return Answer(200, SSE_HEADERS, _events(broker, call, stream, piece))
     while True:  # deltas for an agent that wants JSON: gather them
         if isinstance(piece, Failure):
             return error_answer(api, piece)
-        try:
-            if _encode(api, stream, piece)[1]:
-                return Answer(200, JSON_HEADERS, _json(stream.completion()))
-        except ValueError as exc:
-            return error_answer(api, _bad_piece(exc))
+        if _encode(api, stream, piece)[1]:
+            return Answer(200, JSON_HEADERS, _json(stream.completion()))
         piece = await broker.next_piece(call)
-
-
-def _bad_piece(exc: ValueError) -> Failure:
-    return Failure(502, f"llm-traj: the driver's delta does not fit this API: {exc}", "proxy_error", "bad_driver_delta")
 
 
 async def _events(broker: Broker, call: Call, stream: StreamBuilder, piece: Piece) -> AsyncIterator[bytes]:
     while True:
-        try:
-            data, last = _encode(call.api, stream, piece)
-        except ValueError as exc:  # the head is out: an error event ends the stream
-            failure = _bad_piece(exc)
-            yield stream.error(call.api.error_body(failure.message, failure.type, failure.code))
-            return
+        data, last = _encode(call.api, stream, piece)
         yield data
         if last:
             return
@@ -78,7 +66,7 @@ def _encode(api: ApiShape, stream: StreamBuilder, piece: Piece) -> tuple[bytes, 
     """The stream bytes of a piece after the first, and whether it ends the
     stream (the broker refuses a full response once deltas were pushed)."""
     if isinstance(piece, Delta):
-        return stream.delta(piece.delta, index=piece.index, finish_reason=piece.finish_reason, logprobs=piece.logprobs), False
+        return piece.data, False  # made when it was pushed
     if isinstance(piece, Finish):
         return stream.finish(finish_reason=piece.finish_reason, usage=piece.usage), True
     assert isinstance(piece, Failure)  # the headers are out: an error event, which the SDKs raise
