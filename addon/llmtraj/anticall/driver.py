@@ -50,9 +50,14 @@ def parse_response(text: str) -> str | dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise UsageError(f"the response is not JSON ({exc}); give a chat.completion object or a JSON string") from None
+        raise UsageError(
+            f"the response is not JSON ({exc}); give a full response object in the call's API shape "
+            "(a chat.completion, a Message, ...) or a JSON string (the reply text)"
+        ) from None
     if not isinstance(value, dict | str):
-        raise UsageError("the response must be a JSON object (a chat.completion) or a JSON string (the reply text)")
+        raise UsageError(
+            "the response must be a JSON object (a full response in the call's API shape) or a JSON string (the reply text)"
+        )
     return value
 
 
