@@ -97,8 +97,13 @@ class UpstreamClient:
     """One shared connection pool for every call that needs retries or timeouts."""
 
     def __init__(self, *, verify: bool = True, rng: random.Random | None = None) -> None:
-        # read timeout none: the first-byte and idle limits are per route, applied here
-        self._client = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(None), follow_redirects=False)
+        # As mitmproxy's own forwarding: no cap on connections (many agents stream
+        # at once), no proxy from the environment; no read timeout either: the
+        # first-byte and idle limits are per route, applied here.
+        self._client = httpx.AsyncClient(
+            verify=verify, timeout=httpx.Timeout(None), follow_redirects=False, trust_env=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+        )  # fmt: skip
         self._rng = rng or random.Random()
 
     async def aclose(self) -> None:
