@@ -4,6 +4,7 @@ are what is seen)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import subprocess
@@ -377,3 +378,29 @@ def test_other_requests_in_reverse_mode_follow_their_model_or_the_default_route(
     assert json.loads(seen.body)["model"] == "standin-text"
     files = httpx.get(f"{routed.url}/v1/files")
     assert files.status_code == 404 and upstream_b.requests[-1].path == "/v1/files"
+
+
+def test_many_concurrent_calls_through_a_retrying_route(routed, session):
+    """Route b retries, so its calls go through llm-traj's own client behind the
+    loopback server: 40 at once, streamed and not, all arrive whole."""
+    from openai import AsyncOpenAI
+
+    async def main():
+        agent = AsyncOpenAI(base_url=f"{routed.url}/s/{session}/v1", api_key=DUMMY_KEY, max_retries=0)
+
+        async def one(i: int) -> str:
+            if i % 2:
+                chunks = await agent.chat.completions.create(model="standin-text", messages=MESSAGES, stream=True)
+                return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+            reply = await agent.chat.completions.create(model="standin-text", messages=MESSAGES)
+            return reply.choices[0].message.content
+
+        texts = await asyncio.gather(*(one(i) for i in range(40)))
+        await agent.close()
+        return texts
+
+    texts = asyncio.run(asyncio.wait_for(main(), 60))
+    assert len(set(texts)) == 1 and texts[0].startswith("Hello! I am the standin upstream")
+    records = wait_records(routed.traj / f"{session}.jsonl", 40)
+    assert all(r.complete and r.status == 200 and [a.status for a in r.upstream.attempts] == [200] for r in records)
+    assert sorted(r.index for r in records) == list(range(1, 41))
