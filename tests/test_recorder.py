@@ -16,6 +16,7 @@ import brotli
 import pytest
 import zstandard
 
+from llmtraj.apis import API_BY_NAME, ApiShape
 from llmtraj.apis.chat_completions import ChatCompletions
 from llmtraj.record import CallRecord
 from llmtraj.recorder import CallTee
@@ -77,9 +78,10 @@ def chunkings(data: bytes, seed: int) -> list[bytes]:
 def new_tee(
     request_headers: list[tuple[str, str]] | None = None,
     request_body: bytes = b'{"model": "m", "stream": true, "messages": []}',
+    api: ApiShape | None = None,
 ) -> CallTee:
     return CallTee(
-        api=ChatCompletions(),
+        api=api or ChatCompletions(),
         session="sess-1",
         index=1,
         mode="record",
@@ -289,6 +291,26 @@ def test_fail_mid_compressed_stream():
     got = events_bytes(record)
     assert got and data.startswith(got)
     assert record.response["choices"][0]["message"]["content"].startswith("The")
+
+
+@pytest.mark.parametrize(("folder", "api"), [("", "chat.completions"), ("anthropic", "anthropic.messages"),
+                                             ("responses", "responses"), ("completions", "completions")])
+def test_client_hanging_up_after_the_end_marker_is_a_complete_call(folder, api):
+    """SDKs close the connection once they read [DONE] / message_stop /
+    response.completed, which can come before the HTTP body's own end: the
+    agent had the whole answer, so the call is complete (with a note); a hang-up
+    before the marker is not."""
+    fixture = STREAMS / folder / ("openai_chat_basic.sse" if not folder else "text.sse")
+    data = fixture.read_bytes()
+    for cut, complete in ((len(data), True), (len(data) - 30, False)):
+        tee = new_tee(api=API_BY_NAME[api])
+        tee.response_started(200, SSE_HEADERS)
+        tee.chunk(data[:cut])
+        record = validated(tee.fail("client_disconnected", "Client disconnected."))
+        assert record.complete is complete and (record.error is None) is complete
+        if complete:
+            assert record.response == json.loads(fixture.with_suffix(".expected.json").read_text())
+            assert record.problems == ["the client closed the connection after the end of the stream"]
 
 
 def test_fail_non_stream_keeps_partial_body():

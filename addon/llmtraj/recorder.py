@@ -161,6 +161,12 @@ class CallTee:
             self._take(self._parser.finish(), now)
         elif self._body:
             self._finish_body()
+        if kind == "client_disconnected" and self._aggregator is not None and self._aggregator.done:
+            # SDKs stop reading at the stream's end marker and close the connection,
+            # sometimes before the HTTP body's own end reached the proxy: the agent
+            # had the whole answer.
+            self.fields["problems"].append("the client closed the connection after the end of the stream")
+            return self._close(now)
         self.fields["complete"] = False
         self.fields["error"] = {"kind": kind, "message": message}
         return self._close(now)

@@ -23,6 +23,10 @@ class StreamAggregator(Protocol):
     def problems(self) -> list[str]:
         """Events that could not be folded in (bad JSON, error events), in order."""
 
+    @property
+    def done(self) -> bool:
+        """Whether the stream's own end marker came ([DONE], message_stop, response.completed, ...)."""
+
 
 class StreamBuilder(Protocol):
     """Makes the response stream of one call from pieces pushed one at a time

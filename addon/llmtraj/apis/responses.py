@@ -202,6 +202,11 @@ class ResponsesAggregator:
         self._error: dict[str, Any] | None = None
         self.problems: list[str] = []
 
+    @property
+    def done(self) -> bool:
+        """Whether the event that ends a stream came (completed, incomplete, failed)."""
+        return self._final is not None
+
     def add(self, block: SSEBlock) -> None:
         data = block.data
         if data is None or not block.terminated or data.strip() == "[DONE]":  # [DONE]: some compatible servers
