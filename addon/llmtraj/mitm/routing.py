@@ -16,6 +16,7 @@ from ..apis import API_BY_NAME, ApiShape, api_for
 from ..session import SESSION_HEADER, InvalidSession, split_session_prefix, validate_session
 from .options import LlmTrajOptions
 
+_SESSION_HEADER = SESSION_HEADER.encode()
 CALL_KEY = "llm_traj"  # flow.metadata key: a JSON-able summary, shown in mitmweb
 
 
@@ -51,8 +52,10 @@ class Routing:
         session, path = split_session_prefix(request.path)
         if session is not None:
             request.path = path
-        header_session = request.headers.get(SESSION_HEADER)
-        if header_session is not None:  # (MutableMapping.pop is slow on mitmproxy's Headers)
+        # Looked up in the raw fields: mitmproxy's Headers.get costs several
+        # times more, and this runs for every request.
+        header_session = next((v.decode("latin-1") for k, v in request.headers.fields if k.lower() == _SESSION_HEADER), None)
+        if header_session is not None:
             del request.headers[SESSION_HEADER]
         session = session or header_session or settings.default_session
         api = api_for(request.method, path.split("?", 1)[0])

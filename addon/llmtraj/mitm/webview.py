@@ -193,6 +193,7 @@ class WebAnnotations:
         self._options = options
         self._max_flows = 0
         self._view = None
+        self._saving = False  # flows go to a file (-w), where the marks and comments are kept
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -201,7 +202,13 @@ class WebAnnotations:
             "ones, so that a long run does not grow without bound (0: no limit).",
         )  # fmt: skip
 
+    def serves_flows(self) -> bool:
+        """Only a UI or a flow file shows the marks and comments."""
+        return self._view is not None or self._saving
+
     def configure(self, updated: set[str]) -> None:
+        if "save_stream_file" in updated:
+            self._saving = bool(ctx.options.save_stream_file)
         if MAX_FLOWS_OPTION not in updated:
             return
         value = ctx.options.llm_traj_web_max_flows
