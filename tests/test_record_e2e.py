@@ -395,3 +395,18 @@ def test_log_has_no_line_per_streamed_call(upstream, tmp_path):
     output = p.output()
     assert "Streaming response" not in output and "Streaming request" not in output
     assert "client connect" in output and "POST" in output
+
+
+def test_flow_files_keep_the_annotations(upstream, tmp_path):
+    """With -w the saved flows carry llm-traj's marks and comments, as mitmweb shows them."""
+    from mitmproxy import io
+
+    flows = tmp_path / "flows.mitm"
+    with ProxyProcess(upstream=upstream.url, options={"llm_traj_path": tmp_path}, extra_args=["-w", str(flows)]) as p:
+        client = OpenAI(base_url=f"{p.url}/s/saved/v1", api_key=API_KEY, max_retries=0)
+        client.chat.completions.create(model="standin-text", messages=MESSAGES)
+        httpx.get(f"{p.url}/plain")
+    with open(flows, "rb") as fh:
+        call, other = list(io.FlowReader(fh).stream())
+    assert call.comment == "llm-traj saved #1, record" and call.marked
+    assert other.comment == "" and not other.marked
