@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,30 +27,15 @@ import llmtraj.apis.anthropic_messages as anthropic_messages
 from llmtraj.apis.anthropic_messages import AnthropicMessageAggregator, AnthropicMessages
 from llmtraj.sse import SSEBlock, SSEParser
 
-ROOT = Path(__file__).resolve().parents[1]
-STREAMS = ROOT / "fixtures" / "streams" / "anthropic"
+from .streams import STREAMS as ALL_STREAMS, blocks_of, expected_for, fold, request_for
+
+STREAMS = ALL_STREAMS / "anthropic"
 FIXTURES = sorted(STREAMS.glob("*.sse"))
 API = AnthropicMessages()
 
 
-def expected_for(fixture: Path) -> dict[str, Any]:
-    return json.loads((fixture.parent / (fixture.stem + ".expected.json")).read_text(encoding="utf-8"))
-
-
-def request_for(fixture: Path) -> dict[str, Any]:
-    return json.loads((fixture.parent / (fixture.stem + ".request.json")).read_text(encoding="utf-8"))
-
-
-def blocks_of(data: bytes) -> list[SSEBlock]:
-    parser = SSEParser()
-    return parser.feed(data) + parser.finish()
-
-
 def aggregate(blocks: list[SSEBlock]) -> AnthropicMessageAggregator:
-    agg = AnthropicMessageAggregator()
-    for block in blocks:
-        agg.add(block)
-    return agg
+    return fold(AnthropicMessageAggregator(), blocks)
 
 
 def sse(*events: tuple[str, Any]) -> bytes:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import random
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
 
 import pytest
 from openai._models import construct_type
@@ -18,26 +16,15 @@ from openai.types.chat import ChatCompletionChunk
 
 from llmtraj.apis import api_for
 from llmtraj.apis.chat_completions import ChatCompletionAggregator, ChatCompletions, merge_delta
-from llmtraj.sse import SSEBlock, SSEParser
+from llmtraj.sse import SSEBlock
 
-STREAMS = ROOT / "fixtures" / "streams"
+from .streams import STREAMS, blocks_of, expected_for, fold
+
 FIXTURES = sorted(STREAMS.glob("*.sse"))
 
 
-def expected_for(fixture: Path) -> dict[str, Any]:
-    return json.loads((fixture.parent / (fixture.stem + ".expected.json")).read_text(encoding="utf-8"))
-
-
-def blocks_of(data: bytes) -> list[SSEBlock]:
-    parser = SSEParser()
-    return parser.feed(data) + parser.finish()
-
-
 def aggregate(blocks: list[SSEBlock]) -> ChatCompletionAggregator:
-    agg = ChatCompletionAggregator()
-    for block in blocks:
-        agg.add(block)
-    return agg
+    return fold(ChatCompletionAggregator(), blocks)
 
 
 def sse(*events: Any) -> bytes:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,31 +15,16 @@ from openai.types import Completion
 from llmtraj.apis.completions import Completions, TextCompletionAggregator
 from llmtraj.sse import SSEBlock, SSEParser
 
-ROOT = Path(__file__).resolve().parents[1]
-STREAMS = ROOT / "fixtures" / "streams" / "completions"
+from .streams import STREAMS as ALL_STREAMS, blocks_of, expected_for, fold, request_for
+
+STREAMS = ALL_STREAMS / "completions"
 FIXTURES = sorted(STREAMS.glob("*.sse"))
 API = Completions()
 HEAD = {"id": "cmpl-test", "object": "text_completion", "created": 1756493721, "model": "gpt-3.5-turbo-instruct"}
 
 
-def expected_for(fixture: Path) -> dict[str, Any]:
-    return json.loads((fixture.parent / (fixture.stem + ".expected.json")).read_text(encoding="utf-8"))
-
-
-def request_for(fixture: Path) -> dict[str, Any]:
-    return json.loads((fixture.parent / (fixture.stem + ".request.json")).read_text(encoding="utf-8"))
-
-
-def blocks_of(data: bytes) -> list[SSEBlock]:
-    parser = SSEParser()
-    return parser.feed(data) + parser.finish()
-
-
 def aggregate(blocks: list[SSEBlock]) -> TextCompletionAggregator:
-    agg = TextCompletionAggregator()
-    for block in blocks:
-        agg.add(block)
-    return agg
+    return fold(TextCompletionAggregator(), blocks)
 
 
 def sse(*events: Any) -> bytes:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-from pathlib import Path
 from typing import Any, get_args
 
 import httpx
@@ -18,32 +17,17 @@ from openai.types.responses import Response, ResponseStreamEvent
 from llmtraj.apis.responses import Responses, ResponsesAggregator
 from llmtraj.sse import SSEBlock, SSEParser
 
-ROOT = Path(__file__).resolve().parents[1]
-STREAMS = ROOT / "fixtures" / "streams" / "responses"
+from .streams import STREAMS as ALL_STREAMS, blocks_of, expected_for, fold, request_for
+
+STREAMS = ALL_STREAMS / "responses"
 FIXTURES = sorted(STREAMS.glob("*.sse"))
 API = Responses()
 # event type -> the SDK's model of that event
 EVENT_MODELS = {get_args(m.model_fields["type"].annotation)[0]: m for m in get_args(get_args(ResponseStreamEvent)[0])}
 
 
-def expected_for(fixture: Path) -> dict[str, Any]:
-    return json.loads((fixture.parent / (fixture.stem + ".expected.json")).read_text(encoding="utf-8"))
-
-
-def request_for(fixture: Path) -> dict[str, Any]:
-    return json.loads((fixture.parent / (fixture.stem + ".request.json")).read_text(encoding="utf-8"))
-
-
-def blocks_of(data: bytes) -> list[SSEBlock]:
-    parser = SSEParser()
-    return parser.feed(data) + parser.finish()
-
-
 def aggregate(blocks: list[SSEBlock]) -> ResponsesAggregator:
-    agg = ResponsesAggregator()
-    for block in blocks:
-        agg.add(block)
-    return agg
+    return fold(ResponsesAggregator(), blocks)
 
 
 def sse(*events: Any) -> bytes:

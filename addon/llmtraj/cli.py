@@ -256,7 +256,6 @@ def watch_agent(
 
 def _records(path: Path):
     """All records of a trajectory, or a one-line exit."""
-    from .stats import usage_of
     from .store import TrajectoryError, read_records
 
     if not path.exists():
