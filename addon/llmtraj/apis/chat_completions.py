@@ -149,8 +149,11 @@ class ChatCompletionAggregator:
         return choice
 
 
+_ID_PREFIX = "chatcmpl-llmtraj-"
+
+
 def _new_id() -> str:
-    return "chatcmpl-llmtraj-" + secrets.token_hex(12)
+    return _ID_PREFIX + secrets.token_hex(12)
 
 
 def _model(request: Any) -> str:
@@ -173,18 +176,22 @@ def _tool_call(call: Any, position: int) -> dict[str, Any]:
     }
 
 
-class ChatCompletionStream:
-    """A `chat.completion.chunk` stream built delta by delta (anti-call). It
-    aggregates what it builds, so a non-streaming agent can get the same
-    answer as JSON."""
+class ChoiceChunkStream:
+    """What the OpenAI streams of choice chunks built delta by delta (anti-call)
+    share: chunks of one id, usage as OpenAI sends it, and the aggregate of
+    what was built, so a non-streaming agent can get the same answer as JSON."""
 
-    def __init__(self, request: Any) -> None:
+    chunk_object: str
+    final_object: str
+    id_prefix: str
+
+    def __init__(self, request: Any, aggregator: ChatCompletionAggregator) -> None:
         options = request.get("stream_options") if isinstance(request, dict) else None
         self._include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        self._top = {"id": _new_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": _model(request)}
-        self._open: dict[int, bool] = {}  # choice index -> whether it has tool calls, once started
+        self._top = {"id": self.id_prefix + secrets.token_hex(12), "object": self.chunk_object,
+                     "created": int(time.time()), "model": _model(request)}  # fmt: skip
         self._finished: set[int] = set()
-        self._aggregator = ChatCompletionAggregator()
+        self._aggregator = aggregator
         self._usage: dict[str, Any] | None = None
 
     def _event(self, choices: list[dict[str, Any]], **top: Any) -> bytes:
@@ -194,6 +201,24 @@ class ChatCompletionStream:
         text = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
         self._aggregator.add(SSEBlock(raw=b"", data=text))
         return b"data: %s\n\n" % text.encode()
+
+    def error(self, body: dict[str, Any]) -> bytes:
+        return _sse_event(body)
+
+    def completion(self) -> dict[str, Any]:
+        completion = self._aggregator.result() or {**self._top, "object": self.final_object, "choices": []}
+        completion["usage"] = self._usage or dict(_ZERO_USAGE)
+        return completion
+
+
+class ChatCompletionStream(ChoiceChunkStream):
+    """A `chat.completion.chunk` stream built delta by delta."""
+
+    chunk_object, final_object, id_prefix = "chat.completion.chunk", "chat.completion", _ID_PREFIX
+
+    def __init__(self, request: Any) -> None:
+        super().__init__(request, ChatCompletionAggregator())
+        self._open: dict[int, bool] = {}  # choice index -> whether it has tool calls, once started
 
     def delta(self, delta: dict[str, Any], *, index: int = 0, finish_reason: str | None = None,
               logprobs: Any = None) -> bytes:
@@ -220,13 +245,6 @@ class ChatCompletionStream:
             events.append(self._event([], usage=self._usage))
         return b"".join(events) + _DONE
 
-    def error(self, body: dict[str, Any]) -> bytes:
-        return _sse_event(body)
-
-    def completion(self) -> dict[str, Any]:
-        completion = self._aggregator.result() or {**self._top, "object": "chat.completion", "choices": []}
-        completion["usage"] = self._usage or dict(_ZERO_USAGE)
-        return completion
 
 
 class ChatCompletions:

@@ -11,13 +11,11 @@ and the usage chunk is kept. The openai SDK has no accumulator for these.
 from __future__ import annotations
 
 import copy
-import json
 import secrets
 import time
 from typing import Any
 
-from ..sse import SSEBlock
-from .chat_completions import _DONE, _ZERO_USAGE, ChatCompletionAggregator, ChatCompletions, _model, _sse_event, merge_delta
+from .chat_completions import _DONE, _ZERO_USAGE, ChatCompletionAggregator, ChatCompletions, ChoiceChunkStream, _model, _sse_event, merge_delta
 
 _NO_TOOL_CALLS = "legacy completions have no tool calls"
 
@@ -46,33 +44,24 @@ class TextCompletionAggregator(ChatCompletionAggregator):
         return completion
 
 
+_ID_PREFIX = "cmpl-llmtraj-"
+
+
 def _new_id() -> str:
-    return "cmpl-llmtraj-" + secrets.token_hex(12)
+    return _ID_PREFIX + secrets.token_hex(12)
 
 
-class TextCompletionStream:
+class TextCompletionStream(ChoiceChunkStream):
     """A `text_completion` stream built delta by delta (anti-call): a delta's
     `text` (or chat-style `content`) is the choice's next text; other chat
-    fields (role, reasoning_content) have no place here and are left out. It
-    aggregates what it builds, so a non-streaming agent can get the same
-    answer as JSON."""
+    fields (role, reasoning_content) have no place here and are left out."""
+
+    chunk_object = final_object = "text_completion"
+    id_prefix = _ID_PREFIX
 
     def __init__(self, request: Any) -> None:
-        options = request.get("stream_options") if isinstance(request, dict) else None
-        self._include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        self._top = {"id": _new_id(), "object": "text_completion", "created": int(time.time()), "model": _model(request)}
+        super().__init__(request, TextCompletionAggregator())
         self._started: set[int] = set()
-        self._finished: set[int] = set()
-        self._aggregator = TextCompletionAggregator()
-        self._usage: dict[str, Any] | None = None
-
-    def _event(self, choices: list[dict[str, Any]], **top: Any) -> bytes:
-        chunk = {**self._top, "choices": choices, **top}
-        if self._include_usage:  # as OpenAI: null in every chunk but the usage-only one
-            chunk.setdefault("usage", None)
-        text = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
-        self._aggregator.add(SSEBlock(raw=b"", data=text))
-        return b"data: %s\n\n" % text.encode()
 
     def delta(self, delta: dict[str, Any], *, index: int = 0, finish_reason: str | None = None,
               logprobs: Any = None) -> bytes:
@@ -96,14 +85,6 @@ class TextCompletionStream:
         if self._include_usage:
             events.append(self._event([], usage=self._usage))
         return b"".join(events) + _DONE
-
-    def error(self, body: dict[str, Any]) -> bytes:
-        return _sse_event(body)
-
-    def completion(self) -> dict[str, Any]:
-        completion = self._aggregator.result() or {**self._top, "choices": []}
-        completion["usage"] = self._usage or dict(_ZERO_USAGE)
-        return completion
 
 
 class Completions:
