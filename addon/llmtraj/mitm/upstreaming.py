@@ -224,7 +224,6 @@ class UpstreamForwarding:
             return ProducedResponse(response.status, response.headers, _noting_failure(response.body, upstream))
 
         self._loopback.serve(flow, produce)
-        flow.metadata[ORIGINAL_URL_KEY] = url  # where it really goes (the loopback only relays)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._restore_auth(flow)
