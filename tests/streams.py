@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +32,13 @@ def fold(aggregator: StreamAggregator, blocks: list[SSEBlock]) -> StreamAggregat
     for block in blocks:
         aggregator.add(block)
     return aggregator
+
+
+def fold_in_pieces(aggregator: StreamAggregator, data: bytes, rng: random.Random) -> StreamAggregator:
+    """`data` fed to a parser in random pieces of 1-9 bytes, as a network might cut it."""
+    parser, at = SSEParser(), 0
+    while at < len(data):
+        step = rng.randint(1, 9)
+        fold(aggregator, parser.feed(data[at : at + step]))
+        at += step
+    return fold(aggregator, parser.finish())

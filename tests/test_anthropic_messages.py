@@ -25,9 +25,9 @@ from anthropic.types import Message, RawMessageStreamEvent
 
 import llmtraj.apis.anthropic_messages as anthropic_messages
 from llmtraj.apis.anthropic_messages import AnthropicMessageAggregator, AnthropicMessages
-from llmtraj.sse import SSEBlock, SSEParser
+from llmtraj.sse import SSEBlock
 
-from .streams import STREAMS as ALL_STREAMS, blocks_of, expected_for, fold, request_for
+from .streams import STREAMS as ALL_STREAMS, blocks_of, expected_for, fold, fold_in_pieces, request_for
 
 STREAMS = ALL_STREAMS / "anthropic"
 FIXTURES = sorted(STREAMS.glob("*.sse"))
@@ -163,15 +163,7 @@ def test_fixtures_cover_the_interesting_shapes():
 def test_fixture_split_anywhere_aggregates_the_same(fixture):
     data = fixture.read_bytes()
     for seed in range(20):
-        rng = random.Random(seed)
-        parser, agg, pos = SSEParser(), AnthropicMessageAggregator(), 0
-        while pos < len(data):
-            size = rng.randint(1, 9)
-            for block in parser.feed(data[pos : pos + size]):
-                agg.add(block)
-            pos += size
-        for block in parser.finish():
-            agg.add(block)
+        agg = fold_in_pieces(AnthropicMessageAggregator(), data, random.Random(seed))
         assert agg.problems == [] and agg.result() == expected_for(fixture)
 
 

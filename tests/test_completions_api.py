@@ -13,9 +13,9 @@ import pytest
 from openai.types import Completion
 
 from llmtraj.apis.completions import Completions, TextCompletionAggregator
-from llmtraj.sse import SSEBlock, SSEParser
+from llmtraj.sse import SSEBlock
 
-from .streams import STREAMS as ALL_STREAMS, blocks_of, expected_for, fold, request_for
+from .streams import STREAMS as ALL_STREAMS, blocks_of, expected_for, fold, fold_in_pieces, request_for
 
 STREAMS = ALL_STREAMS / "completions"
 FIXTURES = sorted(STREAMS.glob("*.sse"))
@@ -84,16 +84,7 @@ def test_fixtures_cover_the_interesting_shapes():
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
 def test_split_anywhere_gives_the_same_aggregate(fixture, seed):
-    data = fixture.read_bytes()
-    rng = random.Random(seed)
-    parser, agg, at = SSEParser(), TextCompletionAggregator(), 0
-    while at < len(data):
-        step = rng.randint(1, 9)
-        for block in parser.feed(data[at : at + step]):
-            agg.add(block)
-        at += step
-    for block in parser.finish():
-        agg.add(block)
+    agg = fold_in_pieces(TextCompletionAggregator(), fixture.read_bytes(), random.Random(seed))
     assert agg.problems == [] and agg.result() == expected_for(fixture)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from pydantic_core import from_json
 
 from ..sse import SSEBlock
+from .base import single_choice_view
 
 # Blocks whose `input` is streamed as `input_json_delta` fragments (the beta
 # API's `mcp_tool_use` as well: betas are served on the same path).
@@ -513,22 +514,14 @@ class AnthropicMessages:
             elif kind in _TOOL_INPUT_BLOCKS:
                 arguments = json.dumps(block.get("input", {}), ensure_ascii=False)
                 calls.append({"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": arguments}})
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
-        if thinking:
-            message["reasoning_content"] = "".join(thinking)
-        if calls:
-            message["tool_calls"] = calls
         finish = {v: k for k, v in _STOP_REASONS.items()}.get(final.get("stop_reason"), final.get("stop_reason"))
-        view = {"id": final.get("id"), "object": "chat.completion", "model": final.get("model"),
-                "choices": [{"index": 0, "message": message, "finish_reason": finish}]}  # fmt: skip
-        usage = final.get("usage")
+        usage, chat_usage = final.get("usage"), None
         if isinstance(usage, dict):
             prompt = sum(usage.get(k) or 0 for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
             completion = usage.get("output_tokens") or 0
-            view["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        if "error" in final:
-            view["error"] = final["error"]
-        return view
+            chat_usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return single_choice_view(final, texts=texts, reasoning="".join(thinking), tool_calls=calls,
+                                  finish_reason=finish, usage=chat_usage)  # fmt: skip
 
     def chat_request_view(self, request: Any) -> dict[str, Any] | None:
         if not isinstance(request, dict) or not isinstance(request.get("messages"), list):

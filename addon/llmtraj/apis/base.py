@@ -83,3 +83,23 @@ class ApiShape(Protocol):
         content, reasoning_content and tool_calls; usage as prompt/completion
         tokens), for what people read: show, stats, export, mitmweb. An error
         body comes back as is."""
+
+
+def single_choice_view(
+    final: dict[str, Any], *, texts: list[str], reasoning: str | None, tool_calls: list[dict[str, Any]],
+    finish_reason: Any, usage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The chat.completion an API with one answer per call (Messages, Responses)
+    is seen as: `texts` joined as the content, `usage` already in chat terms."""
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    view = {"id": final.get("id"), "object": "chat.completion", "model": final.get("model"),
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}]}  # fmt: skip
+    if usage is not None:
+        view["usage"] = usage
+    if final.get("error"):
+        view["error"] = final["error"]
+    return view

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic_core import from_json
 
 from ..sse import SSEBlock
+from .base import single_choice_view
 from .chat_completions import ChatCompletions, _model, _tool_call
 
 _SNAPSHOT_EVENTS = {"response.created", "response.in_progress", "response.queued"}
@@ -586,23 +587,15 @@ class Responses:
             elif kind in ("function_call", "custom_tool_call"):
                 arguments = item.get("arguments") if kind == "function_call" else item.get("input")
                 calls.append({"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": arguments}})
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
-        if reasoning:
-            message["reasoning_content"] = "\n\n".join(reasoning)
-        if calls:
-            message["tool_calls"] = calls
         status = final.get("status")
         finish = "length" if status == "incomplete" else "tool_calls" if calls else "stop" if status == "completed" else status
-        view = {"id": final.get("id"), "object": "chat.completion", "model": final.get("model"),
-                "choices": [{"index": 0, "message": message, "finish_reason": finish}]}  # fmt: skip
-        usage = final.get("usage")
+        usage, chat_usage = final.get("usage"), None
         if isinstance(usage, dict):
             prompt, completion = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
-            view["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                             "completion_tokens_details": {"reasoning_tokens": (usage.get("output_tokens_details") or {}).get("reasoning_tokens")}}  # fmt: skip
-        if final.get("error"):
-            view["error"] = final["error"]
-        return view
+            chat_usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                          "completion_tokens_details": {"reasoning_tokens": (usage.get("output_tokens_details") or {}).get("reasoning_tokens")}}  # fmt: skip
+        return single_choice_view(final, texts=texts, reasoning="\n\n".join(reasoning), tool_calls=calls,
+                                  finish_reason=finish, usage=chat_usage)  # fmt: skip
 
     def chat_request_view(self, request: Any) -> dict[str, Any] | None:
         if not isinstance(request, dict) or not isinstance(request.get("input"), (str, list)):
