@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from llmtraj.proxy_process import ProxyProcess
-from llmtraj.record import CallRecord
-from llmtraj.standin import StandinUpstream
-from llmtraj.store import read_records
+from llmtraj.cli.proxy_process import ProxyProcess
+from llmtraj.core.record import CallRecord
+from llmtraj.core.store import read_records
+from llmtraj.testing.standin import StandinUpstream
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from llmtraj.apis.base import StreamAggregator
-from llmtraj.sse import SSEBlock, SSEParser
+from llmtraj.core.sse import SSEBlock, SSEParser
+from llmtraj.testing.standin import FIXTURES
 
-STREAMS = Path(__file__).resolve().parents[1] / "fixtures" / "streams"
+STREAMS = FIXTURES
 
 
 def expected_for(fixture: Path) -> dict[str, Any]:

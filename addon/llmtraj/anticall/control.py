@@ -26,8 +26,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from ..session import InvalidSession, validate_session
-from ..store import is_single_file
+from ..core.session import InvalidSession, validate_session
+from ..core.store import is_single_file
 from .broker import Broker, BrokerError, CallConflict, Delta, Failure, Finish
 from .models import (
     DEFAULT_POLL,

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..proxy_process import pid_alive
+from ..cli.proxy_process import pid_alive
 from .client import AntiCallClient, AntiCallError
 from .control import control_file_for
 from .models import DEFAULT_POLL, Event, SessionInfo

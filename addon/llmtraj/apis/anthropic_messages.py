@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from ..sse import SSEBlock
+from ..core.sse import SSEBlock
 from .base import single_choice_view
 
 # Blocks whose `input` is streamed as `input_json_delta` fragments (the beta

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..sse import SSEBlock
+from ..core.sse import SSEBlock
 
 
 class StreamAggregator(Protocol):

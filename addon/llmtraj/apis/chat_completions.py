@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from ..sse import SSEBlock
+from ..core.sse import SSEBlock
 
 # Top-level chunk fields that describe the chunk, not the completion
 # (`obfuscation`: OpenAI's per-chunk random padding).

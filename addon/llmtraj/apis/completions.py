@@ -15,7 +15,16 @@ import secrets
 import time
 from typing import Any
 
-from .chat_completions import _DONE, _ZERO_USAGE, ChatCompletionAggregator, ChatCompletions, ChoiceChunkStream, _model, _sse_event, merge_delta
+from .chat_completions import (
+    _DONE,
+    _ZERO_USAGE,
+    ChatCompletionAggregator,
+    ChatCompletions,
+    ChoiceChunkStream,
+    _model,
+    _sse_event,
+    merge_delta,
+)
 
 _NO_TOOL_CALLS = "legacy completions have no tool calls"
 

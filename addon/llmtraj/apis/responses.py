@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from ..sse import SSEBlock
+from ..core.sse import SSEBlock
 from .base import single_choice_view
 from .chat_completions import ChatCompletions, _model, _tool_call
 

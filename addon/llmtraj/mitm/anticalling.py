@@ -25,7 +25,7 @@ from ..anticall.control import ControlServer, control_file_for, write_control_fi
 from ..anticall.models import ControlInfo
 from ..anticall.respond import Answer, answer, error_answer
 from ..anticall.rockfile import RockFileChannel
-from ..redact import redact_fields
+from ..core.redact import redact_fields
 from .loopback import Loopback, ProducedResponse
 from .options import ConfigError, LlmTrajOptions, Settings, startup_error
 from .routing import CALL_KEY, llm_call

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from mitmproxy import ctx
 
-from ..session import InvalidSession, validate_session
-from ..upstreams import ConfigError as UpstreamConfigError
-from ..upstreams import Registry, load_registry
+from ..core.session import InvalidSession, validate_session
+from ..upstreams.config import ConfigError as UpstreamConfigError
+from ..upstreams.registry import Registry, load_registry
 
 logger = logging.getLogger("llm_traj")
 

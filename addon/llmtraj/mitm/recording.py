@@ -9,8 +9,9 @@ from pathlib import Path
 
 from mitmproxy import http
 
-from ..record_sink import CallCapture, RecordSink
-from ..store import TrajectoryWriter
+from ..core.store import TrajectoryWriter
+from ..recording.capture import CallCapture
+from ..recording.sink import RecordSink
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, LlmCall, llm_call
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
-from ..replay import (
-    DEFAULT_IGNORE, EXACT, LATER, MATCH_HEADER, POSITION, REPORT_PATH, Miss, Replay, ReplayLoadError, load, reply_body,
-)  # fmt: skip
-from ..record_sink import text_headers
-from ..store import TrajectoryError
+from ..core.headers import text_headers
+from ..core.store import TrajectoryError
+from ..replay import Miss, Replay, ReplayLoadError, load
+from ..replay.matching import DEFAULT_IGNORE, EXACT, LATER, POSITION
+from ..replay.replies import MATCH_HEADER, reply_body
+from ..replay.report import REPORT_PATH
 from .loopback import Loopback, ProducedResponse
 from .options import ConfigError, LlmTrajOptions, startup_error
 from .recording import Recorder

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from ..apis import API_BY_NAME, ApiShape, api_for
-from ..session import SESSION_HEADER, InvalidSession, split_session_prefix, validate_session
+from ..core.session import (
+    SESSION_HEADER,
+    InvalidSession,
+    split_session_prefix,
+    validate_session,
+)
 from .options import LlmTrajOptions
 
 _SESSION_HEADER = SESSION_HEADER.encode()

@@ -23,10 +23,18 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from pydantic_core import from_json
 
 from ..apis import API_BY_NAME
-from ..upstream_client import Attempt, UpstreamClient, UpstreamFailure
-from ..upstreams import (
-    AUTH_HEADERS, Registry, RetryPolicy, Route, Target, UnknownModel, address_of, model_object, models_list,
-)  # fmt: skip
+from ..upstreams.client import Attempt, UpstreamClient, UpstreamFailure
+from ..upstreams.config import AUTH_HEADERS
+from ..upstreams.registry import (
+    Registry,
+    RetryPolicy,
+    Route,
+    Target,
+    UnknownModel,
+    address_of,
+    model_object,
+    models_list,
+)
 from .loopback import ORIGINAL_URL_KEY, Loopback, ProducedResponse
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, error_response, llm_call

@@ -33,8 +33,8 @@ from mitmproxy import contentviews, ctx, hooks, http
 from mitmproxy.contentviews.base import TViewLine
 
 from ..apis import ApiShape, api_for
-from ..recorder import parse_json_body
-from ..sse import SSEParser
+from ..core.sse import SSEParser
+from ..recording.builder import parse_json_body
 from .anticalling import CALL_ID_KEY
 from .options import LlmTrajOptions, startup_error
 from .routing import CALL_KEY, llm_call

@@ -1,0 +1,18 @@
+"""Header helpers shared by the recorder, the writer, replay and the upstream client."""
+
+from __future__ import annotations
+
+from .record import Headers
+
+
+def header(headers: Headers, name: str) -> str | None:
+    name = name.lower()
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def text_headers(headers: RawHeaders) -> list[tuple[str, str]]:
+    """Raw header pairs as text (as mitmproxy's `items(multi=True)` gives them, several times faster)."""
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]

@@ -1,0 +1,58 @@
+"""Where two JSON values first differ, and short excerpts of values for messages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_EXCERPT = 60
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+MISSING = object()
+
+
+def first_difference(recorded: Any, request: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """(path, recorded value, request value) of the first place two JSON values
+    differ, in the recording's key order; `MISSING` for an absent value."""
+    if isinstance(recorded, dict) and isinstance(request, dict):
+        for key, value in recorded.items():
+            sub = f"{path}.{key}" if path else key
+            if key not in request:
+                return sub, value, MISSING
+            if found := first_difference(value, request[key], sub):
+                return found
+        for key, value in request.items():
+            if key not in recorded:
+                return (f"{path}.{key}" if path else key), MISSING, value
+        return None
+    if isinstance(recorded, list) and isinstance(request, list):
+        for i, (a, b) in enumerate(zip(recorded, request)):
+            if found := first_difference(a, b, f"{path}[{i}]"):
+                return found
+        if len(recorded) == len(request):
+            return None
+        i = min(len(recorded), len(request))
+        if i < len(recorded):
+            return f"{path}[{i}]", recorded[i], MISSING
+        return f"{path}[{i}]", MISSING, request[i]
+    # `type` too: 1, 1.0 and true are equal in Python, not in the canonical JSON
+    if type(recorded) is not type(request) or recorded != request:
+        return path, recorded, request
+    return None
+
+
+def excerpt(value: Any, other: Any) -> str:
+    if value is MISSING:
+        return "(absent)"
+    if isinstance(value, str) and isinstance(other, str):
+        # Long texts often differ far in: show where they part.
+        common = next((i for i, (a, b) in enumerate(zip(value, other)) if a != b), min(len(value), len(other)))
+        start = max(0, common - 20)
+        text = value[start : start + _EXCERPT]
+        return ("…" if start else "") + dumps(text) + ("…" if start + _EXCERPT < len(value) else "")
+    text = dumps(value)
+    return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"

@@ -1,0 +1,194 @@
+"""Builds one call's record in the writer process: fed the captured bytes in
+order, it keeps the exact SSE blocks, aggregates them into the final object and
+makes the `CallRecord`'s fields. Knows nothing of mitmproxy."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic_core import from_json
+
+from ..apis import ApiShape
+from ..core.encoding import Decoder, UnsupportedEncoding, decoder_for
+from ..core.headers import header
+from ..core.record import SCHEMA_VERSION, Headers
+from ..core.redact import may_have_secret_fields, redact_fields, redact_headers
+from ..core.sse import SSEBlock, SSEParser
+
+
+def parse_json_body(body: bytes) -> tuple[Any, str | None]:
+    """(JSON value, None), or (None, the body as text) when it is not JSON."""
+    if not body:
+        return None, None
+    try:
+        return from_json(body), None
+    except ValueError:
+        return None, body.decode("utf-8", errors="replace")
+
+
+RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
+
+
+class RecordBuilder:
+    """The record of one call in the making, fed the call's bytes in order (in
+    the record writer, `recording.writer`). Its fields stay plain values and
+    `finish`/`fail` hand them over as a dict with `CallRecord`'s fields, written
+    without a second validation (the reader, and the tests, validate what was
+    written against `CallRecord`)."""
+
+    def __init__(
+        self,
+        *,
+        api: ApiShape,
+        session: str,
+        index: int,
+        mode: str,
+        method: str,
+        url: str,
+        request_headers: Headers,
+        request_body: bytes,
+        started_at: float | None = None,
+    ) -> None:
+        self.api = api
+        headers, self.secrets = redact_headers(request_headers)
+        request, request_raw = parse_json_body(request_body)
+        # The body for the writer to write as received, when it is valid JSON
+        # (just parsed), has nothing to redact and fits on one line: serialising
+        # a long conversation again on every call costs more than parsing it did.
+        self.request_json: bytes | None = None
+        if request is not None:
+            if may_have_secret_fields(request_body):
+                request = redact_fields(request, self.secrets)
+            elif b"\n" not in request_body and b"\r" not in request_body:
+                self.request_json = request_body
+        self.started_at = started_at or time.time()
+        self.fields: RecordFields = {
+            "schema_version": SCHEMA_VERSION,
+            "session": session,
+            "index": index,
+            "api": api.name,
+            "mode": mode,
+            "method": method,
+            "url": url,
+            "request_headers": headers,
+            "request": request,
+            "request_raw": request_raw,
+            "status": None,
+            "response_headers": [],
+            "stream": False,
+            "response": None,
+            "response_raw": None,
+            "events": None,
+            "complete": True,
+            "error": None,
+            "problems": [],
+            "timings": None,  # set at the end
+            "upstream": None,
+            "extra": {},
+        }
+        self.response_headers_at: float | None = None
+        self.first_byte_at: float | None = None
+        self._decoder: Decoder | None = None
+        self._parser: SSEParser | None = None
+        self._aggregator = None
+        self._events: list[dict[str, Any]] = []
+        self._body: list[bytes] = []
+        self._undecodable = False  # a corrupt compressed stream is still forwarded, not parsed
+
+    def response_started(self, status: int, headers: Headers, now: float | None = None) -> None:
+        fields = self.fields
+        fields["status"] = status
+        fields["response_headers"] = redact_headers(headers)[0]
+        self.response_headers_at = now or time.time()
+        try:
+            self._decoder = decoder_for(header(headers, "content-encoding"))
+        except UnsupportedEncoding as exc:
+            fields["problems"].append(f"{exc}: body recorded undecoded")
+            self._decoder = decoder_for(None)
+        content_type = (header(headers, "content-type") or "").lower()
+        if content_type.startswith("text/event-stream"):
+            fields["stream"] = True
+            self._parser = SSEParser()
+            self._aggregator = self.api.new_aggregator()
+
+    def chunk(self, data: bytes, now: float | None = None) -> None:
+        """Feed body bytes as received (still content-encoded)."""
+        if not data:
+            return
+        if self.first_byte_at is None:
+            self.first_byte_at = now or time.time()
+        if self._parser is None:
+            self._body.append(data)  # decoded once at the end: cheaper than per chunk
+            return
+        if self._undecodable:
+            return
+        try:
+            decoded = self._decoder.decode(data)
+        except Exception as exc:  # corrupt compressed stream: keep forwarding, note it
+            self._bad_stream(f"cannot decode body: {exc}")
+            return
+        self._take(self._parser.feed(decoded), now)
+
+    def _take(self, blocks: list[SSEBlock], now: float | None) -> None:
+        if not blocks:
+            return
+        t = round((now or time.time()) - self.started_at, 6)
+        for block in blocks:
+            self._events.append({"t": t, "raw": block.raw.decode("utf-8", errors="replace")})
+            self._aggregator.add(block)
+
+    def finish(self, now: float | None = None) -> RecordFields:
+        """The upstream ended the response normally."""
+        if self._parser is not None:
+            if not self._undecodable:
+                try:
+                    self._take(self._parser.feed(self._decoder.flush()), now)
+                except Exception as exc:
+                    self._bad_stream(f"cannot decode body: {exc}")
+            self._take(self._parser.finish(), now)
+        elif self._decoder is not None:
+            self._finish_body()
+        return self._close(now)
+
+    def fail(self, kind: str, message: str, now: float | None = None) -> RecordFields:
+        """The call ended without a complete response: keep what arrived and why."""
+        if self._parser is not None:
+            self._take(self._parser.finish(), now)
+        elif self._body:
+            self._finish_body()
+        if kind == "client_disconnected" and self._aggregator is not None and self._aggregator.done:
+            # SDKs stop reading at the stream's end marker and close the connection,
+            # sometimes before the HTTP body's own end reached the proxy: the agent
+            # had the whole answer.
+            self.fields["problems"].append("the client closed the connection after the end of the stream")
+            return self._close(now)
+        self.fields["complete"] = False
+        self.fields["error"] = {"kind": kind, "message": message}
+        return self._close(now)
+
+    def _finish_body(self) -> None:
+        body = b"".join(self._body)
+        try:
+            body = self._decoder.decode(body) + self._decoder.flush()
+        except Exception as exc:
+            self.fields["problems"].append(f"cannot decode body: {exc}: recorded undecoded")
+        self.fields["response"], self.fields["response_raw"] = parse_json_body(body)
+
+    def _bad_stream(self, message: str) -> None:
+        self.fields["problems"].append(message)
+        self._undecodable = True
+
+    def _close(self, now: float | None) -> RecordFields:
+        fields = self.fields
+        fields["timings"] = {
+            "started_at": self.started_at,
+            "response_headers_at": self.response_headers_at,
+            "first_byte_at": self.first_byte_at,
+            "ended_at": now or time.time(),
+        }
+        if self._parser is not None or self._events:
+            fields["events"] = self._events
+            fields["response"] = self._aggregator.result()
+            fields["problems"].extend(self._aggregator.problems)
+        return fields

@@ -1,0 +1,50 @@
+"""What the proxy keeps of one call while it runs (`CallCapture`), and its frame on the
+writer pipe: references to the bytes as they pass, and when; no parsing, no copies."""
+
+from __future__ import annotations
+
+import marshal
+import struct
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..core.headers import RawHeaders
+
+FRAME_LENGTH = struct.Struct("!I")
+
+
+@dataclass(slots=True)
+class CallCapture:
+    """What the proxy keeps of one call while it runs: no parsing, no copies."""
+
+    api: str
+    session: str
+    index: int
+    mode: str
+    method: str
+    url: str
+    request_headers: RawHeaders
+    request_body: bytes
+    started_at: float
+    status: int | None = None
+    response_headers: RawHeaders = field(default_factory=list)
+    response_headers_at: float | None = None
+    chunks: list[bytes] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)
+    ended_at: float | None = None
+    error: tuple[str, str] | None = None  # (kind, message) when the call did not finish
+    extra: dict[str, Any] = field(default_factory=dict)
+    upstream: dict[str, Any] | None = None  # route, url, attempts: see `core.record.Upstream`
+
+    def frame(self) -> bytes:
+        # marshal: the fastest stdlib serialiser for plain values, and both
+        # ends run the same Python (the child is started with sys.executable)
+        data = marshal.dumps([getattr(self, name) for name in _CAPTURE_FIELDS])
+        return FRAME_LENGTH.pack(len(data)) + data
+
+    @classmethod
+    def unframe(cls, data: bytes) -> CallCapture:
+        return cls(*marshal.loads(data))
+
+
+_CAPTURE_FIELDS = [f.name for f in fields(CallCapture)]

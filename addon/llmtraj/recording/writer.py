@@ -1,0 +1,74 @@
+"""The record writer process: turns captured calls into trajectory lines.
+
+The proxy's event loop is the hot path of every agent step, and on it only the
+capture happens (`capture.CallCapture`: references to the bytes as they pass,
+and when). Parsing, decoding, SSE aggregation, redaction, serialising and
+writing run here, in `python -m llmtraj.recording.writer PATH`, on the
+machine's other core. Captures arrive on stdin as length-prefixed marshal data
+(both ends are this package, on the same Python). The process runs in its own
+session, so a Ctrl-C meant for the proxy does not reach it, and ends at end of
+input, once whatever arrived is written: a proxy killed with `kill -9` loses no
+call it had finished.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ..apis import API_BY_NAME
+from ..core.headers import text_headers
+from ..core.store import TrajectoryWriter
+from .builder import RecordBuilder
+from .capture import FRAME_LENGTH, CallCapture
+
+
+def record_of(capture: CallCapture) -> tuple[dict[str, Any], set[str], bytes | None]:
+    """(the record's fields, secrets to scrub, request body to write as is)."""
+    tee = RecordBuilder(
+        api=API_BY_NAME[capture.api],
+        session=capture.session,
+        index=capture.index,
+        mode=capture.mode,
+        method=capture.method,
+        url=capture.url,
+        request_headers=text_headers(capture.request_headers),
+        request_body=capture.request_body,
+        started_at=capture.started_at,
+    )
+    if capture.status is not None:
+        tee.response_started(capture.status, text_headers(capture.response_headers), now=capture.response_headers_at)
+        for data, at in zip(capture.chunks, capture.chunk_times):
+            tee.chunk(data, now=at)
+    if capture.error is None:
+        fields = tee.finish(now=capture.ended_at)
+    else:
+        fields = tee.fail(*capture.error, now=capture.ended_at)
+    fields["extra"].update(capture.extra)
+    fields["upstream"] = capture.upstream
+    return fields, tee.secrets, tee.request_json
+
+
+def serve(path: str, source=None) -> None:
+    """Write every capture read from `source` (stdin) to the trajectory at `path`."""
+    source = source or sys.stdin.buffer
+    writer = TrajectoryWriter(path)
+    try:
+        while header := source.read(FRAME_LENGTH.size):
+            if len(header) < FRAME_LENGTH.size:
+                break  # the proxy died mid-frame: that call was not finished
+            length = FRAME_LENGTH.unpack(header)[0]
+            data = source.read(length)
+            if len(data) < length:
+                break  # likewise
+            try:
+                capture = CallCapture.unframe(data)
+                writer.append(*record_of(capture))
+            except Exception as exc:  # one bad call must not cost the others
+                print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
+    finally:
+        writer.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

@@ -1,0 +1,137 @@
+"""What answers a replayed call: a recorded call made ready at load (`Step`), the
+`Reply` it gives (as recorded, or converted between stream and non-stream), and the
+body as written at the recorded pace."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from ..apis import ApiShape
+from ..core.jsondiff import dumps
+from ..core.record import CallRecord
+from ..core.redact import REDACTED
+from .matching import canonical
+
+MATCH_HEADER = b"x-llm-traj-match"
+STEP_HEADER = b"x-llm-traj-step"
+
+# Not replayed: framing the proxy redoes (the recording is content-decoded, the
+# length may change with a stream/non-stream conversion).
+_DROPPED_HEADERS = {
+    "content-length", "transfer-encoding", "content-encoding", "connection",
+    "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
+}  # fmt: skip
+_SSE = b"text/event-stream"
+_JSON = b"application/json"
+
+
+# -------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the agent gets. Headers are ready for the wire; `events` are the
+    recorded stream's blocks with their delay after the first one (empty when
+    there is no pace to keep); `body` is always the whole body."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    events: tuple[tuple[float, bytes], ...] = ()
+    cut: bool = False  # the recorded call ended early: cut the connection after the body
+
+
+def _headers(
+    recorded: Iterable[tuple[str, str]], step: bytes, content_type: bytes | None = None
+) -> tuple[tuple[bytes, bytes], ...]:
+    out = []
+    for name, value in recorded:
+        lower = name.lower()
+        if (
+            lower in _DROPPED_HEADERS
+            or lower.startswith("x-llm-traj-")  # ours, in a recording made during a replay
+            or value == REDACTED  # a set-cookie and the like: the value is gone
+            or (content_type is not None and lower == "content-type")
+        ):
+            continue
+        out.append((name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape")))
+    if content_type is not None:
+        out.append((b"content-type", content_type))
+    out.append((STEP_HEADER, step))
+    return tuple(out)
+
+
+class Step:
+    """One recorded call, ready to be served."""
+
+    __slots__ = ("session", "index", "request", "_record", "_api", "_recorded")
+
+    def __init__(self, record: CallRecord, api: ApiShape, ignore: frozenset[str]) -> None:
+        self.session, self.index = record.session, record.index
+        self.request = canonical(api, record.request, record.request_raw, ignore)
+        self._record, self._api = record, api
+        self._recorded = self._as_recorded()
+
+    def reply(self, wants_stream: bool) -> Reply:
+        """As recorded (built at load); a complete success is converted, when
+        asked, to the other delivery (stream or not)."""
+        record = self._record
+        if wants_stream == record.stream or not record.complete or not 200 <= record.status < 300:
+            return self._recorded
+        if not isinstance(record.response, dict):
+            return self._recorded
+        return self._convert()
+
+    def _step_header(self) -> bytes:
+        return f"{self.session}#{self.index}".encode()
+
+    def _as_recorded(self) -> Reply:
+        record = self._record
+        if record.status is None:
+            # No answer came: the agent got the proxy's 502, written as
+            # mitm/proxy_errors.py writes it.
+            message = f"llm-traj proxy: {record.error.message if record.error else 'no response'}"
+            body = json.dumps(self._api.error_body(message, "proxy_error", "proxy_502")).encode()
+            return Reply(502, _headers((), self._step_header(), _JSON), body)
+        headers = _headers(record.response_headers, self._step_header())
+        if record.events is not None:
+            first = record.events[0].t if record.events else 0.0
+            events = tuple((e.t - first, e.raw.encode()) for e in record.events)
+            body = b"".join(raw for _, raw in events)
+        else:
+            events = ()
+            body = (
+                record.response_raw.encode() if record.response_raw is not None
+                else dumps(record.response).encode() if record.response is not None
+                else b""
+            )  # fmt: skip
+        return Reply(record.status, headers, body, events, cut=not record.complete)
+
+    def _convert(self) -> Reply:
+        record = self._record
+        if record.stream:  # the aggregate the recorder built from the stream
+            headers = _headers(record.response_headers, self._step_header(), _JSON)
+            return Reply(record.status, headers, dumps(record.response).encode())
+        headers = _headers(record.response_headers, self._step_header(), _SSE)
+        return Reply(record.status, headers, b"".join(self._api.chunks_from_final(record.response)))
+
+
+async def reply_body(reply: Reply, speed: float) -> AsyncIterator[bytes]:
+    """The body as it is written: a recorded stream at its pace divided by
+    `speed` (0: all at once), and for a call that ended early, the cut
+    (ConnectionResetError) after it."""
+    if speed > 0 and reply.events:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for delay, raw in reply.events:
+            wait = start + delay / speed - loop.time()  # from the start, so sleeps do not add up drift
+            if wait > 0:
+                await asyncio.sleep(wait)
+            yield raw
+    else:
+        yield reply.body
+    if reply.cut:
+        raise ConnectionResetError("the recorded call ended here")

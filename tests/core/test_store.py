@@ -1,0 +1,357 @@
+"""Trajectory files: writer modes, indices, session ids, permissions, the
+reader's handling of torn and corrupt lines, and concurrent appends."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from llmtraj.core.record import SCHEMA_VERSION, CallRecord, Timings
+from llmtraj.core.session import InvalidSession
+from llmtraj.core.store import (
+    SkippedLine,
+    TrajectoryError,
+    TrajectoryWriter,
+    read_records,
+    trajectory_files,
+)
+
+
+def make_record(session: str, index: int, content: str = "hi") -> CallRecord:
+    return CallRecord(
+        session=session,
+        index=index,
+        api="chat.completions",
+        mode="record",
+        method="POST",
+        url="https://api.example.com/v1/chat/completions",
+        request_headers=[("content-type", "application/json")],
+        request={"model": "m", "messages": [{"role": "user", "content": content}]},
+        status=200,
+        response={"object": "chat.completion", "choices": []},
+        timings=Timings(started_at=1700000000.0, ended_at=1700000001.0),
+    )
+
+
+def write_calls(writer: TrajectoryWriter, session: str, count: int) -> list[int]:
+    indices = []
+    for _ in range(count):
+        index = writer.next_index(session)
+        writer.append(make_record(session, index))
+        indices.append(index)
+    return indices
+
+
+def lines_of(file: Path) -> list[bytes]:
+    data = file.read_bytes()
+    assert data.endswith(b"\n")
+    return data.split(b"\n")[:-1]
+
+
+# --------------------------------------------------------------------- writer
+
+
+def test_directory_mode_one_file_per_session(tmp_path):
+    root = tmp_path / "traj"
+    writer = TrajectoryWriter(root)
+    assert not writer.single_file and root.is_dir()
+    assert write_calls(writer, "alpha", 3) == [1, 2, 3]
+    assert write_calls(writer, "beta", 2) == [1, 2]
+    writer.close()
+    assert sorted(p.name for p in root.iterdir()) == ["alpha.jsonl", "beta.jsonl"]
+    assert [r.index for r in read_records(root / "alpha.jsonl")] == [1, 2, 3]
+    assert [(r.session, r.index) for r in read_records(root)] == [("alpha", 1), ("alpha", 2), ("alpha", 3), ("beta", 1), ("beta", 2)]
+    assert trajectory_files(root) == [root / "alpha.jsonl", root / "beta.jsonl"]
+
+
+def test_single_file_mode_holds_every_session(tmp_path):
+    file = tmp_path / "sub" / "all.jsonl"
+    writer = TrajectoryWriter(file)
+    assert writer.single_file and file.parent.is_dir()
+    assert writer.file_for("a") == file == writer.file_for("b")
+    assert write_calls(writer, "a", 2) == [1, 2]
+    assert write_calls(writer, "b", 1) == [1]
+    assert write_calls(writer, "a", 1) == [3]
+    writer.close()
+    assert [(r.session, r.index) for r in read_records(file)] == [("a", 1), ("a", 2), ("b", 1), ("a", 3)]
+    assert list(tmp_path.joinpath("sub").iterdir()) == [file]
+
+
+@pytest.mark.parametrize("name", ["traj", "all.jsonl"], ids=["directory", "single-file"])
+def test_indices_continue_across_writer_restarts(tmp_path, name):
+    path = tmp_path / name
+    first = TrajectoryWriter(path)
+    write_calls(first, "s1", 2)
+    write_calls(first, "s2", 1)
+    first.close()
+
+    second = TrajectoryWriter(path)
+    assert write_calls(second, "s1", 2) == [3, 4]
+    assert write_calls(second, "s2", 1) == [2]
+    assert write_calls(second, "new", 1) == [1]
+    second.close()
+
+    third = TrajectoryWriter(path)
+    assert third.next_index("s1") == 5
+    third.close()
+    by_session: dict[str, list[int]] = {}
+    for r in read_records(path):
+        by_session.setdefault(r.session, []).append(r.index)
+    assert by_session == {"s1": [1, 2, 3, 4], "s2": [1, 2], "new": [1]}
+
+
+def test_restart_after_a_torn_last_line_continues_after_the_whole_ones(tmp_path):
+    file = tmp_path / "t.jsonl"
+    writer = TrajectoryWriter(file)
+    write_calls(writer, "s", 2)
+    writer.close()
+    with open(file, "ab") as fh:
+        fh.write(make_record("s", 3).model_dump_json().encode()[:40])  # killed mid-write
+    assert TrajectoryWriter(file).next_index("s") == 3
+
+
+@pytest.mark.parametrize(
+    "session",
+    ["../x", "..", "a/b", "a\\b", "", ".hidden", "/abs", "a b", "x" * 200, "s\x00", "-lead", "é"],
+    ids=["traversal", "dotdot", "slash", "backslash", "empty", "leading-dot", "absolute", "space", "200-chars", "nul", "leading-dash", "non-ascii"],
+)
+@pytest.mark.parametrize("name", ["traj", "all.jsonl"], ids=["directory", "single-file"])
+def test_invalid_session_ids_are_rejected(tmp_path, name, session):
+    writer = TrajectoryWriter(tmp_path / name)
+    with pytest.raises(InvalidSession):
+        writer.file_for(session)
+    with pytest.raises(InvalidSession):
+        writer.next_index(session)
+    with pytest.raises(InvalidSession):
+        writer.append(make_record(session, 1))
+    writer.close()
+    # nothing was written anywhere
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
+
+
+@pytest.mark.parametrize("session", ["a", "0", "run-1.attempt_2", "x" * 128, "A.b-C_d"])
+def test_valid_session_ids(tmp_path, session):
+    writer = TrajectoryWriter(tmp_path / "traj")
+    assert writer.file_for(session) == tmp_path / "traj" / f"{session}.jsonl"
+    writer.append(make_record(session, writer.next_index(session)))
+    writer.close()
+    assert [r.session for r in read_records(tmp_path / "traj")] == [session]
+
+
+def test_invalid_session_is_a_value_error():
+    assert issubclass(InvalidSession, ValueError)
+
+
+@pytest.mark.parametrize("name", ["traj", "all.jsonl"], ids=["directory", "single-file"])
+def test_files_are_created_0600(tmp_path, name):
+    old = os.umask(0)  # even with a permissive umask
+    try:
+        writer = TrajectoryWriter(tmp_path / name)
+        write_calls(writer, "s", 1)
+        writer.close()
+    finally:
+        os.umask(old)
+    [file] = trajectory_files(tmp_path / name)
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600
+
+
+def test_lines_are_whole_json_objects(tmp_path):
+    file = tmp_path / "t.jsonl"
+    writer = TrajectoryWriter(file)
+    tricky = 'line\nbreak "quoted" \\ back\u2028sep 杭州 🙂'
+    for i in range(1, 4):
+        writer.append(make_record("s", i, content=tricky))
+    writer.close()
+    lines = lines_of(file)
+    assert len(lines) == 3
+    for i, line in enumerate(lines, start=1):
+        obj = json.loads(line)
+        assert obj["schema_version"] == SCHEMA_VERSION and obj["index"] == i
+        assert obj["request"]["messages"][0]["content"] == tricky
+
+
+def test_append_scrubs_secret_values(tmp_path):
+    file = tmp_path / "t.jsonl"
+    writer = TrajectoryWriter(file)
+    writer.append(make_record("s", 1, content="key sk-live-0123456789 leaked"), secrets={"sk-live-0123456789"})
+    writer.close()
+    text = file.read_text()
+    assert "sk-live-0123456789" not in text
+    assert next(read_records(file)).request["messages"][0]["content"] == "key [REDACTED] leaked"
+
+
+def test_reader_of_missing_paths_is_empty(tmp_path):
+    assert list(read_records(tmp_path / "nope")) == []
+    assert list(read_records(tmp_path / "nope.jsonl")) == []
+
+
+# --------------------------------------------------------------------- reader
+
+
+def _write_lines(file: Path, lines: list[bytes], trailing_newline: bool = True) -> None:
+    file.write_bytes(b"\n".join(lines) + (b"\n" if trailing_newline else b""))
+
+
+def _good(i: int) -> bytes:
+    return make_record("s", i).model_dump_json().encode()
+
+
+def test_truncated_last_line_is_skipped_and_reported(tmp_path):
+    file = tmp_path / "t.jsonl"
+    _write_lines(file, [_good(1), _good(2), _good(3)[:57]], trailing_newline=False)
+    skipped: list[SkippedLine] = []
+    records = list(read_records(file, skipped=skipped))
+    assert [r.index for r in records] == [1, 2]
+    assert len(skipped) == 1
+    assert skipped[0].file == file and skipped[0].line == 3
+    assert "truncated" in skipped[0].message
+    assert str(skipped[0]).startswith(f"{file}:3:")
+
+
+def test_last_line_without_newline_that_parses_is_kept(tmp_path):
+    file = tmp_path / "t.jsonl"
+    _write_lines(file, [_good(1), _good(2)], trailing_newline=False)
+    skipped: list[SkippedLine] = []
+    assert [r.index for r in read_records(file, skipped=skipped)] == [1, 2]
+    assert skipped == []
+
+
+def test_bad_line_in_the_middle_raises_with_file_and_line(tmp_path):
+    file = tmp_path / "t.jsonl"
+    _write_lines(file, [_good(1), b'{"schema_version": 1, "sess', _good(3)])
+    with pytest.raises(TrajectoryError) as info:
+        list(read_records(file))
+    assert info.value.file == file and info.value.line == 2
+    assert str(info.value).startswith(f"{file}:2:")
+    assert "JSON" in str(info.value)
+
+
+def test_truncated_line_followed_by_a_newline_is_corruption_not_a_torn_write(tmp_path):
+    file = tmp_path / "t.jsonl"
+    _write_lines(file, [_good(1), _good(2)[:30]])  # newline after it: later writes succeeded
+    with pytest.raises(TrajectoryError) as info:
+        list(read_records(file))
+    assert info.value.line == 2
+
+
+def test_tolerate_corrupt_skips_and_reports_bad_lines(tmp_path):
+    file = tmp_path / "t.jsonl"
+    _write_lines(file, [_good(1), b"garbage", b"[1, 2]", _good(4)])
+    skipped: list[SkippedLine] = []
+    assert [r.index for r in read_records(file, tolerate_corrupt=True, skipped=skipped)] == [1, 4]
+    assert [s.line for s in skipped] == [2, 3]
+
+
+def test_wrong_schema_version_raises_with_the_line(tmp_path):
+    file = tmp_path / "t.jsonl"
+    future = json.loads(_good(2))
+    future["schema_version"] = 2
+    _write_lines(file, [_good(1), json.dumps(future).encode(), _good(3)])
+    with pytest.raises(TrajectoryError) as info:
+        list(read_records(file))
+    assert info.value.line == 2
+    assert "schema_version 2" in str(info.value)
+
+
+def test_missing_schema_version_raises(tmp_path):
+    file = tmp_path / "t.jsonl"
+    old = json.loads(_good(1))
+    del old["schema_version"]
+    _write_lines(file, [json.dumps(old).encode(), _good(2)])
+    with pytest.raises(TrajectoryError, match="schema_version None"):
+        list(read_records(file))
+
+
+def test_invalid_record_names_the_field(tmp_path):
+    file = tmp_path / "t.jsonl"
+    bad = json.loads(_good(1))
+    bad["index"] = 0
+    _write_lines(file, [json.dumps(bad).encode(), _good(2)])
+    with pytest.raises(TrajectoryError) as info:
+        list(read_records(file))
+    assert info.value.line == 1 and "index" in str(info.value)
+
+
+def test_blank_lines_are_ignored(tmp_path):
+    file = tmp_path / "t.jsonl"
+    _write_lines(file, [b"", _good(1), b"   ", _good(2), b""])
+    assert [r.index for r in read_records(file)] == [1, 2]
+
+
+# ----------------------------------------------------------------- concurrency
+
+THREADS, PER_THREAD = 8, 200
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-writer", "writer-per-thread"])
+def test_concurrent_appends_never_interleave_within_a_line(tmp_path, shared):
+    file = tmp_path / "all.jsonl"
+    padding = "p" * 9000  # lines well over PIPE_BUF
+    common = TrajectoryWriter(file) if shared else None
+    start = threading.Barrier(THREADS)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            writer = common or TrajectoryWriter(file)
+            session = f"thread-{t}"
+            start.wait()
+            for i in range(1, PER_THREAD + 1):
+                writer.append(make_record(session, i, content=f"{t}:{i}:{padding}"))
+            if writer is not common:
+                writer.close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if common:
+        common.close()
+    assert errors == []
+
+    lines = lines_of(file)
+    assert len(lines) == THREADS * PER_THREAD
+    seen: dict[str, list[int]] = {}
+    for line in lines:
+        obj = json.loads(line)  # a torn or interleaved line would not parse
+        t, i, pad = obj["request"]["messages"][0]["content"].split(":")
+        assert pad == padding and obj["session"] == f"thread-{t}" and obj["index"] == int(i)
+        seen.setdefault(obj["session"], []).append(obj["index"])
+    assert seen == {f"thread-{t}": list(range(1, PER_THREAD + 1)) for t in range(THREADS)}
+    assert sum(1 for _ in read_records(file)) == THREADS * PER_THREAD
+
+
+def test_request_body_written_as_received_reads_back_equal(tmp_path):
+    """The recorder hands the writer the request body to splice in as is."""
+    from llmtraj.apis.chat_completions import ChatCompletions
+    from llmtraj.recording.builder import RecordBuilder
+
+    body = b'{"model": "m",  "messages": [{"role": "user", "content": "caf\\u00e9 \\"quoted\\" \\u0000"}], "max_tokens": 5}'
+    tee = RecordBuilder(api=ChatCompletions(), session="s", index=1, mode="record", method="POST",
+                  url="http://u/v1/chat/completions", request_headers=[], request_body=body)
+    assert tee.request_json == body
+    tee.response_started(200, [("content-type", "application/json")])
+    tee.chunk(b'{"ok": true}')
+    writer = TrajectoryWriter(tmp_path)
+    writer.append(tee.finish(), tee.secrets, tee.request_json)
+    writer.close()
+    assert body in (tmp_path / "s.jsonl").read_bytes()
+    (record,) = read_records(tmp_path)
+    assert record.request == json.loads(body) and record.response == {"ok": True}
+
+
+@pytest.mark.parametrize("body", [b'{"model": "m",\n "messages": []}', b'{"api_key": "sk-123456789", "model": "m"}'])
+def test_request_bodies_that_cannot_be_written_as_received(body):
+    from llmtraj.apis.chat_completions import ChatCompletions
+    from llmtraj.recording.builder import RecordBuilder
+
+    tee = RecordBuilder(api=ChatCompletions(), session="s", index=1, mode="record", method="POST",
+                  url="http://u", request_headers=[], request_body=body)
+    assert tee.request_json is None  # a newline would break the line; a secret must be redacted

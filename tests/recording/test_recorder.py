@@ -1,0 +1,441 @@
+"""RecordBuilder, the record-side tee of one call: chunking- and encoding-proof
+stream capture, non-stream bodies, failures, and redaction."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import zlib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+import brotli
+import pytest
+import zstandard
+from llmtraj.apis import API_BY_NAME, ApiShape
+from llmtraj.apis.chat_completions import ChatCompletions
+from llmtraj.core.record import CallRecord
+from llmtraj.core.redact import REDACTED
+from llmtraj.core.store import TrajectoryWriter, read_records
+from llmtraj.recording.builder import RecordBuilder
+from llmtraj.testing.standin import FIXTURES
+
+STREAMS = FIXTURES
+FIXTURES = sorted(STREAMS.glob("*.sse"))
+T0 = 1_700_000_000.0
+
+SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
+JSON_HEADERS = [("content-type", "application/json")]
+
+
+def validated(fields) -> CallRecord:
+    """What the writer would write, read back through the trajectory model."""
+    return CallRecord.model_validate(fields)
+
+
+def expected_for(fixture: Path) -> dict[str, Any]:
+    return json.loads((fixture.parent / (fixture.stem + ".expected.json")).read_text(encoding="utf-8"))
+
+
+def compress(data: bytes, encoding: str | None) -> bytes:
+    if encoding is None:
+        return data
+    if encoding == "gzip":
+        return gzip.compress(data)
+    if encoding == "deflate":
+        return zlib.compress(data)
+    if encoding == "br":
+        return brotli.compress(data)
+    if encoding == "zstd":
+        return zstandard.ZstdCompressor().compress(data)
+    raise AssertionError(encoding)
+
+
+def flushed_gzip(data: bytes, pieces: list[int]) -> bytes:
+    """gzip written the way a streaming server writes it: a sync flush after each event."""
+    c = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    out, i = [], 0
+    for n in pieces:
+        out.append(c.compress(data[i : i + n]) + c.flush(zlib.Z_SYNC_FLUSH))
+        i += n
+    out.append(c.compress(data[i:]) + c.flush())
+    return b"".join(out)
+
+
+def chunkings(data: bytes, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out, i = [], 0
+    while i < len(data):
+        n = rng.choice([1, 2, 3, 7, 64, 500, 4096])
+        out.append(data[i : i + n])
+        i += n
+    return out
+
+
+def new_tee(
+    request_headers: list[tuple[str, str]] | None = None,
+    request_body: bytes = b'{"model": "m", "stream": true, "messages": []}',
+    api: ApiShape | None = None,
+) -> RecordBuilder:
+    return RecordBuilder(
+        api=api or ChatCompletions(),
+        session="sess-1",
+        index=1,
+        mode="record",
+        method="POST",
+        url="https://api.example.com/v1/chat/completions",
+        request_headers=request_headers or [("content-type", "application/json")],
+        request_body=request_body,
+        started_at=T0,
+    )
+
+
+def run(tee: RecordBuilder, headers, chunks: list[bytes], status: int = 200) -> CallRecord:
+    tee.response_started(status, headers, now=T0 + 0.1)
+    for i, chunk in enumerate(chunks):
+        tee.chunk(chunk, now=T0 + 0.2 + i * 0.001)
+    return validated(tee.finish(now=T0 + 5))
+
+
+def events_bytes(record: CallRecord) -> bytes:
+    return "".join(e.raw for e in record.events).encode("utf-8")
+
+
+# ------------------------------------------------------------------- streams
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip", "deflate", "br", "zstd"])
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
+def test_stream_in_arbitrary_chunkings_and_encodings(fixture, encoding):
+    decoded = fixture.read_bytes()
+    body = compress(decoded, encoding)
+    headers = SSE_HEADERS + ([("Content-Encoding", encoding)] if encoding else [])
+    for seed in range(3):
+        record = run(new_tee(), headers, chunkings(body, seed))
+        assert record.stream and record.complete and record.error is None
+        assert record.problems == []
+        assert events_bytes(record) == decoded
+        assert record.response == expected_for(fixture)
+        assert record.events[-1].raw.rstrip() == "data: [DONE]"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_compressed_stream_one_byte_at_a_time(encoding):
+    fixture = STREAMS / "dashscope_qwen_reasoning_tools.sse"  # multi-byte UTF-8 throughout
+    decoded = fixture.read_bytes()
+    body = compress(decoded, encoding)
+    record = run(new_tee(), SSE_HEADERS + [("content-encoding", encoding)], [body[i : i + 1] for i in range(len(body))])
+    assert events_bytes(record) == decoded
+    assert record.response == expected_for(fixture)
+
+
+def test_sync_flushed_gzip_yields_each_event_as_it_arrives():
+    fixture = STREAMS / "openai_chat_basic.sse"
+    decoded = fixture.read_bytes()
+    raws = [r + b"\n\n" for r in decoded.split(b"\n\n")[:-1]]
+    body = flushed_gzip(decoded, [len(r) for r in raws])
+    tee = new_tee()
+    tee.response_started(200, SSE_HEADERS + [("content-encoding", "gzip")], now=T0 + 0.1)
+    # cut the compressed body right after each flush point
+    c = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    offset = 0
+    for i, raw in enumerate(raws):
+        piece = len(c.compress(raw) + c.flush(zlib.Z_SYNC_FLUSH))
+        tee.chunk(body[offset : offset + piece], now=T0 + 1 + i)
+        offset += piece
+    tee.chunk(body[offset:], now=T0 + 100)
+    record = validated(tee.finish(now=T0 + 101))
+    # each event is stamped with the time of the chunk that completed it, not a later one
+    assert [e.t for e in record.events] == [float(1 + i) for i in range(len(raws))]
+    assert events_bytes(record) == decoded
+
+
+def test_crlf_events_are_stamped_with_their_own_chunk_time():
+    data = (STREAMS / "openai_chat_basic_crlf.sse").read_bytes()
+    raws = [r + b"\r\n\r\n" for r in data.split(b"\r\n\r\n")[:-1]]
+    tee = new_tee()
+    tee.response_started(200, SSE_HEADERS, now=T0 + 0.1)
+    for i, raw in enumerate(raws):
+        tee.chunk(raw, now=T0 + 1 + i)
+    record = validated(tee.finish(now=T0 + 100))
+    assert [e.t for e in record.events] == [float(1 + i) for i in range(len(raws))]
+    assert events_bytes(record) == data
+
+
+def test_event_times_are_relative_to_the_start():
+    data = (STREAMS / "vllm_chat_reasoning.sse").read_bytes()
+    tee = new_tee()
+    tee.response_started(200, SSE_HEADERS, now=T0 + 0.05)
+    first, second = data[:700], data[700:]
+    tee.chunk(first, now=T0 + 0.25)
+    tee.chunk(second, now=T0 + 0.75)
+    record = validated(tee.finish(now=T0 + 1))
+    times = [e.t for e in record.events]
+    assert times == sorted(times) and set(times) == {0.25, 0.75}
+    assert record.timings.started_at == T0
+    assert record.timings.response_headers_at == T0 + 0.05
+    assert record.timings.first_byte_at == T0 + 0.25
+    assert record.timings.ended_at == T0 + 1
+
+
+def test_stream_with_unterminated_tail_is_recorded_byte_exact():
+    data = (STREAMS / "openai_chat_basic.sse").read_bytes().replace(b"data: [DONE]\n\n", b"data: [DONE]")
+    record = run(new_tee(), SSE_HEADERS, chunkings(data, 1))
+    assert events_bytes(record) == data
+    assert record.response == expected_for(STREAMS / "openai_chat_basic.sse")
+
+
+def test_malformed_event_is_recorded_and_the_rest_aggregates():
+    fixture = STREAMS / "openai_chat_parallel_tools.sse"
+    data = fixture.read_bytes()
+    cut = data.index(b"\n\n", 2000) + 2
+    data = data[:cut] + b"data: {not json}\n\n" + data[cut:]
+    record = run(new_tee(), SSE_HEADERS, chunkings(data, 2))
+    assert record.response == expected_for(fixture)
+    assert len(record.problems) == 1 and "not JSON" in record.problems[0]
+    assert events_bytes(record) == data
+
+
+# ------------------------------------------------------------------ non-stream
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip", "br", "zstd"])
+def test_non_stream_json(encoding):
+    completion = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "杭州 🙂"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }
+    body = compress(json.dumps(completion, ensure_ascii=False).encode(), encoding)
+    headers = JSON_HEADERS + ([("content-encoding", encoding)] if encoding else [])
+    record = run(new_tee(request_body=b'{"model": "m", "messages": []}'), headers, chunkings(body, 4))
+    assert not record.stream and record.events is None
+    assert record.response == completion and record.response_raw is None
+    assert record.complete and record.problems == []
+
+
+def test_non_json_body_is_kept_as_text():
+    html = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+    record = run(new_tee(), [("content-type", "text/html")], [html[:10], html[10:]], status=502)
+    assert record.status == 502
+    assert record.response is None and record.response_raw == html.decode()
+
+
+def test_json_error_response():
+    error = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+    record = run(new_tee(), JSON_HEADERS, [json.dumps(error).encode()], status=401)
+    assert record.status == 401 and record.response == error
+
+
+def test_empty_body():
+    record = run(new_tee(), JSON_HEADERS, [])
+    assert record.response is None and record.response_raw is None and record.complete
+
+
+def test_unsupported_encoding_is_noted_and_body_kept_undecoded():
+    record = run(new_tee(), JSON_HEADERS + [("content-encoding", "compress")], [b'{"a": 1}'])
+    assert any("unsupported content-encoding" in p for p in record.problems)
+    assert record.response == {"a": 1}
+
+
+def test_corrupt_compressed_stream_does_not_raise():
+    decoded = (STREAMS / "openai_chat_basic.sse").read_bytes()
+    body = bytearray(gzip.compress(decoded))
+    body[len(body) // 2 : len(body) // 2 + 8] = b"\x00" * 8
+    body = b"\x1f\x8b\x08\x00garbage" + bytes(body[9:])
+    record = run(new_tee(), SSE_HEADERS + [("content-encoding", "gzip")], chunkings(bytes(body), 3))
+    assert any("cannot decode body" in p for p in record.problems)
+    assert record.stream
+
+
+def test_request_body_that_is_not_json():
+    tee = new_tee(request_body=b"not json \xff")
+    assert tee.fields['request'] is None and tee.fields['request_raw'] == "not json \ufffd"
+
+
+# ------------------------------------------------------------------- failures
+
+
+def test_fail_mid_stream_keeps_what_arrived():
+    fixture = STREAMS / "openai_chat_basic.sse"
+    data = fixture.read_bytes()
+    cut = data.index(b" help") + 3  # in the middle of an event
+    tee = new_tee()
+    tee.response_started(200, SSE_HEADERS, now=T0 + 0.1)
+    for i, chunk in enumerate(chunkings(data[:cut], 5)):
+        tee.chunk(chunk, now=T0 + 0.2 + i * 0.001)
+    record = validated(tee.fail("upstream_disconnected", "connection reset by peer", now=T0 + 3))
+    assert record.complete is False
+    assert record.error.kind == "upstream_disconnected" and record.error.message == "connection reset by peer"
+    assert events_bytes(record) == data[:cut]
+    assert record.events[-1].raw.endswith(" he")  # the cut-off event is kept too
+    message = record.response["choices"][0]["message"]
+    assert message["content"] == "Hello! How can I"
+    assert record.response["choices"][0]["finish_reason"] is None
+    assert record.timings.ended_at == T0 + 3
+
+
+def test_fail_mid_compressed_stream():
+    data = (STREAMS / "sglang_chat.sse").read_bytes()
+    body = flushed_gzip(data, [len(r) + 2 for r in data.split(b"\n\n")[:-1]])
+    tee = new_tee()
+    tee.response_started(200, SSE_HEADERS + [("content-encoding", "gzip")])
+    tee.chunk(body[: len(body) * 3 // 4])
+    record = validated(tee.fail("client_disconnected", "client went away"))
+    assert record.complete is False and record.error.kind == "client_disconnected"
+    got = events_bytes(record)
+    assert got and data.startswith(got)
+    assert record.response["choices"][0]["message"]["content"].startswith("The")
+
+
+@pytest.mark.parametrize(("folder", "api"), [("", "chat.completions"), ("anthropic", "anthropic.messages"),
+                                             ("responses", "responses"), ("completions", "completions")])
+def test_client_hanging_up_after_the_end_marker_is_a_complete_call(folder, api):
+    """SDKs close the connection once they read [DONE] / message_stop /
+    response.completed, which can come before the HTTP body's own end: the
+    agent had the whole answer, so the call is complete (with a note); a hang-up
+    before the marker is not."""
+    fixture = STREAMS / folder / ("openai_chat_basic.sse" if not folder else "text.sse")
+    data = fixture.read_bytes()
+    for cut, complete in ((len(data), True), (len(data) - 30, False)):
+        tee = new_tee(api=API_BY_NAME[api])
+        tee.response_started(200, SSE_HEADERS)
+        tee.chunk(data[:cut])
+        record = validated(tee.fail("client_disconnected", "Client disconnected."))
+        assert record.complete is complete and (record.error is None) is complete
+        if complete:
+            assert record.response == json.loads(fixture.with_suffix(".expected.json").read_text())
+            assert record.problems == ["the client closed the connection after the end of the stream"]
+
+
+def test_fail_non_stream_keeps_partial_body():
+    tee = new_tee()
+    tee.response_started(200, JSON_HEADERS)
+    tee.chunk(b'{"id": "chatcmpl-1", "choi')
+    record = validated(tee.fail("upstream_disconnected", "eof"))
+    assert record.complete is False and record.response is None
+    assert record.response_raw == '{"id": "chatcmpl-1", "choi'
+
+
+def test_fail_before_any_response():
+    record = validated(new_tee().fail("upstream_unreachable", "connect: connection refused", now=T0 + 1))
+    assert record.complete is False and record.status is None
+    assert record.events is None and record.response is None
+    assert record.error.kind == "upstream_unreachable"
+
+
+# ------------------------------------------------------------------ redaction
+
+SECRET = "sk-proj-Abc123DEF456ghi789JKL0"
+ANTHROPIC_KEY = "sk-ant-api03-zyx987WVU654"
+
+
+def test_redaction_of_headers_body_and_echoed_secrets(tmp_path):
+    request = {
+        "model": "gpt-4o",
+        "max_tokens": 256,
+        "max_completion_tokens": 300,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "api_key": "sk-body-key-000111222",
+        "metadata": {"token": "kept-token", "client_secret": "cs-999", "tokens": 5},
+        "messages": [
+            {"role": "system", "content": "Tools may need the key."},
+            {"role": "user", "content": f"my key is {SECRET}, please check it"},
+        ],
+        "stream": True,
+    }
+    tee = new_tee(
+        request_headers=[
+            ("Host", "api.openai.com"),
+            ("Authorization", f"Bearer {SECRET}"),
+            ("x-api-key", ANTHROPIC_KEY),
+            ("Content-Type", "application/json"),
+            ("OpenAI-Organization", "org-visible"),
+        ],
+        request_body=json.dumps(request).encode(),
+    )
+    headers = dict(tee.fields['request_headers'])
+    assert headers["Authorization"] == REDACTED and headers["x-api-key"] == REDACTED
+    assert headers["Content-Type"] == "application/json" and headers["OpenAI-Organization"] == "org-visible"
+    assert SECRET in tee.secrets and ANTHROPIC_KEY in tee.secrets
+    assert f"Bearer {SECRET}" in tee.secrets
+
+    body = tee.fields['request']
+    assert body["api_key"] == REDACTED
+    assert body["metadata"] == {"token": "kept-token", "client_secret": REDACTED, "tokens": 5}
+    assert (body["max_tokens"], body["max_completion_tokens"], body["top_logprobs"]) == (256, 300, 2)
+
+    fixture = STREAMS / "openai_chat_logprobs.sse"
+    tee.response_started(200, SSE_HEADERS + [("set-cookie", "__cf_bm=abcdefghijkl; path=/"), ("x-request-id", "req_123")])
+    tee.chunk(fixture.read_bytes())
+    record = validated(tee.finish())
+    response_headers = dict(record.response_headers)
+    assert response_headers["set-cookie"] == REDACTED and response_headers["x-request-id"] == "req_123"
+    # logprob entries named `token` are response data, not secrets
+    entries = record.response["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in entries][:2] == ["Yes", ","]
+
+    # the request echoed the key in a message: the writer scrubs it everywhere
+    file = tmp_path / "t.jsonl"
+    writer = TrajectoryWriter(file)
+    writer.append(record, secrets=tee.secrets)
+    writer.close()
+    text = file.read_text()
+    assert SECRET not in text and ANTHROPIC_KEY not in text and "sk-body-key" not in text
+    [back] = read_records(file)
+    assert back.request["messages"][1]["content"] == f"my key is {REDACTED}, please check it"
+    assert back.request["max_tokens"] == 256
+    assert back.response == expected_for(fixture)
+
+
+def test_short_header_values_are_redacted_but_not_scrubbed():
+    tee = new_tee(request_headers=[("authorization", "Bearer abc"), ("content-type", "application/json")])
+    assert dict(tee.fields['request_headers'])["authorization"] == REDACTED
+    assert "abc" not in tee.secrets  # scrubbing 3 letters would mangle ordinary text
+
+
+def test_tee_fields_are_exactly_the_record_schema():
+    """The tee writes its dict unvalidated: it must name every CallRecord field, no more."""
+    tee = RecordBuilder(api=ChatCompletions(), session="s", index=1, mode="record", method="POST",
+                  url="http://u/v1/chat/completions", request_headers=[], request_body=b"{}")
+    tee.response_started(200, JSON_HEADERS)
+    tee.chunk(b"{}")
+    fields = tee.finish()
+    assert set(fields) == set(CallRecord.model_fields)
+    assert CallRecord.model_validate(fields).model_dump(mode="json") == json.loads(json.dumps(fields))
+
+
+def test_record_sink_writes_what_the_proxy_captured(tmp_path):
+    """The proxy's capture goes through the frame format to the child's writer;
+    a frame cut off (the proxy killed mid-write) is dropped, the rest kept."""
+    import io
+
+    from llmtraj.recording.capture import CallCapture
+    from llmtraj.recording.writer import serve
+
+    sse = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n'
+    cut = sse.index(b"\n\n") + 2  # one event per chunk
+
+    def capture(index: int) -> CallCapture:
+        return CallCapture(
+            api="chat.completions", session="s", index=index, mode="record", method="POST",
+            url="http://u/v1/chat/completions", request_headers=[(b"authorization", b"Bearer sk-secret-123456")],
+            request_body=b'{"model": "m", "messages": []}', started_at=T0, status=200,
+            response_headers=[(b"content-type", b"text/event-stream")], response_headers_at=T0 + 0.1,
+            chunks=[sse[:cut], sse[cut:]], chunk_times=[T0 + 0.2, T0 + 0.3], ended_at=T0 + 0.4,
+            extra={"token_ids": [1, 2]},
+        )
+
+    frames = capture(1).frame() + capture(2).frame()
+    serve(str(tmp_path), io.BytesIO(frames + capture(3).frame()[:-5]))
+    records = list(read_records(tmp_path))
+    assert [r.index for r in records] == [1, 2]
+    assert records[0].response["choices"][0]["message"]["content"] == "Hi"
+    assert records[0].extra == {"token_ids": [1, 2]} and [e.t for e in records[0].events] == [0.2, 0.3]
+    assert "sk-secret-123456" not in (tmp_path / "s.jsonl").read_text()
