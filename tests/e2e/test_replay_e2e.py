@@ -21,6 +21,7 @@ from llmtraj.cli.proxy_process import ProxyProcess, ProxyStartError
 from llmtraj.core.store import read_records
 from openai import OpenAI
 
+from ..replay.test_replay import agent_steps
 from .test_record_e2e import (
     API_KEY,
     MESSAGES,
@@ -28,7 +29,6 @@ from .test_record_e2e import (
     messages_of,
     sdk_aggregate,
 )
-from ..replay.test_replay import agent_steps
 
 ERRORS = ["error400", "error429", "error500", "error503"]
 CURL_SCENARIOS = ["tools", "crlf", "multiline"]

@@ -21,8 +21,7 @@ from llmtraj.mitm.webview import (
     WebAnnotations,
     WebChatView,
 )
-from llmtraj.testing.standin import ANSWER, REASONING, TEXT
-from llmtraj.testing.standin import FIXTURES
+from llmtraj.testing.standin import ANSWER, FIXTURES, REASONING, TEXT
 from mitmproxy import contentviews
 from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow

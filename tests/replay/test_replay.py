@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 import pytest
 from llmtraj.apis.chat_completions import ChatCompletions
-from llmtraj.core.jsondiff import first_difference
+from llmtraj.core.jsontext import first_difference
 from llmtraj.core.record import CallError, CallRecord, Timings
 from llmtraj.core.store import TrajectoryError, TrajectoryWriter
 from llmtraj.recording.builder import RecordBuilder

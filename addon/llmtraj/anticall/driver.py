@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..cli.proxy_process import pid_alive
 from .client import AntiCallClient, AntiCallError
 from .control import control_file_for
 from .models import DEFAULT_POLL, Event, SessionInfo
@@ -24,6 +23,16 @@ T = TypeVar("T")
 
 class UsageError(ValueError):
     pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    return True
 
 
 def connect(control_file: Path | None, control: str | None, token: str | None) -> AntiCallClient:

@@ -31,6 +31,8 @@ from typing import Any
 
 from pydantic_core import from_json
 
+from ..core import sse
+from ..core.jsontext import compact_json
 from ..core.sse import SSEBlock
 from .base import single_choice_view
 
@@ -53,16 +55,8 @@ _DELTA_USAGE = ("output_tokens", "input_tokens", "cache_creation_input_tokens", 
                 "server_tool_use", "output_tokens_details")
 
 
-def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-
-def _sse(name: str, text: str) -> bytes:
-    return b"event: %s\ndata: %s\n\n" % (name.encode(), text.encode())
-
-
 def _sse_event(name: str, data: dict[str, Any]) -> bytes:
-    return _sse(name, _json(data))
+    return sse.encode(compact_json(data), name)
 
 
 class _StreamedBlock:
@@ -321,9 +315,9 @@ class AnthropicMessageStream:
         self._finish_reason: str | None = None
 
     def _event(self, name: str, data: dict[str, Any]) -> bytes:
-        text = _json(data)
+        text = compact_json(data)
         self._aggregator.add(SSEBlock(raw=b"", event=name, data=text))
-        return _sse(name, text)
+        return sse.encode(text, name)
 
     def _begin(self) -> list[bytes]:
         if self._started:

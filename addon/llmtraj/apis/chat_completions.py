@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic_core import from_json
 
+from ..core import sse
+from ..core.jsontext import compact_json
 from ..core.sse import SSEBlock
 
 # Top-level chunk fields that describe the chunk, not the completion
@@ -24,10 +26,6 @@ from ..core.sse import SSEBlock
 _CHUNK_ONLY = {"choices", "object", "obfuscation"}
 _DONE = b"data: [DONE]\n\n"
 _ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-
-
-def _sse_event(obj: Any) -> bytes:
-    return b"data: %s\n\n" % json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def merge_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
@@ -203,7 +201,7 @@ class ChoiceChunkStream:
         return b"data: %s\n\n" % text.encode()
 
     def error(self, body: dict[str, Any]) -> bytes:
-        return _sse_event(body)
+        return sse.encode(compact_json(body))
 
     def completion(self) -> dict[str, Any]:
         completion = self._aggregator.result() or {**self._top, "object": self.final_object, "choices": []}
@@ -274,7 +272,7 @@ class ChatCompletions:
             chunks.append({**top, "choices": [{"index": index, "delta": {}, "logprobs": None, **finish}]})
         if final.get("usage") is not None:
             chunks.append({**top, "choices": [], "usage": final["usage"]})
-        return [_sse_event(c) for c in chunks] + [_DONE]
+        return [sse.encode(compact_json(c)) for c in chunks] + [_DONE]
 
     def error_body(self, message: str, type: str, code: str | None = None) -> dict[str, Any]:
         return {"error": {"message": message, "type": type, "param": None, "code": code}}

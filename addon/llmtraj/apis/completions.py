@@ -15,6 +15,8 @@ import secrets
 import time
 from typing import Any
 
+from ..core import sse
+from ..core.jsontext import compact_json
 from .chat_completions import (
     _DONE,
     _ZERO_USAGE,
@@ -22,7 +24,6 @@ from .chat_completions import (
     ChatCompletions,
     ChoiceChunkStream,
     _model,
-    _sse_event,
     merge_delta,
 )
 
@@ -125,7 +126,7 @@ class Completions:
             chunks.append({**top, "choices": [{"text": "", "index": index, "logprobs": None, **finish}]})
         if final.get("usage") is not None:
             chunks.append({**top, "choices": [], "usage": final["usage"]})
-        return [_sse_event(c) for c in chunks] + [_DONE]
+        return [sse.encode(compact_json(c)) for c in chunks] + [_DONE]
 
     def completion_from_text(self, request: Any, text: str | None, *, tool_calls: list[dict[str, Any]] | None = None,
                              finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:

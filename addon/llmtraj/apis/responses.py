@@ -21,6 +21,8 @@ from typing import Any
 
 from pydantic_core import from_json
 
+from ..core import sse
+from ..core.jsontext import compact_json
 from ..core.sse import SSEBlock
 from .base import single_choice_view
 from .chat_completions import ChatCompletions, _model, _tool_call
@@ -88,14 +90,6 @@ _TEXT_OF_ITEM = {"function_call": _ARGUMENTS, "custom_tool_call": _CUSTOM_INPUT}
 _PART_EVENTS = {
     f"{prefix}.{stage}": (parts, stage == "done") for parts, (prefix, _) in _PART_LISTS.items() for stage in ("added", "done")
 }
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def _sse(type: str, data: str) -> bytes:
-    return f"event: {type}\ndata: {data}\n\n".encode()
 
 
 def _new_id(prefix: str) -> str:
@@ -239,7 +233,7 @@ class ResponsesAggregator:
             error = event["error"] if isinstance(event.get("error"), dict) else event
             self._error = {"code": error.get("code"), "message": error.get("message")}
             details = {k: v for k, v in event.items() if k not in ("type", "sequence_number")}
-            self.problems.append("error event: " + _dumps(details)[:500])
+            self.problems.append("error event: " + compact_json(details)[:500])
         elif kind in ("response.output_item.added", "response.output_item.done"):
             index = _get(event, "output_index", int)
             self._items[index] = _get(event, "item", dict)
@@ -526,9 +520,9 @@ class ResponsesStream:
     def _write(self, events: list[dict[str, Any]]) -> bytes:
         chunks = []
         for event in events:
-            data = _dumps(event)
+            data = compact_json(event)
             self._aggregator.add(SSEBlock(raw=b"", event=event["type"], data=data))
-            chunks.append(_sse(event["type"], data))
+            chunks.append(sse.encode(data, event["type"]))
         return b"".join(chunks)
 
 
@@ -559,7 +553,7 @@ class Responses:
         for index, item in enumerate(output):
             events += _item_events(writer, index, item)
         events.append(writer.event(_END_EVENTS.get(final.get("status"), "response.completed"), response=final))
-        return [_sse(event["type"], _dumps(event)) for event in events]
+        return [sse.encode(compact_json(event), event["type"]) for event in events]
 
     def completion_from_text(self, request: Any, text: str | None, *, tool_calls: list[dict[str, Any]] | None = None,
                              finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -25,16 +25,6 @@ _READY = re.compile(r"llm-traj: ready, .* listening on ([^,\s]+):(\d+)")
 _BARE_READY = re.compile(r"listening at \[?([^\]\s]*?)\]?:(\d+)\.")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process
-    return True
-
-
 class ProxyStartError(RuntimeError):
     pass
 

@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .proxy_process import ProxyProcess, pid_alive
+from ..anticall.driver import pid_alive
+from .proxy_process import ProxyProcess
 from .run import RunError
 
 DEFAULT_STATE_DIR = Path(os.environ.get("LLM_TRAJ_STATE_DIR", Path.home() / ".llm-traj"))

@@ -12,6 +12,11 @@ def header(headers: Headers, name: str) -> str | None:
 
 RawHeaders = list[tuple[bytes, bytes]]
 
+# Hop-by-hop headers (RFC 9110, 7.6.1): about one connection, never passed on.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+})  # fmt: skip
+
 
 def text_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     """Raw header pairs as text (as mitmproxy's `items(multi=True)` gives them, several times faster)."""

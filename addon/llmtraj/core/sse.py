@@ -16,6 +16,12 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BOM = "\ufeff"
 
 
+def encode(data: str, event: str | None = None) -> bytes:
+    """One event block as llm-traj writes it: `data` on a single line (as compact
+    JSON is), after an `event:` line when named."""
+    return (f"event: {event}\ndata: {data}\n\n" if event else f"data: {data}\n\n").encode()
+
+
 @dataclass(slots=True)
 class SSEBlock:
     """One block of the stream. `data` is None for blocks without data lines

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..apis import chat_view
-from ..core.jsondiff import excerpt, first_difference
+from ..core.jsontext import excerpt, first_difference
 from ..core.record import CallRecord
 from ..replay.matching import DEFAULT_IGNORE
 from .stats import by_session

@@ -35,7 +35,13 @@ from ..apis.base import ApiShape
 from ..core.record import CallRecord
 from ..core.store import SkippedLine, read_records, trajectory_files
 from .matching import (
-    DEFAULT_IGNORE, EXACT, LATER, POSITION, Canonical, canonical_request, describe_difference,
+    DEFAULT_IGNORE,
+    EXACT,
+    LATER,
+    POSITION,
+    Canonical,
+    canonical_request,
+    describe_difference,
 )
 from .replies import Reply, Step
 from .report import SessionStats

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic_core import from_json
 
 from ..apis import ApiShape
-from ..core.jsondiff import excerpt, first_difference
+from ..core.jsontext import excerpt, first_difference
 from ..core.redact import may_have_secret_fields, redact_fields, redact_headers, scrub
 
 # Fields that change from run to run without changing the answer: how it is

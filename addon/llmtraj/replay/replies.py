@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from ..apis import ApiShape
-from ..core.jsondiff import dumps
+from ..core.headers import HOP_BY_HOP
+from ..core.jsontext import compact_json
 from ..core.record import CallRecord
 from ..core.redact import REDACTED
 from .matching import canonical
@@ -20,10 +21,7 @@ STEP_HEADER = b"x-llm-traj-step"
 
 # Not replayed: framing the proxy redoes (the recording is content-decoded, the
 # length may change with a stream/non-stream conversion).
-_DROPPED_HEADERS = {
-    "content-length", "transfer-encoding", "content-encoding", "connection",
-    "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
-}  # fmt: skip
+_DROPPED_HEADERS = HOP_BY_HOP | {"content-length", "content-encoding"}
 _SSE = b"text/event-stream"
 _JSON = b"application/json"
 
@@ -105,7 +103,7 @@ class Step:
             events = ()
             body = (
                 record.response_raw.encode() if record.response_raw is not None
-                else dumps(record.response).encode() if record.response is not None
+                else compact_json(record.response).encode() if record.response is not None
                 else b""
             )  # fmt: skip
         return Reply(record.status, headers, body, events, cut=not record.complete)
@@ -114,7 +112,7 @@ class Step:
         record = self._record
         if record.stream:  # the aggregate the recorder built from the stream
             headers = _headers(record.response_headers, self._step_header(), _JSON)
-            return Reply(record.status, headers, dumps(record.response).encode())
+            return Reply(record.status, headers, compact_json(record.response).encode())
         headers = _headers(record.response_headers, self._step_header(), _SSE)
         return Reply(record.status, headers, b"".join(self._api.chunks_from_final(record.response)))
 

@@ -23,13 +23,11 @@ from typing import TypedDict
 
 import httpx
 
+from ..core.headers import HOP_BY_HOP
 from .registry import RetryPolicy
 
-# Hop-by-hop headers (and Host, set from the URL): not forwarded either way.
-_HOP_BY_HOP = frozenset({
-    "host", "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
-    "te", "trailer", "transfer-encoding", "upgrade", "content-length",
-})  # fmt: skip
+# Not forwarded either way: hop-by-hop headers, Host (set from the URL), proxy credentials, the length (redone).
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "proxy-authorization", "proxy-authenticate", "content-length"}
 
 
 class Attempt(TypedDict):
@@ -87,7 +85,7 @@ def backoff_delay(retry: int, policy: RetryPolicy, rng: random.Random) -> float:
 
 
 def forward_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    kept = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
+    kept = [(k, v) for k, v in headers if k.lower() not in _NOT_FORWARDED]
     if not any(k.lower() == "accept-encoding" for k, _ in kept):
         kept.append(("accept-encoding", "identity"))  # httpx would otherwise ask for compression the agent did not
     return kept
@@ -145,7 +143,7 @@ class UpstreamClient:
             headers_out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
             return UpstreamResponse(
                 response.status_code,
-                [(k, v) for k, v in headers_out if k.lower() not in _HOP_BY_HOP],
+                [(k, v) for k, v in headers_out if k.lower() not in _NOT_FORWARDED],
                 _body(response, policy.idle_timeout),
             )
         raise AssertionError("unreachable")  # the last attempt returns or raises

@@ -6,8 +6,8 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ...core.record import CallRecord
 from ...core.headers import header
+from ...core.record import CallRecord
 from ..stats import by_session, reasoning_tokens, request_model, usage_of
 from .common import (
     Skipped,

@@ -8,8 +8,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from ...core.record import CallRecord, Headers
 from ...core.headers import header
+from ...core.record import CallRecord, Headers
 from .common import iso_time, llm_traj_version
 
 # -------------------------------------------------------------------- har

@@ -1,4 +1,5 @@
-"""Where two JSON values first differ, and short excerpts of values for messages."""
+"""JSON as text: the compact form llm-traj writes (`compact_json`), where two values first
+differ, and short excerpts of values for messages."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 _EXCERPT = 60
 
 
-def dumps(value: Any) -> str:
+def compact_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -53,6 +54,6 @@ def excerpt(value: Any, other: Any) -> str:
         common = next((i for i, (a, b) in enumerate(zip(value, other)) if a != b), min(len(value), len(other)))
         start = max(0, common - 20)
         text = value[start : start + _EXCERPT]
-        return ("…" if start else "") + dumps(text) + ("…" if start + _EXCERPT < len(value) else "")
-    text = dumps(value)
+        return ("…" if start else "") + compact_json(text) + ("…" if start + _EXCERPT < len(value) else "")
+    text = compact_json(value)
     return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
