@@ -24,7 +24,8 @@ from llmtraj.anticall.broker import (
     UnknownCall,
 )
 from llmtraj.anticall.client import AntiCallClient, AntiCallError
-from llmtraj.anticall.control import ControlServer, control_file_for
+from llmtraj.anticall.control import ControlServer
+from llmtraj.anticall.control_file import control_file_for
 from llmtraj.anticall.driver import (
     SESSION_END,
     UsageError,

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from pydantic import ValidationError
-
-from .models import DEFAULT_POLL, CallInfo, ControlInfo, Event, PushResult, SessionInfo
+from .control_file import ControlFileError, read_control_file
+from .models import DEFAULT_POLL, CallInfo, Event, PushResult, SessionInfo
 
 
 class AntiCallError(Exception):
@@ -36,16 +35,6 @@ class AntiCallError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-def read_control_file(path: Path | str) -> ControlInfo:
-    path = Path(path)
-    try:
-        return ControlInfo.model_validate_json(path.read_bytes())
-    except FileNotFoundError:
-        raise AntiCallError(0, "no_control_file", f"{path} does not exist: is the proxy running in anti-call mode?") from None
-    except (OSError, ValidationError) as exc:
-        raise AntiCallError(0, "bad_control_file", f"cannot read the control file {path}: {exc}") from None
 
 
 CallRef = str | Event | CallInfo
@@ -62,7 +51,10 @@ class AntiCallClient:
 
     @classmethod
     def from_control_file(cls, path: Path | str) -> AntiCallClient:
-        info = read_control_file(path)
+        try:
+            info = read_control_file(path)
+        except ControlFileError as exc:
+            raise AntiCallError(0, exc.code, str(exc)) from None
         return cls(info.url, info.token)
 
     async def __aenter__(self) -> AntiCallClient:

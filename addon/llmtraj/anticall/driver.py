@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .client import AntiCallClient, AntiCallError
-from .control import control_file_for
+from .control_file import control_file_for
 from .models import DEFAULT_POLL, Event, SessionInfo
 
 SESSION_END = "SESSION_END"

@@ -14,26 +14,30 @@ import json
 import logging
 import math
 import os
+import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import command, ctx, exceptions, http
 
 from ..anticall.broker import Broker, BrokerError, Failure
-from ..anticall.control import ControlServer, control_file_for, write_control_file
+from ..anticall.control import ControlServer
+from ..anticall.control_file import control_file_for, remove_control_file, write_control_file
 from ..anticall.models import ControlInfo
 from ..anticall.respond import Answer, answer, error_answer
 from ..anticall.rockfile import RockFileChannel
 from ..core.redact import redact_fields
+from ..core.session import InvalidSession, validate_session
 from .loopback import Loopback, ProducedResponse
-from .options import ConfigError, LlmTrajOptions, Settings, startup_error
-from .routing import CALL_KEY, llm_call
+from .options import LlmTrajOptions, Settings
+from .routing import CALL_KEY, CallMetadata, llm_call
 
 logger = logging.getLogger("llm_traj")
 
 CALL_ID_KEY = "anticall_id"  # in flow.metadata["llm_traj"]
-_DEFAULTS = {"llm_traj_control_port": "0", "llm_traj_hold_timeout": "0", "llm_traj_rock_file": ""}
+_DEFAULTS = {"llm_traj_control_port": 0, "llm_traj_hold_timeout": "0", "llm_traj_rock_file": ""}
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class AntiCalling:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "llm_traj_control_port", str, _DEFAULTS["llm_traj_control_port"],
+            "llm_traj_control_port", int, _DEFAULTS["llm_traj_control_port"],
             "Anti-call: port of the control API on 127.0.0.1 (0: any free port). The address and its token "
             "are written to <llm_traj_path>/control.json.",
         )
@@ -75,11 +79,7 @@ class AntiCalling:
         if not any(name.startswith("llm_traj_") for name in updated):
             return
         settings = self._options.settings
-        try:
-            new = _read_settings(settings) if settings is not None else None
-        except ConfigError as exc:
-            new = None
-            startup_error(str(exc))
+        new = _read_settings(settings) if settings is not None else None
         if new == self._settings:
             return
         self._stop()
@@ -90,11 +90,10 @@ class AntiCalling:
         try:
             control.bind(new.control_port)
             write_control_file(new.control_file, ControlInfo(url=control.url, token=control.token, pid=os.getpid()))
-        except OSError as exc:
+        except OSError as exc:  # (on a rollback the old settings start afresh)
             control.close()
-            startup_error(f"anti-call control API: cannot listen on 127.0.0.1:{new.control_port} or write "
-                          f"{new.control_file}: {exc}")  # fmt: skip
-            return
+            raise exceptions.OptionsError(f"anti-call control API: cannot listen on 127.0.0.1:{new.control_port} or "
+                                          f"write {new.control_file}: {exc}") from None  # fmt: skip
         self._settings, self.broker, self._control = new, broker, control
         asyncio.ensure_future(control.start())
         if new.rock_file:
@@ -130,7 +129,7 @@ class AntiCalling:
             kind = "server_error" if exc.status >= 500 else "invalid_request_error"
             self._serve(flow, error_answer(api, Failure(exc.status, str(exc), kind, exc.code)))
             return
-        info = flow.metadata[CALL_KEY]
+        info: CallMetadata = flow.metadata[CALL_KEY]
         info[CALL_ID_KEY] = held.id
         info["extra"] = held.extra  # filled by the drivers, written by the recorder at the end
 
@@ -158,6 +157,30 @@ class AntiCalling:
 
     def done(self) -> None:
         self._stop()
+
+    @command.command("llm_traj.session.end")
+    def end_session(self, session: str) -> None:
+        """End an anti-call session (the agent is gone): its held calls get a
+        410, drivers get session_end, its later calls are refused."""
+        try:
+            info = self._live_broker("llm_traj.session.end").end_session(validate_session(session), "ended by a command")
+        except InvalidSession as exc:
+            raise exceptions.CommandError(f"llm_traj.session.end: {exc}") from None
+        logger.info(f"llm-traj: session {info.id} ended ({info.calls} calls)")
+
+    @command.command("llm_traj.calls.held")
+    def held_calls(self) -> Sequence[str]:
+        """The anti-call calls waiting for a driver's answer, one line each."""
+        now = time.time()
+        return [
+            f"{c.id} {c.api}{' stream' if c.stream else ''} {c.state}, held {now - c.created_at:.1f} s"
+            for c in self._live_broker("llm_traj.calls.held").held()
+        ]
+
+    def _live_broker(self, command_name: str) -> Broker:
+        if self.broker is None:
+            raise exceptions.CommandError(f"{command_name}: the proxy is not in anti-call mode (llm_traj_mode=anticall)")
+        return self.broker
 
     # --- internals -----------------------------------------------------------
 
@@ -188,17 +211,8 @@ class AntiCalling:
             self._rock.close()
         if self._control is not None:
             self._control.close()
-            _remove_control_file(self._settings.control_file, self._control.token)
+            remove_control_file(self._settings.control_file, self._control.token)
         self._settings = self.broker = self._control = self._rock = None
-
-
-def _remove_control_file(path: Path, token: str) -> None:
-    """Remove the control file if it is still ours (not a newer proxy's)."""
-    try:
-        if ControlInfo.model_validate_json(path.read_bytes()).token == token:
-            path.unlink()
-    except (OSError, ValueError):
-        pass
 
 
 def _read_settings(settings: Settings) -> AntiCallSettings | None:
@@ -206,21 +220,18 @@ def _read_settings(settings: Settings) -> AntiCallSettings | None:
     if settings.mode != "anticall":
         for name, default in _DEFAULTS.items():
             if getattr(opts, name) != default:
-                raise ConfigError(f"{name} is only used with llm_traj_mode=anticall")
+                raise exceptions.OptionsError(f"{name} is only used with llm_traj_mode=anticall")
         return None
-    try:
-        port = int(opts.llm_traj_control_port)
-    except ValueError:
-        port = -1
+    port = opts.llm_traj_control_port
     if not 0 <= port <= 65535:
-        raise ConfigError(f"llm_traj_control_port={opts.llm_traj_control_port!r} is not a port (0-65535; 0: any free port)")
+        raise exceptions.OptionsError(f"llm_traj_control_port={port} is not a port (0-65535; 0: any free port)")
     try:
         hold = float(opts.llm_traj_hold_timeout)
     except ValueError:
         hold = math.nan
     if not (math.isfinite(hold) and hold >= 0):
-        raise ConfigError(f"llm_traj_hold_timeout={opts.llm_traj_hold_timeout!r} is not a number of seconds >= 0 (0: no limit)")
+        raise exceptions.OptionsError(f"llm_traj_hold_timeout={opts.llm_traj_hold_timeout!r} is not a number of seconds >= 0 (0: no limit)")
     rock = opts.llm_traj_rock_file.strip()
     if rock and Path(rock.replace("{session}", "default")).expanduser().is_dir():
-        raise ConfigError(f"llm_traj_rock_file={rock!r} is a directory; give a file path (with {{session}} for one per session)")
+        raise exceptions.OptionsError(f"llm_traj_rock_file={rock!r} is a directory; give a file path (with {{session}} for one per session)")
     return AntiCallSettings(port, hold, rock, control_file_for(settings.path))
