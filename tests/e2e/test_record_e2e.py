@@ -296,7 +296,10 @@ def test_dead_upstream_gives_502_and_a_record(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]  # nothing listens here once closed
-    with ProxyProcess(upstream=f"http://127.0.0.1:{dead}", options={"llm_traj_path": tmp_path}) as p:
+    # Record mode keeps the user's connection_strategy: with mitmproxy's default
+    # (eager) a dead upstream drops the agent's connection before any request.
+    options = {"llm_traj_path": tmp_path, "connection_strategy": "lazy"}
+    with ProxyProcess(upstream=f"http://127.0.0.1:{dead}", options=options) as p:
         with pytest.raises(APIStatusError) as err:
             OpenAI(base_url=f"{p.url}/v1", api_key="x", max_retries=0).chat.completions.create(
                 model="m", messages=MESSAGES)

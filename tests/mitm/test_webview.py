@@ -4,7 +4,6 @@ of streamed calls, and the flow cap on a real `View`."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ from llmtraj.mitm.webview import (
 )
 from llmtraj.testing.standin import ANSWER, FIXTURES, REASONING, TEXT
 from mitmproxy import contentviews
+from mitmproxy.exceptions import OptionsError
 from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow
 
@@ -237,12 +237,14 @@ def test_flow_cap_needs_a_view(options):
     with taddons.context(annotations) as tctx:
         tctx.configure(annotations, llm_traj_web_max_flows=1)
         annotations.running()
-        annotations.requestheaders(tflow.tflow(resp=True))  # mitmdump: nothing to trim
+        assert not annotations.serves_flows()  # mitmdump: no view to trim, so no hook runs
+        annotations.requestheaders(tflow.tflow(resp=True))
 
 
-def test_negative_flow_cap_is_a_startup_error(options, caplog):
+def test_negative_flow_cap_is_refused_and_rolled_back(options):
     annotations = WebAnnotations(options)
-    with taddons.context(annotations) as tctx, caplog.at_level(logging.ERROR, logger="llm_traj"):
-        tctx.configure(annotations, llm_traj_web_max_flows=-1)
-    assert [r.getMessage() for r in caplog.records] == [
-        "llm-traj: llm_traj_web_max_flows=-1 is negative; use a number of flows, or 0 for no limit"]
+    with taddons.context(annotations) as tctx:
+        tctx.configure(annotations, llm_traj_web_max_flows=5)
+        with pytest.raises(OptionsError, match="llm_traj_web_max_flows=-1 is negative; use a number of flows"):
+            tctx.configure(annotations, llm_traj_web_max_flows=-1)
+        assert tctx.options.llm_traj_web_max_flows == 5

@@ -3,8 +3,11 @@
 Each concern is a small mitmproxy-style addon class (hooks named as mitmproxy's).
 mitmproxy itself sees one object, `LlmTraj`, that forwards every hook to the
 parts implementing it, in order: mitmproxy's dispatch costs a few µs per addon
-object and hook on every flow event, which across eleven parts was a measurable
-share of a recorded call; a prebuilt list per hook costs a fraction of that.
+object and hook on every flow event, which across a dozen parts was a
+measurable share of a recorded call; a prebuilt list per hook costs a
+fraction of that. It keeps mitmproxy's contracts: a part failing is logged
+and skips no other part, `OptionsError` and `AddonHalt` pass through (as
+`addonmanager.safecall` lets them), and the parts' commands are the object's.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from mitmproxy import exceptions
+
 from .anticalling import AntiCalling
+from .endpoints import ProxyEndpoints
 from .loopback import Loopback
-from .options import LlmTrajOptions
+from .options import LlmTrajOptions, check_set_values, startup_error
 from .proxy_errors import OpenAIShapedProxyErrors
 from .quiet_log import QuietStreamingLog
 from .recording import Recorder
@@ -30,6 +36,9 @@ LIFECYCLE_HOOKS = ("load", "configure", "running", "done")
 FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error")
 
 
+_PASSED_ON = (exceptions.OptionsError, exceptions.AddonHalt)  # for mitmproxy: roll back options, stop the event
+
+
 def _chain(name: str, handlers: list[Callable]) -> Callable | None:
     """One hook calling each part's in order (None when no part has it). A part
     may return an awaitable (as mitmproxy allows): the parts after it then run
@@ -40,13 +49,20 @@ def _chain(name: str, handlers: list[Callable]) -> Callable | None:
     def failed(handler: Callable) -> None:  # one part failing must not skip the others (as with separate addons)
         logger.exception(f"llm-traj: {name} hook of {type(handler.__self__).__name__} failed")
 
-    async def finish(pending: Awaitable, rest: list[Callable], args: tuple) -> None:
-        await pending
-        for handler in rest:
+    async def finish(i: int, pending: Awaitable, args: tuple) -> None:
+        try:
+            await pending
+        except _PASSED_ON:
+            raise
+        except Exception:
+            failed(handlers[i])
+        for handler in handlers[i + 1 :]:
             try:
                 result = handler(*args)
                 if result is not None and inspect.isawaitable(result):
                     await result
+            except _PASSED_ON:
+                raise
             except Exception:
                 failed(handler)
 
@@ -54,11 +70,13 @@ def _chain(name: str, handlers: list[Callable]) -> Callable | None:
         for i, handler in enumerate(handlers):
             try:
                 result = handler(*args)
+            except _PASSED_ON:
+                raise
             except Exception:
                 failed(handler)
                 continue
             if result is not None and inspect.isawaitable(result):
-                return finish(result, handlers[i + 1 :], args)
+                return finish(i, result, args)
         return None
 
     return run
@@ -68,13 +86,18 @@ class LlmTraj:
     """The parts behind one addon object. The flow hooks call only the parts
     that serve flows in the current configuration (a part may say it does not
     with `serves_flows()`: the replayer outside replay mode, say): the chains
-    are rebuilt after every `configure` and at `running`."""
+    are rebuilt after every `configure` and at `running`. The parts' mitmproxy
+    commands are attributes of this object, where mitmproxy collects them."""
 
     def __init__(self, parts: Sequence[object]) -> None:
         self.parts = list(parts)
+        self._running = False
         for name in LIFECYCLE_HOOKS:
-            chain = _chain(name, [getattr(part, name) for part in self.parts if hasattr(part, name)])
-            setattr(self, name, self._then_rebuild(chain) if name in ("configure", "running") else chain)
+            setattr(self, f"_{name}_parts", _chain(name, [getattr(part, name) for part in self.parts if hasattr(part, name)]))
+        for part in self.parts:
+            for attr, value in vars(type(part)).items():
+                if isinstance(getattr(value, "command_name", None), str):
+                    setattr(self, f"command_{attr}", getattr(part, attr))
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -82,20 +105,32 @@ class LlmTraj:
         for name in FLOW_HOOKS:
             setattr(self, name, _chain(name, [getattr(part, name) for part in serving if hasattr(part, name)]))
 
-    def _then_rebuild(self, chain: Callable | None) -> Callable:
-        def run(*args):
-            result = chain(*args) if chain is not None else None
-            if result is None:
-                self._rebuild()
-                return None
+    def load(self, loader) -> None:
+        if self._load_parts is not None:
+            self._load_parts(loader)
+        check_set_values()
 
-            async def rebuild_after() -> None:
-                await result
-                self._rebuild()
+    def configure(self, updated: set[str]) -> None:
+        try:
+            if self._configure_parts is not None:
+                self._configure_parts(updated)
+        except exceptions.OptionsError as exc:
+            if self._running:
+                raise  # mitmproxy rolls the change back (and configures again with the old values)
+            # At startup mitmproxy would print a script's OptionsError with a
+            # traceback; one line instead, and mitmdump exits (errorcheck).
+            startup_error(str(exc))
+        finally:
+            self._rebuild()
 
-            return rebuild_after()
+    def running(self) -> None:
+        self._running = True
+        if self._running_parts is not None:
+            self._running_parts()
+        self._rebuild()
 
-        return run
+    def done(self):
+        return self._done_parts() if self._done_parts is not None else None
 
 
 def make_addons() -> list[object]:
@@ -112,7 +147,8 @@ def make_addons() -> list[object]:
     # agent made it, and applied (model rewrite, key, retries) after.
     upstream_routing = UpstreamRouting(options)
     parts = [
-        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), replayer, upstream_routing,
+        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options),
+        ProxyEndpoints(options, replayer), replayer, upstream_routing,
         recorder, anticalling, UpstreamForwarding(options, upstream_routing, loopback), WebAnnotations(options),
         WebChatView(),
     ]

@@ -77,6 +77,8 @@ class Loopback:
     def done(self) -> asyncio.Future | None:
         for callback in self._stop_callbacks:
             callback()
+        if self._task is not None:
+            self._task.cancel()  # stopped before the accept loop started: it must not take the closed socket
         if self._server is not None:
             self._server.close()
         elif self._sock is not None:

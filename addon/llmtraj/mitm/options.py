@@ -1,8 +1,11 @@
 """Declares the `llm_traj_*` options and validates them.
 
-mitmproxy does not enforce `choices`, ignores misspelled `--set` names and
-keeps a script running after its `configure` fails, so every check is done
-here and a bad value stops startup with one line saying what to do.
+Every part validates its options in `configure` and raises `OptionsError`,
+so mitmproxy rolls back a bad value set at runtime (`:set`, mitmweb's options
+editor) and says why. At startup mitmproxy would print such an error with a
+traceback and ignores misspelled `--set` names, so there each check is
+reported as one line saying what to do (`startup_error`), which makes
+mitmdump exit.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
 
 from ..core.session import InvalidSession, validate_session
 from ..upstreams.config import ConfigError as UpstreamConfigError
@@ -40,15 +43,38 @@ class Settings:
         which it needs each request body whole before forwarding it."""
         return self.registry is not None or self.retries > 0
 
-
-class ConfigError(ValueError):
-    pass
+    @property
+    def why_lazy(self) -> str | None:
+        """Why the proxy must not connect upstream before it has seen a request
+        (mitmproxy's connection_strategy=lazy); None if it may."""
+        if self.mode != "record":
+            return f"llm_traj_mode={self.mode} answers calls without an upstream connection"
+        if self.routes_calls:
+            return "llm-traj chooses each call's upstream (llm_traj_config, llm_traj_retries) once it has the request"
+        return None
 
 
 def startup_error(message: str) -> None:
     """Report a configuration error as one line. Errors logged during startup
     make mitmdump exit non-zero (its errorcheck addon)."""
     logger.error(f"llm-traj: {message}")
+
+
+def check_set_values() -> None:
+    """mitmproxy applies the `--set` values of a script's options right after
+    its `load`, all in one go; when one does not parse (an int option given
+    `abc`) it drops them all and the script silently does not load. So ours
+    are applied here one by one first, a bad one reported as one line."""
+    deferred = ctx.options.deferred
+    for name in [n for n in deferred if n.startswith("llm_traj_") and n in ctx.options]:
+        given = getattr(deferred[name], "val", None)  # `--set` strings (config.yaml values come typed)
+        if given is None:
+            continue
+        del deferred[name]
+        try:
+            ctx.options.set(*(f"{name}={value}" for value in given)) if given else ctx.options.set(name)
+        except exceptions.OptionsError as exc:
+            startup_error(" ".join(f"--set {name}={value}" for value in given) + f": {exc}")
 
 
 class LlmTrajOptions:
@@ -60,7 +86,7 @@ class LlmTrajOptions:
     def load(self, loader) -> None:
         loader.add_option(
             "llm_traj_mode", str, "record",
-            f"What llm-traj does with LLM calls: {', '.join(MODES)}.",
+            f"What llm-traj does with LLM calls: {', '.join(MODES)}.", choices=MODES,
         )
         loader.add_option(
             "llm_traj_path", str, "",
@@ -84,18 +110,27 @@ class LlmTrajOptions:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if not any(name.startswith("llm_traj_") for name in updated):
+        if any(name.startswith("llm_traj_") for name in updated):
+            self.settings = self._validate()  # on an OptionsError the old settings stay, as mitmproxy rolls back
+            self._lazy_connections(user_set=False)
+        elif "connection_strategy" in updated:
+            self._lazy_connections(user_set=True)
+
+    def _lazy_connections(self, user_set: bool) -> None:
+        """Replay, anti-call and routed calls need connection_strategy=lazy:
+        eager connects upstream before the request is seen, and a dead upstream
+        would then drop the agent's connection with no record and no answer.
+        A user setting it to eager meanwhile is refused; mitmproxy's default
+        (eager) is switched, with a line saying so. Record mode keeps the
+        user's value."""
+        why = self.settings.why_lazy if self.settings is not None else None
+        if why is None or ctx.options.connection_strategy == "lazy":
             return
-        try:
-            self.settings = self._validate()
-        except ConfigError as exc:
-            self.settings = None
-            startup_error(str(exc))
-            return
-        if ctx.options.connection_strategy != "lazy":
-            # eager connects upstream before the request is seen: a dead upstream
-            # would then drop the agent's connection with no record and no answer.
-            ctx.options.update(connection_strategy="lazy")
+        if user_set:
+            raise exceptions.OptionsError(f"connection_strategy={ctx.options.connection_strategy}: {why}; "
+                                          "llm-traj needs connection_strategy=lazy")  # fmt: skip
+        logger.info(f"llm-traj: connection_strategy=lazy, as {why}")
+        ctx.options.update(connection_strategy="lazy")
 
     def running(self) -> None:
         unknown = sorted(name for name in ctx.options.deferred if name.startswith("llm_traj"))
@@ -114,32 +149,33 @@ class LlmTrajOptions:
 
     @staticmethod
     def _validate() -> Settings:
+        """The settings of the current options; OptionsError (one line saying what to do) if they do not work."""
         opts = ctx.options
         mode = opts.llm_traj_mode.strip().lower()
         if mode not in MODES:
-            raise ConfigError(
+            raise exceptions.OptionsError(
                 f"llm_traj_mode={opts.llm_traj_mode!r} is not a mode; use one of: {', '.join(MODES)}"
             )
         if not opts.llm_traj_path:
-            raise ConfigError(
+            raise exceptions.OptionsError(
                 "llm_traj_path is not set; add --set llm_traj_path=DIR (or FILE.jsonl) for the trajectory"
             )
         path = Path(opts.llm_traj_path).expanduser()
         target = path if path.suffix != ".jsonl" else path.parent
         if target.exists() and not target.is_dir():
-            raise ConfigError(f"llm_traj_path={opts.llm_traj_path!r}: {target} exists and is not a directory")
+            raise exceptions.OptionsError(f"llm_traj_path={opts.llm_traj_path!r}: {target} exists and is not a directory")
         try:
             validate_session(opts.llm_traj_session)
         except InvalidSession as exc:
-            raise ConfigError(f"llm_traj_session: {exc}") from None
+            raise exceptions.OptionsError(f"llm_traj_session: {exc}") from None
         if not 0 <= opts.llm_traj_retries <= MAX_RETRIES:
-            raise ConfigError(f"llm_traj_retries={opts.llm_traj_retries} must be between 0 and {MAX_RETRIES}")
+            raise exceptions.OptionsError(f"llm_traj_retries={opts.llm_traj_retries} must be between 0 and {MAX_RETRIES}")
         registry = None
         if opts.llm_traj_config:
             try:
                 registry = load_registry(opts.llm_traj_config, retries=opts.llm_traj_retries)
             except UpstreamConfigError as exc:
-                raise ConfigError(f"llm_traj_config: {exc}") from None
+                raise exceptions.OptionsError(f"llm_traj_config: {exc}") from None
             for skipped in registry.skipped:
                 logger.info(f"llm-traj: config: left out {skipped}")
         return Settings(mode=mode, path=path, default_session=opts.llm_traj_session, retries=opts.llm_traj_retries,

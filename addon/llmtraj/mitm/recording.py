@@ -13,7 +13,7 @@ from ..core.store import TrajectoryWriter
 from ..recording.capture import CallCapture
 from ..recording.sink import RecordSink
 from .options import LlmTrajOptions
-from .routing import CALL_KEY, LlmCall, llm_call
+from .routing import CALL_KEY, CallMetadata, LlmCall, llm_call
 
 logger = logging.getLogger("llm_traj")
 
@@ -152,7 +152,7 @@ class Recorder:
             capture.request_body = b"".join(parts)  # ended before the whole request was sent
         capture.ended_at = time.time()
         capture.error = error
-        info = flow.metadata[CALL_KEY]
+        info: CallMetadata = flow.metadata[CALL_KEY]
         capture.extra = info.get("extra") or {}
         capture.upstream = info.get("upstream")
         self._sink.send(capture)

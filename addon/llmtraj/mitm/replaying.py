@@ -6,29 +6,29 @@ ever opened for it. A miss is answered with an error, or forwarded upstream
 Whole answers are set as the flow's response at once (the cheapest path); a
 stream paced at its recorded speed, and a call that was cut short when
 recorded, are written by the loopback server so that they go out as they did.
-`GET /llm-traj/replay-report` on the proxy answers with the report so far.
+Replayed flows are marked as mitmproxy's server replay marks them
+(`flow.is_replay == "response"`). The report so far: the command
+`llm_traj.replay.report`, or `GET /llm-traj/replay-report` (`endpoints`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import command, ctx, exceptions, http
 
 from ..core.headers import text_headers
 from ..core.store import TrajectoryError
 from ..replay import Miss, Replay, ReplayLoadError, load
 from ..replay.matching import DEFAULT_IGNORE, EXACT, LATER, POSITION
 from ..replay.replies import MATCH_HEADER, reply_body
-from ..replay.report import REPORT_PATH
 from .loopback import Loopback, ProducedResponse
-from .options import ConfigError, LlmTrajOptions, startup_error
+from .options import LlmTrajOptions
 from .recording import Recorder
-from .routing import CALL_KEY, error_response, llm_call
+from .routing import CALL_KEY, CallMetadata, error_response, llm_call
 
 logger = logging.getLogger("llm_traj")
 
@@ -61,7 +61,7 @@ class Replayer:
             "llm_traj_replay_miss", str, "error",
             "Replay: what to do with a call the recording does not have: error (an OpenAI-shaped 400 "
             "naming the session, the step and the first difference), forward (to the upstream), "
-            "forward-record (and record it to llm_traj_replay_record_path).",
+            "forward-record (and record it to llm_traj_replay_record_path).", choices=MISS_POLICIES,
         )
         loader.add_option(
             "llm_traj_replay_record_path", str, "",
@@ -104,12 +104,11 @@ class Replayer:
                 logger.info(
                     f"llm-traj: replaying {replay.calls} calls of {replay.sessions} sessions from {settings.path}"
                 )
-        except (ConfigError, TrajectoryError, ReplayLoadError) as exc:
-            self._settings = self._replay = self._source = None
-            self._broken = True
-            self._recorder.marked_path = None
-            startup_error(str(exc))
-            return
+        except (TrajectoryError, ReplayLoadError, exceptions.OptionsError) as exc:
+            # A replay already loaded goes on as mitmproxy rolls the options back;
+            # with none, LLM calls are refused, never forwarded.
+            self._broken = self._replay is None
+            raise exceptions.OptionsError(str(exc)) from None
         self._settings = replay_settings
         self._broken = False
         self._recorder.marked_path = replay_settings.record_path
@@ -126,16 +125,13 @@ class Replayer:
             return
         call = llm_call(flow)
         if call is None:
-            if flow.request.method == "GET" and flow.request.path == REPORT_PATH:
-                body = json.dumps(replay.report(), indent=2, ensure_ascii=False)
-                flow.response = http.Response.make(200, body, {"content-type": "application/json"})
             return
         request = flow.request
         settings = self._settings
         body = request.get_content(strict=False) or b""
         canonical = replay.canonical(call.api, body, text_headers(request.headers.fields))
         outcome = replay.match(call.session, canonical, settings.position)
-        info = flow.metadata[CALL_KEY]
+        info: CallMetadata = flow.metadata[CALL_KEY]
         if isinstance(outcome, Miss):
             info["replay"] = "miss"
             if settings.miss == "error":
@@ -147,6 +143,7 @@ class Replayer:
             return
         reply, step = outcome.reply, outcome.step
         info["replay"], info["index"] = outcome.rung, step.index
+        flow.is_replay = "response"
         # The header tells every call's rung; the log only the noteworthy ones
         # unless asked (termlog_verbosity=debug). mitmproxy's loggers pass every
         # level to its handlers, which filter late: even a debug line per call
@@ -172,9 +169,21 @@ class Replayer:
         # Only loopback replies and forwarded misses get here (a response set in
         # `request` skips this hook): pass them on as they come, never buffered;
         # but a call being recorded is the recorder's to stream or read whole.
-        info = flow.metadata.get(CALL_KEY)
+        info: CallMetadata | None = flow.metadata.get(CALL_KEY)
         if info is not None and "replay" in info and not info.get("record"):
             flow.response.stream = True
+
+    def report(self) -> dict | None:
+        """The replay report so far (JSON-able); None outside replay mode."""
+        return self._replay.report() if self._replay is not None else None
+
+    @command.command("llm_traj.replay.report")
+    def report_command(self) -> str:
+        """The replay report so far: per session, the calls served (by which
+        rung), the misses and the first difference."""
+        if self._replay is None:
+            raise exceptions.CommandError("llm_traj.replay.report: the proxy is not replaying (llm_traj_mode=replay)")
+        return "\n".join(self._replay.report_lines())
 
     def done(self) -> None:
         if self._replay is not None:
@@ -186,7 +195,7 @@ def _read_settings(path: Path) -> ReplaySettings:
     opts = ctx.options
     miss = opts.llm_traj_replay_miss.strip().lower()
     if miss not in MISS_POLICIES:
-        raise ConfigError(
+        raise exceptions.OptionsError(
             f"llm_traj_replay_miss={opts.llm_traj_replay_miss!r} is not a policy; use one of: {', '.join(MISS_POLICIES)}"
         )
     try:
@@ -194,23 +203,23 @@ def _read_settings(path: Path) -> ReplaySettings:
     except ValueError:
         speed = math.nan
     if not (math.isfinite(speed) and speed >= 0):
-        raise ConfigError(
+        raise exceptions.OptionsError(
             f"llm_traj_replay_speed={opts.llm_traj_replay_speed!r} is not a number >= 0 "
             "(0: at once, 1: as recorded, 2: twice as fast)"
         )
     record_path = None
     if miss == "forward-record":
         if not opts.llm_traj_replay_record_path:
-            raise ConfigError(
+            raise exceptions.OptionsError(
                 "llm_traj_replay_miss=forward-record needs --set llm_traj_replay_record_path=DIR (or FILE.jsonl) "
                 "for the forwarded calls"
             )
         record_path = Path(opts.llm_traj_replay_record_path).expanduser()
         if record_path.resolve() == path.resolve():
-            raise ConfigError(
+            raise exceptions.OptionsError(
                 "llm_traj_replay_record_path must differ from llm_traj_path, the recording being replayed"
             )
     elif opts.llm_traj_replay_record_path:
-        raise ConfigError("llm_traj_replay_record_path is only used with llm_traj_replay_miss=forward-record")
+        raise exceptions.OptionsError("llm_traj_replay_record_path is only used with llm_traj_replay_miss=forward-record")
     ignore = frozenset(name.strip() for name in opts.llm_traj_replay_ignore.split(",") if name.strip())
     return ReplaySettings(miss, opts.llm_traj_replay_position, speed, ignore, record_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any, Required, TypedDict
 
 from mitmproxy import http
 
@@ -22,7 +23,21 @@ from ..core.session import (
 from .options import LlmTrajOptions
 
 _SESSION_HEADER = SESSION_HEADER.encode()
-CALL_KEY = "llm_traj"  # flow.metadata key: a JSON-able summary, shown in mitmweb
+CALL_KEY = "llm_traj"  # flow.metadata key of a `CallMetadata`
+
+
+class CallMetadata(TypedDict, total=False):
+    """What the parts note about an LLM call in `flow.metadata["llm_traj"]`.
+    JSON-able: mitmweb shows it and `-w` flow files keep it, so never a key."""
+
+    session: Required[str]  # Routing
+    api: Required[str]  # Routing: the ApiShape's name
+    index: int  # the call's number in its session: the recorder's, or the replayed step's
+    replay: str  # Replayer: the rung that matched (exact, later, position), or "miss"
+    record: bool  # Replayer: a forwarded miss the recorder records (forward-record)
+    anticall_id: str  # AntiCalling: the held call's id
+    extra: dict[str, Any]  # AntiCalling: what drivers push beside the answer, for the record's `extra`
+    upstream: dict[str, Any]  # UpstreamForwarding: the route, URL, model and attempts, for the record
 
 
 @dataclass(frozen=True)
@@ -71,4 +86,5 @@ class Routing:
         except InvalidSession as exc:
             flow.response = error_response(400, str(exc), "invalid_request_error", "invalid_session", api)
             return
-        flow.metadata[CALL_KEY] = {"session": session, "api": api.name}
+        metadata: CallMetadata = {"session": session, "api": api.name}
+        flow.metadata[CALL_KEY] = metadata

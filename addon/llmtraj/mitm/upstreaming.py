@@ -1,7 +1,6 @@
 """Upstreams: which route a call takes (by its `model`, from `llm_traj_config`),
-sending it there (with the real key, and with retries and timeouts where the
-route asks for them), and the proxy's own endpoints: `GET /v1/models[/<id>]`
-from the registry, and `GET /llm-traj/health` (also `/health` in reverse mode).
+and sending it there (with the real key, and with retries and timeouts where
+the route asks for them).
 
 Two parts, because the record must keep the call as the agent made it:
 `UpstreamRouting` decides before the recorder captures the call (and answers
@@ -15,86 +14,35 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from mitmproxy import ctx, http
-from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+from mitmproxy.proxy.mode_specs import ReverseMode
 from pydantic_core import from_json
 
 from ..apis import API_BY_NAME
 from ..upstreams.client import Attempt, UpstreamClient, UpstreamFailure
 from ..upstreams.config import AUTH_HEADERS
-from ..upstreams.registry import (
-    Registry,
-    RetryPolicy,
-    Route,
-    Target,
-    UnknownModel,
-    address_of,
-    model_object,
-    models_list,
-)
+from ..upstreams.registry import Registry, RetryPolicy, Route, Target, UnknownModel
+from .endpoints import json_response
 from .loopback import ORIGINAL_URL_KEY, Loopback, ProducedResponse
 from .options import LlmTrajOptions
-from .routing import CALL_KEY, error_response, llm_call
+from .routing import CALL_KEY, llm_call
 
 logger = logging.getLogger("llm_traj")
-
-HEALTH_PATH = "/llm-traj/health"
-MODELS_PATHS = ("/v1/models", "/models")
-REACHABILITY_TIMEOUT = 2.0
-
-
-def _json_response(status: int, obj: object) -> http.Response:
-    return http.Response.make(status, json.dumps(obj, ensure_ascii=False), {"content-type": "application/json"})
 
 
 class UpstreamRouting:
     def __init__(self, options: LlmTrajOptions) -> None:
         self._options = options
-        self._started = int(time.time())
         self.targets: dict[str, Target] = {}  # by flow id, until `UpstreamForwarding` takes it
 
-    @property
-    def _registry(self) -> Registry | None:
+    def serves_flows(self) -> bool:
         settings = self._options.settings
-        return settings.registry if settings is not None else None
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        request = flow.request
-        if self._options.settings is None or flow.response is not None or request.method != "GET":
-            return
-        path = request.path.split("?", 1)[0]
-        if path == HEALTH_PATH or (path == "/health" and isinstance(flow.client_conn.proxy_mode, ReverseMode)):
-            return self._health(flow)
-        registry = self._registry
-        if registry is None or not self._for_the_models(flow, registry):
-            return
-        if path in MODELS_PATHS:
-            flow.response = _json_response(200, models_list(registry, self._started))
-        elif path.startswith(tuple(p + "/" for p in MODELS_PATHS)):
-            name = unquote(path.partition("/models/")[2])  # ids may hold slashes: Qwen/Qwen3-32B
-            entry = registry.model(name)
-            if entry is None:
-                known = ", ".join(m.name for m in registry.models)
-                flow.response = error_response(404, f"llm-traj: model {name!r} is not configured; known models: {known}",
-                                               "invalid_request_error", "model_not_found")  # fmt: skip
-            else:
-                flow.response = _json_response(200, model_object(entry, self._started))
-
-    @staticmethod
-    def _for_the_models(flow: http.HTTPFlow, registry: Registry) -> bool:
-        """Whether a request is addressed to the configured models: in reverse mode
-        every request is; through HTTPS_PROXY only those to a configured upstream's
-        host (another service's /models is not ours to answer)."""
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            return True
-        return (flow.request.host, flow.request.port) in registry.addresses
+        return settings is not None and settings.routes_calls
 
     def request(self, flow: http.HTTPFlow) -> None:
         settings = self._options.settings
-        if settings is None or not settings.routes_calls or flow.response is not None:
+        if flow.response is not None:
             return
         call = llm_call(flow)
         if call is None:
@@ -112,7 +60,7 @@ class UpstreamRouting:
             self.targets[flow.id] = registry.target(_model_of(flow.request))
         except UnknownModel as exc:
             body = call.api.error_body(str(exc), "invalid_request_error", "model_not_found")
-            flow.response = _json_response(404, body)
+            flow.response = json_response(404, body)
 
     def _route_other(self, flow: http.HTTPFlow, registry: Registry | None) -> None:
         """A request that is not an LLM call (embeddings, files, ...) in reverse
@@ -125,48 +73,6 @@ class UpstreamRouting:
             self.targets[flow.id] = registry.target(_model_of(flow.request))
         except UnknownModel:
             pass
-
-    def _health(self, flow: http.HTTPFlow):
-        settings = self._options.settings
-        report = {
-            "status": "ok",
-            "mode": settings.mode,
-            "path": str(settings.path),
-            "config": settings.config_path,
-            "routes": [{"name": r.name, "url": r.base_url} for r in self._routes()],
-        }
-        if "upstreams" not in parse_qs(urlsplit(flow.request.path).query, keep_blank_values=True):
-            flow.response = _json_response(200, report)
-            return None
-
-        async def check() -> None:
-            results = await asyncio.gather(*(_reachable(r) for r in report["routes"]))
-            report["upstreams"] = results
-            healthy = all(r["reachable"] for r in results)
-            report["status"] = "ok" if healthy else "degraded"
-            flow.response = _json_response(200 if healthy else 503, report)
-
-        return check()
-
-    def _routes(self) -> list[Route]:
-        registry = self._registry
-        if registry is not None:
-            return registry.routes
-        modes = [ProxyMode.parse(spec) for spec in ctx.options.mode]
-        return [  # no config: the reverse-mode targets
-            Route("reverse", f"{mode.scheme}://{mode.address[0]}:{mode.address[1]}")
-            for mode in modes if isinstance(mode, ReverseMode)
-        ]
-
-
-async def _reachable(route: dict) -> dict:
-    started = time.perf_counter()
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(*address_of(route["url"])), REACHABILITY_TIMEOUT)
-    except (OSError, TimeoutError) as exc:
-        return {**route, "reachable": False, "error": str(exc) or type(exc).__name__}
-    writer.close()
-    return {**route, "reachable": True, "connect_ms": round((time.perf_counter() - started) * 1000, 2)}
 
 
 class UpstreamForwarding:
@@ -182,8 +88,7 @@ class UpstreamForwarding:
         self._agent_auth: dict[str, list[tuple[str, str]]] = {}  # by flow id: the agent's key headers, put back once sent
 
     def serves_flows(self) -> bool:
-        settings = self._options.settings
-        return settings is not None and settings.routes_calls
+        return self._routing.serves_flows()
 
     def configure(self, updated: set[str]) -> None:
         if "ssl_insecure" in updated and self._client is not None:

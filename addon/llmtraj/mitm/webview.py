@@ -29,14 +29,14 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from mitmproxy import contentviews, ctx, hooks, http
+from mitmproxy import contentviews, ctx, exceptions, hooks, http
 from mitmproxy.contentviews.base import TViewLine
 
 from ..apis import ApiShape, api_for
 from ..core.sse import SSEParser
 from ..recording.builder import parse_json_body
 from .anticalling import CALL_ID_KEY
-from .options import LlmTrajOptions, startup_error
+from .options import LlmTrajOptions
 from .routing import CALL_KEY, llm_call
 
 MAX_FLOWS_OPTION = "llm_traj_web_max_flows"
@@ -213,8 +213,7 @@ class WebAnnotations:
             return
         value = ctx.options.llm_traj_web_max_flows
         if value < 0:
-            startup_error(f"{MAX_FLOWS_OPTION}={value} is negative; use a number of flows, or 0 for no limit")
-            return
+            raise exceptions.OptionsError(f"{MAX_FLOWS_OPTION}={value} is negative; use a number of flows, or 0 for no limit")
         self._max_flows = value
 
     def running(self) -> None:
