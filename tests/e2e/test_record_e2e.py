@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -290,6 +291,25 @@ def test_malformed_request_body_is_forwarded_and_recorded(proxy, upstream, traj_
     assert r.status_code == 400 and r.content == upstream.sent[-1].body
     (record,) = wait_records(traj_dir / f"{session}.jsonl", 1)
     assert record.request is None and record.request_raw == "{not json" and record.status == 400
+
+
+def test_a_bad_option_set_at_runtime_is_refused_and_recording_goes_on(upstream, tmp_path):
+    """`:set llm_traj_retries=99` (here through mitmproxy's `set` command, from a
+    test script in the same mitmdump) is refused; the old value stays, and so
+    does recording."""
+    script = Path(__file__).with_name("runtime_set.py")
+    options = {"llm_traj_path": tmp_path, "llm_traj_retries": 1}
+    with ProxyProcess(upstream=upstream.url, options=options, extra_args=["-s", str(script)]) as p:
+        refused = httpx.get(f"{p.url}/__set__/llm_traj_retries/99")
+        assert refused.status_code == 400 and "llm_traj_retries=99 must be between 0 and 20" in refused.text
+        assert httpx.get(f"{p.url}/__get__/llm_traj_retries").text == "1"
+        assert httpx.get(f"{p.url}/__set__/llm_traj_mode/replay-ish").status_code == 400
+        assert httpx.get(f"{p.url}/__set__/llm_traj_retries/2").status_code == 200  # a good value still goes in
+        assert httpx.get(f"{p.url}/__get__/llm_traj_retries").text == "2"
+        answer = client(p, "after-refusal").chat.completions.create(model="m", messages=MESSAGES)
+        (record,) = wait_records(tmp_path / "after-refusal.jsonl", 1)
+    assert record.response["choices"][0]["message"]["content"] == answer.choices[0].message.content
+    assert record.upstream.route == "agent" and len(record.upstream.attempts) == 1  # through the retrying client
 
 
 def test_dead_upstream_gives_502_and_a_record(tmp_path):
