@@ -1,8 +1,11 @@
 """The anti-call control API: JSON over HTTP/1.1 on 127.0.0.1 for drivers
 (the Python client, the `llm-traj anti-call` command, curl).
 
-A tornado application (tornado comes with mitmproxy, for mitmweb) on the
-proxy's event loop, beside the broker. Every request needs
+Served by tornado's HTTP server (tornado comes with mitmproxy, for mitmweb)
+on the proxy's event loop, beside the broker: tornado parses and frames the
+HTTP, this module routes. (tornado.web's RequestHandler layer doubled the
+anti-call round trip's cost under load, so requests go to a plain callback.)
+Every request needs
 `Authorization: Bearer <token>`; the address and token are in the control
 file, readable only by its owner. The routes below are also the source of the
 OpenAPI description served at `GET /openapi.json`.
@@ -19,12 +22,12 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from tornado.httpserver import HTTPServer
-from tornado.httputil import responses
-from tornado.web import Application, HTTPError, RequestHandler
+from tornado.httputil import HTTPHeaders, HTTPServerRequest, ResponseStartLine, responses
 
 from ..core.session import InvalidSession, validate_session
 from .broker import Broker, BrokerError, CallConflict, Delta, Failure, Finish
@@ -47,12 +50,12 @@ MAX_BODY = 64 << 20
 MAX_HEAD = 64 << 10
 
 
-class ControlError(HTTPError):
+class ControlError(Exception):
     """A request the control API refuses: its status, and the message and code of the error body."""
 
     def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(status)  # no log_message: tornado logs nothing for it
-        self.message, self.code = message, code
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
 
 
 Query = dict[str, str]  # the last value of each query parameter given a value
@@ -63,7 +66,7 @@ Reply = tuple[int, Any]  # status and a model, a list of models, a dict, or None
 class ApiRoute:
     method: str
     template: str
-    handler: Callable[..., Awaitable[Reply]]
+    handler: Callable[..., Reply | Awaitable[Reply]]  # a coroutine function for long polls
     summary: str
     body: type[BaseModel] | None
     returns: type[BaseModel] | None
@@ -71,6 +74,10 @@ class ApiRoute:
     query: tuple[tuple[str, str, str], ...]  # name, JSON type, description
     errors: tuple[int, ...]
     long_poll: bool
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.template) + "$")
 
 
 ROUTES: list[ApiRoute] = []
@@ -92,6 +99,7 @@ class ControlServer:
         self.port: int | None = None
         self._sock: socket.socket | None = None
         self._server: HTTPServer | None = None
+        self._routes = [(r, r.pattern) for r in ROUTES]
 
     @property
     def url(self) -> str:
@@ -105,7 +113,7 @@ class ControlServer:
         self.port = self._sock.getsockname()[1]
 
     async def start(self) -> None:
-        self._server = HTTPServer(_application(self), max_body_size=MAX_BODY, max_header_size=MAX_HEAD)
+        self._server = HTTPServer(self._serve, max_body_size=MAX_BODY, max_header_size=MAX_HEAD)
         self._server.add_sockets([self._sock])
 
     def close(self) -> None:
@@ -116,10 +124,57 @@ class ControlServer:
             self._sock.close()
         self._server = self._sock = None
 
+    # --- HTTP (tornado parses and frames it) -----------------------------------------
+
+    def _serve(self, request: HTTPServerRequest) -> None:
+        # Answered within this call, except long polls: a task each, cancelled
+        # if the driver hangs up first, so no event is taken for a driver that is gone.
+        try:
+            reply = self._dispatch(request)
+            if not isinstance(reply, tuple):
+                poll = asyncio.ensure_future(self._long_poll(request, reply))
+                request.connection.set_close_callback(poll.cancel)
+                return
+        except ControlError as exc:
+            reply = exc.status, _error(exc.message, exc.code)
+        except BrokerError as exc:
+            reply = exc.status, _error(str(exc), exc.code)
+        _write(request, *reply)
+
+    async def _long_poll(self, request: HTTPServerRequest, work: Awaitable[Reply]) -> None:
+        try:
+            reply = await work
+        except asyncio.CancelledError:
+            return
+        except ControlError as exc:
+            reply = exc.status, _error(exc.message, exc.code)
+        request.connection.set_close_callback(None)
+        _write(request, *reply)
+
+    def _dispatch(self, request: HTTPServerRequest) -> Reply | Awaitable[Reply]:
+        if not _authorized(request.headers.get("Authorization", ""), self.token):
+            return 401, _error("missing or wrong token: send Authorization: Bearer <token> (see the control file)", "unauthorized")
+        allowed = []
+        for r, pattern in self._routes:
+            m = pattern.match(request.path)
+            if m is None:
+                continue
+            if r.method != request.method:
+                allowed.append(r.method)
+                continue
+            params = {k: unquote(v) for k, v in m.groupdict().items()}
+            query = {k: v[-1].decode("utf-8", "replace") for k, v in request.query_arguments.items() if v[-1]}
+            if r.body is not None:
+                return r.handler(self, query, _parse_body(r.body, request.body), **params)
+            return r.handler(self, query, **params)
+        if allowed:
+            return 405, _error(f"{request.method} is not allowed here; use {', '.join(allowed)}", "method_not_allowed")
+        return 404, _error(f"no route {request.method} {request.path}; see GET /openapi.json", "not_found")
+
     # --- routes ------------------------------------------------------------------
 
     @route("GET", "/openapi.json", "This description (OpenAPI 3.1).")
-    async def openapi(self, query: Query) -> Reply:
+    def openapi(self, query: Query) -> Reply:
         return 200, openapi_description()
 
     @route(
@@ -149,11 +204,11 @@ class ControlServer:
 
     @route("GET", "/v1/calls", "The held calls (without their request bodies).", returns=CallInfo, many=True,
            query=[("session", "string", "only this session")])  # fmt: skip
-    async def calls(self, query: Query) -> Reply:
+    def calls(self, query: Query) -> Reply:
         return 200, self.broker.held(query.get("session") or None)
 
     @route("GET", "/v1/calls/{id}", "A held call with the agent's request.", returns=Event, errors=[404, 409, 410])
-    async def call(self, query: Query, id: str) -> Reply:
+    def call(self, query: Query, id: str) -> Reply:
         return 200, self.broker.call(id).event()
 
     @route(
@@ -162,7 +217,7 @@ class ControlServer:
         "answered call is ignored (duplicate: true).",
         body=ResponsePush, returns=PushResult, errors=[400, 404, 409, 410],
     )  # fmt: skip
-    async def respond(self, query: Query, push: ResponsePush, id: str) -> Reply:
+    def respond(self, query: Query, push: ResponsePush, id: str) -> Reply:
         try:
             call = self.broker.call(id)
         except CallConflict:
@@ -179,13 +234,13 @@ class ControlServer:
 
     @route("POST", "/v1/calls/{id}/delta", "Stream one delta to the agent (the call becomes streaming).",
            body=DeltaPush, returns=PushResult, errors=[400, 404, 409, 410])  # fmt: skip
-    async def delta(self, query: Query, push: DeltaPush, id: str) -> Reply:
+    def delta(self, query: Query, push: DeltaPush, id: str) -> Reply:
         self.broker.delta(id, Delta(push.as_delta(), push.index, push.finish_reason, push.logprobs), push.extra)
         return 200, PushResult(id=id)
 
     @route("POST", "/v1/calls/{id}/finish", "End a streamed answer. Again on a finished call: ignored (duplicate: true).",
            body=FinishPush, returns=PushResult, errors=[400, 404, 410])  # fmt: skip
-    async def finish(self, query: Query, push: FinishPush, id: str) -> Reply:
+    def finish(self, query: Query, push: FinishPush, id: str) -> Reply:
         duplicate = not self.broker.finish(id, Finish(push.finish_reason, push.usage), push.extra)
         return 200, PushResult(id=id, duplicate=duplicate)
 
@@ -193,12 +248,12 @@ class ControlServer:
            "Answer a call with an error: that status and an error body in the API's shape (mid-stream: an error "
            "event). Again on an answered call: ignored (duplicate: true).",
            body=ErrorPush, returns=PushResult, errors=[400, 404, 410])  # fmt: skip
-    async def error(self, query: Query, push: ErrorPush, id: str) -> Reply:
+    def error(self, query: Query, push: ErrorPush, id: str) -> Reply:
         failure = Failure(push.status, push.message, push.type, push.code)
         return 200, PushResult(id=id, duplicate=not self.broker.fail(id, failure, push.extra))
 
     @route("GET", "/v1/sessions", "Every session seen since the proxy started.", returns=SessionInfo, many=True)
-    async def sessions(self, query: Query) -> Reply:
+    def sessions(self, query: Query) -> Reply:
         return 200, self.broker.sessions()
 
     @route(
@@ -207,102 +262,25 @@ class ControlServer:
         "are refused. Idempotent.",
         body=EndSession, returns=SessionInfo, errors=[400],
     )  # fmt: skip
-    async def end_session(self, query: Query, push: EndSession, session: str) -> Reply:
+    def end_session(self, query: Query, push: EndSession, session: str) -> Reply:
         return 200, self.broker.end_session(_session_id(session), push.reason)
 
 
 
-# --- HTTP --------------------------------------------------------------------------
-
-
-def _application(server: ControlServer) -> Application:
-    """One handler per path template, holding that path's routes by method."""
-    by_template: dict[str, dict[str, ApiRoute]] = {}
-    for r in ROUTES:
-        by_template.setdefault(r.template, {})[r.method] = r
-    handlers = [
-        ("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$", _Handler, {"server": server, "routes": routes})
-        for template, routes in by_template.items()
-    ]
-    return Application(handlers, default_handler_class=_Handler, default_handler_args={"server": server, "routes": {}},
-                       log_function=_no_access_log, compress_response=False)  # fmt: skip
-
-
-def _no_access_log(handler: RequestHandler) -> None:
-    pass  # a line per driver request would cost more than the request (and mitmproxy silences tornado's anyway)
-
-
-class _Handler(RequestHandler):
-    def initialize(self, server: ControlServer, routes: dict[str, ApiRoute]) -> None:
-        self._server = server
-        self._routes = routes
-        self._poll: asyncio.Future | None = None
-
-    def set_default_headers(self) -> None:
-        self.clear_header("Server")
-        self.clear_header("Content-Type")  # set only with a body
-
-    def compute_etag(self) -> None:
-        return None  # answers are live state: no conditional requests
-
-    def prepare(self) -> None:
-        if not _authorized(self.request.headers.get("authorization", ""), self._server.token):
-            raise ControlError(401, "missing or wrong token: send Authorization: Bearer <token> (see the control file)",
-                               "unauthorized")  # fmt: skip
-
-    async def get(self, **params: str) -> None:
-        r = self._routes.get(self.request.method)
-        if r is None:
-            if self._routes:
-                raise ControlError(405, f"{self.request.method} is not allowed here; use {', '.join(self._routes)}",
-                                   "method_not_allowed")  # fmt: skip
-            raise ControlError(404, f"no route {self.request.method} {self.request.path}; see GET /openapi.json",
-                               "not_found")  # fmt: skip
-        query = {k: v[-1].decode("utf-8", "replace") for k, v in self.request.query_arguments.items() if v[-1]}
-        try:
-            work = r.handler(self._server, query, _parse_body(r.body, self.request.body), **params) if r.body \
-                else r.handler(self._server, query, **params)  # fmt: skip
-            if r.long_poll:  # abandoned if the driver hangs up first, so no event is taken for a driver that is gone
-                self._poll = asyncio.ensure_future(work)
-                try:
-                    status, payload = await self._poll
-                except asyncio.CancelledError:
-                    if self._poll.cancelled():
-                        return
-                    raise
-            else:
-                status, payload = await work
-        except BrokerError as exc:
-            raise ControlError(exc.status, str(exc), exc.code) from None
-        self._reply(status, payload)
-
-    # every method is routed, so a wrong one gets its 405 in the API's error shape (HEAD: tornado drops the body)
-    head = post = put = patch = delete = options = get
-
-    def on_connection_close(self) -> None:
-        if self._poll is not None:
-            self._poll.cancel()
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs["exc_info"][1] if "exc_info" in kwargs else None
-        if isinstance(exc, ControlError):
-            message, code = exc.message, exc.code
-        else:  # tornado's own (a malformed request) or a bug
-            message, code = responses.get(status_code, "error"), "bad_request" if status_code < 500 else "internal_error"
-        if status_code == 401:
-            self.set_header("www-authenticate", "Bearer")
-        self._reply(status_code, _error(message, code))
-
-    def _reply(self, status: int, payload: Any) -> None:
-        self.set_status(status)
-        if payload is None:
-            self.finish()
-            return
-        self.set_header("content-type", "application/json")
-        self.finish(_encode(payload))
-
-
 # --- helpers -----------------------------------------------------------------------
+
+
+def _write(request: HTTPServerRequest, status: int, payload: Any) -> None:
+    body = b"" if payload is None or request.method == "HEAD" else _encode(payload)
+    headers = HTTPHeaders()
+    if status != 204:
+        headers["Content-Length"] = str(len(body))
+    if body:
+        headers["Content-Type"] = "application/json"
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    request.connection.write_headers(ResponseStartLine("HTTP/1.1", status, responses.get(status, "Unknown")), headers, body)
+    request.connection.finish()
 
 
 def _authorized(header: str, token: str) -> bool:
