@@ -389,6 +389,43 @@ def test_a_driver_that_hangs_up_during_a_long_poll_takes_nothing():
     run(main())
 
 
+def test_a_request_pipelined_behind_a_long_poll_is_answered_whole():
+    """The hang-up watch on a long poll must not eat the next request's bytes."""
+
+    async def main():
+        async with Control() as c:
+            reader, writer = await asyncio.open_connection("127.0.0.1", c.server.port)
+            auth = f"authorization: Bearer {c.server.token}\r\n"
+            writer.write(f"GET /v1/requests/next?timeout=0.2 HTTP/1.1\r\nhost: x\r\n{auth}\r\n"
+                         f"GET /v1/sessions HTTP/1.1\r\nhost: x\r\n{auth}\r\n".encode())  # fmt: skip
+            first = await reader.readuntil(b"\r\n\r\n")
+            second = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line for line in second.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1])
+            body = await reader.readexactly(length)
+            writer.close()
+            return first, second, body
+
+    first, second, body = run(main())
+    assert first.startswith(b"HTTP/1.1 204 ") and second.startswith(b"HTTP/1.1 200 ") and json.loads(body) == []
+
+
+def test_control_error_shapes():
+    async def main():
+        async with Control() as c:
+            async with httpx.AsyncClient(base_url=c.server.url) as http:
+                unauthorized = await http.get("/v1/calls")
+                auth = {"authorization": f"Bearer {c.server.token}"}
+                head = await http.head("/v1/calls", headers=auth)
+                wrong = await http.put("/v1/calls/s:1/response", headers=auth, content=b"{}")
+                return unauthorized, head, wrong
+
+    unauthorized, head, wrong = run(main())
+    assert unauthorized.status_code == 401 and unauthorized.headers["www-authenticate"] == "Bearer"
+    assert head.status_code == 405 and head.content == b""
+    assert wrong.status_code == 405 and wrong.json()["error"] == {
+        "message": "PUT is not allowed here; use POST", "type": "control_error", "code": "method_not_allowed"}
+
+
 def test_control_file_location(tmp_path):
     assert control_file_for(tmp_path / "traj") == tmp_path / "traj" / "control.json"
     assert control_file_for(tmp_path / "all.jsonl") == tmp_path / "all.jsonl.control.json"
