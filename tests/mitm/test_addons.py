@@ -242,7 +242,7 @@ def test_a_bad_value_at_runtime_is_refused_and_recording_goes_on(tmp_path):
                 ("llm_traj_retries", "99", "llm_traj_retries=99 must be between 0 and 20"),
                 ("llm_traj_mode", "fast", "llm_traj_mode='fast' is not a mode"),
                 ("llm_traj_control_port", "70000", "llm_traj_control_port is only used with llm_traj_mode=anticall"),
-                ("llm_traj_control_port", "x", "Not an integer"),
+                ("llm_traj_control_port", "x", "(?i)not an integer"),
             ]:
                 with pytest.raises(exceptions.CommandError, match=message):
                     tctx.master.commands.call("set", name, value)  # what `:set` runs in the console
@@ -297,6 +297,12 @@ def test_endpoints_and_routing(tmp_path):
             assert unknown.response.status_code == 404
             report = await exchange(tctx, get_flow("/llm-traj/replay-report"))
             assert report.response is None  # not replaying: not ours to answer
+            routed = await exchange(tctx, chat_flow())
+            assert routed.request.url == "http://127.0.0.1:9/v1/chat/completions"  # mitmproxy forwards it there
+            assert routed.metadata[CALL_KEY]["upstream"] == {"route": "local", "url": routed.request.url}
+            unconfigured = await exchange(tctx, chat_flow(body={**REQUEST, "model": "other"}))
+            assert unconfigured.response.status_code == 404
+            assert json.loads(unconfigured.response.content)["error"]["code"] == "model_not_found"
             bad_session = await exchange(tctx, chat_flow("/s/..x/v1/chat/completions"))
             assert bad_session.response.status_code == 400
             assert json.loads(bad_session.response.content)["error"]["code"] == "invalid_session"
