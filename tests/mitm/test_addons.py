@@ -12,7 +12,7 @@ import logging
 
 import httpx
 import pytest
-from mitmproxy import exceptions, hooks, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy.layers.http import (
     HttpRequestHeadersHook, HttpRequestHook, HttpResponseHeadersHook, HttpResponseHook,
@@ -78,7 +78,7 @@ def test_a_failing_part_skips_no_other_part(caplog):
         run(pending)
     assert calls == ["a", "b", "c", "d", "e"]
     failed = [r.getMessage() for r in caplog.records]
-    assert failed == [f"llm-traj: request hook of Part failed"] * 3 and all(r.exc_info for r in caplog.records)
+    assert failed == ["llm-traj: request hook of Part failed"] * 3 and all(r.exc_info for r in caplog.records)
 
 
 @pytest.mark.parametrize("is_async", [False, True])
@@ -105,8 +105,6 @@ class Switch:
 
     def configure(self, updated):
         if "llm_traj_mode" in updated:
-            from mitmproxy import ctx
-
             if ctx.options.llm_traj_mode == "bad":
                 raise exceptions.OptionsError("llm_traj_mode=bad is not a mode")
             self.on = ctx.options.llm_traj_mode == "replay"
