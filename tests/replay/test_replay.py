@@ -394,8 +394,8 @@ def test_load_reports_bad_lines_with_file_and_line_and_skips_a_torn_last_line(tm
     file.write_bytes(b"\n".join([lines[0], b"{oops", lines[1], b""]))
     with pytest.raises(TrajectoryError, match=rf"^{file}:2: not valid JSON"):
         load(tmp_path)
-    file.write_bytes(lines[0].replace(b'"schema_version":1', b'"schema_version":2') + b"\n")
-    with pytest.raises(TrajectoryError, match=rf"^{file}:1: schema_version 2 is not supported"):
+    file.write_bytes(lines[0].replace(b'"schema_version":2', b'"schema_version":3') + b"\n")
+    with pytest.raises(TrajectoryError, match=rf"^{file}:1: schema_version 3 is not supported"):
         load(tmp_path)
 
 

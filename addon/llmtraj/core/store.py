@@ -4,7 +4,9 @@ for every session.
 Each record is appended as one complete line in a single unbuffered write to a
 file opened with O_APPEND, so concurrent sessions never interleave within a line
 and a killed process leaves only whole lines behind (barring a torn write of the
-very last line, which the reader reports and skips).
+very last line, which the reader reports and skips). Version 2 lines store the
+request as a reference to an earlier line of the session plus what is new
+(`core.chain`); the reader gives every record whole, reading a file as a stream.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
-from .record import SCHEMA_VERSION, CallRecord
+from .chain import RequestChains, SessionRequests
+from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
 from .redact import REDACTED
 from .session import validate_session
 
@@ -46,9 +49,11 @@ class TrajectoryWriter:
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._last_index: dict[str, int] = {}
         self._files: dict[str, Path] = {}  # by session, validated
+        # What this writer wrote per file, for version 2 references; bounded
+        # like the open files (a file dropped here starts a fresh chain).
+        self._chains: OrderedDict[Path, RequestChains] = OrderedDict()
         if self.single_file and self.path.exists():
-            for record in read_records(self.path, tolerate_corrupt=True):
-                self._last_index[record.session] = max(self._last_index.get(record.session, 0), record.index)
+            self._last_index = last_indexes(self.path)
 
     def file_for(self, session: str) -> Path:
         file = self._files.get(session)
@@ -64,7 +69,7 @@ class TrajectoryWriter:
             last = 0
             file = self.file_for(session)
             if not self.single_file and file.exists():
-                last = max((r.index for r in read_records(file, tolerate_corrupt=True)), default=0)
+                last = last_indexes(file).get(session, 0)
         self._last_index[session] = last + 1
         return last + 1
 
@@ -76,23 +81,49 @@ class TrajectoryWriter:
     ) -> None:
         """Append one record: a `CallRecord`, or a dict of its fields (the
         recorder's hot path, which skips validating twice). `request_json`, if
-        given, is the dict's `request` as JSON text, written as is."""
+        given, is the dict's `request` as JSON text, written as is when the
+        request is not stored as a reference."""
         if isinstance(record, CallRecord):
-            line = record.model_dump_json().encode()
-            session = record.session
+            fields = {**record.model_dump(mode="json"), "schema_version": SCHEMA_VERSION}
         else:
-            session = record["session"]
-            if request_json is None:
-                line = to_json(record)
-            else:
-                line = to_json({**record, "request": _RAW_REQUEST}).replace(_RAW_REQUEST_JSON, request_json, 1)
+            fields = record
+        session = fields["session"]
+        file = self.file_for(session)
+        fd = self._fd(file)
+        chains = self._chains_of(file, fd)
+        request = fields["request"]
+        base = None
+        if isinstance(request, dict):
+            stored, base = chains.encode(session, request)
+        if base is not None:
+            line = to_json({**fields, "request": stored, "request_base": base})
+        elif request_json is not None:
+            line = to_json({**fields, "request": _RAW_REQUEST}).replace(_RAW_REQUEST_JSON, request_json, 1)
+        else:
+            line = to_json(fields)
         for secret in secrets:  # scrubbed in the serialised line: secrets echoed anywhere go too
             line = line.replace(secret.encode(), REDACTED_BYTES)
         data = line + b"\n"
-        fd = self._fd(self.file_for(session))
         written = os.write(fd, data)
         while written < len(data):  # only on a full disk or a signal; finish the line
             written += os.write(fd, data[written:])
+        chains.end += len(data)
+        if isinstance(request, dict):  # only a line that is on disk is referred to
+            chains.written(session, fields["index"], request, base and base["index"])
+
+    def _chains_of(self, file: Path, fd: int) -> RequestChains:
+        """The chains of `file`, fresh if the file is not the one they were
+        written to (replaced, or truncated below what we wrote)."""
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        chains = self._chains.get(file)
+        if chains is None or chains.identity != identity or st.st_size < chains.end:
+            chains = self._chains[file] = RequestChains(identity)
+            if len(self._chains) > _MAX_OPEN_FILES:
+                self._chains.popitem(last=False)
+        self._chains.move_to_end(file)
+        chains.end = st.st_size
+        return chains
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
@@ -141,33 +172,83 @@ def read_records(
     tolerate_corrupt: bool = False,
     skipped: list[SkippedLine] | None = None,
 ) -> Iterator[CallRecord]:
-    """Records of a trajectory file or directory, in file order.
+    """Records of a trajectory file or directory, in file order, each whole
+    (a version 2 request is resolved). Streams: memory holds one file's chains
+    of requests, not its records.
 
     A last line without its newline that does not parse is the torn write of a
     crash: it is skipped (and listed in `skipped`). Any other bad line raises
     `TrajectoryError`, unless `tolerate_corrupt`, which skips it too.
     """
     for file in trajectory_files(path):
-        with open(file, "rb") as fh:
-            lines = fh.read().split(b"\n")
-        last = len(lines) - 1
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = _parse_line(raw)
-            except ValueError as exc:
-                torn = number - 1 == last  # no newline after it
-                if not (torn or tolerate_corrupt):
-                    raise TrajectoryError(file, number, str(exc)) from None
-                if skipped is not None:
-                    why = "truncated last line (torn write), skipped" if torn else f"{exc}, skipped"
-                    skipped.append(SkippedLine(file, number, why))
-                continue
-            yield record
+        yield from (record for _, record in read_file(file, tolerate_corrupt, skipped))
 
 
-def _parse_line(raw: bytes) -> CallRecord:
+def read_file(
+    file: Path,
+    tolerate_corrupt: bool = False,
+    skipped: list[SkippedLine] | None = None,
+    session: str | None = None,
+) -> Iterator[tuple[int, CallRecord]]:
+    """(offset of the line, record) of one file, in order; only the records of
+    `session` if given (references never cross sessions, so the others are
+    not resolved)."""
+    chains: dict[str, SessionRequests] = {}
+    for number, offset, raw in _lines(file):
+        if not raw.strip():
+            continue
+        try:
+            obj = _parse_line(raw)
+            if session is not None and obj.get("session") != session:
+                continue
+            record = _resolve(obj, chains)
+        except ValueError as exc:
+            torn = not raw.endswith(b"\n")
+            if not (torn or tolerate_corrupt):
+                raise TrajectoryError(file, number, str(exc)) from None
+            if skipped is not None:
+                why = "truncated last line (torn write), skipped" if torn else f"{exc}, skipped"
+                skipped.append(SkippedLine(file, number, why))
+            continue
+        yield offset, record
+
+
+def record_at(file: Path, offset: int) -> CallRecord:
+    """The record of the line at `offset`, with the request as stored (for what
+    does not need it whole: the response)."""
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        obj = _parse_line(fh.readline())
+    if obj.pop("request_base", None) is not None:
+        obj["request"] = None
+    return _validate(obj)
+
+
+def last_indexes(file: Path) -> dict[str, int]:
+    """The last call index of each session in a file (bad lines skipped),
+    without resolving or validating records."""
+    last: dict[str, int] = {}
+    for _, _, raw in _lines(file):
+        try:
+            obj = from_json(raw)
+            session, index = obj["session"], obj["index"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(session, str) and isinstance(index, int):
+            last[session] = max(last.get(session, 0), index)
+    return last
+
+
+def _lines(file: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(1-based line number, offset, bytes with the newline) of each line."""
+    with open(file, "rb") as fh:
+        offset = 0
+        for number, raw in enumerate(fh, start=1):
+            yield number, offset, raw
+            offset += len(raw)
+
+
+def _parse_line(raw: bytes) -> dict[str, Any]:
     try:
         obj = from_json(raw)
     except ValueError as exc:
@@ -175,8 +256,23 @@ def _parse_line(raw: bytes) -> CallRecord:
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     version = obj.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"schema_version {version!r} is not supported (this llm-traj reads {SCHEMA_VERSION})")
+    if version not in SCHEMA_VERSIONS:
+        raise ValueError(
+            f"schema_version {version!r} is not supported (this llm-traj reads {', '.join(map(str, SCHEMA_VERSIONS))})"
+        )
+    return obj
+
+
+def _resolve(obj: dict[str, Any], chains: dict[str, SessionRequests]) -> CallRecord:
+    if obj["schema_version"] >= 2 and isinstance(obj.get("session"), str) and isinstance(obj.get("index"), int):
+        requests = chains.get(obj["session"])
+        if requests is None:
+            requests = chains[obj["session"]] = SessionRequests()
+        obj["request"] = requests.add(obj["index"], obj.get("request"), obj.pop("request_base", None))
+    return _validate(obj)
+
+
+def _validate(obj: dict[str, Any]) -> CallRecord:
     try:
         return CallRecord.model_validate(obj)
     except ValidationError as exc:
