@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Set
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,27 +181,66 @@ def read_records(
     `TrajectoryError`, unless `tolerate_corrupt`, which skips it too.
     """
     for file in trajectory_files(path):
-        yield from (record for _, record in read_file(file, tolerate_corrupt, skipped))
+        yield from (record for _, record in _records(file, _lines(file), tolerate_corrupt, skipped))
 
 
-def read_file(
-    file: Path,
-    tolerate_corrupt: bool = False,
-    skipped: list[SkippedLine] | None = None,
-    session: str | None = None,
-) -> Iterator[tuple[int, CallRecord]]:
-    """(offset of the line, record) of one file, in order; only the records of
-    `session` if given (references never cross sessions, so the others are
-    not resolved)."""
-    chains: dict[str, SessionRequests] = {}
-    for number, offset, raw in _lines(file):
+@dataclass(frozen=True)
+class SessionFile:
+    """Where one session's calls are: its own file (`lines` None), or the
+    (line number, offset) of its lines in a file shared by every session."""
+
+    session: str
+    file: Path
+    lines: tuple[tuple[int, int], ...] | None = None
+
+    def records(
+        self, tolerate_corrupt: bool = False, skipped: list[SkippedLine] | None = None
+    ) -> Iterator[tuple[int, CallRecord]]:
+        """(offset of the line, whole record) of each call, in file order."""
+        lines = _lines(self.file) if self.lines is None else _lines_at(self.file, self.lines)
+        return _records(self.file, lines, tolerate_corrupt, skipped)
+
+
+def trajectory_sessions(path: Path | str, skipped: list[SkippedLine] | None = None) -> dict[str, SessionFile]:
+    """The sessions of a trajectory, found without reading a directory's
+    files (a file per session, named after it). A single file is scanned once
+    for where each session's lines are: a torn last line is skipped (and
+    listed in `skipped`), a line of no session raises `TrajectoryError`."""
+    path = Path(path)
+    if not is_single_file(path):
+        return {file.stem: SessionFile(file.stem, file) for file in trajectory_files(path)}
+    if not path.exists():
+        return {}
+    where: dict[str, list[tuple[int, int]]] = {}
+    for number, offset, raw in _lines(path):
         if not raw.strip():
             continue
         try:
-            obj = _parse_line(raw)
-            if session is not None and obj.get("session") != session:
-                continue
-            record = _resolve(obj, chains)
+            session = _parse_line(raw).get("session")
+        except ValueError as exc:
+            if raw.endswith(b"\n"):
+                raise TrajectoryError(path, number, str(exc)) from None
+            if skipped is not None:
+                skipped.append(SkippedLine(path, number, "truncated last line (torn write), skipped"))
+            continue
+        if not isinstance(session, str):
+            raise TrajectoryError(path, number, "invalid record: session: missing or not a string")
+        where.setdefault(session, []).append((number, offset))
+    return {session: SessionFile(session, path, tuple(lines)) for session, lines in where.items()}
+
+
+def _records(
+    file: Path,
+    lines: Iterable[tuple[int, int, bytes]],
+    tolerate_corrupt: bool,
+    skipped: list[SkippedLine] | None,
+) -> Iterator[tuple[int, CallRecord]]:
+    chains: dict[str, SessionRequests] = {}
+    for number, offset, raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            record = _resolve(_parse_line(raw), chains)
         except ValueError as exc:
             torn = not raw.endswith(b"\n")
             if not (torn or tolerate_corrupt):
@@ -246,6 +285,13 @@ def _lines(file: Path) -> Iterator[tuple[int, int, bytes]]:
         for number, raw in enumerate(fh, start=1):
             yield number, offset, raw
             offset += len(raw)
+
+
+def _lines_at(file: Path, where: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
+    with open(file, "rb") as fh:
+        for number, offset in where:
+            fh.seek(offset)
+            yield number, offset, fh.readline()
 
 
 def _parse_line(raw: bytes) -> dict[str, Any]:

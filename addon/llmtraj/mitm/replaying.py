@@ -97,14 +97,12 @@ class Replayer:
             replay_settings = _read_settings(settings.path)
             source = (settings.path, replay_settings.ignore)
             if source != self._source:  # reloading resets every cursor: only when the recording changes
-                replay, skipped = load(settings.path, replay_settings.ignore)
-                for line in skipped:
-                    logger.warning(f"llm-traj: {line}")
+                replay = load(settings.path, replay_settings.ignore)
                 self._replay, self._source = replay, source
                 logger.info(
-                    f"llm-traj: replaying {replay.calls} calls of {replay.sessions} sessions from {settings.path}"
+                    f"llm-traj: replaying {replay.sessions} sessions from {settings.path} (each read when first asked for)"
                 )
-        except (ConfigError, TrajectoryError, ReplayLoadError) as exc:
+        except (ConfigError, OSError, TrajectoryError, ReplayLoadError) as exc:
             self._settings = self._replay = self._source = None
             self._broken = True
             self._recorder.marked_path = None
@@ -140,7 +138,8 @@ class Replayer:
             info["replay"] = "miss"
             if settings.miss == "error":
                 logger.warning(outcome.message)
-                flow.response = error_response(400, outcome.message, "invalid_request_error", outcome.code, call.api)
+                kind = "invalid_request_error" if outcome.status < 500 else "server_error"
+                flow.response = error_response(outcome.status, outcome.message, kind, outcome.code, call.api)
             else:  # the flow goes on to the upstream
                 info["record"] = settings.miss == "forward-record"
                 logger.warning(f"{outcome.message}; forwarded upstream{' and recorded' if info['record'] else ''}")
