@@ -12,8 +12,10 @@ request as a reference to an earlier line of the session plus what is new
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Set
+from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,11 +203,14 @@ class SessionFile:
         return _records(self.file, lines, tolerate_corrupt, skipped)
 
 
-def trajectory_sessions(path: Path | str, skipped: list[SkippedLine] | None = None) -> dict[str, SessionFile]:
-    """The sessions of a trajectory, found without reading a directory's
-    files (a file per session, named after it). A single file is scanned once
-    for where each session's lines are: a torn last line is skipped (and
-    listed in `skipped`), a line of no session raises `TrajectoryError`."""
+def trajectory_sessions(
+    path: Path | str, skipped: list[SkippedLine] | None = None, tolerate_corrupt: bool = False
+) -> dict[str, SessionFile]:
+    """The sessions of a trajectory in the order they first appear, found
+    without reading a directory's files (a file per session, named after it).
+    A single file is scanned once for where each session's lines are: a torn
+    last line is skipped (and listed in `skipped`), a line of no session
+    raises `TrajectoryError` (unless `tolerate_corrupt`: skipped too)."""
     path = Path(path)
     if not is_single_file(path):
         return {file.stem: SessionFile(file.stem, file) for file in trajectory_files(path)}
@@ -217,16 +222,47 @@ def trajectory_sessions(path: Path | str, skipped: list[SkippedLine] | None = No
             continue
         try:
             session = _parse_line(raw).get("session")
+            if not isinstance(session, str):
+                raise ValueError("invalid record: session: missing or not a string")
         except ValueError as exc:
-            if raw.endswith(b"\n"):
+            torn = not raw.endswith(b"\n")
+            if not (torn or tolerate_corrupt):
                 raise TrajectoryError(path, number, str(exc)) from None
             if skipped is not None:
-                skipped.append(SkippedLine(path, number, "truncated last line (torn write), skipped"))
+                skipped.append(SkippedLine(path, number, "truncated last line (torn write), skipped" if torn else f"{exc}, skipped"))
             continue
-        if not isinstance(session, str):
-            raise TrajectoryError(path, number, "invalid record: session: missing or not a string")
         where.setdefault(session, []).append((number, offset))
     return {session: SessionFile(session, path, tuple(lines)) for session, lines in where.items()}
+
+
+class TrajectoryReader:
+    """A trajectory read one session at a time, for the commands that look at
+    whole sessions (show, stats, diff, export): memory holds the largest
+    session, not the trajectory. Iterating gives every record, session by
+    session in the order they first appear; `sessions` maps each session to
+    its calls by index, read when looked up."""
+
+    def __init__(self, path: Path | str, tolerate_corrupt: bool = False, skipped: list[SkippedLine] | None = None) -> None:
+        self.sessions = _SessionCalls(trajectory_sessions(path, skipped, tolerate_corrupt), tolerate_corrupt, skipped)
+
+    def __iter__(self) -> Iterator[CallRecord]:
+        for calls in self.sessions.values():
+            yield from calls
+
+
+class _SessionCalls(Mapping[str, list[CallRecord]]):
+    def __init__(self, where: dict[str, SessionFile], tolerate_corrupt: bool, skipped: list[SkippedLine] | None) -> None:
+        self._where, self._tolerate_corrupt, self._skipped = where, tolerate_corrupt, skipped
+
+    def __getitem__(self, session: str) -> list[CallRecord]:
+        records = (record for _, record in self._where[session].records(self._tolerate_corrupt, self._skipped))
+        return sorted(records, key=lambda r: r.index)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def _records(
@@ -325,3 +361,35 @@ def _validate(obj: dict[str, Any]) -> CallRecord:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "record"
         raise ValueError(f"invalid record: {where}: {first['msg']}") from None
+
+
+class CompactionError(ValueError):
+    """A file that could not be rewritten, in one line."""
+
+
+def compact_file(file: Path) -> tuple[int, int, list[SkippedLine]]:
+    """Rewrite one trajectory file in the current format, in place (a new file
+    renamed over it): (bytes before, bytes after, torn last line skipped). A
+    bad line raises `TrajectoryError` and leaves the file as it was; so does a
+    file that grew meanwhile (a recorder still writing to it)."""
+    before = file.stat().st_size
+    skipped: list[SkippedLine] = []
+    work = Path(tempfile.mkdtemp(prefix=".llm-traj-compact-", dir=file.parent))
+    try:
+        new = work / "compacted.jsonl"
+        writer = TrajectoryWriter(new)
+        try:
+            for record in read_records(file, skipped=skipped):
+                writer.append(record)
+        finally:
+            writer.close()
+        if file.stat().st_size != before:
+            raise CompactionError(f"{file} changed while it was compacted (still being recorded?); left as it was")
+        after = new.stat().st_size if new.exists() else 0
+        if new.exists():
+            os.replace(new, file)
+        else:
+            file.write_bytes(b"")  # nothing readable in it: only a torn line
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return before, after, skipped
