@@ -76,6 +76,8 @@ from llmtraj.cli.proxy_process import (
 )
 from llmtraj.replay.report import REPORT_PATH
 
+from growth import run_growth  # bench/growth.py, beside this script
+
 RPS_TARGET = 0.90  # recording keeps at least this share of bare mitmdump's requests/s
 TTFB_TARGET_MS = 2.0  # and adds at most this much to a stream's first event
 # mitmdump prints nothing per flow (flow_detail=0) but keeps its info-level log,
@@ -946,6 +948,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument("--only", choices=["growth"], help="run only this part: growth (trajectory size, writer "
+                        "CPU per turn, export, replay of 10,000 sessions; --quick leaves out the 1000-turn session)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -979,6 +983,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        growth_text, growth = run_growth(quick=args.quick)
+        if args.only == "growth":
+            print(growth_text)
+            if args.json:
+                args.json.write_text(json.dumps(growth, indent=2, ensure_ascii=False) + "\n")
+            return 0
         results = run(settings)
     except KeyboardInterrupt:
         print("bench: interrupted; all processes stopped", file=sys.stderr)
@@ -993,8 +1003,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     print(report(results, settings))
+    print("\n" + growth_text)
     if args.json:
-        args.json.write_text(json.dumps(to_json(results, settings), indent=2) + "\n")
+        args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth}, indent=2,
+                                        ensure_ascii=False) + "\n")
         print(f"\nresults: {args.json}")
     return 0
 

@@ -27,11 +27,21 @@ STEP = st.one_of(
     st.tuples(st.just("compact"), st.integers(0, 50), MESSAGE),  # everything before a point becomes a summary
     st.tuples(st.just("same"), st.none()),  # asked again unchanged (a retry)
 )
+# A streamed answer's SSE blocks: mostly the same framing around a delta.
+DELTA = st.one_of(TEXT, st.sampled_from(["", "a", "é✓", "\n\n", '"quoted"']))
+EVENTS = st.none() | st.lists(
+    st.one_of(
+        DELTA.map(lambda d: 'data: {"id":"c1","choices":[{"delta":{"content":' + json.dumps(d) + '}}]}\n\n'),
+        DELTA.map(lambda d: f"event: content_block_delta\ndata: {d}\n\n"),
+        TEXT,
+    ),
+    max_size=8,
+)
 # One call: which session, which of its conversations, what happened to it,
-# which API shape carries it, and whether the writer restarts before it.
+# which API shape carries it, its stream, and whether the writer restarts before it.
 CALL = st.tuples(
     st.sampled_from(["a", "b"]), st.integers(0, 2), STEP, st.sampled_from(["chat", "anthropic", "responses"]),
-    st.booleans(),
+    EVENTS, st.booleans(),
 )
 
 
@@ -58,11 +68,12 @@ def evolve(conversation: list[dict[str, Any]], step: tuple) -> list[dict[str, An
     return conversation
 
 
-def record(session: str, index: int, request: dict[str, Any]) -> CallRecord:
+def record(session: str, index: int, request: dict[str, Any], events: list[str] | None) -> CallRecord:
     return CallRecord(
         session=session, index=index, api="chat.completions", mode="record", method="POST",
         url="http://up/v1/chat/completions", request_headers=[("content-type", "application/json")],
         request=request, status=200, response={"choices": []}, timings=Timings(started_at=1.0, ended_at=2.0),
+        stream=events is not None, events=None if events is None else [{"t": k / 8, "raw": e} for k, e in enumerate(events)],
     )  # fmt: skip
 
 
@@ -71,12 +82,12 @@ def write(path: Path, calls: list[tuple]) -> list[CallRecord]:
     conversations: dict[tuple[str, int], list[dict[str, Any]]] = {}
     sent: list[CallRecord] = []
     writer = TrajectoryWriter(path)
-    for n, (session, which, step, shape, restart) in enumerate(calls):
+    for n, (session, which, step, shape, events, restart) in enumerate(calls):
         if restart:
             writer.close()
             writer = TrajectoryWriter(path)
         conversation = conversations[session, which] = evolve(conversations.get((session, which), []), step)
-        rec = record(session, writer.next_index(session), body(shape, conversation, n))
+        rec = record(session, writer.next_index(session), body(shape, conversation, n), events)
         writer.append(rec)
         sent.append(json.loads(rec.model_dump_json()))  # a copy: what was sent, not what the writer keeps
     writer.close()

@@ -10,6 +10,11 @@ k's list followed by the items written here, any other key is as written. Call k
 is an earlier line of the same session in the same file (the writer only refers
 to lines it wrote through the file it still has open), so a line never depends
 on a later one and a torn last line loses only its own call.
+
+A streamed call's events repeat most of their bytes from one to the next (the
+id, model and framing around a few characters of delta), so a version 2 event
+may carry `p` and `s`: its `raw` is then only the middle, between the first p
+and the last s characters of the previous event's raw in the same line.
 """
 
 from __future__ import annotations
@@ -153,3 +158,65 @@ def _apply(base: dict[str, Any], same: frozenset[str], prefix: dict[str, int], s
     except KeyError as exc:
         raise ValueError(f"request_base: the base has no {exc.args[0]!r}") from None
     return whole
+
+
+def _shared_prefix(a: str, b: str, limit: int) -> int:
+    """The length of the common prefix of a and b, at most `limit` (found by
+    bisection: each step one comparison in C, not a loop over characters)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _shared_suffix(a: str, b: str, limit: int) -> int:
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid : len(a) - lo] == b[len(b) - mid : len(b) - lo]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+_MIN_SHARED = 8  # below this, `"p":..,"s":..` costs more than it saves
+
+
+def encode_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle."""
+    out = []
+    previous = ""
+    for event in events:
+        raw = event["raw"]
+        limit = min(len(raw), len(previous))
+        p = _shared_prefix(raw, previous, limit)
+        s = _shared_suffix(raw, previous, limit - p)
+        if p + s >= _MIN_SHARED:
+            out.append({"t": event["t"], "p": p, "s": s, "raw": raw[p : len(raw) - s]})
+        else:
+            out.append(event)
+        previous = raw
+    return out
+
+
+def decode_events(events: Any) -> Any:
+    """Every event's raw whole again; ValueError if a reference does not fit."""
+    if not isinstance(events, list):
+        return events
+    out = []
+    previous = ""
+    for event in events:
+        if isinstance(event, dict) and "p" in event:
+            p, s, middle = event.get("p"), event.get("s"), event.get("raw")
+            if not (isinstance(p, int) and isinstance(s, int) and isinstance(middle, str)
+                    and 0 <= p and 0 <= s and p + s <= len(previous)):  # fmt: skip
+                raise ValueError("events: a reference to the previous event that does not fit")
+            event = {"t": event.get("t"), "raw": previous[:p] + middle + previous[len(previous) - s :]}
+        out.append(event)
+        previous = event.get("raw") if isinstance(event, dict) and isinstance(event.get("raw"), str) else ""
+    return out

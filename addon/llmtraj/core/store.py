@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
-from .chain import RequestChains, SessionRequests
+from .chain import RequestChains, SessionRequests, decode_events, encode_events
 from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
 from .redact import REDACTED
 from .session import validate_session
@@ -97,6 +97,8 @@ class TrajectoryWriter:
         base = None
         if isinstance(request, dict):
             stored, base = chains.encode(session, request)
+        if fields.get("events"):
+            fields = {**fields, "events": encode_events(fields["events"])}
         if base is not None:
             line = to_json({**fields, "request": stored, "request_base": base})
         elif request_json is not None:
@@ -294,9 +296,7 @@ def record_at(file: Path, offset: int) -> CallRecord:
     with open(file, "rb") as fh:
         fh.seek(offset)
         obj = _parse_line(fh.readline())
-    if obj.pop("request_base", None) is not None:
-        obj["request"] = None
-    return _validate(obj)
+    return _resolve(obj, None)
 
 
 def last_indexes(file: Path) -> dict[str, int]:
@@ -345,12 +345,19 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
     return obj
 
 
-def _resolve(obj: dict[str, Any], chains: dict[str, SessionRequests]) -> CallRecord:
-    if obj["schema_version"] >= 2 and isinstance(obj.get("session"), str) and isinstance(obj.get("index"), int):
+def _resolve(obj: dict[str, Any], chains: dict[str, SessionRequests] | None) -> CallRecord:
+    """The record of a parsed line, whole; without `chains`, a request stored
+    as a reference is left out."""
+    if chains is None:
+        if obj.pop("request_base", None) is not None:
+            obj["request"] = None
+    elif obj["schema_version"] >= 2 and isinstance(obj.get("session"), str) and isinstance(obj.get("index"), int):
         requests = chains.get(obj["session"])
         if requests is None:
             requests = chains[obj["session"]] = SessionRequests()
         obj["request"] = requests.add(obj["index"], obj.get("request"), obj.pop("request_base", None))
+    if obj["schema_version"] >= 2:
+        obj["events"] = decode_events(obj.get("events"))
     return _validate(obj)
 
 
