@@ -379,13 +379,18 @@ def test_reply_body_cut_raises_after_the_body():
 # ------------------------------------------------------------ loading, report
 
 
-def test_load_reads_a_session_when_first_asked_and_skips_a_torn_last_line(tmp_path, caplog):
-    writer = TrajectoryWriter(tmp_path)
+def two_sessions(path: Path, other: str, content: str) -> Path:
+    """Session s (calls q1, q2) and one more; the file of s."""
+    writer = TrajectoryWriter(path)
     for k in (1, 2):
         writer.append(record("s", k, chat(f"q{k}")))
-    writer.append(record("other", 1, chat("o1")))
+    writer.append(record(other, 1, chat(content)))
     writer.close()
-    file = tmp_path / "s.jsonl"
+    return path / "s.jsonl"
+
+
+def test_load_reads_a_session_when_first_asked_and_skips_a_torn_last_line(tmp_path, caplog):
+    file = two_sessions(tmp_path, "other", "o1")
     with open(file, "ab") as fh:
         fh.write(b'{"schema_version": 1, "sess')  # a crash mid-write
     replay = load(tmp_path)
@@ -398,12 +403,7 @@ def test_load_reads_a_session_when_first_asked_and_skips_a_torn_last_line(tmp_pa
 
 
 def test_a_bad_line_fails_only_its_session_with_file_and_line(tmp_path):
-    writer = TrajectoryWriter(tmp_path)
-    for k in (1, 2):
-        writer.append(record("s", k, chat(f"q{k}")))
-    writer.append(record("ok", 1, chat("fine")))
-    writer.close()
-    file = tmp_path / "s.jsonl"
+    file = two_sessions(tmp_path, "ok", "fine")
     lines = file.read_bytes().split(b"\n")
     file.write_bytes(b"\n".join([lines[0], b"{oops", lines[1], b""]))
     replay = load(tmp_path)

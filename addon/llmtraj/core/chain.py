@@ -26,6 +26,7 @@ _ABSENT = object()
 # A short string costs more as a reference ("key" in `same` plus a null) than written out.
 _MIN_SAME_STRING = 64
 TIPS_PER_SESSION = 8  # the main conversation and a few side conversations (titles, summaries, subagents)
+SESSIONS_PER_FILE = 128  # a single file of many sessions: those written to last (another starts a fresh chain)
 RESOLVED_PER_SESSION = 16  # resolved requests a reader keeps; older ones are rebuilt from the chain
 
 
@@ -76,7 +77,7 @@ class RequestChains:
     def __init__(self, identity: tuple[int, int]) -> None:
         self.identity = identity  # (st_dev, st_ino) of the file the tips were written to
         self.end = 0  # the file was at least this long after our last line: shorter means truncated
-        self._tips: dict[str, OrderedDict[int, dict[str, Any]]] = {}
+        self._tips: OrderedDict[str, OrderedDict[int, dict[str, Any]]] = OrderedDict()
 
     def encode(self, session: str, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(request as stored, `request_base` or None) against the tip it shares most with."""
@@ -91,6 +92,9 @@ class RequestChains:
 
     def written(self, session: str, index: int, request: dict[str, Any], base: int | None) -> None:
         tips = self._tips.setdefault(session, OrderedDict())
+        self._tips.move_to_end(session)
+        if len(self._tips) > SESSIONS_PER_FILE:
+            self._tips.popitem(last=False)
         if base is not None:
             tips.pop(base, None)  # that conversation moved on to this call
         tips[index] = request
