@@ -74,11 +74,12 @@ SERVICE_UPSTREAM_OPTION = typer.Option(
 
 
 def _summary(traj: Path, session: str, since: float, code: int, started: float) -> str:
-    from ..core.store import TrajectoryError, read_records
+    from ..core.store import TrajectoryError, TrajectoryReader
     from ..inspect.stats import usage_of
 
     try:
-        records = [r for r in read_records(traj, tolerate_corrupt=True) if r.session == session and r.timings.started_at >= since]
+        calls = TrajectoryReader(traj, tolerate_corrupt=True).sessions.get(session, [])  # only that session is read
+        records = [r for r in calls if r.timings.started_at >= since]
     except (OSError, TrajectoryError):
         records = []
     failed = sum(1 for r in records if not r.complete or (r.status or 0) >= 400)
