@@ -9,7 +9,9 @@ the work, measured through the proxy.
              (`llm-traj cat`'s, every request whole), the format before this one
   CPU        proxy and writer CPU per call over the 1000-turn session, per
              100 turns (the writer's CPU read once it has written the bucket)
-  export     `export --format openai-chat` of the 1000-turn session, in process
+  export     `export --format openai-chat` of the longest session, in process,
+             per call (each sample holds the conversation so far: the output
+             grows with the square of the length) and per session
   replay     10,000 sessions of 50 turns (the 50-turn session's file copied
              under new names): `replay.load` in process; mitmdump's start to
              ready, against the same mitmdump started on an empty recording
@@ -128,7 +130,7 @@ def _v1_bytes(file: Path) -> int:
     return total
 
 
-def measure_size_and_cpu(workdir: Path, lengths: tuple[int, ...]) -> tuple[list[dict], list[dict], dict]:
+def measure_size_and_cpu(workdir: Path, lengths: tuple[int, ...]) -> tuple[list[dict], list[dict], list[dict]]:
     traj = workdir / "growth"
     sizes, buckets = [], []
     with standin_process() as upstream, ProxyProcess(
@@ -145,11 +147,18 @@ def measure_size_and_cpu(workdir: Path, lengths: tuple[int, ...]) -> tuple[list[
                 "v1 / conversation": round(v1 / final, 1),
             })  # fmt: skip
     longest = traj / f"g{max(lengths)}.jsonl"
-    start = time.perf_counter()
-    lines = sum(1 for _ in export(TrajectoryReader(longest), "openai-chat"))
-    took = time.perf_counter() - start
-    exported = {"session": longest.stem, "samples": lines, "seconds": round(took, 2),
-                "samples/s": round(lines / took), "MB/s of trajectory": round(longest.stat().st_size / took / 1e6, 1)}  # fmt: skip
+    exported = []
+    for granularity in ("per_call", "per_session"):
+        start = time.perf_counter()
+        lines = out = 0
+        for line in export(TrajectoryReader(longest), "openai-chat", granularity=granularity):
+            lines, out = lines + 1, out + len(line) + 1
+        took = time.perf_counter() - start
+        exported.append({
+            "session": longest.stem, "granularity": granularity, "samples": lines, "seconds": round(took, 2),
+            "trajectory MB/s": round(longest.stat().st_size / took / 1e6, 1), "output MB": round(out / 1e6, 1),
+            "output MB/s": round(out / took / 1e6, 1),
+        })  # fmt: skip
     return sizes, buckets, exported
 
 
@@ -217,7 +226,7 @@ def run_growth(quick: bool = False) -> tuple[str, dict]:
     text = "\n\n".join(filter(None, [
         "Growth: bytes on disk per session length (turns of ~2 KB, streamed)", table(sizes),
         "Proxy and writer CPU per call along the 1000-turn session" if buckets else "", table(buckets) if buckets else "",
-        "Export (openai-chat, in process)", table([exported]),
+        "Export (openai-chat, in process; per_call repeats the conversation in every sample)", table(exported),
         "Replay of many sessions", table([replay]), "\n".join(checks),
     ]))  # fmt: skip
     return text, {"sizes": sizes, "cpu": buckets, "export": exported, "replay": replay, "checks": checks}

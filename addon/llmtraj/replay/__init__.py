@@ -253,10 +253,10 @@ def load(path: Path | str, ignore: Iterable[str] = DEFAULT_IGNORE) -> Replay:
     fail (500, `replay_unreadable`) and is logged with its file:line. A single
     file is scanned at once for its sessions: a line of none raises
     `core.store.TrajectoryError`."""
-    if not trajectory_files(path):
-        raise ReplayLoadError(f"{path}: no trajectory there (a directory of <session>.jsonl files, or a .jsonl file)")
     skipped: list[SkippedLine] = []
     sessions = trajectory_sessions(path, skipped)
+    if not sessions and not trajectory_files(path):
+        raise ReplayLoadError(f"{path}: no trajectory there (a directory of <session>.jsonl files, or a .jsonl file)")
     for line in skipped:
         logger.warning(f"llm-traj: {line}")
     return Replay(ignore=ignore, sessions=sessions)
