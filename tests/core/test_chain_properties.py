@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llmtraj.core.record import CallRecord, Timings
-from llmtraj.core.store import TrajectoryReader, TrajectoryWriter, read_records
+from llmtraj.core.store import TrajectoryError, TrajectoryReader, TrajectoryWriter, read_records
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
 MESSAGE = st.fixed_dictionaries(
@@ -145,3 +146,19 @@ def test_a_file_cut_anywhere_reads_back_every_whole_line_before_the_cut(tmp_path
         expected = sum(1 for end in ends if end <= cut)
         got = as_sent(read_records(cut_file))
         assert got == whole[:expected]
+
+
+def test_a_reference_to_an_index_on_two_lines_is_refused_not_guessed(tmp_path):
+    # Two writers numbering one session in one file (two proxies on one path):
+    # the later reference could mean either line.
+    file = tmp_path / "t.jsonl"
+    first, second = TrajectoryWriter(file), TrajectoryWriter(file)
+    first.append(record("s", 1, {"messages": [{"role": "user", "content": "mine"}]}, None))
+    second.append(record("s", 1, {"messages": [{"role": "user", "content": "theirs"}]}, None))
+    first.append(record("s", 2, {"messages": [{"role": "user", "content": "mine"}, {"role": "user", "content": "more"}]}, None))
+    for w in (first, second):
+        w.close()
+    assert json.loads(file.read_text().splitlines()[2])["request_base"]["index"] == 1
+    with pytest.raises(TrajectoryError, match=r"t.jsonl:3: request_base: call 1 is on two lines of this session"):
+        list(read_records(file))
+    assert [r.request["messages"][0]["content"] for r in read_records(file, tolerate_corrupt=True)] == ["mine", "theirs"]

@@ -109,20 +109,31 @@ class SessionRequests:
     def __init__(self) -> None:
         self._nodes: dict[int, tuple[int | None, frozenset[str], dict[str, int], dict[str, Any]]] = {}
         self._resolved: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._twice: set[int] = set()  # indexes on more than one line: not referable
 
     def add(self, index: int, request: Any, base: Any) -> Any:
         """The whole request of the line of call `index` (which may refer to an
         earlier one); ValueError for a reference that cannot be followed."""
-        if base is None:
-            if isinstance(request, dict):
-                self._nodes[index] = (None, frozenset(), {}, request)
-                self._remember(index, request)
-            return request
-        if not (isinstance(base, dict) and isinstance(request, dict) and isinstance(base.get("index"), int)):
+        if base is not None and not (
+            isinstance(base, dict) and isinstance(request, dict) and isinstance(base.get("index"), int)
+        ):
             raise ValueError("request_base: not a reference to an earlier call")
-        self._nodes[index] = (base["index"], frozenset(base.get("same", ())), dict(base.get("prefix", {})), request)
-        self._resolved.pop(index, None)  # a second line with this index replaces the first
-        return self.resolve(index)
+        # Two writers numbering the same session in one file put an index on
+        # two lines: a reference to it could mean either, so it is refused.
+        twice = index in self._nodes or index in self._twice
+        self._resolved.pop(index, None)
+        if isinstance(request, dict):
+            self._nodes[index] = (
+                (None, frozenset(), {}, request) if base is None
+                else (base["index"], frozenset(base.get("same", ())), dict(base.get("prefix", {})), request)
+            )  # fmt: skip
+        try:
+            return request if base is None else self.resolve(index)
+        finally:
+            if twice:
+                self._twice.add(index)
+                self._nodes.pop(index, None)
+                self._resolved.pop(index, None)
 
     def resolve(self, index: int) -> dict[str, Any]:
         chain = []
@@ -131,7 +142,8 @@ class SessionRequests:
         while current is not None and (whole := self._resolved.get(current)) is None:
             node = self._nodes.get(current)
             if node is None:
-                raise ValueError(f"request_base: call {current} is not an earlier line of this session in this file")
+                why = "is on two lines" if current in self._twice else "is not an earlier line"
+                raise ValueError(f"request_base: call {current} {why} of this session in this file")
             chain.append((current, node))
             current = node[0]
         for at, (_, same, prefix, stored) in reversed(chain):
