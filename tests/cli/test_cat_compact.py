@@ -5,9 +5,11 @@ rewrite."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from llmtraj.apis import API_BY_NAME
 from llmtraj.cli.app import app
 from llmtraj.core.record import CallRecord, Timings
 from llmtraj.core.store import TrajectoryWriter, read_records
@@ -100,7 +102,7 @@ def test_version_1_reads_exports_and_shows_as_its_version_2_rewrite(v1, v2, tmp_
 def test_version_1_replays_as_its_version_2_rewrite(v1, v2):
     replays = [load(v1), load(v2)]
     for rec in conversations():
-        live = replays[0].canonical(rec_api(), json.dumps(rec.request).encode(), [])
+        live = replays[0].canonical(API_BY_NAME[rec.api], json.dumps(rec.request).encode(), [])
         served = [r.match(rec.session, live) for r in replays]
         assert all(isinstance(s, Served) and s.rung == "exact" for s in served)
         assert served[0].reply == served[1].reply
@@ -108,19 +110,13 @@ def test_version_1_replays_as_its_version_2_rewrite(v1, v2):
             "message"]["content"]  # fmt: skip
 
 
-def rec_api():
-    from llmtraj.apis import API_BY_NAME
-
-    return API_BY_NAME["chat.completions"]
-
-
 def test_a_difference_is_described_from_the_resolved_recording(v2):
     replay = load(v2)
     first = conversations()[0]
-    assert isinstance(replay.match("alpha", replay.canonical(rec_api(), json.dumps(first.request).encode(), [])), Served)
+    assert isinstance(replay.match("alpha", replay.canonical(API_BY_NAME["chat.completions"], json.dumps(first.request).encode(), [])), Served)
     changed = json.loads(json.dumps(conversations()[1].request))
     changed["messages"][0]["content"] = "You are verbose."
-    miss = replay.match("alpha", replay.canonical(rec_api(), json.dumps(changed).encode(), []))
+    miss = replay.match("alpha", replay.canonical(API_BY_NAME["chat.completions"], json.dumps(changed).encode(), []))
     assert miss.code == "replay_diverged" and "messages[0].content: recorded \"You are terse." in miss.message
 
 
@@ -148,3 +144,47 @@ def test_compact_keeps_a_file_with_a_bad_line_and_skips_a_torn_last_line(v1):
     result = runner.invoke(app, ["compact", str(file)])
     assert result.exit_code == 0 and f"{file}:7: truncated last line (torn write), skipped" in result.output
     assert [r.index for r in read_records(file)] == [1, 2, 3, 4, 5, 6]
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture
+def recorded_v1(tmp_path) -> tuple[Path, Path]:
+    """The version 1 recording of tests/fixtures/v1 as it is, and compacted."""
+    paths = []
+    for name in ("as-recorded", "compacted"):
+        shutil.copytree(FIXTURES / "v1", tmp_path / name)
+        paths.append(tmp_path / name)
+    assert runner.invoke(app, ["compact", str(paths[1])]).exit_code == 0
+    return paths[0], paths[1]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["export", "--format", "openai-chat"], "openai-chat.out"), (["export", "--format", "atif"], "atif.out"),
+    (["export", "--format", "har"], "har.out"), (["show"], "show.out"), (["stats", "--json"], "stats.out"),
+])  # fmt: skip
+def test_a_version_1_recording_and_its_rewrite_export_as_before(recorded_v1, args, expected):
+    want = (FIXTURES / "v1-expected" / expected).read_text()
+    for path in recorded_v1:
+        result = runner.invoke(app, [args[0], str(path), *args[1:]])
+        assert result.exit_code == 0 and result.stdout.rstrip("\n") == want.rstrip("\n")
+
+
+def test_a_version_1_recording_and_its_rewrite_replay_as_recorded(recorded_v1):
+    v1, v2 = recorded_v1
+    assert sum(f.stat().st_size for f in v2.glob("*.jsonl")) < sum(f.stat().st_size for f in v1.glob("*.jsonl"))
+    recorded = list(read_records(v1))
+    assert {r.api for r in recorded} == {"chat.completions", "anthropic.messages", "responses"}
+    assert whole(read_records(v2)) == whole(recorded)
+    for replay in (load(v1), load(v2)):
+        for rec in recorded:
+            api = API_BY_NAME[rec.api]
+            served = replay.match(rec.session, replay.canonical(api, json.dumps(rec.request).encode(), rec.request_headers))
+            assert isinstance(served, Served) and served.rung == "exact" and served.step.index == rec.index
+            reply = served.reply
+            assert reply.status == rec.status
+            if rec.events is not None:
+                assert reply.body == "".join(e.raw for e in rec.events).encode()
+            else:
+                assert json.loads(reply.body) == rec.response
