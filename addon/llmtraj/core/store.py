@@ -180,7 +180,8 @@ def read_records(
 ) -> Iterator[CallRecord]:
     """Records of a trajectory file or directory, in file order, each whole
     (a version 2 request is resolved). Streams: memory holds one file's chains
-    of requests, not its records.
+    of requests, not its records. The requests of a session share the items
+    they repeat (the same message objects): copy one before changing it.
 
     A last line without its newline that does not parse is the torn write of a
     crash: it is skipped (and listed in `skipped`). Any other bad line raises
