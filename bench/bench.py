@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -43,6 +43,11 @@ targets must also have written one record per request, and the replay target
 served each from the recording by exact match, checked after every measurement,
 so a broken addon cannot look fast: if not, or if any response is wrong, the
 benchmark stops with exit status 2.
+
+Last, the growth table (bench/growth.py; alone with `--only growth`): bytes on
+disk against the conversation for sessions of 10 to 1000 turns, proxy and
+writer CPU per call along the longest, export throughput, and replay's startup
+and memory with 10,000 sessions.
 """
 
 from __future__ import annotations
