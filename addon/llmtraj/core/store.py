@@ -203,7 +203,7 @@ class SessionFile:
     def records(
         self, tolerate_corrupt: bool = False, skipped: list[SkippedLine] | None = None
     ) -> Iterator[tuple[int, CallRecord]]:
-        """(offset of the line, whole record) of each call, in file order."""
+        """((offset, length) of the line, whole record) of each call, in file order."""
         lines = _lines(self.file) if self.lines is None else _lines_at(self.file, self.lines)
         return _records(self.file, lines, tolerate_corrupt, skipped)
 
@@ -290,16 +290,32 @@ def _records(
                 why = "truncated last line (torn write), skipped" if torn else f"{exc}, skipped"
                 skipped.append(SkippedLine(file, number, why))
             continue
-        yield offset, record
+        yield (offset, len(raw)), record
 
 
-def record_at(file: Path, offset: int) -> CallRecord:
-    """The record of the line at `offset`, with the request as stored (for what
-    does not need it whole: the response)."""
-    with open(file, "rb") as fh:
-        fh.seek(offset)
-        obj = _parse_line(fh.readline())
-    return _resolve(obj, None)
+class LineReader:
+    """Reads the record of one line again, by where it is, keeping the files
+    it read last open (replay reads a line per call it serves)."""
+
+    def __init__(self, max_open: int = 64) -> None:
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._max_open = max_open
+
+    def record(self, file: Path, span: tuple[int, int]) -> CallRecord:
+        """The record of the line at `span` (offset, length), with the request
+        as stored (for what does not need it whole: the response)."""
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            if len(self._fds) > self._max_open:
+                os.close(self._fds.popitem(last=False)[1])
+        self._fds.move_to_end(file)
+        return _resolve(_parse_line(os.pread(fd, span[1], span[0])), None)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def last_indexes(file: Path) -> dict[str, int]:

@@ -89,6 +89,7 @@ class Replayer:
             return
         settings = self._options.settings
         if settings is None or settings.mode != "replay":
+            self._close_replay()
             self._settings = self._replay = self._source = None
             self._broken = False
             self._recorder.marked_path = None
@@ -98,11 +99,13 @@ class Replayer:
             source = (settings.path, replay_settings.ignore)
             if source != self._source:  # reloading resets every cursor: only when the recording changes
                 replay = load(settings.path, replay_settings.ignore)
+                self._close_replay()
                 self._replay, self._source = replay, source
                 logger.info(
                     f"llm-traj: replaying {replay.sessions} sessions from {settings.path} (each read when first asked for)"
                 )
         except (ConfigError, OSError, TrajectoryError, ReplayLoadError) as exc:
+            self._close_replay()
             self._settings = self._replay = self._source = None
             self._broken = True
             self._recorder.marked_path = None
@@ -179,6 +182,11 @@ class Replayer:
         if self._replay is not None:
             for line in self._replay.report_lines():
                 logger.info(f"llm-traj: {line}")
+            self._replay.close()
+
+    def _close_replay(self) -> None:
+        if self._replay is not None:
+            self._replay.close()
 
 
 def _read_settings(path: Path) -> ReplaySettings:

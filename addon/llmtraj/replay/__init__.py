@@ -19,6 +19,7 @@ is served, so memory and startup do not grow with the recording.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -30,7 +31,7 @@ from typing import Any
 from ..apis import API_BY_NAME
 from ..apis.base import ApiShape
 from ..core.record import CallRecord
-from ..core.store import SessionFile, SkippedLine, TrajectoryError, record_at, trajectory_files, trajectory_sessions
+from ..core.store import LineReader, SessionFile, SkippedLine, TrajectoryError, trajectory_files, trajectory_sessions
 from .matching import (
     DEFAULT_IGNORE,
     EXACT,
@@ -111,6 +112,7 @@ class Replay:
             by_session.setdefault(record.session, []).append((record, None))
         self._tapes: dict[str, Tape] = {s: self._tape(s, steps) for s, steps in by_session.items()}
         self._on_disk: dict[str, SessionFile] = dict(sessions or {})  # not read yet
+        self._lines = LineReader()  # the records of steps on disk, read again to serve them
         self._unreadable: dict[str, str] = {}  # sessions whose recording could not be read, and why
         self._unknown: dict[str, SessionStats] = {}  # sessions asked for that were not recorded
 
@@ -129,17 +131,27 @@ class Replay:
         """The tape of a session on disk, read now; None if it cannot be."""
         where = self._on_disk.pop(session)
         skipped: list[SkippedLine] = []
+        # The records read here are dropped once their steps are made: no
+        # cycles to collect, and the collector's passes over the proxy's heap
+        # would double the time of a long session.
+        gc.disable()
         try:
-            tape = self._tape(session, ((record, partial(_record_source, where, offset))
-                                        for offset, record in where.records(skipped=skipped)))  # fmt: skip
+            tape = self._tape(session, ((record, partial(_record_source, self._lines, where, span))
+                                        for span, record in where.records(skipped=skipped)))  # fmt: skip
         except (OSError, TrajectoryError, ReplayLoadError) as exc:
             self._unreadable[session] = f"session {session!r} cannot be replayed: {exc}"
             logger.error(f"llm-traj: {self._unreadable[session]}")
             return None
+        finally:
+            gc.enable()
         for line in skipped:
             logger.warning(f"llm-traj: {line}")
         self._tapes[session] = tape
         return tape
+
+    def close(self) -> None:
+        """Closes the files kept open to serve calls (a closed replay still serves, reopening them)."""
+        self._lines.close()
 
     @property
     def calls(self) -> int:
@@ -262,9 +274,9 @@ def load(path: Path | str, ignore: Iterable[str] = DEFAULT_IGNORE) -> Replay:
     return Replay(ignore=ignore, sessions=sessions)
 
 
-def _record_source(where: SessionFile, offset: int, whole: bool) -> CallRecord:
-    """The record of the line at `offset` again: as stored (enough for its
+def _record_source(lines: LineReader, where: SessionFile, span: tuple[int, int], whole: bool) -> CallRecord:
+    """The record of the line at `span` again: as stored (enough for its
     reply), or whole (its request resolved by reading the session up to it)."""
     if not whole:
-        return record_at(where.file, offset)
-    return next(record for at, record in where.records(tolerate_corrupt=True) if at == offset)
+        return lines.record(where.file, span)
+    return next(record for at, record in where.records(tolerate_corrupt=True) if at == span)
