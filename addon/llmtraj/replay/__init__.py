@@ -134,6 +134,7 @@ class Replay:
         # The records read here are dropped once their steps are made: no
         # cycles to collect, and the collector's passes over the proxy's heap
         # would double the time of a long session.
+        collecting = gc.isenabled()
         gc.disable()
         try:
             tape = self._tape(session, ((record, partial(_record_source, self._lines, where, span))
@@ -143,7 +144,8 @@ class Replay:
             logger.error(f"llm-traj: {self._unreadable[session]}")
             return None
         finally:
-            gc.enable()
+            if collecting:
+                gc.enable()
         for line in skipped:
             logger.warning(f"llm-traj: {line}")
         self._tapes[session] = tape
