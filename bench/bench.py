@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -43,6 +43,11 @@ targets must also have written one record per request, and the replay target
 served each from the recording by exact match, checked after every measurement,
 so a broken addon cannot look fast: if not, or if any response is wrong, the
 benchmark stops with exit status 2.
+
+Last, the growth table (bench/growth.py; alone with `--only growth`): bytes on
+disk against the conversation for sessions of 10 to 1000 turns, proxy and
+writer CPU per call along the longest, export throughput, and replay's startup
+and memory with 10,000 sessions.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ from llmtraj.cli.proxy_process import (
     standin_process,
 )
 from llmtraj.replay.report import REPORT_PATH
+
+from growth import run_growth  # bench/growth.py, beside this script
 
 RPS_TARGET = 0.90  # recording keeps at least this share of bare mitmdump's requests/s
 TTFB_TARGET_MS = 2.0  # and adds at most this much to a stream's first event
@@ -946,6 +953,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument("--only", choices=["growth"], help="run only this part: growth (trajectory size, writer "
+                        "CPU per turn, export, replay of 10,000 sessions; --quick leaves out the 1000-turn session)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -979,6 +988,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        growth_text, growth = run_growth(quick=args.quick)
+        if args.only == "growth":
+            print(growth_text)
+            if args.json:
+                args.json.write_text(json.dumps(growth, indent=2, ensure_ascii=False) + "\n")
+            return 0
         results = run(settings)
     except KeyboardInterrupt:
         print("bench: interrupted; all processes stopped", file=sys.stderr)
@@ -993,8 +1008,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     print(report(results, settings))
+    print("\n" + growth_text)
     if args.json:
-        args.json.write_text(json.dumps(to_json(results, settings), indent=2) + "\n")
+        args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth}, indent=2,
+                                        ensure_ascii=False) + "\n")
         print(f"\nresults: {args.json}")
     return 0
 

@@ -171,7 +171,9 @@ def test_lines_are_whole_json_objects(tmp_path):
     for i, line in enumerate(lines, start=1):
         obj = json.loads(line)
         assert obj["schema_version"] == SCHEMA_VERSION and obj["index"] == i
-        assert obj["request"]["messages"][0]["content"] == tricky
+        # the first call is written whole, the next ones refer to it
+        assert obj.get("request_base") == (None if i == 1 else {"index": i - 1, "same": ["messages"], "prefix": {}})
+    assert [r.request["messages"][0]["content"] for r in read_records(file)] == [tricky] * 3
 
 
 def test_append_scrubs_secret_values(tmp_path):
@@ -249,12 +251,12 @@ def test_tolerate_corrupt_skips_and_reports_bad_lines(tmp_path):
 def test_wrong_schema_version_raises_with_the_line(tmp_path):
     file = tmp_path / "t.jsonl"
     future = json.loads(_good(2))
-    future["schema_version"] = 2
+    future["schema_version"] = 3
     _write_lines(file, [_good(1), json.dumps(future).encode(), _good(3)])
     with pytest.raises(TrajectoryError) as info:
         list(read_records(file))
     assert info.value.line == 2
-    assert "schema_version 2" in str(info.value)
+    assert "schema_version 3 is not supported (this llm-traj reads 1, 2)" in str(info.value)
 
 
 def test_missing_schema_version_raises(tmp_path):

@@ -258,10 +258,12 @@ def test_instant_stream_and_report_on_request(replayer, recording):
     elapsed = time.monotonic() - start
     recorded_body, recorded_elapsed = recording.got["paced-0"]
     assert body == recorded_body and recorded_elapsed > 0.6 and elapsed < 0.3
-    report = httpx.get(f"{replayer.url}/llm-traj/replay-report").json()["sessions"]
+    full = httpx.get(f"{replayer.url}/llm-traj/replay-report").json()
+    report = full["sessions"]
     assert report["paced-0"] == {"recorded": 1, "served": 1, "unserved": 0, "rungs": {"exact": 1}, "misses": 0,
                                  "first_divergence": None}  # fmt: skip
-    assert report["paced-1"]["served"] == 0 and report["nobody"]["misses"] >= 1
+    # sessions never asked for are never read: counted, not listed
+    assert "paced-1" not in report and full["sessions_not_asked"] >= 1 and report["nobody"]["misses"] >= 1
 
 
 # ------------------------------------------- a live upstream that is never used
@@ -338,13 +340,28 @@ def replay_start_error(path: Path, **options: str) -> str:
 
 @pytest.mark.parametrize("damage,message", [
     (lambda lines: [lines[0], b"{not json", *lines[1:]], "agent.jsonl:2: not valid JSON"),
-    (lambda lines: [lines[0].replace(b'"schema_version":1', b'"schema_version":9'), *lines[1:]],
+    (lambda lines: [lines[0].replace(b'"schema_version":2', b'"schema_version":9'), *lines[1:]],
      "agent.jsonl:1: schema_version 9 is not supported"),
 ])  # fmt: skip
-def test_corrupt_trajectory_refuses_to_start_with_file_and_line(recording, tmp_path, damage, message):
+def test_corrupt_session_fails_its_calls_with_file_and_line(recording, tmp_path, damage, message):
+    # Sessions are read when first asked for, so a damaged one is found then:
+    # its calls get a 500 saying where, the other sessions replay.
     lines = (recording.path / "agent.jsonl").read_bytes().split(b"\n")[:-1]
     (tmp_path / "agent.jsonl").write_bytes(b"\n".join(damage(lines)) + b"\n")
-    assert replay_start_error(tmp_path).startswith(str(tmp_path / message))
+    shutil.copy(recording.path / "pos.jsonl", tmp_path / "pos.jsonl")
+    with ProxyProcess(upstream=dead_address(), options={"llm_traj_mode": "replay", "llm_traj_path": tmp_path}) as p:
+        r = agent_call(p, "agent", agent_steps(1)[0])
+        assert r.status_code == 500 and r.json()["error"]["code"] == "replay_unreadable"
+        assert str(tmp_path / message) in r.json()["error"]["message"]
+        assert str(tmp_path / message) in wait_output(p, message)
+        r = agent_call(p, "pos", {"model": "standin-text", "messages": [{"role": "user", "content": "pos 1"}]})
+        assert r.headers["x-llm-traj-match"] == "exact"
+
+
+def test_a_single_file_with_a_line_of_no_session_refuses_to_start(recording, tmp_path):
+    lines = (recording.path / "agent.jsonl").read_bytes().split(b"\n")[:-1]
+    (tmp_path / "all.jsonl").write_bytes(b"\n".join([lines[0], b"{not json", *lines[1:]]) + b"\n")
+    assert replay_start_error(tmp_path / "all.jsonl").startswith(f"{tmp_path / 'all.jsonl'}:2: not valid JSON")
 
 
 @pytest.mark.parametrize("options,message", [

@@ -20,7 +20,7 @@ import pytest
 from llmtraj.apis.chat_completions import ChatCompletions
 from llmtraj.core.jsontext import first_difference
 from llmtraj.core.record import CallError, CallRecord, Timings
-from llmtraj.core.store import TrajectoryError, TrajectoryWriter
+from llmtraj.core.store import TrajectoryWriter
 from llmtraj.recording.builder import RecordBuilder
 from llmtraj.replay import Miss, Replay, ReplayLoadError, Served, load
 from llmtraj.replay.matching import DEFAULT_IGNORE, canonical_request
@@ -379,24 +379,41 @@ def test_reply_body_cut_raises_after_the_body():
 # ------------------------------------------------------------ loading, report
 
 
-def test_load_reports_bad_lines_with_file_and_line_and_skips_a_torn_last_line(tmp_path):
-    writer = TrajectoryWriter(tmp_path)
+def two_sessions(path: Path, other: str, content: str) -> Path:
+    """Session s (calls q1, q2) and one more; the file of s."""
+    writer = TrajectoryWriter(path)
     for k in (1, 2):
         writer.append(record("s", k, chat(f"q{k}")))
+    writer.append(record(other, 1, chat(content)))
     writer.close()
-    file = tmp_path / "s.jsonl"
+    return path / "s.jsonl"
+
+
+def test_load_reads_a_session_when_first_asked_and_skips_a_torn_last_line(tmp_path, caplog):
+    file = two_sessions(tmp_path, "other", "o1")
     with open(file, "ab") as fh:
         fh.write(b'{"schema_version": 1, "sess')  # a crash mid-write
-    replay, skipped = load(tmp_path)
-    assert replay.calls == 2 and [str(s) for s in skipped] == [f"{file}:3: truncated last line (torn write), skipped"]
+    replay = load(tmp_path)
+    assert (replay.sessions, replay.calls) == (2, 0)  # nothing read yet
+    with caplog.at_level("WARNING", logger="llm_traj"):
+        assert isinstance(serve(replay, "s", chat("q1")), Served)
+    assert replay.calls == 2
+    assert f"{file}:3: truncated last line (torn write), skipped" in caplog.text
+    assert replay.report()["sessions_not_asked"] == 1
 
+
+def test_a_bad_line_fails_only_its_session_with_file_and_line(tmp_path):
+    file = two_sessions(tmp_path, "ok", "fine")
     lines = file.read_bytes().split(b"\n")
     file.write_bytes(b"\n".join([lines[0], b"{oops", lines[1], b""]))
-    with pytest.raises(TrajectoryError, match=rf"^{file}:2: not valid JSON"):
-        load(tmp_path)
-    file.write_bytes(lines[0].replace(b'"schema_version":1', b'"schema_version":2') + b"\n")
-    with pytest.raises(TrajectoryError, match=rf"^{file}:1: schema_version 2 is not supported"):
-        load(tmp_path)
+    replay = load(tmp_path)
+    miss = serve(replay, "s", chat("q1"))
+    assert isinstance(miss, Miss) and (miss.status, miss.code) == (500, "replay_unreadable")
+    assert f"{file}:2: not valid JSON" in miss.message
+    assert isinstance(serve(replay, "ok", chat("fine")), Served)
+    file.write_bytes(lines[0].replace(b'"schema_version":2', b'"schema_version":3') + b"\n")
+    miss = serve(load(tmp_path), "s", chat("q1"))
+    assert f"{file}:1: schema_version 3 is not supported" in miss.message
 
 
 def test_load_refuses_an_empty_path_and_unknown_apis(tmp_path):
@@ -406,6 +423,11 @@ def test_load_refuses_an_empty_path_and_unknown_apis(tmp_path):
     rec.api = "images.generate"
     with pytest.raises(ReplayLoadError, match=r"session s #3: cannot replay api 'images.generate'"):
         Replay([rec])
+    writer = TrajectoryWriter(tmp_path / "t")
+    writer.append(rec)
+    writer.close()
+    miss = serve(load(tmp_path / "t"), "s", chat("q"))
+    assert "session s #3: cannot replay api 'images.generate'" in miss.message and miss.status == 500
 
 
 def test_report_per_session():
@@ -421,7 +443,7 @@ def test_report_per_session():
         "b": {"recorded": 1, "served": 0, "unserved": 1, "rungs": {}, "misses": 0, "first_divergence": None},
         "ghost": {"recorded": 0, "served": 0, "unserved": 0, "rungs": {}, "misses": 1,
                   "first_divergence": "session 'ghost' is not in the recording (it has: a, b)"},
-    }}  # fmt: skip
+    }, "sessions_not_asked": 0}  # fmt: skip
     lines = r.report_lines()
     assert lines[0] == "replay report: 2 of 4 recorded calls served, 2 misses, 3 sessions"
     assert lines[1].startswith("  a: 2/3 served (later 1, exact 1), 1 misses; first: the request diverges")

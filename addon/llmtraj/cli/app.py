@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,10 +50,12 @@ def show(
     """Print a trajectory readably: turns, tool calls, token usage, timings, errors."""
     from ..inspect.show import render
 
-    records = [r for r in _records(path) if session is None or r.session == session]
-    if session is not None and not records:
+    reader = _reader(path)
+    if session is not None and session not in reader.sessions:
         fail(f"no calls of session {session!r} in {path}")
-    typer.echo(render(records))
+    with _reading():
+        for name in [session] if session is not None else reader.sessions:
+            typer.echo(render(reader.sessions[name]))
 
 
 MODE_HELP = "record, replay or anticall"
@@ -70,11 +74,12 @@ SERVICE_UPSTREAM_OPTION = typer.Option(
 
 
 def _summary(traj: Path, session: str, since: float, code: int, started: float) -> str:
-    from ..core.store import TrajectoryError, read_records
+    from ..core.store import TrajectoryError, TrajectoryReader
     from ..inspect.stats import usage_of
 
     try:
-        records = [r for r in read_records(traj, tolerate_corrupt=True) if r.session == session and r.timings.started_at >= since]
+        calls = TrajectoryReader(traj, tolerate_corrupt=True).sessions.get(session, [])  # only that session is read
+        records = [r for r in calls if r.timings.started_at >= since]
     except (OSError, TrajectoryError):
         records = []
     failed = sum(1 for r in records if not r.complete or (r.status or 0) >= 400)
@@ -256,16 +261,64 @@ def watch_agent(
 
 
 
-def _records(path: Path):
-    """All records of a trajectory, or a one-line exit."""
-    from ..core.store import TrajectoryError, read_records
+def _reader(path: Path):
+    """A trajectory to read one session at a time, or a one-line exit."""
+    from ..core.store import TrajectoryReader
 
     if not path.exists():
         fail(f"{path} does not exist")
+    with _reading():
+        return TrajectoryReader(path)
+
+
+@contextlib.contextmanager
+def _reading():
+    """A bad line found while reading is a one-line exit."""
+    from ..core.store import TrajectoryError
+
     try:
-        return list(read_records(path))
+        yield
     except TrajectoryError as exc:
         fail(f"{exc} (fix or remove that line)")
+
+
+@app.command()
+def cat(
+    path: Path = typer.Argument(..., help=TRAJ_HELP),
+    session: str = typer.Option(None, help="Only this session (default: all)."),
+) -> None:
+    """Print the trajectory as schema_version 1 lines, every request whole (for jq and other tools)."""
+    reader = _reader(path)
+    if session is not None and session not in reader.sessions:
+        fail(f"no calls of session {session!r} in {path}")
+    out = sys.stdout.buffer
+    with _reading():
+        for name in [session] if session is not None else reader.sessions:
+            for record in reader.sessions[name]:
+                record.schema_version = 1
+                out.write(record.model_dump_json().encode() + b"\n")
+    out.flush()
+
+
+@app.command()
+def compact(path: Path = typer.Argument(..., help=TRAJ_HELP)) -> None:
+    """Rewrite a trajectory in the current format (version 1 files become version 2), file by file.
+    Stop recording to it first."""
+    from ..core.store import CompactionError, compact_file, trajectory_files
+
+    if not path.exists():
+        fail(f"{path} does not exist")
+    before = after = 0
+    for file in trajectory_files(path):
+        with _reading():
+            try:
+                old, new, skipped = compact_file(file)
+            except CompactionError as exc:
+                fail(str(exc))
+        before, after = before + old, after + new
+        for line in skipped:
+            typer.echo(f"llm-traj: {line}", err=True)
+    typer.echo(f"llm-traj: compacted {path}: {before} bytes -> {after} bytes")
 
 
 @app.command()
@@ -277,7 +330,8 @@ def stats(path: Path = typer.Argument(..., help=TRAJ_HELP), as_json: bool = type
     from ..inspect.stats import render_stats
     from ..inspect.stats import stats as compute
 
-    rows = compute(_records(path))
+    with _reading():
+        rows = compute(_reader(path))
     typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) if as_json else render_stats(rows))
 
 
@@ -293,7 +347,8 @@ def diff(
     from ..replay.matching import DEFAULT_IGNORE
 
     fields = [f.strip() for f in ignore.split(",") if f.strip()] if ignore is not None else DEFAULT_IGNORE
-    result = compute(_records(a), _records(b), ignore=fields)
+    with _reading():
+        result = compute(_reader(a), _reader(b), ignore=fields)
     typer.echo(render_diff(result))
     raise typer.Exit(0 if result.identical else 1)
 
@@ -316,13 +371,15 @@ def export(
     if granularity not in GRANULARITIES:
         fail(f"--granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}", 2)
     skipped: list = []
-    result = convert(_records(path), fmt, granularity=granularity, agent_name=agent_name,
-                     agent_version=agent_version, skipped=skipped)
-    text = result if isinstance(result, str) else "".join(line + "\n" for line in result)
-    if out is None:
-        typer.echo(text, nl=False)
-    else:
-        out.write_text(text)
+    # Written as it is made (a session at a time), to a file only renamed to `out` once whole.
+    partial = None if out is None else out.with_name(out.name + ".partial")
+    with _reading(), (contextlib.nullcontext(sys.stdout) if partial is None else open(partial, "w")) as sink:
+        result = convert(_reader(path), fmt, granularity=granularity, agent_name=agent_name,
+                         agent_version=agent_version, skipped=skipped)
+        for text in [result] if isinstance(result, str) else (line + "\n" for line in result):
+            sink.write(text)
+    if partial is not None:
+        partial.replace(out)
     if skipped:
         shown = "; ".join(str(s) for s in skipped[:5])
         more = f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""

@@ -6,7 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+# Version 2 lines store a call's request as a reference to an earlier call of
+# its session plus what is new (`core.store`); read back, a record is whole.
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)
 
 Headers = list[tuple[str, str]]
 
@@ -58,7 +61,7 @@ class Upstream(BaseModel):
 class CallRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     session: str
     index: int = Field(ge=1, description="1-based position of the call in its session")
     api: str

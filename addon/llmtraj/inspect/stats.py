@@ -9,12 +9,14 @@ return plain data; `render_stats` / `render_diff` turn that into text.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..apis import chat_view
 from ..core.record import CallRecord
+from ..core.store import TrajectoryReader
 
 Outcome = Literal["ok", "failed", "incomplete"]
 
@@ -33,9 +35,12 @@ def call_outcome(record: CallRecord) -> Outcome:
     return "ok"
 
 
-def by_session(records: Iterable[CallRecord]) -> dict[str, list[CallRecord]]:
+def by_session(records: Iterable[CallRecord]) -> Mapping[str, list[CallRecord]]:
     """Records grouped by session (in order of first appearance), each group in
-    call order: concurrent calls of one session are appended as they end."""
+    call order: concurrent calls of one session are appended as they end.
+    A `TrajectoryReader`'s sessions are read when looked up, one at a time."""
+    if isinstance(records, TrajectoryReader):
+        return records.sessions
     groups: dict[str, list[CallRecord]] = {}
     for record in records:
         groups.setdefault(record.session, []).append(record)
@@ -85,45 +90,78 @@ class StatsRow:
     mean_ttfb: float | None  # seconds from a call's start to its first response byte
 
 
-def _row(kind: Literal["session", "model", "all"], name: str, calls: list[CallRecord]) -> StatsRow:
-    outcomes = [call_outcome(r) for r in calls]
-    usages = [usage_of(r) for r in calls]
-    known = [u for u in usages if u is not None]
-    reasoning = [n for u in known if (n := reasoning_tokens(u)) is not None]
-    ends = [r.timings.ended_at for r in calls if r.timings.ended_at is not None]
-    ttfbs = [r.timings.first_byte_at - r.timings.started_at for r in calls if r.timings.first_byte_at is not None]
-    return StatsRow(
-        kind=kind,
-        name=name,
-        calls=len(calls),
-        ok=outcomes.count("ok"),
-        failed=outcomes.count("failed"),
-        incomplete=outcomes.count("incomplete"),
-        streamed=sum(r.stream for r in calls),
-        prompt_tokens=sum(_int(u.get("prompt_tokens")) for u in known),
-        completion_tokens=sum(_int(u.get("completion_tokens")) for u in known),
-        total_tokens=sum(_int(u.get("total_tokens")) for u in known),
-        reasoning_tokens=sum(reasoning) if reasoning else None,
-        without_usage=len(calls) - len(known),
-        wall_time=max(ends) - min(r.timings.started_at for r in calls) if ends else None,
-        mean_ttfb=statistics.fmean(ttfbs) if ttfbs else None,
-    )
+class _Tally:
+    """A row's numbers, added up call by call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.outcomes: Counter[str] = Counter()
+        self.streamed = self.prompt = self.completion = self.total = self.without_usage = 0
+        self.reasoning: int | None = None
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.ttfbs: list[float] = []
+
+    def add(self, r: CallRecord) -> None:
+        self.calls += 1
+        self.outcomes[call_outcome(r)] += 1
+        self.streamed += r.stream
+        usage = usage_of(r)
+        if usage is None:
+            self.without_usage += 1
+        else:
+            self.prompt += _int(usage.get("prompt_tokens"))
+            self.completion += _int(usage.get("completion_tokens"))
+            self.total += _int(usage.get("total_tokens"))
+            if (n := reasoning_tokens(usage)) is not None:
+                self.reasoning = (self.reasoning or 0) + n
+        t = r.timings
+        self.started = t.started_at if self.started is None else min(self.started, t.started_at)
+        if t.ended_at is not None:
+            self.ended = t.ended_at if self.ended is None else max(self.ended, t.ended_at)
+        if t.first_byte_at is not None:
+            self.ttfbs.append(t.first_byte_at - t.started_at)
+
+    def row(self, kind: Literal["session", "model", "all"], name: str) -> StatsRow:
+        return StatsRow(
+            kind=kind,
+            name=name,
+            calls=self.calls,
+            ok=self.outcomes["ok"],
+            failed=self.outcomes["failed"],
+            incomplete=self.outcomes["incomplete"],
+            streamed=self.streamed,
+            prompt_tokens=self.prompt,
+            completion_tokens=self.completion,
+            total_tokens=self.total,
+            reasoning_tokens=self.reasoning,
+            without_usage=self.without_usage,
+            wall_time=self.ended - self.started if self.ended is not None else None,
+            mean_ttfb=statistics.fmean(self.ttfbs) if self.ttfbs else None,
+        )
 
 
 def stats(records: Iterable[CallRecord]) -> list[StatsRow]:
     """One row per session, one per requested model (both sorted by name), and
-    one for all calls. Empty without records."""
-    records = list(records)
-    if not records:
-        return []
+    one for all calls. Empty without records. Sessions are added up one at a
+    time (a `TrajectoryReader` reads one at a time)."""
     sessions = by_session(records)
-    models: dict[str, list[CallRecord]] = {}
-    for record in records:
-        models.setdefault(request_model(record) or "(no model)", []).append(record)
+    session_rows = []
+    models: dict[str, _Tally] = {}
+    everything = _Tally()
+    for name in sorted(sessions):
+        tally = _Tally()
+        for record in sessions[name]:
+            for t in (tally, everything, models.setdefault(request_model(record) or "(no model)", _Tally())):
+                t.add(record)
+        if tally.calls:
+            session_rows.append(tally.row("session", name))
+    if not everything.calls:
+        return []
     return (
-        [_row("session", name, sessions[name]) for name in sorted(sessions)]
-        + [_row("model", name, models[name]) for name in sorted(models)]
-        + [_row("all", "all", records)]
+        session_rows
+        + [models[name].row("model", name) for name in sorted(models)]
+        + [everything.row("all", "all")]
     )
 
 

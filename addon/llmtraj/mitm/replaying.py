@@ -89,6 +89,7 @@ class Replayer:
             return
         settings = self._options.settings
         if settings is None or settings.mode != "replay":
+            self._close_replay()
             self._settings = self._replay = self._source = None
             self._broken = False
             self._recorder.marked_path = None
@@ -97,14 +98,13 @@ class Replayer:
             replay_settings = _read_settings(settings.path)
             source = (settings.path, replay_settings.ignore)
             if source != self._source:  # reloading resets every cursor: only when the recording changes
-                replay, skipped = load(settings.path, replay_settings.ignore)
-                for line in skipped:
-                    logger.warning(f"llm-traj: {line}")
+                replay = load(settings.path, replay_settings.ignore)
+                self._close_replay()
                 self._replay, self._source = replay, source
                 logger.info(
-                    f"llm-traj: replaying {replay.calls} calls of {replay.sessions} sessions from {settings.path}"
+                    f"llm-traj: replaying {replay.sessions} sessions from {settings.path} (each read when first asked for)"
                 )
-        except (TrajectoryError, ReplayLoadError, exceptions.OptionsError) as exc:
+        except (OSError, TrajectoryError, ReplayLoadError, exceptions.OptionsError) as exc:
             # A replay already loaded goes on as mitmproxy rolls the options back;
             # with none, LLM calls are refused, never forwarded.
             self._broken = self._replay is None
@@ -136,7 +136,8 @@ class Replayer:
             info["replay"] = "miss"
             if settings.miss == "error":
                 logger.warning(outcome.message)
-                flow.response = error_response(400, outcome.message, "invalid_request_error", outcome.code, call.api)
+                kind = "invalid_request_error" if outcome.status < 500 else "server_error"
+                flow.response = error_response(outcome.status, outcome.message, kind, outcome.code, call.api)
             else:  # the flow goes on to the upstream
                 info["record"] = settings.miss == "forward-record"
                 logger.warning(f"{outcome.message}; forwarded upstream{' and recorded' if info['record'] else ''}")
@@ -189,6 +190,11 @@ class Replayer:
         if self._replay is not None:
             for line in self._replay.report_lines():
                 logger.info(f"llm-traj: {line}")
+            self._replay.close()
+
+    def _close_replay(self) -> None:
+        if self._replay is not None:
+            self._replay.close()
 
 
 def _read_settings(path: Path) -> ReplaySettings:

@@ -5,8 +5,9 @@ body as written at the recorded pace."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from ..apis import ApiShape
@@ -14,7 +15,7 @@ from ..core.headers import HOP_BY_HOP
 from ..core.jsontext import compact_json
 from ..core.record import CallRecord
 from ..core.redact import REDACTED
-from .matching import canonical
+from .matching import Canonical, canonical
 
 MATCH_HEADER = b"x-llm-traj-match"
 STEP_HEADER = b"x-llm-traj-step"
@@ -27,6 +28,12 @@ _JSON = b"application/json"
 
 
 # -------------------------------------------------------------- responses
+
+
+def key_digest(key: str) -> bytes:
+    """What a tape keeps of a canonical request: a long conversation's key is
+    as long as the conversation, its digest 16 bytes."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,32 +69,44 @@ def _headers(
     return tuple(out)
 
 
+RecordSource = Callable[[bool], CallRecord]  # the call's record; with False its request may be left out
+
+
 class Step:
-    """One recorded call, ready to be served."""
+    """One recorded call, ready to be served. It keeps what matching needs (its
+    place, the digest of its canonical request); the record is read from its
+    source when the call is served or a difference is described."""
 
-    __slots__ = ("session", "index", "request", "_record", "_api", "_recorded")
+    __slots__ = ("session", "index", "key", "_api", "_ignore", "_source")
 
-    def __init__(self, record: CallRecord, api: ApiShape, ignore: frozenset[str]) -> None:
+    def __init__(
+        self, record: CallRecord, api: ApiShape, ignore: frozenset[str], source: RecordSource | None = None
+    ) -> None:
         self.session, self.index = record.session, record.index
-        self.request = canonical(api, record.request, record.request_raw, ignore)
-        self._record, self._api = record, api
-        self._recorded = self._as_recorded()
+        self.key = key_digest(canonical(api, record.request, record.request_raw, ignore).key)
+        self._api, self._ignore = api, ignore
+        self._source = source or (lambda whole: record)
+
+    @property
+    def request(self) -> Canonical:
+        """The recorded request as matching sees it."""
+        record = self._source(True)
+        return canonical(self._api, record.request, record.request_raw, self._ignore)
 
     def reply(self, wants_stream: bool) -> Reply:
-        """As recorded (built at load); a complete success is converted, when
-        asked, to the other delivery (stream or not)."""
-        record = self._record
+        """As recorded; a complete success is converted, when asked, to the
+        other delivery (stream or not)."""
+        record = self._source(False)
         if wants_stream == record.stream or not record.complete or not 200 <= record.status < 300:
-            return self._recorded
+            return self._as_recorded(record)
         if not isinstance(record.response, dict):
-            return self._recorded
-        return self._convert()
+            return self._as_recorded(record)
+        return self._convert(record)
 
     def _step_header(self) -> bytes:
         return f"{self.session}#{self.index}".encode()
 
-    def _as_recorded(self) -> Reply:
-        record = self._record
+    def _as_recorded(self, record: CallRecord) -> Reply:
         if record.status is None:
             # No answer came: the agent got the proxy's 502, written as
             # mitm/proxy_errors.py writes it.
@@ -108,8 +127,7 @@ class Step:
             )  # fmt: skip
         return Reply(record.status, headers, body, events, cut=not record.complete)
 
-    def _convert(self) -> Reply:
-        record = self._record
+    def _convert(self, record: CallRecord) -> Reply:
         if record.stream:  # the aggregate the recorder built from the stream
             headers = _headers(record.response_headers, self._step_header(), _JSON)
             return Reply(record.status, headers, compact_json(record.response).encode())

@@ -1,0 +1,238 @@
+"""Requests stored as a chain (schema_version 2): a call's request that repeats
+much of an earlier call of its session is written as a reference to that call
+plus what is new, so a session's file grows with its conversation, not with the
+square of it.
+
+On the line, `request_base` is `{"index": k, "same": [keys], "prefix": {key: n}}`
+and `request` holds every key of the request in its order: a key in `same` has
+call k's value (written as null), a key in `prefix` is the first n items of call
+k's list followed by the items written here, any other key is as written. Call k
+is an earlier line of the same session in the same file (the writer only refers
+to lines it wrote through the file it still has open), so a line never depends
+on a later one and a torn last line loses only its own call.
+
+A streamed call's events repeat most of their bytes from one to the next (the
+id, model and framing around a few characters of delta), so a version 2 event
+may carry `p` and `s`: its `raw` is then only the middle, between the first p
+and the last s characters of the previous event's raw in the same line.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+_ABSENT = object()
+# A short string costs more as a reference ("key" in `same` plus a null) than written out.
+_MIN_SAME_STRING = 64
+TIPS_PER_SESSION = 8  # the main conversation and a few side conversations (titles, summaries, subagents)
+SESSIONS_PER_FILE = 128  # a single file of many sessions: those written to last (another starts a fresh chain)
+RESOLVED_PER_SESSION = 16  # resolved requests a reader keeps; older ones are rebuilt from the chain
+
+
+def _common_prefix(new: list, old: list) -> int:
+    n = min(len(new), len(old))
+    if new[:n] == old[:n]:  # the usual case, compared in C
+        return n
+    i = 0
+    while new[i] == old[i]:
+        i += 1
+    return i
+
+
+def delta(request: dict[str, Any], base: dict[str, Any]) -> tuple[int, dict[str, Any], list[str], dict[str, int]]:
+    """(items reused, the request as stored, `same`, `prefix`) of `request` against `base`."""
+    stored: dict[str, Any] = {}
+    same: list[str] = []
+    prefix: dict[str, int] = {}
+    reused = 0
+    for key, value in request.items():
+        old = base.get(key, _ABSENT)
+        if isinstance(value, list) and isinstance(old, list):
+            n = _common_prefix(value, old)
+            if n == len(value) == len(old) and n:
+                same.append(key)
+                stored[key] = None
+            elif n:
+                prefix[key] = n
+                stored[key] = value[n:]
+            else:
+                stored[key] = value
+            reused += n
+        elif (
+            isinstance(value, dict) or (isinstance(value, str) and len(value) >= _MIN_SAME_STRING)
+        ) and value == old:
+            same.append(key)
+            stored[key] = None
+            reused += 1
+        else:
+            stored[key] = value
+    return reused, stored, same, prefix
+
+
+class RequestChains:
+    """The writer's side, for one file: per session, the requests of its chain
+    tips (the calls most recently written that no later call extended)."""
+
+    def __init__(self, identity: tuple[int, int]) -> None:
+        self.identity = identity  # (st_dev, st_ino) of the file the tips were written to
+        self.end = 0  # the file was at least this long after our last line: shorter means truncated
+        self._tips: OrderedDict[str, OrderedDict[int, dict[str, Any]]] = OrderedDict()
+
+    def encode(self, session: str, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(request as stored, `request_base` or None) against the tip it shares most with."""
+        best: tuple[int, dict[str, Any], dict[str, Any]] | None = None
+        for index, tip in reversed(self._tips.get(session, {}).items()):
+            reused, stored, same, prefix = delta(request, tip)
+            if reused and (best is None or reused > best[0]):
+                best = (reused, stored, {"index": index, "same": same, "prefix": prefix})
+        if best is None:
+            return request, None
+        return best[1], best[2]
+
+    def written(self, session: str, index: int, request: dict[str, Any], base: int | None) -> None:
+        tips = self._tips.setdefault(session, OrderedDict())
+        self._tips.move_to_end(session)
+        if len(self._tips) > SESSIONS_PER_FILE:
+            self._tips.popitem(last=False)
+        if base is not None:
+            tips.pop(base, None)  # that conversation moved on to this call
+        tips[index] = request
+        if len(tips) > TIPS_PER_SESSION:
+            tips.popitem(last=False)
+
+
+class SessionRequests:
+    """The reader's side, for one session of one file: what each version 2 line
+    added to the chain, and the last few requests resolved whole."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, tuple[int | None, frozenset[str], dict[str, int], dict[str, Any]]] = {}
+        self._resolved: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._twice: set[int] = set()  # indexes on more than one line: not referable
+
+    def add(self, index: int, request: Any, base: Any) -> Any:
+        """The whole request of the line of call `index` (which may refer to an
+        earlier one); ValueError for a reference that cannot be followed."""
+        if base is not None and not (
+            isinstance(base, dict) and isinstance(request, dict) and isinstance(base.get("index"), int)
+        ):
+            raise ValueError("request_base: not a reference to an earlier call")
+        # Two writers numbering the same session in one file put an index on
+        # two lines: a reference to it could mean either, so it is refused.
+        twice = index in self._nodes or index in self._twice
+        self._resolved.pop(index, None)
+        if isinstance(request, dict):
+            self._nodes[index] = (
+                (None, frozenset(), {}, request) if base is None
+                else (base["index"], frozenset(base.get("same", ())), dict(base.get("prefix", {})), request)
+            )  # fmt: skip
+        try:
+            return request if base is None else self.resolve(index)
+        finally:
+            if twice:
+                self._twice.add(index)
+                self._nodes.pop(index, None)
+                self._resolved.pop(index, None)
+
+    def resolve(self, index: int) -> dict[str, Any]:
+        chain = []
+        current: int | None = index
+        whole = None
+        while current is not None and (whole := self._resolved.get(current)) is None:
+            node = self._nodes.get(current)
+            if node is None:
+                why = "is on two lines" if current in self._twice else "is not an earlier line"
+                raise ValueError(f"request_base: call {current} {why} of this session in this file")
+            chain.append((current, node))
+            current = node[0]
+        for at, (_, same, prefix, stored) in reversed(chain):
+            whole = stored if whole is None else _apply(whole, same, prefix, stored)
+            self._remember(at, whole)
+        return whole
+
+    def _remember(self, index: int, request: dict[str, Any]) -> None:
+        self._resolved[index] = request
+        self._resolved.move_to_end(index)
+        if len(self._resolved) > RESOLVED_PER_SESSION:
+            self._resolved.popitem(last=False)
+
+
+def _apply(base: dict[str, Any], same: frozenset[str], prefix: dict[str, int], stored: dict[str, Any]) -> dict[str, Any]:
+    whole = {}
+    try:
+        for key, value in stored.items():
+            if key in same:
+                whole[key] = base[key]
+            elif key in prefix:
+                items = base[key]
+                if not isinstance(items, list) or len(items) < prefix[key] or not isinstance(value, list):
+                    raise ValueError(f"request_base: prefix {key}: {prefix[key]} items of the base do not fit")
+                whole[key] = items[: prefix[key]] + value
+            else:
+                whole[key] = value
+    except KeyError as exc:
+        raise ValueError(f"request_base: the base has no {exc.args[0]!r}") from None
+    return whole
+
+
+def _shared_prefix(a: str, b: str, limit: int) -> int:
+    """The length of the common prefix of a and b, at most `limit` (found by
+    bisection: each step one comparison in C, not a loop over characters)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _shared_suffix(a: str, b: str, limit: int) -> int:
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid : len(a) - lo] == b[len(b) - mid : len(b) - lo]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+_MIN_SHARED = 8  # below this, `"p":..,"s":..` costs more than it saves
+
+
+def encode_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle."""
+    out = []
+    previous = ""
+    for event in events:
+        raw = event["raw"]
+        limit = min(len(raw), len(previous))
+        p = _shared_prefix(raw, previous, limit)
+        s = _shared_suffix(raw, previous, limit - p)
+        if p + s >= _MIN_SHARED:
+            out.append({"t": event["t"], "p": p, "s": s, "raw": raw[p : len(raw) - s]})
+        else:
+            out.append(event)
+        previous = raw
+    return out
+
+
+def decode_events(events: Any) -> Any:
+    """Every event's raw whole again; ValueError if a reference does not fit."""
+    if not isinstance(events, list):
+        return events
+    out = []
+    previous = ""
+    for event in events:
+        if isinstance(event, dict) and "p" in event:
+            p, s, middle = event.get("p"), event.get("s"), event.get("raw")
+            if not (isinstance(p, int) and isinstance(s, int) and isinstance(middle, str)
+                    and 0 <= p and 0 <= s and p + s <= len(previous)):  # fmt: skip
+                raise ValueError("events: a reference to the previous event that does not fit")
+            event = {"t": event.get("t"), "raw": previous[:p] + middle + previous[len(previous) - s :]}
+        out.append(event)
+        previous = event.get("raw") if isinstance(event, dict) and isinstance(event.get("raw"), str) else ""
+    return out

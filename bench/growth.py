@@ -1,0 +1,238 @@
+"""The growth table (`scripts/bench --only growth`): how a trajectory scales with
+the work, measured through the proxy.
+
+  size       one session per length (10, 50, 200, 1000 turns), each turn ~2 KB
+             (a user message and the model's streamed answer, the stand-in's
+             `text` scenario) recorded through mitmdump with the addon: bytes
+             on disk against the final conversation's bytes (its messages as
+             compact JSON), and what the same calls take as version 1 lines
+             (`llm-traj cat`'s, every request whole), the format before this one
+  CPU        proxy and writer CPU per call over the 1000-turn session, per
+             100 turns (the writer's CPU read once it has written the bucket)
+  export     `export --format openai-chat` of the longest session, in process,
+             per call (each sample holds the conversation so far: the output
+             grows with the square of the length) and per session
+  replay     10,000 sessions of 50 turns (1,000 with --quick; the 50-turn session's file copied
+             under new names): `replay.load` in process; mitmdump's start to
+             ready, against the same mitmdump started on an empty recording
+             (its own start, which the loaded machine makes slow); its resident
+             memory then, and after replaying 20 whole sessions
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from llmtraj.cli.proxy_process import ProxyProcess, standin_process
+from llmtraj.core.store import TrajectoryReader, read_records
+from llmtraj.inspect.export import export
+from llmtraj.replay import load
+
+LENGTHS = (10, 50, 200, 1000)
+QUICK_LENGTHS = (10, 50, 200)
+TURN_BYTES = 2000
+CPU_BUCKET = 100
+REPLAY_SESSIONS, QUICK_REPLAY_SESSIONS, REPLAY_TURNS, REPLAY_SERVED = 10_000, 1_000, 50, 20
+SIZE_TARGET = 3.0
+STARTUP_TARGET_S, RSS_TARGET_MB = 2.0, 200.0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _cpu(pid: int | None) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _lines(file: Path) -> int:
+    try:
+        with open(file, "rb") as fh:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_lines(file: Path, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _lines(file) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench growth: {file} has {_lines(file)} of {count} records")
+        time.sleep(0.01)
+
+
+def _answer(body: bytes) -> str:
+    text = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:]).get("choices", []):
+                text.append(choice.get("delta", {}).get("content") or "")
+    return "".join(text)
+
+
+def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path, session: str, turns: int,
+             buckets: list[dict] | None) -> int:
+    """Runs one conversation; returns its final conversation's bytes."""
+    url = f"{proxy.url}/s/{session}/v1/chat/completions"
+    messages: list[dict] = [{"role": "system", "content": "You are a coding agent. Answer briefly."}]
+    writer = None
+    mark = None
+    for turn in range(1, turns + 1):
+        filler = f"turn {turn}: the command printed " + "output line of the tool, " * 80
+        messages.append({"role": "user", "content": filler[: TURN_BYTES - 80]})
+        if buckets is not None and (turn - 1) % CPU_BUCKET == 0:
+            writer = writer or next(iter(_children(proxy.pid)), None)
+            mark = (turn, _cpu(proxy.pid), _cpu(writer), len(json.dumps(messages)))
+        r = client.post(url, json={"model": "standin-text", "messages": messages, "stream": True})
+        if r.status_code != 200:
+            raise RuntimeError(f"bench growth: turn {turn} got {r.status_code}: {r.text[:200]}")
+        messages.append({"role": "assistant", "content": _answer(r.content)})
+        if buckets is not None and turn % CPU_BUCKET == 0:
+            _wait_lines(traj / f"{session}.jsonl", turn)
+            first, proxy_cpu, writer_cpu, request_bytes = mark
+            calls = turn - first + 1
+            buckets.append({
+                "turns": f"{first}-{turn}",
+                "request KB": round(request_bytes / 1024, 1),
+                "proxy µs/call": round((_cpu(proxy.pid) - proxy_cpu) / calls * 1e6),
+                "writer µs/call": round((_cpu(writer) - writer_cpu) / calls * 1e6),
+            })  # fmt: skip
+    _wait_lines(traj / f"{session}.jsonl", turns)
+    return len(json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _v1_bytes(file: Path) -> int:
+    total = 0
+    for record in TrajectoryReader(file.parent).sessions[file.stem]:
+        record.schema_version = 1
+        total += len(record.model_dump_json()) + 1
+    return total
+
+
+def measure_size_and_cpu(workdir: Path, lengths: tuple[int, ...]) -> tuple[list[dict], list[dict], list[dict]]:
+    traj = workdir / "growth"
+    sizes, buckets = [], []
+    with standin_process() as upstream, ProxyProcess(
+        upstream=upstream.url, options={"llm_traj_mode": "record", "llm_traj_path": traj},
+        extra_args=["--set", "flow_detail=0"],
+    ) as proxy, httpx.Client(timeout=120) as client:  # fmt: skip
+        for turns in lengths:
+            final = _session(client, proxy, traj, f"g{turns}", turns, buckets if turns == 1000 else None)
+            file = traj / f"g{turns}.jsonl"
+            on_disk, v1 = file.stat().st_size, _v1_bytes(file)
+            sizes.append({
+                "turns": turns, "conversation KB": round(final / 1024, 1), "on disk KB": round(on_disk / 1024, 1),
+                "disk / conversation": round(on_disk / final, 2), "v1 lines KB": round(v1 / 1024, 1),
+                "v1 / conversation": round(v1 / final, 1),
+            })  # fmt: skip
+    longest = traj / f"g{max(lengths)}.jsonl"
+    start = time.perf_counter()
+    records = sum(1 for _ in read_records(longest))
+    took = time.perf_counter() - start
+    exported = [{"session": longest.stem, "granularity": "(read_records only)", "samples": records,
+                 "seconds": round(took, 2), "trajectory MB/s": round(longest.stat().st_size / took / 1e6, 1),
+                 "output MB": 0, "output MB/s": 0}]  # fmt: skip
+    for granularity in ("per_call", "per_session"):
+        start = time.perf_counter()
+        lines = out = 0
+        for line in export(TrajectoryReader(longest), "openai-chat", granularity=granularity):
+            lines, out = lines + 1, out + len(line) + 1
+        took = time.perf_counter() - start
+        exported.append({
+            "session": longest.stem, "granularity": granularity, "samples": lines, "seconds": round(took, 2),
+            "trajectory MB/s": round(longest.stat().st_size / took / 1e6, 1), "output MB": round(out / 1e6, 1),
+            "output MB/s": round(out / took / 1e6, 1),
+        })  # fmt: skip
+    return sizes, buckets, exported
+
+
+def measure_replay(workdir: Path, template: Path, sessions: int) -> dict:
+    traj = workdir / "replay"
+    traj.mkdir()
+    data = template.read_bytes()
+    name = json.dumps(template.stem).encode()
+    for k in range(sessions):
+        (traj / f"r{k:05d}.jsonl").write_bytes(data.replace(b'"session":' + name, b'"session":"r%05d"' % k))
+    total_mb = sum(f.stat().st_size for f in traj.iterdir()) / 1e6
+    requests = [json.loads(r.model_dump_json())["request"] for r in TrajectoryReader(template.parent).sessions[template.stem]]
+    started = time.perf_counter()
+    load(traj)
+    loaded = time.perf_counter() - started
+    started = time.perf_counter()
+    with ProxyProcess(upstream="http://127.0.0.1:9", options={"llm_traj_mode": "record", "llm_traj_path": workdir / "empty"},
+                      extra_args=["--set", "flow_detail=0"]):  # fmt: skip
+        bare_start = time.perf_counter() - started
+    started = time.perf_counter()
+    with ProxyProcess(upstream="http://127.0.0.1:9", options={"llm_traj_mode": "replay", "llm_traj_path": traj},
+                      extra_args=["--set", "flow_detail=0"]) as proxy, httpx.Client(timeout=60) as client:  # fmt: skip
+        startup = time.perf_counter() - started
+        rss_ready = _rss_mb(proxy.pid)
+        served_at = time.perf_counter()
+        for k in range(0, sessions, sessions // REPLAY_SERVED):
+            for request in requests:
+                r = client.post(f"{proxy.url}/s/r{k:05d}/v1/chat/completions", json=request)
+                if r.headers.get("x-llm-traj-match") != "exact":
+                    raise RuntimeError(f"bench growth: replay of r{k:05d} answered {r.status_code}: {r.text[:200]}")
+        per_call_ms = (time.perf_counter() - served_at) / (REPLAY_SERVED * len(requests)) * 1000
+        rss_served = _rss_mb(proxy.pid)
+    return {"sessions": sessions, "turns": len(requests), "trajectory MB": round(total_mb),
+            "load s": round(loaded, 2), "proxy start s": round(startup, 2), "same, empty recording s": round(bare_start, 2),
+            "RSS ready MB": round(rss_ready), "served sessions": REPLAY_SERVED,
+            "RSS after MB": round(rss_served), "ms per replayed call": round(per_call_ms, 2)}  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    header = list(rows[0])
+    cells = [[str(row[h]) for h in header] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    line = lambda values: "| " + " | ".join(v.rjust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|", *map(line, cells)])
+
+
+def run_growth(quick: bool = False) -> tuple[str, dict]:
+    lengths = QUICK_LENGTHS if quick else LENGTHS
+    sessions = QUICK_REPLAY_SESSIONS if quick else REPLAY_SESSIONS
+    with tempfile.TemporaryDirectory(prefix="llm-traj-growth-") as tmp:
+        workdir = Path(tmp)
+        print(f"bench growth: sessions of {', '.join(map(str, lengths))} turns through the proxy...", file=sys.stderr)
+        sizes, buckets, exported = measure_size_and_cpu(workdir, lengths)
+        print(f"bench growth: replay of {sessions} sessions of {REPLAY_TURNS} turns...", file=sys.stderr)
+        replay = measure_replay(workdir, workdir / "growth" / f"g{REPLAY_TURNS}.jsonl", sessions)
+    worst = max(row["disk / conversation"] for row in sizes)
+    checks = [
+        f"{'PASS' if worst <= SIZE_TARGET else 'MISS'} bytes on disk <= {SIZE_TARGET}x the conversation at every "
+        f"length (worst {worst}x)",
+        f"{'PASS' if replay['load s'] < STARTUP_TARGET_S else 'MISS'} replay startup with {sessions} "
+        f"sessions < {STARTUP_TARGET_S} s (load {replay['load s']} s; mitmdump ready in {replay['proxy start s']} s, "
+        f"{replay['same, empty recording s']} s on an empty recording)",
+        f"{'PASS' if replay['RSS after MB'] < RSS_TARGET_MB else 'MISS'} replay RSS < {RSS_TARGET_MB:.0f} MB "
+        f"({replay['RSS ready MB']} MB ready, {replay['RSS after MB']} MB after {REPLAY_SERVED} sessions)",
+    ]
+    text = "\n\n".join(filter(None, [
+        "Growth: bytes on disk per session length (turns of ~2 KB, streamed)", table(sizes),
+        "Proxy and writer CPU per call along the 1000-turn session" if buckets else "", table(buckets) if buckets else "",
+        "Export (openai-chat, in process; per_call repeats the conversation in every sample)", table(exported),
+        "Replay of many sessions", table([replay]), "\n".join(checks),
+    ]))  # fmt: skip
+    return text, {"sizes": sizes, "cpu": buckets, "export": exported, "replay": replay, "checks": checks}
