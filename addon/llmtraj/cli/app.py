@@ -369,5 +369,13 @@ def web(
         proxy.stop()
 
 
+def _add_subcommands() -> None:
+    from .prompts import app as prompts_app
+
+    app.add_typer(prompts_app, name="prompts")
+
+
+_add_subcommands()
+
 if __name__ == "__main__":
     app()
