@@ -15,7 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from .anticalling import AntiCalling
 from .loopback import Loopback
-from .options import LlmTrajOptions
+from mitmproxy.exceptions import OptionsError
+
+from .options import LlmTrajOptions, startup_error
+from .prompting import Prompting
 from .proxy_errors import OpenAIShapedProxyErrors
 from .quiet_log import QuietStreamingLog
 from .recording import Recorder
@@ -54,6 +57,8 @@ def _chain(name: str, handlers: list[Callable]) -> Callable | None:
         for i, handler in enumerate(handlers):
             try:
                 result = handler(*args)
+            except OptionsError:
+                raise  # mitmproxy rolls the bad value back and says why
             except Exception:
                 failed(handler)
                 continue
@@ -74,7 +79,8 @@ class LlmTraj:
         self.parts = list(parts)
         for name in LIFECYCLE_HOOKS:
             chain = _chain(name, [getattr(part, name) for part in self.parts if hasattr(part, name)])
-            setattr(self, name, self._then_rebuild(chain) if name in ("configure", "running") else chain)
+            setattr(self, name, self._then_rebuild(name, chain) if name in ("configure", "running") else chain)
+        self._running = False
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -82,9 +88,17 @@ class LlmTraj:
         for name in FLOW_HOOKS:
             setattr(self, name, _chain(name, [getattr(part, name) for part in serving if hasattr(part, name)]))
 
-    def _then_rebuild(self, chain: Callable | None) -> Callable:
+    def _then_rebuild(self, name: str, chain: Callable | None) -> Callable:
         def run(*args):
-            result = chain(*args) if chain is not None else None
+            self._running = self._running or name == "running"
+            try:
+                result = chain(*args) if chain is not None else None
+            except OptionsError as exc:
+                if self._running:
+                    raise  # mitmproxy rolls the bad value back and says why
+                # at startup mitmproxy would log a traceback and go on; one line stops mitmdump
+                startup_error(str(exc))
+                result = None
             if result is None:
                 self._rebuild()
                 return None
@@ -111,8 +125,12 @@ def make_addons() -> list[object]:
     # The upstream route is chosen before the recorder captures the call as the
     # agent made it, and applied (model rewrite, key, retries) after.
     upstream_routing = UpstreamRouting(options)
+    # A prompt override rewrites the request before any mode reads it (replay
+    # matches, the recorder captures, a driver sees the version sent).
+    prompting = Prompting(options, recorder)
     parts = [
-        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), replayer, upstream_routing,
+        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), prompting, replayer,
+        upstream_routing,
         recorder, anticalling, UpstreamForwarding(options, upstream_routing, loopback), WebAnnotations(options),
         WebChatView(),
     ]

@@ -52,17 +52,18 @@ class Recorder:
         # llm_traj_path is what it reads); set by that mode's addon, which
         # configures before this one.
         self.marked_path: Path | None = None
+        self.prompts_path: Path | None = None  # the registry calls are tagged from; set by `Prompting`
 
     def configure(self, updated: set[str]) -> None:
         settings = self._options.settings
         path = None
         if settings is not None:
             path = settings.path if settings.mode in RECORDING_MODES else self.marked_path
-        if self._sink is not None and self._sink.path != path:
+        if self._sink is not None and (self._sink.path, self._sink.prompts) != (path, self.prompts_path):
             self._close()
         if path is not None and self._sink is None:
             self._indexes = TrajectoryWriter(path)
-            self._sink = RecordSink(path)
+            self._sink = RecordSink(path, self.prompts_path)
             self._sink.start()  # ready (imports done) before the first call ends
             logger.info(f"llm-traj: recording to {path}")
 
@@ -74,7 +75,7 @@ class Recorder:
         if (
             self._sink is None or call is None or flow.response is not None
             or self._options.settings.mode != "record" or "content-encoding" in flow.request.headers
-            or self._options.settings.routes_calls
+            or self._options.settings.routes_calls or "prompt" in flow.metadata[CALL_KEY]  # a prompt override rewrites it
         ):
             return
         self._capture(flow, call, "record", b"")
@@ -155,6 +156,7 @@ class Recorder:
         info = flow.metadata[CALL_KEY]
         capture.extra = info.get("extra") or {}
         capture.upstream = info.get("upstream")
+        capture.prompt = info.get("prompt")
         self._sink.send(capture)
 
     def _close(self) -> None:
