@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +30,7 @@ CODER = "You write Python. Be exact."
 AGENT_PROMPT = "You are a helpful assistant for ACME. Today is Monday."
 SENT_TERSE = "You are terse. You work for ACME and today is Monday."
 USER = [{"role": "user", "content": "hi"}]
+LLM_TRAJ = str(Path(sys.executable).with_name("llm-traj"))
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +82,24 @@ def test_tagging_in_every_api(upstream, registry, tmp_path):
     assert (template.name, template.version, template.label, template.match) == ("greet", 1, "production", "template")
     assert template.variables == {"company": "ACME", "date": "Monday"} and template.override is None
     assert (none.name, none.match, none.hash) == (None, "none", text_hash("You are someone else."))
-    assert without is None
+    assert (without.match, without.hash) == ("none", None)
     [claude] = wait_records(tmp_path / "claude.jsonl", 1)
     assert (claude.prompt.name, claude.prompt.version, claude.prompt.label, claude.prompt.match) == ("greet", 2, "staging", "template")
     assert claude.prompt.variables == {"company": "Initech", "date": "Friday"}
     [codex] = wait_records(tmp_path / "codex.jsonl", 1)
     assert (codex.api, codex.prompt.name, codex.prompt.match) == ("responses", "coder", "exact")
+
+    # stats --by prompt, the command as a subprocess
+    out = subprocess.run([LLM_TRAJ, "stats", str(tmp_path), "--by", "prompt", "--json"], capture_output=True, text=True)
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    assert sorted(rows) == ["(no system prompt)", f"(unregistered {text_hash('You are someone else.')})", "all",
+                            "coder/1", "greet/1", "greet/2"]  # fmt: skip
+    assert (rows["coder/1"]["calls"], rows["coder/1"]["ok"], rows["all"]["calls"]) == (2, 2, 6)
+    assert rows["greet/1"]["streamed"] == 1 and rows["greet/1"]["total_tokens"] > 0 and rows["greet/1"]["mean_latency"] > 0
+    table = subprocess.run([LLM_TRAJ, "stats", str(tmp_path), "--by", "prompt"], capture_output=True, text=True).stdout
+    assert "prompt coder/1" in table and "mean latency" in table
+    bad = subprocess.run([LLM_TRAJ, "stats", str(tmp_path), "--by", "colour"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "llm-traj: --by 'colour': use one or more of session, model, prompt, comma-separated"
 
 
 def test_override_record_replay_and_ab(upstream, registry, tmp_path):

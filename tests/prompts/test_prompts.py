@@ -74,7 +74,7 @@ def test_matching_exact_template_none(registry):
     # a prompt in several blocks (Claude Code's): one registered block is enough
     tag = prompt_tag(["x-billing-header: abc", "You write Python. Be exact."], index)
     assert (tag["name"], tag["version"], tag["label"], tag["match"]) == ("coder", 1, "latest", "exact")
-    assert prompt_tag([], index) is None
+    assert prompt_tag([], index) == {"name": None, "version": None, "label": None, "match": "none", "variables": {}, "hash": None}
 
 
 def test_system_segments_of_every_api():

@@ -269,15 +269,22 @@ def _records(path: Path):
 
 
 @app.command()
-def stats(path: Path = typer.Argument(..., help=TRAJ_HELP), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Totals per session and model: calls, failures, tokens, time."""
+def stats(
+    path: Path = typer.Argument(..., help=TRAJ_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+    by: str = typer.Option("session,model", "--by", help="Group by session, model and/or prompt (its version), comma-separated."),
+) -> None:
+    """Totals per session and model (or prompt version): calls, failures, tokens, time."""
     import dataclasses
     import json
 
-    from ..inspect.stats import render_stats
+    from ..inspect.stats import GROUPINGS, render_stats
     from ..inspect.stats import stats as compute
 
-    rows = compute(_records(path))
+    groupings = [g.strip() for g in by.split(",") if g.strip()]
+    if not groupings or any(g not in GROUPINGS for g in groupings):
+        fail(f"--by {by!r}: use one or more of {', '.join(GROUPINGS)}, comma-separated", 2)
+    rows = compute(_records(path), by=groupings)
     typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) if as_json else render_stats(rows))
 
 

@@ -63,7 +63,7 @@ class PromptTag(BaseModel):
     label: str | None = Field(None, description="a label of that version when recorded (else latest, if it was)")
     match: Literal["exact", "template", "none"]
     variables: dict[str, str] = Field(default_factory=dict, description="a template's placeholders as filled in")
-    hash: str | None = Field(None, description="hash of the system prompt as sent")
+    hash: str | None = Field(None, description="hash of the system prompt as sent (None: the call had none)")
     override: str | None = Field(None, description="the reference (or A/B arm) that replaced the agent's prompt")
     original_hash: str | None = Field(None, description="hash of the agent's own system prompt, when overridden")
 

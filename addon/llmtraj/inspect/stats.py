@@ -67,9 +67,27 @@ def reasoning_tokens(usage: dict[str, Any]) -> int | None:
 # ------------------------------------------------------------------ stats
 
 
+Grouping = Literal["session", "model", "prompt"]
+GROUPINGS: tuple[Grouping, ...] = ("session", "model", "prompt")
+
+
+def prompt_key(record: CallRecord) -> str:
+    """A call's prompt version as `stats --by prompt` groups it: NAME/VERSION,
+    `(unregistered <hash>)` for a system prompt the registry did not know,
+    `(no system prompt)`, or `(untagged)` for a call recorded without a registry."""
+    tag = record.prompt
+    if tag is None:
+        return "(untagged)"
+    if tag.hash is None:
+        return "(no system prompt)"
+    if tag.name is None:
+        return f"(unregistered {tag.hash})"
+    return f"{tag.name}/{tag.version}"
+
+
 @dataclass(frozen=True)
 class StatsRow:
-    kind: Literal["session", "model", "all"]
+    kind: Literal["session", "model", "prompt", "all"]
     name: str
     calls: int
     ok: int
@@ -83,15 +101,17 @@ class StatsRow:
     without_usage: int  # calls whose response carried no usage (token totals leave them out)
     wall_time: float | None  # seconds from the first call's start to the last call's end
     mean_ttfb: float | None  # seconds from a call's start to its first response byte
+    mean_latency: float | None  # seconds from a call's start to its end
 
 
-def _row(kind: Literal["session", "model", "all"], name: str, calls: list[CallRecord]) -> StatsRow:
+def _row(kind: Literal["session", "model", "prompt", "all"], name: str, calls: list[CallRecord]) -> StatsRow:
     outcomes = [call_outcome(r) for r in calls]
     usages = [usage_of(r) for r in calls]
     known = [u for u in usages if u is not None]
     reasoning = [n for u in known if (n := reasoning_tokens(u)) is not None]
     ends = [r.timings.ended_at for r in calls if r.timings.ended_at is not None]
     ttfbs = [r.timings.first_byte_at - r.timings.started_at for r in calls if r.timings.first_byte_at is not None]
+    latencies = [r.timings.ended_at - r.timings.started_at for r in calls if r.timings.ended_at is not None]
     return StatsRow(
         kind=kind,
         name=name,
@@ -107,24 +127,25 @@ def _row(kind: Literal["session", "model", "all"], name: str, calls: list[CallRe
         without_usage=len(calls) - len(known),
         wall_time=max(ends) - min(r.timings.started_at for r in calls) if ends else None,
         mean_ttfb=statistics.fmean(ttfbs) if ttfbs else None,
+        mean_latency=statistics.fmean(latencies) if latencies else None,
     )
 
 
-def stats(records: Iterable[CallRecord]) -> list[StatsRow]:
-    """One row per session, one per requested model (both sorted by name), and
-    one for all calls. Empty without records."""
+def stats(records: Iterable[CallRecord], by: Iterable[Grouping] = ("session", "model")) -> list[StatsRow]:
+    """One row per session, per requested model and/or per prompt version (each
+    sorted by name), and one for all calls. Empty without records."""
     records = list(records)
     if not records:
         return []
-    sessions = by_session(records)
-    models: dict[str, list[CallRecord]] = {}
-    for record in records:
-        models.setdefault(request_model(record) or "(no model)", []).append(record)
-    return (
-        [_row("session", name, sessions[name]) for name in sorted(sessions)]
-        + [_row("model", name, models[name]) for name in sorted(models)]
-        + [_row("all", "all", records)]
-    )
+    keys = {"session": lambda r: r.session, "model": lambda r: request_model(r) or "(no model)", "prompt": prompt_key}
+    rows = []
+    for kind in by:
+        groups = by_session(records) if kind == "session" else {}
+        if kind != "session":
+            for record in records:
+                groups.setdefault(keys[kind](record), []).append(record)
+        rows += [_row(kind, name, groups[name]) for name in sorted(groups)]
+    return rows + [_row("all", "all", records)]
 
 
 _COLUMNS = (
@@ -135,6 +156,7 @@ _COLUMNS = (
     ("no usage", lambda r: r.without_usage),
     ("wall", lambda r: None if r.wall_time is None else f"{r.wall_time:.2f} s"),
     ("mean ttfb", lambda r: None if r.mean_ttfb is None else f"{r.mean_ttfb * 1000:.0f} ms"),
+    ("mean latency", lambda r: None if r.mean_latency is None else f"{r.mean_latency * 1000:.0f} ms"),
 )  # fmt: skip
 
 

@@ -117,9 +117,10 @@ class PromptIndex:
 
 
 def prompt_tag(segments: list[str], index: PromptIndex | None) -> dict[str, Any] | None:
-    """The record's `prompt` for a call with these system prompt pieces; None without a system prompt."""
+    """The record's `prompt` for a call with these system prompt pieces (without
+    any: match `none` and no hash)."""
     if not segments:
-        return None
+        return {"name": None, "version": None, "label": None, "match": "none", "variables": {}, "hash": None}
     whole, found = index.match_segments(segments) if index is not None else ("\n\n".join(segments), None)
     if found is None:
         return {"name": None, "version": None, "label": None, "match": "none", "variables": {}, "hash": text_hash(whole)}

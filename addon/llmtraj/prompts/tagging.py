@@ -41,10 +41,8 @@ class PromptTagger:
             self._registry = None
         return self._index
 
-    def tag(self, api: str, request: Any, sent: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    def tag(self, api: str, request: Any, sent: dict[str, Any] | None = None) -> dict[str, Any]:
         """The record's `prompt`; `sent` is what the proxy noted of an override
         (the reference that chose the version sent, the agent's own prompt's hash)."""
         tag = prompt_tag(system_segments(api, request), self.index())
-        if sent:
-            tag = {**(tag or {}), **sent}
-        return tag
+        return {**tag, **sent} if sent else tag
