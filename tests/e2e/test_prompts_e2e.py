@@ -216,3 +216,29 @@ def test_bad_override_stops_startup_with_one_line(registry, tmp_path, options, m
 def test_override_needs_an_existing_registry(tmp_path):
     with pytest.raises(ProxyStartError, match="no prompt registry at"):
         proxy_for("http://127.0.0.1:9", tmp_path, tmp_path / "missing.sqlite", llm_traj_prompt_override="greet/1")
+
+
+AGENT = """
+from openai import OpenAI
+client = OpenAI(max_retries=0, api_key="sk-dummy")
+for step in range(2):
+    client.chat.completions.create(model="standin-text", stream=step == 1,
+        messages=[{"role": "system", "content": %r}, {"role": "user", "content": f"step {step}"}])
+""" % AGENT_PROMPT
+
+
+def test_llm_traj_run_with_a_prompt(upstream, registry, tmp_path):
+    (tmp_path / "agent.py").write_text(AGENT)
+    run = [LLM_TRAJ, "run", "--upstream", upstream.url, "--traj", str(tmp_path / "t"), "--session", "task-1",
+           "--prompts", str(registry)]  # fmt: skip
+    before = len(upstream.requests)
+    out = subprocess.run([*run, "--prompt", "greet@staging", "--", sys.executable, str(tmp_path / "agent.py")],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(r.body)["messages"][0]["content"] for r in upstream.requests[before:]] == [SENT_TERSE] * 2
+    records = wait_records(tmp_path / "t" / "task-1.jsonl", 2)
+    assert [(r.prompt.name, r.prompt.version, r.prompt.override) for r in records] == [("greet", 2, "greet@staging")] * 2
+    bad = subprocess.run([*run, "--prompt", "greet@nope", "--", sys.executable, str(tmp_path / "agent.py")],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "llm_traj_prompt_override: prompt 'greet' has no label 'nope'" in bad.stderr

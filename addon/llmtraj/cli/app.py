@@ -96,6 +96,10 @@ def run(
     session: str = typer.Option("default", help="Session id of the agent's calls."),
     via: str = typer.Option("base-url", help="How the agent reaches the proxy: base-url or https-proxy."),
     config: Path = CONFIG_OPTION,
+    prompt: str = typer.Option(None, "--prompt", help="Send the agent's calls with this registered system prompt: "
+                               "NAME@LABEL, NAME/VERSION or an A/B split REF=W,REF=W (llm_traj_prompt_override)."),
+    prompts: Path = typer.Option(None, "--prompts", envvar="LLM_TRAJ_PROMPTS",
+                                 help="The prompt registry calls are tagged from (llm_traj_prompts)."),
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Run an agent (after --) with its LLM calls going through the proxy; exit with the agent's code."""
@@ -105,7 +109,7 @@ def run(
 
     try:
         plan = plan_run(mode=mode, traj=traj, session=session, via=via, upstream=upstream, command=ctx.args,
-                        sets=[*set_, *_config_set(config)])
+                        sets=[*set_, *_config_set(config), *_prompt_sets(prompt, prompts)])
         run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))
         code, started = run_plan(plan, run_dir, _end_anticall_session(plan) if plan.mode == "anticall" else None)
     except (RunError, ProxyStartError) as exc:
@@ -129,6 +133,11 @@ def _end_anticall_session(plan):
 
 
 STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Where service state lives (default ~/.llm-traj).")
+
+
+def _prompt_sets(prompt: str | None, prompts: Path | None) -> list[str]:
+    return ([f"llm_traj_prompt_override={prompt}"] if prompt else []) + \
+        ([f"llm_traj_prompts={prompts.resolve()}"] if prompts is not None else [])  # fmt: skip
 
 
 def _config_set(config: Path | None) -> list[str]:
