@@ -98,6 +98,16 @@ def test_tagging_in_every_api(upstream, registry, tmp_path):
     assert rows["greet/1"]["streamed"] == 1 and rows["greet/1"]["total_tokens"] > 0 and rows["greet/1"]["mean_latency"] > 0
     table = subprocess.run([LLM_TRAJ, "stats", str(tmp_path), "--by", "prompt"], capture_output=True, text=True).stdout
     assert "prompt coder/1" in table and "mean latency" in table
+    # exports carry the tag: openai-chat samples and ATIF steps
+    samples = [json.loads(line) for line in subprocess.run(
+        [LLM_TRAJ, "export", str(tmp_path / "s.jsonl"), "--format", "openai-chat"], capture_output=True, text=True).stdout.splitlines()]
+    assert [s["prompt"].get("name") for s in samples] == ["coder", "greet", None, None]
+    assert samples[1]["prompt"] == {"name": "greet", "version": 1, "label": "production", "match": "template",
+                                    "variables": {"company": "ACME", "date": "Monday"}, "hash": text_hash(AGENT_PROMPT)}
+    [document] = [json.loads(line) for line in subprocess.run(
+        [LLM_TRAJ, "export", str(tmp_path / "claude.jsonl"), "--format", "atif"], capture_output=True, text=True).stdout.splitlines()]
+    assert document["agent"]["extra"]["prompt"]["name"] == "greet"
+    assert [s["extra"]["prompt"]["version"] for s in document["steps"] if s["source"] == "agent"] == [2]
     bad = subprocess.run([LLM_TRAJ, "stats", str(tmp_path), "--by", "colour"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "llm-traj: --by 'colour': use one or more of session, model, prompt, comma-separated"
 
