@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--prompt-tagging]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -43,6 +43,9 @@ targets must also have written one record per request, and the replay target
 served each from the recording by exact match, checked after every measurement,
 so a broken addon cannot look fast: if not, or if any response is wrong, the
 benchmark stops with exit status 2.
+
+Last, what tagging a call with its prompt version costs in the record writer
+(bench/prompt_tagging.py; only that with --prompt-tagging).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from llmtraj.cli.proxy_process import (
     standin_process,
 )
 from llmtraj.replay.report import REPORT_PATH
+import prompt_tagging  # beside this file: bench/ is sys.path[0] when run as a script
 
 RPS_TARGET = 0.90  # recording keeps at least this share of bare mitmdump's requests/s
 TTFB_TARGET_MS = 2.0  # and adds at most this much to a stream's first event
@@ -946,6 +950,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument("--prompt-tagging", action="store_true", help="only the prompt tagging cost (a few seconds)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -975,6 +980,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.driver:
         asyncio.run(drive(args.driver))  # until stopped
         return 0
+    tagging = prompt_tagging.measure()
+    if args.prompt_tagging:
+        print("\n".join(prompt_tagging.report(tagging)))
+        return 0
     settings = settings_from(args)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -993,8 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     print(report(results, settings))
+    print("\n" + "\n".join(prompt_tagging.report(tagging)))
     if args.json:
-        args.json.write_text(json.dumps(to_json(results, settings), indent=2) + "\n")
+        args.json.write_text(json.dumps({**to_json(results, settings), "prompt_tagging": tagging}, indent=2) + "\n")
         print(f"\nresults: {args.json}")
     return 0
 

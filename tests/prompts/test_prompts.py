@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from llmtraj.prompts.matching import PromptIndex, prompt_tag, system_segments
-from llmtraj.prompts.override import Override, parse_assignment, replace_system_prompt
+from llmtraj.prompts.override import Override, parse_assignment, replace_system_prompt, rewrite_request
 from llmtraj.prompts.registry import PromptError, PromptRegistry, parse_ref, text_hash
 from llmtraj.prompts.tagging import PromptTagger
 from llmtraj.prompts.template import TemplateError, parse_template
@@ -123,3 +125,20 @@ def test_tagger_follows_registry_changes(registry):
     tag = tagger.tag("chat.completions", request, {"override": "coder@canary", "original_hash": "sha256:x"})
     assert tag == {"name": "coder", "version": 2, "label": "canary", "match": "exact", "variables": {},
                    "hash": text_hash("You write Go."), "override": "coder@canary", "original_hash": "sha256:x"}  # fmt: skip
+
+
+def test_rewrite_request_keeps_every_other_byte(registry):
+    index = PromptIndex(registry.all_versions())
+    override = Override("coder/1", registry.get("coder/1"))
+    agent = "You are a helpful assistant for Café ✓. Today is Monday."
+    # the body as an SDK may send it: its own spacing, non-ASCII escaped
+    body = ('{"model": "m", "messages": [{"role": "system", "content": %s}, {"role": "user", "content": "h\\u00e9"}],'
+            ' "temperature": 0.5}') % json.dumps(agent)  # fmt: skip
+    rewritten, original = rewrite_request("chat.completions", body.encode(), override, index)
+    assert rewritten == body.replace(json.dumps(agent), json.dumps("You write Python. Be exact.")).encode() and original == text_hash(agent)
+    # the agent's prompt copied into a user message too: the body is made again, the copy left alone
+    copied = {"messages": [{"role": "system", "content": agent}, {"role": "user", "content": agent}]}
+    rewritten, _ = rewrite_request("chat.completions", json.dumps(copied).encode(), override, index)
+    assert json.loads(rewritten)["messages"] == [{"role": "system", "content": "You write Python. Be exact."}, {"role": "user", "content": agent}]
+    assert rewrite_request("chat.completions", b"not json", override, index) is None
+    assert rewrite_request("chat.completions", b"[1]", override, index) is None

@@ -18,7 +18,7 @@ from mitmproxy import exceptions, http
 from ..apis import API_BY_NAME
 from ..core.session import InvalidSession, validate_session
 from ..prompts.matching import PromptIndex
-from ..prompts.override import Assignment, Override, check_assignment, parse_assignment, replace_system_prompt
+from ..prompts.override import Assignment, Override, check_assignment, parse_assignment, rewrite_request
 from ..prompts.registry import PromptError, PromptRegistry, default_registry_path
 from .options import LlmTrajOptions
 from .recording import Recorder
@@ -131,14 +131,12 @@ class Prompting:
         if "prompt" not in info:
             return
         request = flow.request
-        try:
-            body = json.loads(request.get_content(strict=False) or b"")
-        except ValueError:
-            return  # not JSON: the upstream answers it as it is
-        if not isinstance(body, dict):
-            return
-        original_hash = replace_system_prompt(info["api"], body, self._sessions[info["session"]], self._current_index())
-        request.set_content(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
+        rewritten = rewrite_request(info["api"], request.get_content(strict=False) or b"",
+                                    self._sessions[info["session"]], self._current_index())  # fmt: skip
+        if rewritten is None:
+            return  # not a JSON object: the upstream answers it as it is
+        body, original_hash = rewritten
+        request.set_content(body)
         if original_hash is not None:
             info["prompt"]["original_hash"] = original_hash
 

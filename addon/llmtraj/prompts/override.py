@@ -5,8 +5,11 @@ with its system prompt replaced, in each API's shape."""
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic_core import from_json, to_json
 
 from .matching import SYSTEM_ROLES, PromptIndex, system_segments
 from .registry import PromptError, PromptRef, PromptRegistry, PromptVersion, parse_ref, text_hash
@@ -125,3 +128,28 @@ def _with_system_message(messages: Any, text: str) -> list:
     kept = [m for m in messages if not (isinstance(m, dict) and m.get("role") in SYSTEM_ROLES)]
     kept.insert(first, {"role": messages[first]["role"], "content": text})
     return kept
+
+
+def rewrite_request(api: str, body: bytes, override: Override, index: PromptIndex | None) -> tuple[bytes, str | None] | None:
+    """(the request body with the override's system prompt, the hash of the
+    agent's own), or None for a body that is not a JSON object. On the proxy's
+    loop, so the common case (the system prompt one JSON string) replaces that
+    string in the bytes as they are: serialising a long conversation again
+    costs ten times more than parsing it."""
+    try:
+        request = from_json(body)
+    except ValueError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    segments = system_segments(api, request)
+    original_hash = replace_system_prompt(api, request, override, index)
+    if len(segments) == 1:
+        new = system_segments(api, request)
+        for encoded in {json.dumps(segments[0]).encode(), json.dumps(segments[0], ensure_ascii=False).encode()}:
+            at = body.find(encoded)
+            if at >= 0 and at == body.rfind(encoded) and len(new) == 1:
+                spliced = body[:at] + json.dumps(new[0], ensure_ascii=False).encode() + body[at + len(encoded):]
+                if from_json(spliced) == request:  # the string was the prompt's own, not a copy inside another
+                    return spliced, original_hash
+    return to_json(request), original_hash
