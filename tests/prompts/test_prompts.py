@@ -142,3 +142,8 @@ def test_rewrite_request_keeps_every_other_byte(registry):
     assert json.loads(rewritten)["messages"] == [{"role": "system", "content": "You write Python. Be exact."}, {"role": "user", "content": agent}]
     assert rewrite_request("chat.completions", b"not json", override, index) is None
     assert rewrite_request("chat.completions", b"[1]", override, index) is None
+
+
+def test_no_registry_no_tag(tmp_path):
+    assert PromptTagger(tmp_path / "missing.sqlite").tag("chat.completions", {"messages": [{"role": "system", "content": "x"}]}) is None
+    assert not (tmp_path / "missing.sqlite").exists()

@@ -35,6 +35,7 @@ def fail(message: str, code: int) -> None:
 
 @contextmanager
 def _registry(path: Path | None, *, create: bool = False) -> Iterator[PromptRegistry]:
+    """The registry, for a `with` block whose PromptError ends the command with one line."""
     from ..prompts.registry import default_registry_path
 
     try:
@@ -85,11 +86,8 @@ def add(
 ) -> None:
     """Add a version of a prompt (version 1 of a new one); the same content again adds nothing."""
     with _registry(prompts, create=True) as registry:
-        try:
-            text, messages = _read_prompt(file)
-            version, created = registry.add(name, text, messages=messages, message=message, tags=tag, labels=label)
-        except PromptError as exc:
-            fail(str(exc), 2)
+        text, messages = _read_prompt(file)
+        version, created = registry.add(name, text, messages=messages, message=message, tags=tag, labels=label)
     said = "added" if created else "unchanged, still"
     typer.echo(f"{name}/{version.version} {said}; labels: {', '.join(version.labels)}")
 
@@ -116,11 +114,8 @@ def show(
 ) -> None:
     """A version's text and details (the one `latest` names by default), or the prompt's versions."""
     with _registry(prompts) as registry:
-        try:
-            version = registry.get(ref)
-            versions = registry.versions(version.name) if history else []
-        except PromptError as exc:
-            fail(str(exc), 2)
+        version = registry.get(ref)
+        versions = registry.versions(version.name) if history else []
     if history:
         table = _table("version", "labels", "created", "tags", "message")
         for v in versions:
@@ -147,10 +142,7 @@ def label(
 ) -> None:
     """Point a label at a version (moving it if it pointed elsewhere)."""
     with _registry(prompts) as registry:
-        try:
-            registry.set_label(name, version, label)
-        except PromptError as exc:
-            fail(str(exc), 2)
+        registry.set_label(name, version, label)
     typer.echo(f"{name}@{label} → {name}/{version}")
 
 
@@ -163,10 +155,7 @@ def diff(
 ) -> None:
     """A unified diff of two versions' texts."""
     with _registry(prompts) as registry:
-        try:
-            first, second = (registry.get(_ref(name, side)) for side in (a, b))
-        except PromptError as exc:
-            fail(str(exc), 2)
+        first, second = (registry.get(_ref(name, side)) for side in (a, b))
     lines = difflib.unified_diff(first.text.splitlines(), second.text.splitlines(),
                                  f"{name}/{first.version}", f"{name}/{second.version}", lineterm="")  # fmt: skip
     typer.echo("\n".join(lines) or f"{name}/{first.version} and {name}/{second.version} have the same text")

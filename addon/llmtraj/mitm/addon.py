@@ -127,7 +127,7 @@ def make_addons() -> list[object]:
     upstream_routing = UpstreamRouting(options)
     # A prompt override rewrites the request before any mode reads it (replay
     # matches, the recorder captures, a driver sees the version sent).
-    prompting = Prompting(options, recorder)
+    prompting = Prompting(recorder)
     parts = [
         options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), prompting, replayer,
         upstream_routing,

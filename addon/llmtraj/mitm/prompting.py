@@ -13,14 +13,13 @@ import os
 import sqlite3
 from pathlib import Path
 
-from mitmproxy import exceptions, http
+from mitmproxy import ctx, exceptions, http
 
 from ..apis import API_BY_NAME
 from ..core.session import InvalidSession, validate_session
 from ..prompts.matching import PromptIndex
 from ..prompts.override import Assignment, Override, check_assignment, parse_assignment, rewrite_request
 from ..prompts.registry import PromptError, PromptRegistry, default_registry_path
-from .options import LlmTrajOptions
 from .recording import Recorder
 from .routing import CALL_KEY, error_response
 
@@ -30,7 +29,7 @@ PROMPT_PATH = "/llm-traj/prompt"
 REGISTRY_ENV = "LLM_TRAJ_PROMPTS"
 
 
-def registry_path(option: str) -> Path:
+def chosen_registry(option: str) -> Path:
     """llm_traj_prompts, else $LLM_TRAJ_PROMPTS, else prompts.sqlite in the state directory (as the CLI's)."""
     chosen = option or os.environ.get(REGISTRY_ENV)
     return Path(chosen).expanduser() if chosen else default_registry_path()
@@ -41,9 +40,7 @@ def _json(status: int, obj: object) -> http.Response:
 
 
 class Prompting:
-    def __init__(self, options: LlmTrajOptions, recorder: Recorder) -> None:
-        self._options = options
-        self._recorder = recorder
+    def __init__(self, recorder: Recorder) -> None:
         self._registry: PromptRegistry | None = None
         self._index: PromptIndex | None = None
         self._index_version: int | None = None
@@ -51,6 +48,7 @@ class Prompting:
         self._requested: dict[str, Assignment] = {}  # per session, through PUT /llm-traj/prompt
         self._sessions: dict[str, Override | None] = {}  # fixed at a session's first call
         self._serving = False
+        recorder.prompts_path = self.registry_path
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -65,11 +63,9 @@ class Prompting:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if not {"llm_traj_prompts", "llm_traj_prompt_override", "llm_traj_path"} & updated:
+        if not {"llm_traj_prompts", "llm_traj_prompt_override"} & updated:
             return
-        from mitmproxy import ctx
-
-        path = registry_path(ctx.options.llm_traj_prompts)
+        path = chosen_registry(ctx.options.llm_traj_prompts)
         override = ctx.options.llm_traj_prompt_override.strip()
         try:
             assignment = parse_assignment(override) if override else None
@@ -87,9 +83,13 @@ class Prompting:
         self._index = self._index_version = None
         self._sessions.clear()
         self._serving = registry is not None
-        self._recorder.prompts_path = path if registry is not None else None
         if assignment is not None:
             logger.info(f"llm-traj: prompt override {assignment} from {path}")
+
+    @staticmethod
+    def registry_path() -> Path:
+        """Where the record writer finds the registry to tag calls from (once it exists)."""
+        return chosen_registry(ctx.options.llm_traj_prompts)
 
     def serves_flows(self) -> bool:
         return self._serving

@@ -41,8 +41,12 @@ class PromptTagger:
             self._registry = None
         return self._index
 
-    def tag(self, api: str, request: Any, sent: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The record's `prompt`; `sent` is what the proxy noted of an override
-        (the reference that chose the version sent, the agent's own prompt's hash)."""
-        tag = prompt_tag(system_segments(api, request), self.index())
+    def tag(self, api: str, request: Any, sent: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The record's `prompt` (None while there is no registry); `sent` is what
+        the proxy noted of an override (the reference that chose the version
+        sent, the agent's own prompt's hash)."""
+        index = self.index()
+        if index is None and not sent:
+            return None
+        tag = prompt_tag(system_segments(api, request), index)
         return {**tag, **sent} if sent else tag
