@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..prompts.registry import LATEST, PromptError, PromptRef, PromptRegistry, parse_ref
+from ..prompts.registry import LATEST, PromptError, PromptRegistry, parse_ref
 
 app = typer.Typer(help="The prompt registry: versioned system prompts, labels, import/export.", no_args_is_help=True)
 
@@ -161,13 +161,6 @@ def diff(
     typer.echo("\n".join(lines) or f"{name}/{first.version} and {name}/{second.version} have the same text")
 
 
-def _version_or_none(registry: PromptRegistry, name: str, number: int):
-    try:
-        return registry.get(PromptRef(name, version=number))
-    except PromptError:
-        return None
-
-
 def _ref(name: str, side: str):
     return parse_ref(f"{name}/{side}" if side.isdigit() else f"{name}@{side}")
 
@@ -200,8 +193,8 @@ def import_(
     folder: Path = typer.Argument(..., help="A folder as `export` writes it: NAME/VERSION.txt|.json [+ .meta.json]."),
     prompts: PromptsPath = None,
 ) -> None:
-    """Add the versions in a folder, in version order; a version the registry has already (same number, same
-    content) is skipped, one with other content is refused. Labels follow."""
+    """Add the versions in a folder, keeping their numbers; a version the registry has already (same number,
+    same content) is skipped, one with other content is refused. Labels follow."""
     if not folder.is_dir():
         fail(f"{folder} is not a folder of prompts (NAME/VERSION.txt)", 2)
     files = [f for f in folder.glob("*/*") if f.suffix in (".txt", ".json") and not f.name.endswith(META_SUFFIX)]
@@ -215,17 +208,28 @@ def import_(
                 meta_file = file.with_name(file.stem + META_SUFFIX)
                 meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
                 text, messages = _read_prompt(file)
-                name, number = file.parent.name, int(file.stem)
-                existing = _version_or_none(registry, name, number)
-                if existing is None:
-                    registry.add(name, text, messages=messages, message=meta.get("message", ""),
-                                 tags=meta.get("tags"), labels=meta.get("labels"))  # fmt: skip
-                    added += 1
-                    continue
-                if existing.messages != messages or (messages is None and existing.text != text):
-                    raise PromptError(f"the registry's {name}/{number} has other content; versions are immutable")
-                for label_name in meta.get("labels") or ():
-                    registry.set_label(name, number, label_name)
+                added += registry.add_numbered(file.parent.name, int(file.stem), text, messages=messages,
+                                               message=meta.get("message", ""), tags=meta.get("tags"),
+                                               labels=meta.get("labels"))  # fmt: skip
             except (PromptError, ValueError) as exc:
                 fail(f"{file}: {exc}", 2)
     typer.echo(f"imported {added} new versions from {len(files)} files in {folder}")
+
+
+@app.command("import-mlflow")
+def import_mlflow(
+    tracking_uri: str = typer.Argument(..., help="MLflow's tracking URI, e.g. sqlite:///mlflow.db or http://mlflow:5000."),
+    names: list[str] = typer.Argument(None, help="Only these prompts (default: every one)."),
+    prompts: PromptsPath = None,
+) -> None:
+    """Copy prompts from MLflow's prompt registry (llm-traj[mlflow]): versions keep their numbers, aliases become
+    labels, so an override may say prompts:/NAME/VERSION or prompts:/NAME@ALIAS. Again: only what is new."""
+    from ..prompts.from_mlflow import copy_from_mlflow
+
+    with _registry(prompts, create=True) as registry:
+        copied = copy_from_mlflow(registry, tracking_uri, names or None)
+    table = _table("name", "versions", "new", "labels")
+    for c in copied:
+        table.add_row(c.name, str(c.versions), ", ".join(map(str, c.added)) or "-",
+                      ", ".join(f"{label}→{v}" for label, v in sorted(c.labels.items())))  # fmt: skip
+    _console().print(table)

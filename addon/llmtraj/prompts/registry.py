@@ -63,7 +63,7 @@ def default_registry_path(traj: os.PathLike | str | None = None) -> Path:
 
 @dataclass(frozen=True)
 class PromptRef:
-    """NAME, NAME@LABEL or NAME/VERSION (NAME alone is NAME@latest)."""
+    """NAME, NAME@LABEL or NAME/VERSION (NAME alone is NAME@latest), each also as MLflow writes it (prompts:/...)."""
 
     name: str
     label: str | None = None
@@ -75,10 +75,14 @@ class PromptRef:
         return f"{self.name}@{self.label or LATEST}"
 
 
+MLFLOW_URI = "prompts:/"  # MLflow's way: prompts:/NAME/VERSION, prompts:/NAME@ALIAS
+
+
 def parse_ref(text: str) -> PromptRef:
-    m = _REF.fullmatch(text.strip())
+    text = text.strip()
+    m = _REF.fullmatch(text.removeprefix(MLFLOW_URI))
     if m is None:
-        raise PromptError(f"{text!r} is not a prompt reference; use NAME, NAME@LABEL or NAME/VERSION")
+        raise PromptError(f"{text!r} is not a prompt reference; use NAME, NAME@LABEL or NAME/VERSION (or prompts:/ those)")
     name, label, version = m.group("name"), m.group("label"), m.group("version")
     check_name(name)
     if version is not None:
@@ -195,6 +199,28 @@ class PromptRegistry:
             for label in labels or ():
                 self._set_label(name, label, version)
         return self.get(PromptRef(name, version=version)), created
+
+    def add_numbered(self, name: str, number: int, text: str | None = None, *,
+                     messages: list[dict[str, Any]] | None = None, message: str = "", tags: list[str] | None = None,
+                     labels: list[str] | None = None) -> bool:
+        """Version `number` of `name` as it is elsewhere (an exported folder,
+        MLflow): added if new (False if it is here already with the same
+        content); PromptError if it is here with other content or would get
+        another number. Then `labels` point at it."""
+        try:
+            ours = self.get(PromptRef(name, version=number))
+        except PromptError:
+            ours = None
+        if ours is None:
+            made, _ = self.add(name, text, messages=messages, message=message, tags=tags)
+            if made.version != number:
+                raise PromptError(f"{name}/{number} would be version {made.version} here (versions missing before "
+                                  f"it, or this registry has its own {name!r}); use another registry")  # fmt: skip
+        elif ours.messages != messages or (messages is None and ours.text != text):
+            raise PromptError(f"{name}/{number} is here already with other content; versions are immutable")
+        for label in labels or ():
+            self.set_label(name, number, label)
+        return ours is None
 
     def set_label(self, name: str, version: int, label: str) -> PromptVersion:
         check_label(label)
