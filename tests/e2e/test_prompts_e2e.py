@@ -124,6 +124,10 @@ def test_override_record_replay_and_ab(upstream, registry, tmp_path):
         Anthropic(base_url=f"{proxy.url}/s/over-claude", api_key=KEY, max_retries=0).messages.create(
             model="standin-text", max_tokens=50, messages=USER, system=AGENT_PROMPT)
         assert sent_body(upstream, before)["system"] == SENT_TERSE
+        before = len(upstream.requests)
+        list(OpenAI(base_url=f"{proxy.url}/s/over-codex/v1", api_key=KEY, max_retries=0).responses.create(
+            model="standin-text", instructions=AGENT_PROMPT, input="hi", stream=True))
+        assert sent_body(upstream, before)["instructions"] == SENT_TERSE
         # a session's own override, set through the proxy before its first call, then fixed
         control = f"{proxy.url}/llm-traj/prompt"
         assert put(control, {"session": "pinned", "prompt": "coder/1"}) == (200, {"session": "pinned", "assignment": "coder/1"})
@@ -140,6 +144,9 @@ def test_override_record_replay_and_ab(upstream, registry, tmp_path):
     [pinned] = wait_records(recorded / "pinned.jsonl", 1)
     assert (pinned.prompt.name, pinned.prompt.match, pinned.prompt.override) == ("coder", "exact", "coder/1")
     assert wait_records(recorded / "over-claude.jsonl", 1)[0].prompt.override == "greet@staging"
+    [codex] = wait_records(recorded / "over-codex.jsonl", 1)
+    assert codex.complete and codex.stream and codex.request["instructions"] == SENT_TERSE
+    assert (codex.prompt.version, codex.prompt.override, codex.prompt.original_hash) == (2, "greet@staging", text_hash(AGENT_PROMPT))
 
     # replay with the same override: the agent's own prompt is rewritten before matching
     proxy = proxy_for("http://127.0.0.1:9", recorded, registry, llm_traj_mode="replay",
