@@ -112,6 +112,21 @@ def test_override_rewrites_each_api_and_keeps_variables(registry):
     anthropic = {"system": [{"type": "text", "text": agent, "cache_control": {"type": "ephemeral"}}]}
     replace_system_prompt("anthropic.messages", anthropic, override, index)
     assert anthropic["system"] == [{"type": "text", "text": sent, "cache_control": {"type": "ephemeral"}}]
+    # a prompt in pieces, one of them registered (Claude Code's blocks): only that piece is replaced
+    blocks = {"system": [{"type": "text", "text": "x-anthropic-billing-header: cc=1"},
+                         {"type": "text", "text": agent, "cache_control": {"type": "ephemeral"}}]}  # fmt: skip
+    replace_system_prompt("anthropic.messages", blocks, override, index)
+    assert blocks["system"] == [{"type": "text", "text": "x-anthropic-billing-header: cc=1"},
+                                {"type": "text", "text": sent, "cache_control": {"type": "ephemeral"}}]  # fmt: skip
+    two = {"messages": [{"role": "system", "content": "Be safe."}, {"role": "developer", "content": agent}, *[{"role": "user", "content": "u"}]]}
+    replace_system_prompt("chat.completions", two, override, index)
+    assert two["messages"] == [{"role": "system", "content": "Be safe."}, {"role": "developer", "content": sent}, {"role": "user", "content": "u"}]
+    unknown = {"messages": [{"role": "system", "content": "A"}, {"role": "user", "content": "u"}, {"role": "system", "content": "B"}]}
+    replace_system_prompt("chat.completions", unknown, override, index)
+    assert unknown["messages"] == [{"role": "system", "content": TERSE}, {"role": "user", "content": "u"}]
+    mixed = {"instructions": "Be safe.", "input": [{"role": "developer", "content": agent}, {"role": "user", "content": "u"}]}
+    replace_system_prompt("responses", mixed, override, index)
+    assert mixed == {"instructions": "Be safe.", "input": [{"role": "developer", "content": sent}, {"role": "user", "content": "u"}]}
     responses = {"input": "hi"}
     assert replace_system_prompt("responses", responses, override, index) is None
     assert responses["instructions"] == "You are terse. You work for {{company}} and today is {{date}}."

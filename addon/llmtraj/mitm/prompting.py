@@ -128,11 +128,11 @@ class Prompting:
             if flow.request.path.split("?", 1)[0] == PROMPT_PATH:
                 flow.response = self._control(flow.request)
             return
-        if "prompt" not in info:
+        override = self._sessions.get(info["session"]) if "prompt" in info else None
+        if override is None:
             return
         request = flow.request
-        rewritten = rewrite_request(info["api"], request.get_content(strict=False) or b"",
-                                    self._sessions[info["session"]], self._current_index())  # fmt: skip
+        rewritten = rewrite_request(info["api"], request.get_content(strict=False) or b"", override, self._current_index())
         if rewritten is None:
             return  # not a JSON object: the upstream answers it as it is
         body, original_hash = rewritten
@@ -170,7 +170,7 @@ class Prompting:
         try:
             asked = json.loads(request.get_content(strict=False) or b"")
             session = validate_session(str(asked["session"]))
-            assignment = parse_assignment(asked["prompt"]) if asked.get("prompt") is not None else None
+            assignment = parse_assignment(str(asked["prompt"])) if asked.get("prompt") is not None else None
             if assignment is not None:
                 check_assignment(assignment, self._registry)
         except (ValueError, KeyError, TypeError, InvalidSession, PromptError) as exc:

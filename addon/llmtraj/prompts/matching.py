@@ -25,13 +25,18 @@ def _text_of(content: Any) -> str | None:
     return None
 
 
-def _system_messages(messages: Any) -> list[str]:
+def system_message_indexes(messages: Any) -> list[int]:
+    """Where the system/developer messages with text are in a list of messages."""
     if not isinstance(messages, list):
         return []
     return [
-        text for m in messages
-        if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES and (text := _text_of(m.get("content"))) is not None
+        i for i, m in enumerate(messages)
+        if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES and _text_of(m.get("content")) is not None
     ]  # fmt: skip
+
+
+def _system_messages(messages: Any) -> list[str]:
+    return [_text_of(messages[i]["content"]) for i in system_message_indexes(messages)]
 
 
 def system_segments(api: str, request: Any) -> list[str]:
@@ -105,15 +110,24 @@ class PromptIndex:
                     return PromptMatch(t.version, "template", {name: m.group(group) for name, group in t.groups})
         return None
 
-    def match_segments(self, segments: list[str]) -> tuple[str, PromptMatch | None]:
-        """(the system prompt's text, its match): the whole joined prompt first,
-        then each piece alone (an agent may send its prompt in several blocks,
-        only one of them registered)."""
+    def match_segments(self, segments: list[str]) -> tuple[str, PromptMatch | None, int | None]:
+        """(the system prompt's text, its match, which piece matched): the whole
+        joined prompt first (piece None), then each piece alone (an agent may
+        send its prompt in several blocks, only one of them registered)."""
         whole = "\n\n".join(segments)
         found = self.match(whole)
         if found is None and len(segments) > 1:
-            found = next((m for s in segments if (m := self.match(s)) is not None), None)
-        return whole, found
+            for piece, segment in enumerate(segments):
+                if (found := self.match(segment)) is not None:
+                    return whole, found, piece
+        return whole, found, None
+
+
+def match_prompt(segments: list[str], index: PromptIndex | None) -> tuple[str, PromptMatch | None, int | None]:
+    """`PromptIndex.match_segments`, or no match without an index."""
+    if index is None:
+        return "\n\n".join(segments), None, None
+    return index.match_segments(segments)
 
 
 def prompt_tag(segments: list[str], index: PromptIndex | None) -> dict[str, Any] | None:
@@ -121,7 +135,7 @@ def prompt_tag(segments: list[str], index: PromptIndex | None) -> dict[str, Any]
     any: match `none` and no hash)."""
     if not segments:
         return {"name": None, "version": None, "label": None, "match": "none", "variables": {}, "hash": None}
-    whole, found = index.match_segments(segments) if index is not None else ("\n\n".join(segments), None)
+    whole, found, _ = match_prompt(segments, index)
     if found is None:
         return {"name": None, "version": None, "label": None, "match": "none", "variables": {}, "hash": text_hash(whole)}
     version = found.version

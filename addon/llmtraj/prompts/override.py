@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic_core import from_json, to_json
 
-from .matching import SYSTEM_ROLES, PromptIndex, system_segments
+from .matching import PromptIndex, match_prompt, system_message_indexes, system_segments
 from .registry import PromptError, PromptRef, PromptRegistry, PromptVersion, parse_ref, text_hash
 
 AGENT_ARM = "none"  # an A/B arm that keeps the agent's own prompt
@@ -89,44 +89,56 @@ class Override:
 def replace_system_prompt(api: str, request: dict[str, Any], override: Override, index: PromptIndex | None) -> str | None:
     """Puts the override's text in place of the request's system prompt (in
     place); returns the hash of the agent's own system prompt (None if it had
-    none). A template's variables are filled from the agent's prompt when it
-    is a version of the same prompt."""
+    none). When the agent sends its prompt in several pieces (Anthropic blocks,
+    several system messages) and one of them is a registered prompt, only that
+    piece is replaced: the others (Claude Code's billing header, say) stay. A
+    template's variables are filled from the agent's prompt when it is a
+    version of the same prompt."""
     segments = system_segments(api, request)
-    original_hash = None
-    values: dict[str, str] = {}
+    original_hash, values, piece = None, {}, None
     if segments:
-        whole, found = index.match_segments(segments) if index is not None else ("\n\n".join(segments), None)
+        whole, found, piece = match_prompt(segments, index)
         original_hash = text_hash(whole)
         if found is not None and found.version.name == override.version.name:
             values = found.variables
     text = override.version.template.render(values)
     if api == "chat.completions":
-        request["messages"] = _with_system_message(request.get("messages"), text)
+        request["messages"] = _with_system_message(request.get("messages"), text, piece)
     elif api == "anthropic.messages":
         system = request.get("system")
-        # keep the agent's prompt caching mark: the new prefix is cached as the old one was
-        cache = next((b["cache_control"] for b in system if isinstance(b, dict) and "cache_control" in b), None) \
-            if isinstance(system, list) else None  # fmt: skip
-        request["system"] = [{"type": "text", "text": text, "cache_control": cache}] if cache else text
-    elif api == "responses":
-        if "instructions" not in request and any(
-            isinstance(m, dict) and m.get("role") in SYSTEM_ROLES for m in request.get("input") or ()
-        ):
-            request["input"] = _with_system_message(request["input"], text)
+        if isinstance(system, list) and piece is not None:
+            blocks = [b for b in system if isinstance(b, dict) and isinstance(b.get("text"), str)]
+            blocks[piece]["text"] = text
         else:
+            # keep the agent's prompt caching mark: the new prefix is cached as the old one was
+            cache = next((b["cache_control"] for b in system if isinstance(b, dict) and "cache_control" in b), None) \
+                if isinstance(system, list) else None  # fmt: skip
+            request["system"] = [{"type": "text", "text": text, "cache_control": cache}] if cache else text
+    elif api == "responses":
+        # its pieces: the instructions (if any), then the system/developer input items
+        first_input = 1 if isinstance(request.get("instructions"), str) else 0
+        if piece is not None and piece >= first_input:
+            request["input"] = _with_system_message(request["input"], text, piece - first_input)
+        elif first_input or not system_message_indexes(request.get("input")):
             request["instructions"] = text
+        else:
+            request["input"] = _with_system_message(request["input"], text, None)
     return original_hash
 
 
-def _with_system_message(messages: Any, text: str) -> list:
+def _with_system_message(messages: Any, text: str, piece: int | None) -> list:
     """The messages with their system/developer messages replaced by one (at the
-    first one's place, with its role), or a system message put first."""
+    first one's place, with its role), or only the `piece`-th of them; or a
+    system message put first."""
     messages = messages if isinstance(messages, list) else []
-    first = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES), None)
-    if first is None:
+    system = system_message_indexes(messages)
+    if not system:
         return [{"role": "system", "content": text}, *messages]
-    kept = [m for m in messages if not (isinstance(m, dict) and m.get("role") in SYSTEM_ROLES)]
-    kept.insert(first, {"role": messages[first]["role"], "content": text})
+    if piece is not None:
+        at = system[piece]
+        return [*messages[:at], {"role": messages[at]["role"], "content": text}, *messages[at + 1 :]]
+    kept = [m for i, m in enumerate(messages) if i not in system]
+    kept.insert(system[0], {"role": messages[system[0]]["role"], "content": text})
     return kept
 
 
