@@ -98,6 +98,8 @@ def test_tagging_in_every_api(upstream, registry, tmp_path):
     assert rows["greet/1"]["streamed"] == 1 and rows["greet/1"]["total_tokens"] > 0 and rows["greet/1"]["mean_latency"] > 0
     table = subprocess.run([LLM_TRAJ, "stats", str(tmp_path), "--by", "prompt"], capture_output=True, text=True).stdout
     assert "prompt coder/1" in table and "mean latency" in table
+    shown = subprocess.run([LLM_TRAJ, "show", str(tmp_path / "s.jsonl")], capture_output=True, text=True).stdout
+    assert "    prompt: coder/1 (exact)" in shown and "    prompt: greet/1 (template; company=ACME; date=Monday)" in shown
     # exports carry the tag: openai-chat samples and ATIF steps
     samples = [json.loads(line) for line in subprocess.run(
         [LLM_TRAJ, "export", str(tmp_path / "s.jsonl"), "--format", "openai-chat"], capture_output=True, text=True).stdout.splitlines()]
