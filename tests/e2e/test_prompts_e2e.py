@@ -17,6 +17,7 @@ import pytest
 from anthropic import Anthropic
 from llmtraj.anticall import AntiCallClient
 from llmtraj.cli.proxy_process import ProxyProcess, ProxyStartError
+from llmtraj.core.record import PromptTag
 from llmtraj.prompts.override import parse_assignment
 from llmtraj.prompts.registry import PromptRegistry, text_hash
 from openai import AsyncOpenAI, BadRequestError, OpenAI
@@ -130,6 +131,12 @@ def test_override_record_replay_and_ab(upstream, registry, tmp_path):
         list(OpenAI(base_url=f"{proxy.url}/s/over-codex/v1", api_key=KEY, max_retries=0).responses.create(
             model="standin-text", instructions=AGENT_PROMPT, input="hi", stream=True))
         assert sent_body(upstream, before)["instructions"] == SENT_TERSE
+        # legacy completions have no system prompt: sent as the agent made them
+        before = len(upstream.requests)
+        legacy = b'{"model": "standin-text", "prompt": "Say hi"}'
+        OpenAI(base_url=f"{proxy.url}/s/over-legacy/v1", api_key=KEY, max_retries=0).completions.create(
+            model="standin-text", prompt="Say hi")
+        assert json.loads(upstream.requests[-1].body) == json.loads(legacy) and len(upstream.requests) == before + 1
         # a session's own override, set through the proxy before its first call, then fixed
         control = f"{proxy.url}/llm-traj/prompt"
         assert put(control, {"session": "pinned", "prompt": "coder/1"}) == (200, {"session": "pinned", "assignment": "coder/1"})
@@ -146,6 +153,8 @@ def test_override_record_replay_and_ab(upstream, registry, tmp_path):
     [pinned] = wait_records(recorded / "pinned.jsonl", 1)
     assert (pinned.prompt.name, pinned.prompt.match, pinned.prompt.override) == ("coder", "exact", "coder/1")
     assert wait_records(recorded / "over-claude.jsonl", 1)[0].prompt.override == "greet@staging"
+    [legacy_record] = wait_records(recorded / "over-legacy.jsonl", 1)
+    assert legacy_record.prompt == PromptTag(match="none")
     [codex] = wait_records(recorded / "over-codex.jsonl", 1)
     assert codex.complete and codex.stream and codex.request["instructions"] == SENT_TERSE
     assert (codex.prompt.version, codex.prompt.override, codex.prompt.original_hash) == (2, "greet@staging", text_hash(AGENT_PROMPT))

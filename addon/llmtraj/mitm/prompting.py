@@ -17,7 +17,7 @@ from mitmproxy import ctx, exceptions, http
 
 from ..apis import API_BY_NAME
 from ..core.session import InvalidSession, validate_session
-from ..prompts.matching import PromptIndex
+from ..prompts.matching import APIS_WITH_SYSTEM_PROMPT, PromptIndex
 from ..prompts.override import Assignment, Override, check_assignment, parse_assignment, rewrite_request
 from ..prompts.registry import PromptError, PromptRegistry, default_registry_path
 from .recording import Recorder
@@ -96,7 +96,7 @@ class Prompting:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         info = flow.metadata.get(CALL_KEY)
-        if info is None or flow.response is not None:
+        if info is None or flow.response is not None or info["api"] not in APIS_WITH_SYSTEM_PROMPT:
             return
         session = info["session"]
         if session not in self._sessions:

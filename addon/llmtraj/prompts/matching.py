@@ -13,6 +13,7 @@ from .registry import PromptVersion, text_hash
 from .template import parse_template
 
 SYSTEM_ROLES = ("system", "developer")
+APIS_WITH_SYSTEM_PROMPT = ("chat.completions", "anthropic.messages", "responses")  # legacy completions has none
 
 
 def _text_of(content: Any) -> str | None:
