@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -48,6 +48,9 @@ Last, the growth table (bench/growth.py; alone with `--only growth`): bytes on
 disk against the conversation for sessions of 10 to 1000 turns, proxy and
 writer CPU per call along the longest, export throughput, and replay's startup
 and memory with 10,000 sessions.
+
+And what tagging a call with its prompt version costs in the record writer
+(bench/prompt_tagging.py; alone with `--only prompt-tagging`).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ from llmtraj.cli.proxy_process import (
     standin_process,
 )
 from llmtraj.replay.report import REPORT_PATH
-
+import prompt_tagging  # bench/prompt_tagging.py, beside this script (bench/ is sys.path[0])
 from growth import run_growth  # bench/growth.py, beside this script
 
 RPS_TARGET = 0.90  # recording keeps at least this share of bare mitmdump's requests/s
@@ -953,8 +956,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth"], help="run only this part: growth (trajectory size, writer "
-                        "CPU per turn, export, replay of 10,000 sessions; --quick leaves out the 1000-turn session)")
+    parser.add_argument("--only", choices=["growth", "prompt-tagging"],
+                        help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
+                        "10,000 sessions; --quick leaves out the 1000-turn session) or prompt-tagging (a few seconds)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -984,6 +988,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.driver:
         asyncio.run(drive(args.driver))  # until stopped
         return 0
+    tagging = prompt_tagging.measure()
+    if args.only == "prompt-tagging":
+        print("\n".join(prompt_tagging.report(tagging)))
+        return 0
     settings = settings_from(args)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -1009,9 +1017,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report(results, settings))
     print("\n" + growth_text)
+    print("\n" + "\n".join(prompt_tagging.report(tagging)))
     if args.json:
-        args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth}, indent=2,
-                                        ensure_ascii=False) + "\n")
+        args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth, "prompt_tagging": tagging},
+                                        indent=2, ensure_ascii=False) + "\n")
         print(f"\nresults: {args.json}")
     return 0
 

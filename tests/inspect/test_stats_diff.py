@@ -99,7 +99,7 @@ def test_stats_reasoning_tokens(run_a):
 def test_render_stats(run_a):
     lines = render_stats(stats(run_a)).splitlines()
     assert lines[0].split() == ["calls", "ok", "failed", "incomplete", "streamed", "prompt", "completion", "total",
-                                "reasoning", "no", "usage", "wall", "mean", "ttfb"]  # fmt: skip
+                                "reasoning", "no", "usage", "wall", "mean", "ttfb", "mean", "latency"]  # fmt: skip
     flaky = next(line for line in lines if line.startswith("session flaky"))
     assert flaky.split()[2:9] == ["3", "1", "1", "1", "2", "10", flaky.split()[8]]
     assert lines[-1].startswith("all") and " ms" in lines[-1] and " s" in lines[-1]

@@ -101,6 +101,10 @@ def run(
     session: str = typer.Option("default", help="Session id of the agent's calls."),
     via: str = typer.Option("base-url", help="How the agent reaches the proxy: base-url or https-proxy."),
     config: Path = CONFIG_OPTION,
+    prompt: str = typer.Option(None, "--prompt", help="Send the agent's calls with this registered system prompt: "
+                               "NAME@LABEL, NAME/VERSION or an A/B split REF=W,REF=W (llm_traj_prompt_override)."),
+    prompts: Path = typer.Option(None, "--prompts", envvar="LLM_TRAJ_PROMPTS",
+                                 help="The prompt registry calls are tagged from (llm_traj_prompts)."),
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Run an agent (after --) with its LLM calls going through the proxy; exit with the agent's code."""
@@ -110,7 +114,7 @@ def run(
 
     try:
         plan = plan_run(mode=mode, traj=traj, session=session, via=via, upstream=upstream, command=ctx.args,
-                        sets=[*set_, *_config_set(config)])
+                        sets=[*set_, *_config_set(config), *_prompt_sets(prompt, prompts)])
         run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))
         code, started = run_plan(plan, run_dir, _end_anticall_session(plan) if plan.mode == "anticall" else None)
     except (RunError, ProxyStartError) as exc:
@@ -134,6 +138,11 @@ def _end_anticall_session(plan):
 
 
 STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Where service state lives (default ~/.llm-traj).")
+
+
+def _prompt_sets(prompt: str | None, prompts: Path | None) -> list[str]:
+    return ([f"llm_traj_prompt_override={prompt}"] if prompt else []) + \
+        ([f"llm_traj_prompts={prompts.resolve()}"] if prompts is not None else [])  # fmt: skip
 
 
 def _config_set(config: Path | None) -> list[str]:
@@ -322,16 +331,23 @@ def compact(path: Path = typer.Argument(..., help=TRAJ_HELP)) -> None:
 
 
 @app.command()
-def stats(path: Path = typer.Argument(..., help=TRAJ_HELP), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Totals per session and model: calls, failures, tokens, time."""
+def stats(
+    path: Path = typer.Argument(..., help=TRAJ_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+    by: str = typer.Option("session,model", "--by", help="Group by session, model and/or prompt (its version), comma-separated."),
+) -> None:
+    """Totals per session and model (or prompt version): calls, failures, tokens, time."""
     import dataclasses
     import json
 
-    from ..inspect.stats import render_stats
+    from ..inspect.stats import GROUPINGS, render_stats
     from ..inspect.stats import stats as compute
 
+    groupings = [g.strip() for g in by.split(",") if g.strip()]
+    if not groupings or any(g not in GROUPINGS for g in groupings):
+        fail(f"--by {by!r}: use one or more of {', '.join(GROUPINGS)}, comma-separated", 2)
     with _reading():
-        rows = compute(_reader(path))
+        rows = compute(_reader(path), by=groupings)
     typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) if as_json else render_stats(rows))
 
 
@@ -425,6 +441,14 @@ def web(
     finally:
         proxy.stop()
 
+
+def _add_subcommands() -> None:
+    from .prompts import app as prompts_app
+
+    app.add_typer(prompts_app, name="prompts")
+
+
+_add_subcommands()
 
 if __name__ == "__main__":
     app()

@@ -58,6 +58,19 @@ class Upstream(BaseModel):
     error: str | None = Field(None, description="why the call failed or the response stopped")
 
 
+class PromptTag(BaseModel):
+    """Which registered system prompt the call was sent with (see llmtraj.prompts)."""
+
+    name: str | None = None
+    version: int | None = None
+    label: str | None = Field(None, description="a label of that version when recorded (else latest, if it was)")
+    match: Literal["exact", "template", "none"]
+    variables: dict[str, str] = Field(default_factory=dict, description="a template's placeholders as filled in")
+    hash: str | None = Field(None, description="hash of the system prompt as sent (None: the call had none)")
+    override: str | None = Field(None, description="the reference (or A/B arm) that replaced the agent's prompt")
+    original_hash: str | None = Field(None, description="hash of the agent's own system prompt, when overridden")
+
+
 class CallRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,4 +95,5 @@ class CallRecord(BaseModel):
     problems: list[str] = Field(default_factory=list, description="events that could not be aggregated")
     timings: Timings
     upstream: Upstream | None = None
+    prompt: PromptTag | None = Field(None, description="the call's system prompt in the prompt registry")
     extra: dict[str, Any] = Field(default_factory=dict)

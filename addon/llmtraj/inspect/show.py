@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from ..apis import chat_view
 from ..core.record import CallRecord
-from .stats import usage_of
+from .stats import prompt_key, usage_of
 
 
 def _ms(a: float | None, b: float | None) -> str:
@@ -66,6 +66,11 @@ def render(records: Iterable[CallRecord]) -> str:
             f"{r.session} #{r.index}  {r.api}  {model}  {r.status}  {kind}  {tokens}  "
             f"first byte {_ms(t.started_at, t.first_byte_at)}, total {_ms(t.started_at, t.ended_at)}"
         )
+        if r.prompt is not None and r.prompt.name is not None:
+            details = [r.prompt.match, *(f"{k}={_clip(v, 40)}" for k, v in r.prompt.variables.items())]
+            if r.prompt.override:
+                details.append(f"override {r.prompt.override}")
+            out.append(f"    prompt: {prompt_key(r)} ({'; '.join(details)})")
         last = _last_input(r.request)
         if last is not None:
             content = last.get("content", last.get("output"))  # a Responses tool result: output

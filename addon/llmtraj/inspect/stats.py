@@ -72,9 +72,27 @@ def reasoning_tokens(usage: dict[str, Any]) -> int | None:
 # ------------------------------------------------------------------ stats
 
 
+Grouping = Literal["session", "model", "prompt"]
+GROUPINGS: tuple[Grouping, ...] = ("session", "model", "prompt")
+
+
+def prompt_key(record: CallRecord) -> str:
+    """A call's prompt version as `stats --by prompt` groups it: NAME/VERSION,
+    `(unregistered <hash>)` for a system prompt the registry did not know,
+    `(no system prompt)`, or `(untagged)` for a call recorded without a registry."""
+    tag = record.prompt
+    if tag is None:
+        return "(untagged)"
+    if tag.hash is None:
+        return "(no system prompt)"
+    if tag.name is None:
+        return f"(unregistered {tag.hash})"
+    return f"{tag.name}/{tag.version}"
+
+
 @dataclass(frozen=True)
 class StatsRow:
-    kind: Literal["session", "model", "all"]
+    kind: Literal["session", "model", "prompt", "all"]
     name: str
     calls: int
     ok: int
@@ -88,6 +106,7 @@ class StatsRow:
     without_usage: int  # calls whose response carried no usage (token totals leave them out)
     wall_time: float | None  # seconds from the first call's start to the last call's end
     mean_ttfb: float | None  # seconds from a call's start to its first response byte
+    mean_latency: float | None  # seconds from a call's start to its end
 
 
 class _Tally:
@@ -101,6 +120,7 @@ class _Tally:
         self.started: float | None = None
         self.ended: float | None = None
         self.ttfbs: list[float] = []
+        self.latencies: list[float] = []
 
     def add(self, r: CallRecord) -> None:
         self.calls += 1
@@ -119,10 +139,11 @@ class _Tally:
         self.started = t.started_at if self.started is None else min(self.started, t.started_at)
         if t.ended_at is not None:
             self.ended = t.ended_at if self.ended is None else max(self.ended, t.ended_at)
+            self.latencies.append(t.ended_at - t.started_at)
         if t.first_byte_at is not None:
             self.ttfbs.append(t.first_byte_at - t.started_at)
 
-    def row(self, kind: Literal["session", "model", "all"], name: str) -> StatsRow:
+    def row(self, kind: Literal["session", "model", "prompt", "all"], name: str) -> StatsRow:
         return StatsRow(
             kind=kind,
             name=name,
@@ -138,31 +159,25 @@ class _Tally:
             without_usage=self.without_usage,
             wall_time=self.ended - self.started if self.ended is not None else None,
             mean_ttfb=statistics.fmean(self.ttfbs) if self.ttfbs else None,
+            mean_latency=statistics.fmean(self.latencies) if self.latencies else None,
         )
 
 
-def stats(records: Iterable[CallRecord]) -> list[StatsRow]:
-    """One row per session, one per requested model (both sorted by name), and
-    one for all calls. Empty without records. Sessions are added up one at a
-    time (a `TrajectoryReader` reads one at a time)."""
-    sessions = by_session(records)
-    session_rows = []
-    models: dict[str, _Tally] = {}
+def stats(records: Iterable[CallRecord], by: Iterable[Grouping] = ("session", "model")) -> list[StatsRow]:
+    """One row per session, per requested model and/or per prompt version (each
+    sorted by name), and one for all calls. Empty without records. Added up call
+    by call, so a `TrajectoryReader` is read one session at a time."""
+    keys = {"session": lambda r: r.session, "model": lambda r: request_model(r) or "(no model)", "prompt": prompt_key}
+    groups: dict[str, dict[str, _Tally]] = {kind: {} for kind in by}
     everything = _Tally()
-    for name in sorted(sessions):
-        tally = _Tally()
-        for record in sessions[name]:
-            for t in (tally, everything, models.setdefault(request_model(record) or "(no model)", _Tally())):
-                t.add(record)
-        if tally.calls:
-            session_rows.append(tally.row("session", name))
+    for record in records:
+        everything.add(record)
+        for kind, tallies in groups.items():
+            tallies.setdefault(keys[kind](record), _Tally()).add(record)
     if not everything.calls:
         return []
-    return (
-        session_rows
-        + [models[name].row("model", name) for name in sorted(models)]
-        + [everything.row("all", "all")]
-    )
+    rows = [tallies[name].row(kind, name) for kind, tallies in groups.items() for name in sorted(tallies)]
+    return rows + [everything.row("all", "all")]
 
 
 _COLUMNS = (
@@ -173,6 +188,7 @@ _COLUMNS = (
     ("no usage", lambda r: r.without_usage),
     ("wall", lambda r: None if r.wall_time is None else f"{r.wall_time:.2f} s"),
     ("mean ttfb", lambda r: None if r.mean_ttfb is None else f"{r.mean_ttfb * 1000:.0f} ms"),
+    ("mean latency", lambda r: None if r.mean_latency is None else f"{r.mean_latency * 1000:.0f} ms"),
 )  # fmt: skip
 
 

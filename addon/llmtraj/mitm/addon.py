@@ -22,6 +22,7 @@ from .anticalling import AntiCalling
 from .endpoints import ProxyEndpoints
 from .loopback import Loopback
 from .options import LlmTrajOptions, check_set_values, startup_error
+from .prompting import Prompting
 from .proxy_errors import OpenAIShapedProxyErrors
 from .quiet_log import QuietStreamingLog
 from .recording import Recorder
@@ -146,8 +147,11 @@ def make_addons() -> list[object]:
     # The upstream route is chosen before the recorder captures the call as the
     # agent made it, and applied (model rewrite, key, retries) after.
     upstream_routing = UpstreamRouting(options)
+    # A prompt override rewrites the request before any mode reads it (replay
+    # matches, the recorder captures, a driver sees the version sent).
+    prompting = Prompting(recorder)
     parts = [
-        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options),
+        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), prompting,
         ProxyEndpoints(options, replayer), replayer, upstream_routing,
         recorder, anticalling, UpstreamForwarding(options, upstream_routing, loopback), WebAnnotations(options),
         WebChatView(),

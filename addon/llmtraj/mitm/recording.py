@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mitmproxy import http
@@ -52,17 +53,21 @@ class Recorder:
         # llm_traj_path is what it reads); set by that mode's addon, which
         # configures before this one.
         self.marked_path: Path | None = None
+        # The registry calls are tagged from (set by `Prompting`), asked when the
+        # writer starts: a configure can run inside another one, before `Prompting`'s.
+        self.prompts_path: Callable[[], Path | None] = lambda: None
 
     def configure(self, updated: set[str]) -> None:
         settings = self._options.settings
         path = None
         if settings is not None:
             path = settings.path if settings.mode in RECORDING_MODES else self.marked_path
-        if self._sink is not None and self._sink.path != path:
+        prompts = self.prompts_path()
+        if self._sink is not None and (self._sink.path, self._sink.prompts) != (path, prompts):
             self._close()
         if path is not None and self._sink is None:
             self._indexes = TrajectoryWriter(path)
-            self._sink = RecordSink(path)
+            self._sink = RecordSink(path, prompts)
             self._sink.start()  # ready (imports done) before the first call ends
             logger.info(f"llm-traj: recording to {path}")
 
@@ -74,7 +79,7 @@ class Recorder:
         if (
             self._sink is None or call is None or flow.response is not None
             or self._options.settings.mode != "record" or "content-encoding" in flow.request.headers
-            or self._options.settings.routes_calls
+            or self._options.settings.routes_calls or "prompt" in flow.metadata[CALL_KEY]  # a prompt override rewrites it
         ):
             return
         self._capture(flow, call, "record", b"")
@@ -155,6 +160,7 @@ class Recorder:
         info: CallMetadata = flow.metadata[CALL_KEY]
         capture.extra = info.get("extra") or {}
         capture.upstream = info.get("upstream")
+        capture.prompt = info.get("prompt")
         self._sink.send(capture)
 
     def _close(self) -> None:

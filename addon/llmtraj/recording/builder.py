@@ -85,6 +85,7 @@ class RecordBuilder:
             "problems": [],
             "timings": None,  # set at the end
             "upstream": None,
+            "prompt": None,  # tagged by the writer (llmtraj.prompts.tagging)
             "extra": {},
         }
         self.response_headers_at: float | None = None

@@ -35,6 +35,7 @@ class CallCapture:
     error: tuple[str, str] | None = None  # (kind, message) when the call did not finish
     extra: dict[str, Any] = field(default_factory=dict)
     upstream: dict[str, Any] | None = None  # route, url, attempts: see `core.record.Upstream`
+    prompt: dict[str, Any] | None = None  # an override's reference and the agent's prompt hash: see `core.record.PromptTag`
 
     def frame(self) -> bytes:
         # marshal: the fastest stdlib serialiser for plain values, and both

@@ -21,8 +21,9 @@ class RecordSink:
     blocking the event loop (what the pipe cannot take at once is buffered and
     written when it can)."""
 
-    def __init__(self, path: os.PathLike | str) -> None:
+    def __init__(self, path: os.PathLike | str, prompts: os.PathLike | str | None = None) -> None:
         self.path = path
+        self.prompts = prompts  # the prompt registry the writer tags calls from
         self._proc: subprocess.Popen | None = None
         self._pending = bytearray()
         self._fd = -1
@@ -31,7 +32,8 @@ class RecordSink:
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "llmtraj.recording.writer", str(self.path)],
+            [sys.executable, "-m", "llmtraj.recording.writer", str(self.path),
+             *(["--prompts", str(self.prompts)] if self.prompts else [])],
             stdin=subprocess.PIPE,
             start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))},

@@ -13,17 +13,19 @@ call it had finished.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any
 
 from ..apis import API_BY_NAME
 from ..core.headers import text_headers
 from ..core.store import TrajectoryWriter
+from ..prompts.tagging import PromptTagger
 from .builder import RecordBuilder
 from .capture import FRAME_LENGTH, CallCapture
 
 
-def record_of(capture: CallCapture) -> tuple[dict[str, Any], set[str], bytes | None]:
+def record_of(capture: CallCapture, tagger: PromptTagger | None = None) -> tuple[dict[str, Any], set[str], bytes | None]:
     """(the record's fields, secrets to scrub, request body to write as is)."""
     tee = RecordBuilder(
         api=API_BY_NAME[capture.api],
@@ -46,12 +48,16 @@ def record_of(capture: CallCapture) -> tuple[dict[str, Any], set[str], bytes | N
         fields = tee.fail(*capture.error, now=capture.ended_at)
     fields["extra"].update(capture.extra)
     fields["upstream"] = capture.upstream
+    if tagger is not None:
+        fields["prompt"] = tagger.tag(capture.api, fields["request"], capture.prompt)
     return fields, tee.secrets, tee.request_json
 
 
-def serve(path: str, source=None) -> None:
-    """Write every capture read from `source` (stdin) to the trajectory at `path`."""
+def serve(path: str, source=None, prompts: str | None = None) -> None:
+    """Write every capture read from `source` (stdin) to the trajectory at `path`,
+    each tagged with its system prompt's version in the registry at `prompts`."""
     source = source or sys.stdin.buffer
+    tagger = PromptTagger(prompts) if prompts else None
     writer = TrajectoryWriter(path)
     try:
         while header := source.read(FRAME_LENGTH.size):
@@ -63,7 +69,7 @@ def serve(path: str, source=None) -> None:
                 break  # likewise
             try:
                 capture = CallCapture.unframe(data)
-                writer.append(*record_of(capture))
+                writer.append(*record_of(capture, tagger))
             except Exception as exc:  # one bad call must not cost the others
                 print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
     finally:
@@ -71,4 +77,8 @@ def serve(path: str, source=None) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    arguments = argparse.ArgumentParser(prog="python -m llmtraj.recording.writer")
+    arguments.add_argument("path")
+    arguments.add_argument("--prompts", help="the prompt registry to tag calls from")
+    parsed = arguments.parse_args()
+    serve(parsed.path, prompts=parsed.prompts)

@@ -18,6 +18,7 @@ from .common import (
     llm_traj_version,
     message_text,
     ok_calls,
+    prompt_of,
 )
 
 ATIF_VERSION = "ATIF-v1.4"
@@ -167,6 +168,8 @@ class _AtifSession:
         if metrics := _atif_metrics(usage_of(record), choice):
             step["metrics"] = metrics
         step["extra"] = {"llm_traj": {"index": record.index, "finish_reason": choice.get("finish_reason")}}
+        if (prompt := prompt_of(record)) is not None:
+            step["extra"]["prompt"] = prompt
 
     def document(self, session: str, agent_name: str, agent_version: str) -> dict[str, Any]:
         first = self.first
@@ -175,6 +178,8 @@ class _AtifSession:
             agent["model_name"] = model
         if user_agent := header(first.request_headers, "user-agent"):
             agent["extra"] = {"user_agent": user_agent}
+        if (prompt := prompt_of(first)) is not None:
+            agent.setdefault("extra", {})["prompt"] = prompt
         final: dict[str, Any] = {}
         for key in ("prompt_tokens", "completion_tokens", "cached_tokens"):
             values = [s["metrics"][key] for s in self.steps if key in s.get("metrics", {})]

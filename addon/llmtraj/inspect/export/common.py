@@ -88,3 +88,8 @@ def message_text(content: Any) -> str:
             if isinstance(part, dict)
         )
     return json.dumps(content, ensure_ascii=False)
+
+
+def prompt_of(record: CallRecord) -> dict[str, Any] | None:
+    """The call's prompt tag as exports carry it (`prompt`: name, version, label, match, variables, hashes)."""
+    return record.prompt.model_dump(exclude_none=True) if record.prompt is not None else None

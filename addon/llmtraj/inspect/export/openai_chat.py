@@ -16,6 +16,7 @@ from .common import (
     first_choice,
     message_text,
     ok_calls,
+    prompt_of,
 )
 
 # ------------------------------------------------------------ openai-chat
@@ -58,6 +59,8 @@ def _sample(record: CallRecord) -> dict[str, Any]:
         sample["tools"] = [_ft_tool(tool) for tool in request["tools"]]
     if isinstance(request.get("parallel_tool_calls"), bool):
         sample["parallel_tool_calls"] = request["parallel_tool_calls"]
+    if (prompt := prompt_of(record)) is not None:
+        sample["prompt"] = prompt
     return sample
 
 
