@@ -116,7 +116,7 @@ def test_tagging_in_every_api(upstream, registry, tmp_path):
 
 
 def test_override_record_replay_and_ab(upstream, registry, tmp_path):
-    recorded, replayed = tmp_path / "rec", tmp_path / "replay-misses"
+    recorded = tmp_path / "rec"
     ab = "greet@production=1,greet/2=1"
     proxy = proxy_for(upstream.url, recorded, registry, llm_traj_prompt_override="greet@staging")
     try:
