@@ -73,6 +73,27 @@ def test_run_base_url_records_and_returns_the_agent_exit_code(upstream, agent, t
     assert processes_mentioning(str(traj)) == []
 
 
+def test_run_records_a_dead_upstream_as_a_502(tmp_path):
+    """The command's proxy connects lazily: an upstream that is down answers the
+    agent with a 502 in its API's shape and leaves a record (mitmproxy's eager
+    default would drop the connection unrecorded)."""
+    agent = tmp_path / "agent.py"
+    agent.write_text(textwrap.dedent("""
+        import openai
+        client = openai.OpenAI(max_retries=0, api_key="sk-dummy-agent-key-0123456789")
+        try:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        except openai.APIStatusError as exc:
+            print("status", exc.status_code, flush=True)
+    """))
+    traj = tmp_path / "traj"
+    r = llm_traj("run", "--upstream", "http://127.0.0.1:9", "--traj", str(traj), "--session", "s1", "--",
+                 sys.executable, str(agent))
+    assert "status 502" in r.stdout, (r.stdout, r.stderr)
+    [record] = read_records(traj / "s1.jsonl")
+    assert record.status is None and not record.complete and record.error is not None
+
+
 def test_run_https_proxy_mode_against_https_upstream(agent, tmp_path):
     cert, key = make_self_signed_cert(tmp_path)
     traj = tmp_path / "traj"

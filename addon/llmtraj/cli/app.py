@@ -163,12 +163,12 @@ def start(
 ) -> None:
     """Start the proxy in the background."""
     from .proxy_process import ProxyProcess, ProxyStartError
-    from .run import RunError, check_upstream, parse_sets
+    from .run import COMMAND_DEFAULTS, RunError, check_upstream, parse_sets
     from .service import DEFAULT_STATE_DIR, start_service
 
     state_dir = state_dir or DEFAULT_STATE_DIR
     try:
-        options = {"llm_traj_mode": mode, "llm_traj_path": traj.resolve(), **parse_sets([*set_, *_config_set(config)])}
+        options = {**COMMAND_DEFAULTS, "llm_traj_mode": mode, "llm_traj_path": traj.resolve(), **parse_sets([*set_, *_config_set(config)])}
         proxy = ProxyProcess(
             upstream=check_upstream(upstream) if upstream else None,
             options=options, listen_host=host, port=port, log=state_dir / f"{name}.log",
@@ -418,14 +418,14 @@ def web(
     import signal
 
     from .proxy_process import ProxyProcess, ProxyStartError
-    from .run import RunError, check_upstream, parse_sets
+    from .run import COMMAND_DEFAULTS, RunError, check_upstream, parse_sets
     from .service import port_free
 
     try:
         for p in (port, web_port):
             if not port_free(host, p):
                 raise RunError(f"port {p} on {host} is busy; choose another with --port / --web-port")
-        options = {"llm_traj_mode": mode, "llm_traj_path": traj.resolve(), "web_port": web_port,
+        options = {**COMMAND_DEFAULTS, "llm_traj_mode": mode, "llm_traj_path": traj.resolve(), "web_port": web_port,
                    "web_host": host, **parse_sets([*set_, *_config_set(config)])}
         proxy = ProxyProcess(program="mitmweb", upstream=check_upstream(upstream) if upstream else None,
                              options=options, listen_host=host, port=port)

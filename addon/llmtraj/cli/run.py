@@ -51,6 +51,12 @@ def check_upstream(url: str) -> str:
     return url.rstrip("/")
 
 
+# What the command's proxies start with (a --set overrides it). `lazy` in every
+# mode: with mitmproxy's default `eager` a dead upstream drops the agent's
+# connection unrecorded, where `lazy` answers it with a 502 and records it.
+COMMAND_DEFAULTS = {"connection_strategy": "lazy"}
+
+
 def parse_sets(items: Sequence[str]) -> dict[str, str]:
     sets = {}
     for item in items:
@@ -92,6 +98,7 @@ def plan_run(
 
 def proxy_for(plan: RunPlan, run_dir: Path) -> ProxyProcess:
     options: dict[str, object] = {
+        **COMMAND_DEFAULTS,
         "llm_traj_mode": plan.mode,
         "llm_traj_path": plan.traj,
         "llm_traj_session": plan.session,
