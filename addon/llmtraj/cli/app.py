@@ -28,6 +28,8 @@ def demo(
     out: Path = typer.Option(None, help="Directory for the trajectory (default: a new temporary one)."),
 ) -> None:
     """Record a scripted agent against a bundled stand-in model server and print the trajectory."""
+    import httpx
+
     from .demo import run_demo
     from .proxy_process import ProxyStartError
 
@@ -36,6 +38,8 @@ def demo(
         text = run_demo(path)
     except ProxyStartError as exc:
         fail(str(exc))
+    except httpx.HTTPError as exc:
+        fail(f"the demo agent's call through the proxy failed: {exc}")
     typer.echo(text)
     typer.echo(f"\ntrajectory: {path / 'demo.jsonl'}")
 
