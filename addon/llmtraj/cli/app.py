@@ -361,9 +361,10 @@ def web(
         proxy = ProxyProcess(program="mitmweb", upstream=check_upstream(upstream) if upstream else None,
                              options=options, listen_host=host, port=port)
         proxy.start()
+        web_url = proxy.web_url()
     except (RunError, ProxyStartError) as exc:
         fail(str(exc), 2)
-    typer.echo(f"llm-traj: proxy {proxy.url}, web UI http://{host}:{web_port}/ (Ctrl-C stops)", err=True)
+    typer.echo(f"llm-traj: proxy {proxy.url}, web UI {web_url} (Ctrl-C stops)", err=True)
     signal.signal(signal.SIGTERM, lambda *_: proxy.stop())
     try:
         proxy.wait()
