@@ -12,11 +12,12 @@ that would have produced it (`NAME.request.json`)."""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import random
 from typing import Any
 
-import httpx
+import anthropic
 import llmtraj.apis.anthropic_messages as anthropic_messages
 import pytest
 from anthropic import Anthropic
@@ -29,6 +30,7 @@ from llmtraj.apis.anthropic_messages import (
 )
 from llmtraj.core.sse import SSEBlock
 
+from ..sdk_http import http_of
 from ..streams import STREAMS as ALL_STREAMS
 from ..streams import blocks_of, expected_for, fold, fold_in_pieces, request_for
 
@@ -53,12 +55,14 @@ def sdk_accumulate(blocks: list[SSEBlock]) -> dict[str, Any]:
     yields (named message events, data built with the SDK's lenient
     `construct_type`) folded by its `accumulate_event`."""
     snapshot = None
+    # newer SDKs (anthropic 2.x) keep each tool input's partial JSON in buffers the caller owns
+    buffers = {"json_bufs": {}} if "json_bufs" in inspect.signature(accumulate_event).parameters else {}
     for block in blocks:
         if block.data is None or block.event == "ping":
             continue
         assert block.event != "error", "the SDK raises on error events"
         event = construct_type(type_=RawMessageStreamEvent, value=json.loads(block.data))
-        snapshot = accumulate_event(event=event, current_snapshot=snapshot)
+        snapshot = accumulate_event(event=event, current_snapshot=snapshot, **buffers)
     assert snapshot is not None
     return snapshot.to_dict(mode="json")
 
@@ -74,8 +78,9 @@ def same_as_sdk(ours: dict[str, Any], sdk: dict[str, Any]) -> bool:
 
 def sdk_over_http(body: bytes) -> dict[str, Any]:
     """The message the real SDK client gets for a streamed response `body`."""
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body))
-    client = Anthropic(api_key="test", base_url="http://anthropic.test", http_client=httpx.Client(transport=transport), max_retries=0)
+    http = http_of(anthropic)
+    transport = http.MockTransport(lambda request: http.Response(200, headers={"content-type": "text/event-stream"}, content=body))
+    client = Anthropic(api_key="test", base_url="http://anthropic.test", http_client=http.Client(transport=transport), max_retries=0)
     with client.messages.stream(model="m", max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as stream:
         return stream.get_final_message().to_dict(mode="json")
 

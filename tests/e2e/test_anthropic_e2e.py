@@ -76,11 +76,14 @@ def test_record_passes_through_and_aggregates_like_the_sdk(recorded, name):
     assert [e.type for e in events][0] == "message_start" and events[-1].type == "message_stop"
     records = [r for r in read_records(traj / "rec.jsonl") if r.request["model"] == f"standin-{name}"]
     assert [r.stream for r in records] == [False, True, True]
+    api_version = Anthropic(api_key=API_KEY).default_headers["anthropic-version"]  # as this SDK version sends it
     for record in records:
         assert record.api == "anthropic.messages" and record.status == 200 and record.complete and not record.problems
         assert record.response == expected
         headers = {k.lower(): v for k, v in record.request_headers}
-        assert headers["x-api-key"] == "[REDACTED]" and headers["anthropic-version"] == "2023-06-01"
+        # the key goes as x-api-key (anthropic 0.x) or as a bearer token (anthropic 2.x)
+        auth = headers.get("x-api-key") or headers["authorization"]
+        assert auth == "[REDACTED]" and headers["anthropic-version"] == api_version
     assert "".join(e.raw for e in records[1].events).encode() == sse  # every event kept as it went by
     assert API_KEY not in (traj / "rec.jsonl").read_text()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from llmtraj.anticall import AntiCallClient, AntiCallError
 from llmtraj.cli.proxy_process import ProxyProcess, ProxyStartError
+from mitmproxy.options import Options
 from openai import APIError, APIStatusError, AsyncOpenAI
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
@@ -429,9 +430,16 @@ def test_hold_timeout_answers_504(tmp_path):
     assert first.status == 504 and second.stream
 
 
+def idle_limit_of_1s() -> list[str]:
+    """mitmdump's arguments that cut mitmproxy's idle connection limit from 600 s to 1 s:
+    the `tcp_timeout` option since mitmproxy 12, a script changing a constant before."""
+    if "tcp_timeout" in Options():
+        return ["--set", "tcp_timeout=1"]
+    return ["-s", str(Path(__file__).with_name("short_idle_timeout.py"))]
+
+
 def test_idle_timeout_does_not_cut_held_calls(tmp_path):
-    here = Path(__file__).with_name("short_idle_timeout.py")
-    p = start_proxy(tmp_path, extra_args=["-s", str(here)])  # mitmproxy's idle limit: 1 s instead of 600
+    p = start_proxy(tmp_path, extra_args=idle_limit_of_1s())
     try:
         idle = socket.create_connection(("127.0.0.1", p.port))
         idle.settimeout(5)

@@ -22,6 +22,7 @@ from llmtraj.testing.standin import StandinUpstream, make_self_signed_cert
 from openai import OpenAI
 
 from ..conftest import wait_records
+from ..sdk_http import broken_stream_error
 
 REAL_KEY = "sk-real-provider-key-0123456789"
 DUMMY_KEY = "sk-agent-dummy-key-42"
@@ -235,7 +236,7 @@ timeouts = {{first_byte = 0.3, idle = 0.3}}
             client(proxy, session).chat.completions.create(model="standin-text", messages=MESSAGES, extra_headers=slow)
         assert exc.value.status_code == 504 and "first_byte timeout" in exc.value.body["message"]
         # A stream whose head came but whose events stall: cut off, recorded incomplete with why.
-        with pytest.raises(httpx.RemoteProtocolError):  # the SDK lets the broken stream's error through
+        with pytest.raises(broken_stream_error()):
             stream = client(proxy, session).chat.completions.create(model="standin-text", messages=MESSAGES,
                                                                      stream=True, extra_headers=slow)  # fmt: skip
             list(stream)

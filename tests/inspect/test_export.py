@@ -324,7 +324,7 @@ def test_atif(records):
 
     demo = docs[0]
     assert demo["agent"]["name"] == "scripted" and demo["agent"]["model_name"] == "standin-tools"
-    assert demo["agent"]["extra"]["user_agent"].startswith("OpenAI/Python")
+    assert demo["agent"]["extra"]["user_agent"] == "llm-traj-demo (scripted agent)"
     steps = demo["steps"]
     assert [s["source"] for s in steps] == ["system", "user", "agent", "agent"]
     assert steps[1]["message"] == "What's the weather and time in Paris?"

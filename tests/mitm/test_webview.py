@@ -46,26 +46,40 @@ def llm_flow(content: bytes = b"", content_type: str = "application/json", tagge
     return flow
 
 
+TEXT_VIEWS = hasattr(contentviews, "prettify_message")  # mitmproxy 12's contentview API
+
+
+def registered_view():
+    return contentviews.registry.get(ChatView.name.lower()) if TEXT_VIEWS else contentviews.get(ChatView.name)
+
+
 @pytest.fixture
 def chat_view():
-    """The view registered by its addon, and unregistered again."""
+    """The view registered by its addon, and unregistered again where mitmproxy can (11; 12 has no
+    removal: a reloaded addon's view replaces the old one under the same name)."""
     addon = WebChatView()
     with taddons.context(addon) as tctx:
+        assert registered_view() is addon.view
         yield addon
         tctx.master.addons.remove(addon)
-    assert contentviews.get(ChatView.name) is None
+    if not TEXT_VIEWS:
+        assert registered_view() is None
 
 
-def shown(flow) -> tuple[str, str]:
-    """(description, text) of the view mitmweb picks for the response."""
-    description, lines, error = contentviews.get_message_content_view("auto", flow.response, flow)
+def shown(flow, message=None, view: str = "auto") -> tuple[str, str]:
+    """(the view's name, its text) of what mitmweb shows for the message (the response by default)."""
+    message = flow.response if message is None else message
+    if TEXT_VIEWS:
+        result = contentviews.prettify_message(message, flow, view_name=view)
+        return result.view_name, result.text
+    description, lines, error = contentviews.get_message_content_view(view, message, flow)
     assert error is None
     return description, "\n".join("".join(text for _, text in line) for line in lines)
 
 
 def test_stream_shown_as_the_completion(upstream, chat_view):
     description, text = shown(llm_flow(*standin_body(upstream, "tools", stream=True), index=1))
-    assert description.startswith("LLM chat, a stream of ")
+    assert description == "LLM chat" and text.startswith("a stream of ")
     assert "data:" not in text
     assert "tool call get_weather (call_standin_0):" in text
     assert '    "city": "Paris",' in text  # the arguments as indented JSON
@@ -113,7 +127,7 @@ def test_other_apis_are_shown_as_chat(chat_view, api, path, folder, expected):
         flow = llm_flow(content, content_type, api=api)
         flow.request.path = path
         description, text = shown(flow)
-        assert description.startswith("LLM chat")
+        assert description == "LLM chat"
         assert all(part in text for part in expected), text
 
 
@@ -121,18 +135,14 @@ def test_other_flows_keep_their_views(upstream, chat_view):
     content, content_type = standin_body(upstream, "text", stream=False)
     untagged = llm_flow(content, content_type, tagged=False)
     assert shown(untagged)[0] == "JSON"  # not picked for flows llm-traj did not route
-    description, _, _ = contentviews.get_message_content_view(ChatView.name, untagged.response, untagged)
-    assert description == "LLM chat"  # but there when chosen
+    description, text = shown(untagged, view=ChatView.name)
+    assert description == "LLM chat" and f"content:\n  {TEXT}" in text  # but there when chosen
     tagged = llm_flow(content, content_type)
-    assert shown_request(tagged) != "LLM chat"
+    assert shown(tagged, tagged.request)[0] != "LLM chat"
     other = tflow.tflow(resp=True)
     other.response.content = content
-    description, _, _ = contentviews.get_message_content_view(ChatView.name, other.response, other)
-    assert description.startswith("Couldn't parse")  # not a chat completions call
-
-
-def shown_request(flow) -> str:
-    return contentviews.get_message_content_view("auto", flow.request, flow)[0]
+    description, text = shown(other, view=ChatView.name)
+    assert "Couldn't parse" in description + text  # not a chat completions call
 
 
 def test_streamed_bodies_are_kept_for_the_view():

@@ -32,6 +32,8 @@ from llmtraj.testing.standin import (
 from openai import OpenAI
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
+from ..sdk_http import broken_stream_error
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 ADDON = Path(__file__).resolve().parents[2] / "addon"
 
@@ -229,7 +231,7 @@ def test_non_stream_sent_record_is_exact(up):
 def test_drop_makes_the_sdk_raise(up):
     client = sdk(up)
     got = []
-    with pytest.raises(httpx.RemoteProtocolError):
+    with pytest.raises(broken_stream_error()):
         for chunk in client.chat.completions.create(model="standin-drop", messages=MESSAGES, stream=True):
             got.append(chunk)
     assert len(got) == 3 and "[DONE]" not in up.sent[-1].body.decode()

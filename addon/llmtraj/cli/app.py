@@ -30,6 +30,8 @@ def demo(
     out: Path = typer.Option(None, help="Directory for the trajectory (default: a new temporary one)."),
 ) -> None:
     """Record a scripted agent against a bundled stand-in model server and print the trajectory."""
+    import httpx
+
     from .demo import run_demo
     from .proxy_process import ProxyStartError
 
@@ -38,6 +40,8 @@ def demo(
         text = run_demo(path)
     except ProxyStartError as exc:
         fail(str(exc))
+    except httpx.HTTPError as exc:
+        fail(f"the demo agent's call through the proxy failed: {exc}")
     typer.echo(text)
     typer.echo(f"\ntrajectory: {path / 'demo.jsonl'}")
 
@@ -430,9 +434,10 @@ def web(
         proxy = ProxyProcess(program="mitmweb", upstream=check_upstream(upstream) if upstream else None,
                              options=options, listen_host=host, port=port)
         proxy.start()
+        web_url = proxy.web_url()
     except (RunError, ProxyStartError) as exc:
         fail(str(exc), 2)
-    typer.echo(f"llm-traj: proxy {proxy.url}, web UI http://{host}:{web_port}/ (Ctrl-C stops)", err=True)
+    typer.echo(f"llm-traj: proxy {proxy.url}, web UI {web_url} (Ctrl-C stops)", err=True)
     signal.signal(signal.SIGTERM, lambda *_: proxy.stop())
     try:
         proxy.wait()

@@ -1,14 +1,20 @@
 """The no-API-key demo: a scripted tool-using agent talks, through mitmdump with
 the llm-traj addon in record mode, to the bundled stand-in model server; then
-the same agent runs again against a replaying proxy with no upstream."""
+the same agent runs again against a replaying proxy with no upstream.
+
+The agent speaks plain HTTP (httpx) rather than through the openai SDK, so the
+installed package needs no particular SDK version: the end-to-end tests are
+where the real SDKs drive the proxy."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from openai import OpenAI
+import httpx
 
+from ..apis.chat_completions import ChatCompletionAggregator
+from ..core.sse import SSEParser
 from ..core.store import read_records
 from ..inspect.show import render
 from ..testing.standin import StandinUpstream
@@ -30,21 +36,31 @@ TOOLS = [
 def scripted_agent(base_url: str, api_key: str = "sk-demo-not-a-real-key") -> str:
     """A two-step agent: a streamed call that asks for tools, then a plain call
     with the tool results. Returns the final answer."""
-    client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
     messages: list[dict] = [
         {"role": "system", "content": "You are a helpful agent. Use tools when useful."},
         {"role": "user", "content": "What's the weather and time in Paris?"},
     ]
-    with client.chat.completions.stream(
-        model="standin-tools", messages=messages, tools=TOOLS, stream_options={"include_usage": True}
-    ) as stream:
-        first = stream.get_final_completion().choices[0].message
-    messages.append(first.model_dump(exclude_none=True, exclude={"parsed"}))
-    for call in first.tool_calls or []:
-        result = {"tool": call.function.name, "arguments": json.loads(call.function.arguments or "{}"), "ok": True}
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
-    final = client.chat.completions.create(model="standin-text", messages=messages)
-    return final.choices[0].message.content or ""
+    headers = {"authorization": f"Bearer {api_key}", "user-agent": "llm-traj-demo (scripted agent)"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
+        request = {"model": "standin-tools", "messages": messages, "tools": TOOLS, "stream": True,
+                   "stream_options": {"include_usage": True}}
+        parser, aggregator = SSEParser(), ChatCompletionAggregator()
+        with client.stream("POST", "chat/completions", json=request) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes():
+                for block in parser.feed(chunk):
+                    aggregator.add(block)
+        for block in parser.finish():
+            aggregator.add(block)
+        first = aggregator.result()["choices"][0]["message"]
+        messages.append({key: value for key, value in first.items() if value is not None})
+        for call in first.get("tool_calls") or []:
+            function = call["function"]
+            result = {"tool": function["name"], "arguments": json.loads(function.get("arguments") or "{}"), "ok": True}
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps(result)})
+        final = client.post("chat/completions", json={"model": "standin-text", "messages": messages})
+        final.raise_for_status()
+    return final.json()["choices"][0]["message"]["content"] or ""
 
 
 def run_demo(path: Path) -> str:

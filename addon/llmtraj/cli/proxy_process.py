@@ -23,6 +23,7 @@ from pathlib import Path
 ADDON_SCRIPT = Path(__file__).resolve().parents[2] / "llm_traj.py"
 _READY = re.compile(r"llm-traj: ready, .* listening on ([^,\s]+):(\d+)")
 _BARE_READY = re.compile(r"listening at \[?([^\]\s]*?)\]?:(\d+)\.")
+_WEB_READY = re.compile(r"Web server listening at (\S+)")
 
 
 class ProxyStartError(RuntimeError):
@@ -51,6 +52,7 @@ class ServerProcess:
         self.host = host
         self.port: int | None = None
         self._proc: subprocess.Popen | None = None
+        self._offset = 0  # where this run's output starts in the log
         self._final_output: str | None = None  # kept when our temporary log is removed
 
     @property
@@ -64,7 +66,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        offset = self.log.stat().st_size if self.log.exists() else 0
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as sink:
             self._proc = subprocess.Popen(
                 self.args,
@@ -74,13 +76,19 @@ class ServerProcess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
             )
+        self.port = int(self.await_line(self._ready, timeout).group(2))
+        return self
+
+    def await_line(self, pattern: re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
+        """The first match of `pattern` in this run's output, once it is there.
+        Stops the process and raises ProxyStartError if it exits or times out first."""
+        assert self._proc is not None
         deadline = time.monotonic() + timeout
         while True:
-            if m := self._ready.search(self._read_log(offset)):
-                self.port = int(m.group(2))
-                return self
+            if m := pattern.search(self._read_log(self._offset)):
+                return m
             if self._proc.poll() is not None or time.monotonic() > deadline:
-                reason = self.failure_reason(offset)  # before stop() removes our temporary log
+                reason = self.failure_reason(self._offset)  # before stop() removes our temporary log
                 self.stop()
                 raise ProxyStartError(reason)
             time.sleep(0.02)
@@ -157,6 +165,11 @@ class ProxyProcess(ServerProcess):
         args += list(extra_args)
         super().__init__(args, _READY if addon else _BARE_READY, host=listen_host, log=log)
         self.addon = addon
+
+    def web_url(self) -> str:
+        """mitmweb's address for a browser as mitmweb logs it: with the access
+        token mitmweb 12 makes at each start (11 has none)."""
+        return self.await_line(_WEB_READY).group(1)
 
 
 def standin_process(*extra_args: str) -> ServerProcess:

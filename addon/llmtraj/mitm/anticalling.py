@@ -3,7 +3,7 @@ to drivers through `llmtraj.anticall.Broker`; their answer goes back to the
 agent through the loopback server, so the recorder (before this addon) tees
 it like an upstream response.
 
-While a call is held, mitmproxy's idle timeout (TCP_TIMEOUT, 600 s, which
+While a call is held, mitmproxy's idle timeout (600 s: TCP_TIMEOUT in 11, `tcp_timeout` in 12, which
 would cut the agent's connection) is disarmed for that connection only.
 """
 

@@ -5,7 +5,9 @@ carry, marked and commented, and a cap on the flows kept.
   streamed or not, shown as the completion it adds up to (reasoning, content,
   tool calls with their arguments, finish reason, usage) instead of raw SSE
   events, folded by the recorder's own SSE parser and aggregator. It is the
-  view mitmweb picks for the responses of LLM calls.
+  view mitmweb picks for the responses of LLM calls. It is written for both
+  contentview APIs: mitmproxy 12's `Contentview` (text) and 11's `View`
+  (styled lines).
 - `WebChatView`, the addon that registers it. It also keeps a copy of the
   streamed bodies of LLM calls: llm-traj streams every one of them (the
   recorder's tee, replay's loopback), and mitmproxy keeps no body of a
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 from mitmproxy import contentviews, ctx, exceptions, hooks, http
@@ -41,6 +43,8 @@ from .routing import CALL_KEY, llm_call
 
 MAX_FLOWS_OPTION = "llm_traj_web_max_flows"
 _PRIORITY = 3  # above JSON (1) and GraphQL (2): the view mitmweb picks for LLM responses
+# mitmproxy 12 views return text and stay registered (`remove` is gone); 11's return styled lines
+_TEXT_VIEWS = hasattr(contentviews, "Contentview")
 
 MARK_HELD = ":hourglass_flowing_sand:"
 MARK_FAILED = ":x:"
@@ -105,32 +109,57 @@ def completion_lines(completion: dict[str, Any], problems: Iterable[str] = ()) -
         yield [("error", f"problem: {problem}")]
 
 
-class ChatView(contentviews.View):
-    name = "LLM chat"
+def chat_lines(data: bytes, content_type: str | None, flow: Any, http_message: Any) -> Iterator[TViewLine] | None:
+    """The response of an LLM call as the chat it carries; None for anything else."""
+    api = _api_of(flow)
+    if api is None or http_message is not flow.response or not data:
+        return None
+    if content_type == "text/event-stream":
+        parser, aggregator = SSEParser(), api.new_aggregator()
+        blocks = parser.feed(data) + parser.finish()
+        for block in blocks:
+            aggregator.add(block)
+        completion, problems = aggregator.result(), aggregator.problems
+        origin = [[("header", f"a stream of {sum(b.data is not None for b in blocks)} events")]]
+    else:
+        (completion, _), problems, origin = parse_json_body(data), [], []
+    if not isinstance(completion, dict):
+        return None
+    return chain(origin, completion_lines(api.chat_view(completion), problems))
 
-    def __call__(
-        self, data: bytes, *, content_type: str | None = None, flow=None, http_message=None, **unknown_metadata
-    ):
-        api = _api_of(flow)
-        if api is None or http_message is not flow.response or not data:
-            return None  # mitmproxy falls back to the raw view
-        if content_type == "text/event-stream":
-            parser, aggregator = SSEParser(), api.new_aggregator()
-            blocks = parser.feed(data) + parser.finish()
-            for block in blocks:
-                aggregator.add(block)
-            completion, problems = aggregator.result(), aggregator.problems
-            description = f"LLM chat, a stream of {sum(b.data is not None for b in blocks)} events"
-        else:
-            (completion, _), problems = parse_json_body(data), []
-            description = "LLM chat"
-        if not isinstance(completion, dict):
-            return None
-        return description, completion_lines(api.chat_view(completion), problems)
 
-    def render_priority(self, data: bytes, *, flow=None, http_message=None, **unknown_metadata) -> float:
-        is_llm_response = isinstance(flow, http.HTTPFlow) and http_message is flow.response and llm_call(flow)
-        return _PRIORITY if data and is_llm_response else 0
+def _render_priority(data: bytes, flow: Any, http_message: Any) -> float:
+    is_llm_response = isinstance(flow, http.HTTPFlow) and http_message is flow.response and llm_call(flow)
+    return _PRIORITY if data and is_llm_response else 0
+
+
+if _TEXT_VIEWS:
+
+    class ChatView(contentviews.Contentview):
+        name = "LLM chat"
+
+        def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
+            lines = chat_lines(data, metadata.content_type, metadata.flow, metadata.http_message)
+            if lines is None:
+                raise ValueError("not the response of an LLM call")  # mitmproxy shows why, or the raw view
+            return "\n".join("".join(text for _, text in line) for line in lines)
+
+        def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
+            return _render_priority(data, metadata.flow, metadata.http_message)
+
+else:
+
+    class ChatView(contentviews.View):  # type: ignore[no-redef]
+        name = "LLM chat"
+
+        def __call__(
+            self, data: bytes, *, content_type: str | None = None, flow=None, http_message=None, **unknown_metadata
+        ):
+            lines = chat_lines(data, content_type, flow, http_message)
+            return None if lines is None else (self.name, lines)  # None: mitmproxy falls back to the raw view
+
+        def render_priority(self, data: bytes, *, flow=None, http_message=None, **unknown_metadata) -> float:
+            return _render_priority(data, flow, http_message)
 
 
 def _view_addon():
@@ -154,7 +183,8 @@ class WebChatView:
         self._keep_bodies = _view_addon() is not None
 
     def done(self) -> None:
-        contentviews.remove(self.view)
+        if not _TEXT_VIEWS:
+            contentviews.remove(self.view)
 
     def serves_flows(self) -> bool:
         return self._keep_bodies
