@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from llmtraj.tokens.capture import StreamHider, augmented_request, hide_in_body, plan_capture
+from llmtraj.tokens.capture import StreamHider, hide_in_body, plan_capture
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -32,8 +32,12 @@ def vllm_chat_stream(*, ids: bool, logprobs: bool, usage: bool) -> list[dict]:
             choice["stop_reason"] = None
         choice["token_ids"] = [id_] if ids else None
         chunks.append({**head, "choices": [choice]})
+    # vLLM stamps its fingerprint on the last event: the usage event when asked for, else the finishing one
     if usage:
-        chunks.append({**head, "choices": [], "usage": {"prompt_tokens": 3, "total_tokens": 5, "completion_tokens": 2}})
+        chunks.append({**head, "choices": [], "usage": {"prompt_tokens": 3, "total_tokens": 5, "completion_tokens": 2},
+                       "system_fingerprint": "vllm-0.32.0"})  # fmt: skip
+    else:
+        chunks[-1]["system_fingerprint"] = "vllm-0.32.0"
     return chunks
 
 
@@ -74,12 +78,6 @@ def test_plan_for_sglang():
     assert "return_token_ids" not in streamed.added and "token_ids" not in streamed.hidden
 
 
-def test_augmented_request_keeps_the_agents_fields_and_adds_the_plans():
-    request = {**CHAT, "temperature": 0, "stream": True}
-    sent = json.loads(augmented_request(request, plan_capture("chat.completions", request)))
-    assert sent == {**request, "return_token_ids": True, "logprobs": True, "stream_options": {"include_usage": True}}
-
-
 @pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n"])
 @pytest.mark.parametrize("seed", range(5))
 def test_stream_the_agent_gets_is_what_vllm_sends_unasked(end, seed):
@@ -101,6 +99,15 @@ def test_events_that_need_no_change_pass_as_the_same_bytes():
     assert got.startswith(b': keep-alive\n\ndata: {"choices": [], "usage": {"completion_tokens": 2}}\n\n')
     assert got.endswith(sse(vllm_chat_stream(ids=False, logprobs=True, usage=False)))
     assert hider.rewritten == [2, 3, 4] and hider.dropped == 0
+
+
+def test_the_fingerprint_of_the_usage_event_goes_to_the_finishing_event():
+    # the agent asked for ids and logprobs, not for usage: only the usage event changes things
+    request = {**CHAT, "stream": True, "logprobs": True, "return_token_ids": True}
+    hider = StreamHider(plan_capture("chat.completions", request))
+    got = pass_through(hider, sse(vllm_chat_stream(ids=True, logprobs=True, usage=True)), random.Random(2))
+    assert got == sse(vllm_chat_stream(ids=True, logprobs=True, usage=False))
+    assert hider.rewritten == [2] and hider.dropped == 1
 
 
 def test_a_cut_off_last_event_goes_as_it_came():

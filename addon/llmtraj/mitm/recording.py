@@ -74,7 +74,7 @@ class Recorder:
         if (
             self._sink is None or call is None or flow.response is not None
             or self._options.settings.mode != "record" or "content-encoding" in flow.request.headers
-            or self._options.settings.routes_calls
+            or self._options.settings.needs_whole_request
         ):
             return
         self._capture(flow, call, "record", b"")
@@ -155,6 +155,9 @@ class Recorder:
         info = flow.metadata[CALL_KEY]
         capture.extra = info.get("extra") or {}
         capture.upstream = info.get("upstream")
+        if "sampling" in info and capture.upstream is not None:  # the route's sampling control (mitm.token_capture)
+            capture.upstream = {**capture.upstream, "sampling": info["sampling"]}
+        capture.token_capture = info.get("capture")
         self._sink.send(capture)
 
     def _close(self) -> None:

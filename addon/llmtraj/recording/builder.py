@@ -86,6 +86,8 @@ class RecordBuilder:
             "timings": None,  # set at the end
             "upstream": None,
             "extra": {},
+            "tokens": None,
+            "capture": None,
         }
         self.response_headers_at: float | None = None
         self.first_byte_at: float | None = None

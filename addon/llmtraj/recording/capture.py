@@ -35,6 +35,7 @@ class CallCapture:
     error: tuple[str, str] | None = None  # (kind, message) when the call did not finish
     extra: dict[str, Any] = field(default_factory=dict)
     upstream: dict[str, Any] | None = None  # route, url, attempts: see `core.record.Upstream`
+    token_capture: dict[str, Any] | None = None  # the plan of token capture: `tokens.capture.CapturePlan.note`
 
     def frame(self) -> bytes:
         # marshal: the fastest stdlib serialiser for plain values, and both

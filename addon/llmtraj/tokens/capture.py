@@ -65,11 +65,6 @@ def plan_capture(api: str, request: Any, engine: str = "vllm") -> CapturePlan | 
     return CapturePlan(engine, added, frozenset(hidden)) if added else None
 
 
-def augmented_request(request: dict[str, Any], plan: CapturePlan) -> bytes:
-    """The request body to send upstream: the agent's with the plan's fields added."""
-    return _dump({**request, **plan.added})
-
-
 _DROP = object()
 
 
@@ -109,8 +104,8 @@ def _hide(obj: dict[str, Any], plan: CapturePlan) -> Any:
     return changed
 
 
-def _dump(obj: Any) -> bytes:
-    # compact and UTF-8 as the engines' own pydantic serialisation
+def compact_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, as the engines' own pydantic serialisation writes it."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -123,7 +118,7 @@ def hide_in_body(body: bytes, plan: CapturePlan) -> bytes:
         return body
     if not isinstance(obj, dict) or _hide(obj, plan) is not True:
         return body
-    return _dump(obj)
+    return compact_json(obj)
 
 
 _BLOCK_END = re.compile(rb"\r?\n\r?\n")
@@ -134,21 +129,25 @@ class StreamHider:
     """Fed a response stream's bytes as they arrive, returns the bytes the agent
     gets: every whole event, rewritten when it carries what the agent did not
     ask for, the same bytes otherwise; the unfinished tail waits for its end.
-    `rewritten` and `dropped` count the events changed, by their position in
-    the upstream stream."""
+
+    When the proxy asked for the usage event, a choice's last event (its
+    finish_reason) waits for the next event: vLLM then puts its
+    `system_fingerprint` on the usage event instead, and the agent, which did
+    not ask for usage, gets it where vLLM would have put it."""
 
     def __init__(self, plan: CapturePlan) -> None:
         self._plan = plan
         self._tail = b""
+        self._held: tuple[dict[str, Any], bytes, bytes | None] | None = None  # a finishing event: (it, its line end, its bytes if unchanged)
         self._position = 0
         self.rewritten: list[int] = []  # positions in the stream the agent got
         self.dropped = 0
 
     def feed(self, data: bytes) -> bytes:
-        """Bytes in; bytes for the agent out (b"" at the end of the stream flushes the tail)."""
+        """Bytes in; bytes for the agent out (b"" at the end of the stream flushes what waits)."""
         if not data:
             tail, self._tail = self._tail, b""
-            return tail  # a cut-off last event goes as it came
+            return self._release() + tail  # a cut-off last event goes as it came
         buf = self._tail + data if self._tail else data
         out: list[bytes] = []
         start = 0
@@ -158,11 +157,22 @@ class StreamHider:
         self._tail = buf[start:]
         return b"".join(out)
 
+    def _release(self, fingerprint: Any = None) -> bytes:
+        if self._held is None:
+            return b""
+        (obj, end, raw), self._held = self._held, None
+        if fingerprint is not None and "system_fingerprint" not in obj:
+            obj["system_fingerprint"] = fingerprint
+            if raw is not None:
+                self.rewritten.append(self._position - 1)
+                raw = None
+        return raw if raw is not None else b"data: " + compact_json(obj) + end
+
     def _event(self, raw: bytes) -> bytes:
         match = _DATA.match(raw)
         if match is None:  # [DONE], comments, multi-line data: nothing of ours
             self._position += 1
-            return raw
+            return self._release() + raw
         try:
             obj = from_json(match.group(1))
         except ValueError:
@@ -170,9 +180,20 @@ class StreamHider:
         change = _hide(obj, self._plan) if isinstance(obj, dict) else False
         if change is _DROP:
             self.dropped += 1
-            return b""
+            return self._release(obj.get("system_fingerprint"))
+        released = self._release()
         if change:
             self.rewritten.append(self._position)
-            raw = b"data: " + _dump(obj) + match.group(2)
+        if USAGE in self._plan.hidden and isinstance(obj, dict) and _finishing(obj):
+            self._held = (obj, match.group(2), None if change else raw)
+            self._position += 1
+            return released
+        if change:
+            raw = b"data: " + compact_json(obj) + match.group(2)
         self._position += 1
-        return raw
+        return released + raw
+
+
+def _finishing(chunk: dict[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    return bool(choices) and all(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices)

@@ -123,3 +123,12 @@ def checked(source: str, prompt_ids: list[int] | None, choices: list[dict[str, A
         problems.append(f"{total} completion ids but usage says {expected} completion tokens"
                         " (a tool or reasoning parser may have swallowed some: vllm#27482)")  # fmt: skip
     return {"source": source, "prompt_ids": prompt_ids, "choices": choices, "complete": not problems, "problems": problems}
+
+
+def summary(tokens: dict[str, Any]) -> str:
+    """One line for people: `prompt 17, completion 8 (complete)`, choices' counts joined by +."""
+    prompt = tokens.get("prompt_ids")
+    counts = "+".join(str(len(c["completion_ids"])) if c.get("completion_ids") is not None else "?"
+                      for c in tokens.get("choices") or [])  # fmt: skip
+    state = "complete" if tokens.get("complete") else "incomplete: " + "; ".join(tokens.get("problems") or [])
+    return f"prompt {len(prompt) if prompt is not None else '?'}, completion {counts or '?'} ({state})"
