@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmtraj.proxy_process import ServerProcess
+from llmtraj.cli.proxy_process import ServerProcess
 
 from .tinymodel import fingerprint  # stdlib only at import time
 
