@@ -301,8 +301,8 @@ def diff(
 @app.command()
 def export(
     path: Path = typer.Argument(..., help=TRAJ_HELP),
-    fmt: str = typer.Option(..., "--format", help="openai-chat, har or atif."),
-    granularity: str = typer.Option("per_call", help="openai-chat: per_call or per_session."),
+    fmt: str = typer.Option(..., "--format", help="openai-chat, har, atif or tokens (RL trainers: .jsonl, or .parquet with -o)."),
+    granularity: str = typer.Option("per_call", help="openai-chat, tokens: per_call or per_session."),
     agent_name: str = typer.Option("unknown", help="atif: the agent's name."),
     agent_version: str = typer.Option("unknown", help="atif: the agent's version."),
     out: Path = typer.Option(None, "-o", "--out", help="Output file (default: stdout)."),
@@ -316,13 +316,21 @@ def export(
     if granularity not in GRANULARITIES:
         fail(f"--granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}", 2)
     skipped: list = []
-    result = convert(_records(path), fmt, granularity=granularity, agent_name=agent_name,
-                     agent_version=agent_version, skipped=skipped)
-    text = result if isinstance(result, str) else "".join(line + "\n" for line in result)
-    if out is None:
-        typer.echo(text, nl=False)
+    if fmt == "tokens" and out is not None and out.suffix == ".parquet":
+        from ..inspect.export.tokens import token_rows, write_parquet
+
+        try:
+            write_parquet(token_rows(_records(path), granularity, skipped), out)
+        except ImportError as exc:
+            fail(str(exc), 2)
     else:
-        out.write_text(text)
+        result = convert(_records(path), fmt, granularity=granularity, agent_name=agent_name,
+                         agent_version=agent_version, skipped=skipped)
+        text = result if isinstance(result, str) else "".join(line + "\n" for line in result)
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            out.write_text(text)
     if skipped:
         shown = "; ".join(str(s) for s in skipped[:5])
         more = f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""

@@ -1,7 +1,8 @@
 """Numbers about trajectories, and where two trajectories of the same task part.
 
 `stats` totals calls per session and per model (the model the agent asked
-for), `diff` walks the calls that two trajectories share, session by session,
+for), with the calls' token capture and, per session, whether its calls
+continue one another token for token; `diff` walks the calls that two trajectories share, session by session,
 to the first one whose request or reply differs. Both read `CallRecord`s and
 return plain data; `render_stats` / `render_diff` turn that into text.
 """
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from ..apis import chat_view
 from ..core.record import CallRecord
+from ..tokens.continuity import continuity
 
 Outcome = Literal["ok", "failed", "incomplete"]
 
@@ -83,6 +85,9 @@ class StatsRow:
     without_usage: int  # calls whose response carried no usage (token totals leave them out)
     wall_time: float | None  # seconds from the first call's start to the last call's end
     mean_ttfb: float | None  # seconds from a call's start to its first response byte
+    with_tokens: int = 0  # calls with token ids (`tokens`)
+    tokens_complete: int = 0  # of those, the ones whose capture is complete
+    continuity: list[dict[str, Any]] | None = None  # sessions: `tokens.continuity.continuity` of its calls
 
 
 def _row(kind: Literal["session", "model", "all"], name: str, calls: list[CallRecord]) -> StatsRow:
@@ -92,6 +97,7 @@ def _row(kind: Literal["session", "model", "all"], name: str, calls: list[CallRe
     reasoning = [n for u in known if (n := reasoning_tokens(u)) is not None]
     ends = [r.timings.ended_at for r in calls if r.timings.ended_at is not None]
     ttfbs = [r.timings.first_byte_at - r.timings.started_at for r in calls if r.timings.first_byte_at is not None]
+    tokens = [(r.index, r.tokens) for r in calls if r.tokens is not None]
     return StatsRow(
         kind=kind,
         name=name,
@@ -107,6 +113,9 @@ def _row(kind: Literal["session", "model", "all"], name: str, calls: list[CallRe
         without_usage=len(calls) - len(known),
         wall_time=max(ends) - min(r.timings.started_at for r in calls) if ends else None,
         mean_ttfb=statistics.fmean(ttfbs) if ttfbs else None,
+        with_tokens=len(tokens),
+        tokens_complete=sum(t.complete for _, t in tokens),
+        continuity=continuity([(i, t.model_dump()) for i, t in tokens]) if kind == "session" and tokens else None,
     )
 
 
@@ -136,18 +145,35 @@ _COLUMNS = (
     ("wall", lambda r: None if r.wall_time is None else f"{r.wall_time:.2f} s"),
     ("mean ttfb", lambda r: None if r.mean_ttfb is None else f"{r.mean_ttfb * 1000:.0f} ms"),
 )  # fmt: skip
+# shown only for trajectories with token ids
+_TOKEN_COLUMN = ("tokens complete", lambda r: f"{r.tokens_complete}/{r.with_tokens}" if r.with_tokens else None)
 
 
 def render_stats(rows: list[StatsRow]) -> str:
     """A plain aligned table, text columns left, numbers right; `-` for unknown."""
     if not rows:
         return "no calls"
-    table = [["", *(title for title, _ in _COLUMNS)]]
+    columns = _COLUMNS + ((_TOKEN_COLUMN,) if any(row.with_tokens for row in rows) else ())
+    table = [["", *(title for title, _ in columns)]]
     for row in rows:
         label = "all" if row.kind == "all" else f"{row.kind} {row.name}"
-        table.append([label, *("-" if (v := get(row)) is None else str(v) for _, get in _COLUMNS)])
+        table.append([label, *("-" if (v := get(row)) is None else str(v) for _, get in columns)])
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    return "\n".join(
+    lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
         for line in table
-    )
+    ]
+    return "\n".join(lines + [line for row in rows for line in _continuity_lines(row)])
+
+
+def _continuity_lines(row: StatsRow) -> list[str]:
+    """Whether a session's calls extend one another token for token, and where not."""
+    if not row.continuity:
+        return []
+    held = sum(entry["continues"] for entry in row.continuity)
+    lines = [f"session {row.name}: continuity: {held} of {len(row.continuity)} calls continue the call before"]
+    for entry in row.continuity:
+        if not entry["continues"]:
+            lines.append(f"  #{entry['index']} after #{entry['previous']}: differs at token {entry['position']}: "
+                         f"{entry['cause']}")  # fmt: skip
+    return lines

@@ -35,6 +35,7 @@ from mitmproxy.contentviews.base import TViewLine
 from ..apis import ApiShape, api_for
 from ..core.sse import SSEParser
 from ..recording.builder import parse_json_body
+from ..tokens.normalise import summary, tokens_from_response
 from .anticalling import CALL_ID_KEY
 from .options import LlmTrajOptions, startup_error
 from .routing import CALL_KEY, llm_call
@@ -76,8 +77,9 @@ def _arguments(arguments: Any) -> str:
         return _text(arguments)
 
 
-def completion_lines(completion: dict[str, Any], problems: Iterable[str] = ()) -> Iterator[TViewLine]:
-    """A chat completion (or an error body) as content view lines."""
+def completion_lines(completion: dict[str, Any], problems: Iterable[str] = (), tokens: dict[str, Any] | None = None) -> Iterator[TViewLine]:
+    """A chat completion (or an error body) as content view lines, with the
+    token counts when the engine sent token ids."""
     head = "  ".join(f"{key}: {completion[key]}" for key in ("model", "id") if completion.get(key))
     if head:
         yield [("header", head)]
@@ -101,6 +103,8 @@ def completion_lines(completion: dict[str, Any], problems: Iterable[str] = ()) -
         yield [("header", "finish reason: "), ("text", str(choice.get("finish_reason")))]
     if completion.get("usage"):
         yield [("header", "usage: "), ("text", json.dumps(completion["usage"], ensure_ascii=False))]
+    if tokens is not None:
+        yield [("header", "tokens: "), ("text" if tokens["complete"] else "error", summary(tokens))]
     for problem in problems:
         yield [("error", f"problem: {problem}")]
 
@@ -126,7 +130,7 @@ class ChatView(contentviews.View):
             description = "LLM chat"
         if not isinstance(completion, dict):
             return None
-        return description, completion_lines(api.chat_view(completion), problems)
+        return description, completion_lines(api.chat_view(completion), problems, tokens_from_response(api.name, completion))
 
     def render_priority(self, data: bytes, *, flow=None, http_message=None, **unknown_metadata) -> float:
         is_llm_response = isinstance(flow, http.HTTPFlow) and http_message is flow.response and llm_call(flow)
@@ -164,12 +168,14 @@ class WebChatView:
         if not (self._keep_bodies and inner and llm_call(flow) is not None):
             return
         kept = self._bodies[flow.id] = []
+        # With token capture the view keeps what the engine sent, token ids
+        # included (the agent got it without them), so it can count them.
+        captured = "capture" in flow.metadata[CALL_KEY]
 
-        def keep(data: bytes) -> bytes:
+        def keep(data: bytes):
             out = inner(data) if callable(inner) else data
-            if not isinstance(out, bytes):  # a callable may return chunks: the same bytes in one
-                out = b"".join(out)
-            kept.append(out)
+            # a callable may return a list of chunks, empty for none (b"" would end a chunked body)
+            kept.append(data if captured else out if isinstance(out, bytes) else b"".join(out))
             return out
 
         flow.response.stream = keep
