@@ -35,9 +35,16 @@ Two more targets, measured in the same rotation on the small calls only:
                      then, with no driver, 1000 calls held at once: the
                      proxy's resident memory before and while they are held
 
+One more, on the streams only:
+
+  llm-traj-capture   the addon recording with llm_traj_capture_tokens=true: the
+                     stand-in answers return_token_ids and logprobs as vLLM
+                     does, and the proxy takes them out of every event again
+
 Targets checked: recording keeps >= 90% of mitmdump-sb1's requests/s and adds
 <= 2 ms to a stream's first event; replay keeps >= 100% of it; the anti-call
-round trip adds <= 2 ms at p50. Each is printed as PASS or MISS (the exit
+round trip adds <= 2 ms at p50; token capture adds <= 10% to recording's proxy
+CPU per streamed event. Each is printed as PASS or MISS (the exit
 status stays 0: this is a measurement, not a test). The record and anti-call
 targets must also have written one record per request, and the replay target
 served each from the recording by exact match, checked after every measurement,
@@ -122,10 +129,14 @@ REPLAY = Target("llm-traj-replay", "mitmdump + llm-traj replay (no upstream)", a
                 options={"llm_traj_mode": "replay"}, upstream=False, only=("c1", "c16"))  # fmt: skip
 ANTICALL = Target("llm-traj-anticall", "mitmdump + llm-traj anticall, a driver process answering", addon=True,
                   options={"llm_traj_mode": "anticall"}, upstream=False, only=("c1",))  # fmt: skip
+CAPTURE = Target("llm-traj-capture", "mitmdump + llm-traj record with token capture (the stand-in answering "
+                 "return_token_ids and logprobs as vLLM does, the agent getting them taken out)", addon=True,
+                 options={"llm_traj_mode": "record", "llm_traj_capture_tokens": "true"}, only=("stream", "burst"))  # fmt: skip
 RECORDING_TARGETS = [DIRECT, BARE, BARE_SB1, RECORD]  # the main tables
-TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL]
+TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, CAPTURE]
 BASELINE, BUFFERED = BARE_SB1, BARE  # main and secondary baselines of the ratios
 REPLAY_RPS_TARGET = 1.0  # replay keeps at least bare mitmdump's requests/s (no upstream involved)
+CAPTURE_COST_TARGET = 0.10  # token capture adds at most this share to recording's proxy CPU per streamed event
 ANTICALL_P50_TARGET_MS = 2.0  # agent -> driver -> agent adds at most this over bare mitmdump at p50
 REPLAY_RATE_BOUND = 3000  # req/s no target reaches here: sizes the replayed trajectory
 REPLAY_MAX_CALLS = 200_000  # ... within reason (loading takes ~1-2 s per 60k lines)
@@ -543,6 +554,8 @@ def _check_stream_record(record: dict, chunks: int) -> str | None:
     events = len(record.get("events") or [])
     if record.get("status") != 200 or not record.get("stream") or events < chunks or not record.get("complete"):
         return f"last record is not a complete stream of >= {chunks} events (status {record.get('status')}, {events} events)"
+    if record.get("capture") and not (record.get("tokens") or {}).get("complete"):
+        return f"last record captured tokens but they are not complete: {(record.get('tokens') or {}).get('problems')}"
     return None
 
 
@@ -796,7 +809,7 @@ def ratio_table(results: dict[str, TargetResult], base: Target, targets: list[Ta
     return markdown_table([f"vs {base.name}", *(label for _, label, _, _ in COMPARISONS)], rows)
 
 
-def checks(results: dict[str, TargetResult]) -> list[dict]:
+def checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
     out = []
     for key, label in (("c1.rps", "throughput, 1 client"), ("c16.rps", "throughput, 16 clients")):
         ratio, buffered = _vs(results, RECORD.name, BASELINE, key), _vs(results, RECORD.name, BUFFERED, key)
@@ -820,6 +833,15 @@ def checks(results: dict[str, TargetResult]) -> list[dict]:
             "text": f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
                     f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})",
         })  # fmt: skip
+    record_cpu, capture_cpu = (results[t.name].metrics.get("burst.cpu_us") for t in (RECORD, CAPTURE))
+    added = capture_cpu / record_cpu - 1 if record_cpu and capture_cpu is not None else None
+    per_event = (capture_cpu - record_cpu) / settings.chunks if added is not None else None
+    out.append({
+        "name": "capture.burst.cpu_added", "value": added, "target": f"<= +{CAPTURE_COST_TARGET:.0%}",
+        "ok": added is not None and added <= CAPTURE_COST_TARGET,
+        "text": f"token capture: {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs {RECORD.name} "
+                f"({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})",
+    })  # fmt: skip
     delta = _delta(results, ANTICALL.name, BASELINE, "c1.p50_ms")
     out.append({
         "name": "anticall.c1.p50_ms", "value": delta, "target": f"<= +{ANTICALL_P50_TARGET_MS:g} ms",
@@ -854,6 +876,22 @@ HELD_COLUMNS = [
     ("held.kib_per_call", "KiB per held call", "{:.1f}"),
     ("held.released", "released (410)", "{:.0f}"),
 ]
+
+
+CAPTURE_COLUMNS = [
+    ("stream.ttfb_ms", "stream TTFB ms", "{:.2f}"), ("stream.total_ms", "stream total ms", "{:.1f}"),
+    ("burst.total_ms", "burst total ms", "{:.1f}"), ("burst.cpu_us", "burst proxy CPU µs/stream", "{:.0f}"),
+]  # fmt: skip
+
+
+def capture_report(results: dict[str, TargetResult]) -> list[str]:
+    capture = results[CAPTURE.name]
+    return [
+        f"token capture: {CAPTURE.label}; {capture.records} records for {capture.requests} requests, "
+        f"each with complete tokens (checked)",
+        "",
+        absolute_table(results, [RECORD, CAPTURE], CAPTURE_COLUMNS),
+    ]
 
 
 def replay_anticall_report(results: dict[str, TargetResult]) -> list[str]:
@@ -908,7 +946,9 @@ def report(results: dict[str, TargetResult], settings: Settings) -> str:
         "",
         *replay_anticall_report(results),
         "",
-        *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in checks(results)),
+        *capture_report(results),
+        "",
+        *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in checks(results, settings)),
     ]
     return "\n".join(parts)
 
@@ -929,7 +969,7 @@ def to_json(results: dict[str, TargetResult], settings: Settings) -> dict:
             }
             for base in (BASELINE, BUFFERED)
         },
-        "checks": [{k: v for k, v in c.items() if k != "text"} for c in checks(results)],
+        "checks": [{k: v for k, v in c.items() if k != "text"} for c in checks(results, settings)],
     }
 
 

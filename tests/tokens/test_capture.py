@@ -141,3 +141,19 @@ def test_non_stream_body():
                                                                            "logprobs": None}]}).encode()  # fmt: skip
     assert hide_in_body(unchanged, plan) is unchanged
     assert hide_in_body(b"not json", plan) == b"not json"
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_text_that_looks_like_the_fields_is_left_alone(engine):
+    # what the model wrote may spell the very keys: inside a JSON string their quotes are escaped
+    tricky = 'a "logprobs":{"x":1},"finish_reason":"stop","token_ids":[1,2]} "usage":{'
+    plan = plan_capture("completions", {"model": "m", "prompt": "x", "stream": True}, engine)  # ids and logprobs hidden
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": tricky}, "logprobs": {"content": [lp(tricky, -1.0)]},
+                                     "finish_reason": None, "token_ids": [5, 6]}]}  # fmt: skip
+    compact = sse([chunk])
+    spaced = b"data: " + json.dumps(chunk).encode() + b"\n\n" + b"data: [DONE]\n\n"  # the parsing way
+    for data in (compact, spaced):
+        got = json.loads(StreamHider(plan).feed(data).split(b"\n\n")[0][6:])
+        choice = got["choices"][0]
+        assert choice["delta"]["content"] == tricky and choice["logprobs"] is None
+        assert ("token_ids" not in choice) if engine == "sglang" else (choice["token_ids"] is None)
