@@ -809,46 +809,40 @@ def ratio_table(results: dict[str, TargetResult], base: Target, targets: list[Ta
     return markdown_table([f"vs {base.name}", *(label for _, label, _, _ in COMPARISONS)], rows)
 
 
+def _check(name: str, value: float | None, target: str, ok: bool, text: str) -> dict:
+    return {"name": name, "value": value, "target": target, "ok": ok, "text": text}
+
+
 def checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
     out = []
     for key, label in (("c1.rps", "throughput, 1 client"), ("c16.rps", "throughput, 16 clients")):
         ratio, buffered = _vs(results, RECORD.name, BASELINE, key), _vs(results, RECORD.name, BUFFERED, key)
-        out.append({
-            "name": key, "value": ratio, "target": f">= {RPS_TARGET:.2f}x",
-            "ok": ratio is not None and ratio >= RPS_TARGET,
-            "text": f"{label}: {RECORD.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
-                    f"{BUFFERED.name} (target >= {RPS_TARGET:.2f}x of {BASELINE.name})",
-        })  # fmt: skip
+        out.append(_check(
+            key, ratio, f">= {RPS_TARGET:.2f}x", ratio is not None and ratio >= RPS_TARGET,
+            f"{label}: {RECORD.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
+            f"{BUFFERED.name} (target >= {RPS_TARGET:.2f}x of {BASELINE.name})"))  # fmt: skip
     delta = _delta(results, RECORD.name, BASELINE, "stream.ttfb_ms")
-    out.append({
-        "name": "stream.ttfb_ms", "value": delta, "target": f"<= +{TTFB_TARGET_MS:g} ms",
-        "ok": delta is not None and delta <= TTFB_TARGET_MS,
-        "text": f"stream first event: {RECORD.name} {_fmt(delta, '{:+.2f} ms')} vs {BASELINE.name} (target <= +{TTFB_TARGET_MS:g} ms)",
-    })
+    out.append(_check(
+        "stream.ttfb_ms", delta, f"<= +{TTFB_TARGET_MS:g} ms", delta is not None and delta <= TTFB_TARGET_MS,
+        f"stream first event: {RECORD.name} {_fmt(delta, '{:+.2f} ms')} vs {BASELINE.name} (target <= +{TTFB_TARGET_MS:g} ms)"))  # fmt: skip
     for key, label in (("c1.rps", "replay throughput, 1 client"), ("c16.rps", "replay throughput, 16 clients")):
         ratio, buffered = _vs(results, REPLAY.name, BASELINE, key), _vs(results, REPLAY.name, BUFFERED, key)
-        out.append({
-            "name": f"replay.{key}", "value": ratio, "target": f">= {REPLAY_RPS_TARGET:.2f}x",
-            "ok": ratio is not None and ratio >= REPLAY_RPS_TARGET,
-            "text": f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
-                    f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})",
-        })  # fmt: skip
+        out.append(_check(
+            f"replay.{key}", ratio, f">= {REPLAY_RPS_TARGET:.2f}x", ratio is not None and ratio >= REPLAY_RPS_TARGET,
+            f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
+            f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})"))  # fmt: skip
     record_cpu, capture_cpu = (results[t.name].metrics.get("burst.cpu_us") for t in (RECORD, CAPTURE))
     added = capture_cpu / record_cpu - 1 if record_cpu and capture_cpu is not None else None
     per_event = (capture_cpu - record_cpu) / settings.chunks if added is not None else None
-    out.append({
-        "name": "capture.burst.cpu_added", "value": added, "target": f"<= +{CAPTURE_COST_TARGET:.0%}",
-        "ok": added is not None and added <= CAPTURE_COST_TARGET,
-        "text": f"token capture: {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs {RECORD.name} "
-                f"({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})",
-    })  # fmt: skip
+    out.append(_check(
+        "capture.burst.cpu_added", added, f"<= +{CAPTURE_COST_TARGET:.0%}", added is not None and added <= CAPTURE_COST_TARGET,
+        f"token capture: {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs {RECORD.name} "
+        f"({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})"))  # fmt: skip
     delta = _delta(results, ANTICALL.name, BASELINE, "c1.p50_ms")
-    out.append({
-        "name": "anticall.c1.p50_ms", "value": delta, "target": f"<= +{ANTICALL_P50_TARGET_MS:g} ms",
-        "ok": delta is not None and delta <= ANTICALL_P50_TARGET_MS,
-        "text": f"anti-call round trip agent -> driver -> agent: {ANTICALL.name} {_fmt(delta, '{:+.2f} ms')} at p50 "
-                f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)",
-    })  # fmt: skip
+    out.append(_check(
+        "anticall.c1.p50_ms", delta, f"<= +{ANTICALL_P50_TARGET_MS:g} ms", delta is not None and delta <= ANTICALL_P50_TARGET_MS,
+        f"anti-call round trip agent -> driver -> agent: {ANTICALL.name} {_fmt(delta, '{:+.2f} ms')} at p50 "
+        f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)"))  # fmt: skip
     return out
 
 

@@ -4,8 +4,15 @@ an anti-call driver's `extra`; and continuity across a session's calls."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from llmtraj.apis import API_BY_NAME
+from llmtraj.tokens.capture import StreamHider, hide_in_body, plan_capture
 from llmtraj.tokens.continuity import chains, continuity, first_difference
 from llmtraj.tokens.normalise import tokens_from_extra, tokens_from_response
+
+from ..streams import blocks_of, fold
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
@@ -96,3 +103,27 @@ def test_chains_mask_tool_tokens_and_survive_a_side_call():
     assert main.response_ids == [3, 4, 9, 9, 5]
     assert main.response_mask == [1, 1, 0, 0, 1]
     assert main.response_logprobs == [-1.0, -1.0, 0.0, 0.0, -1.0]
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_sglang_fixtures_normalise_and_hide():
+    chat = json.loads((FIXTURES / "sglang_chat_tokens.json").read_text())
+    tokens = tokens_from_response("chat.completions", chat)
+    assert tokens["source"] == "sglang" and tokens["complete"], tokens["problems"]
+    assert tokens["prompt_ids"][0] == 151644 and tokens["choices"][0]["completion_ids"] == [59604, 13, 151645]
+    plan = plan_capture("chat.completions", {"model": "m", "messages": []}, "sglang")
+    shown = json.loads(hide_in_body(json.dumps(chat).encode(), plan))["choices"][0]
+    assert "prompt_token_ids" not in shown and "token_ids" not in shown and shown["logprobs"] is None
+
+    stream = (FIXTURES / "sglang_completions_tokens.sse").read_bytes()
+    final = fold(API_BY_NAME["completions"].new_aggregator(), blocks_of(stream)).result()
+    tokens = tokens_from_response("completions", final)
+    assert tokens["source"] == "sglang" and tokens["complete"], tokens["problems"]
+    assert tokens["prompt_ids"] == [785, 6722, 315, 9625, 374] and tokens["choices"][0]["completion_ids"] == [12095, 13]
+    plan = plan_capture("completions", {"model": "m", "prompt": "x", "stream": True}, "sglang")
+    hider = StreamHider(plan)
+    shown = hider.feed(stream) + hider.feed(b"")
+    assert b"token_ids" not in shown and b'"usage":{' not in shown and hider.dropped == 1
+    assert b'"logprobs":null,"finish_reason":"length","matched_stop":null}' in shown
