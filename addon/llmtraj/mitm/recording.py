@@ -14,6 +14,7 @@ from ..recording.capture import CallCapture
 from ..recording.sink import RecordSink
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, LlmCall, llm_call
+from .token_capture import CAPTURE_KEY, SAMPLING_KEY
 
 logger = logging.getLogger("llm_traj")
 
@@ -155,9 +156,9 @@ class Recorder:
         info = flow.metadata[CALL_KEY]
         capture.extra = info.get("extra") or {}
         capture.upstream = info.get("upstream")
-        if "sampling" in info and capture.upstream is not None:  # the route's sampling control (mitm.token_capture)
-            capture.upstream = {**capture.upstream, "sampling": info["sampling"]}
-        capture.token_capture = info.get("capture")
+        if SAMPLING_KEY in info and capture.upstream is not None:  # the route's sampling control
+            capture.upstream = {**capture.upstream, "sampling": info[SAMPLING_KEY]}
+        capture.token_capture = info.get(CAPTURE_KEY)
         self._sink.send(capture)
 
     def _close(self) -> None:

@@ -25,7 +25,7 @@ from .routing import CALL_KEY, llm_call
 from .upstreaming import UpstreamRouting
 
 logger = logging.getLogger("llm_traj")
-NOTE_KEY = "capture"  # in flow.metadata[CALL_KEY]: the plan, for the record
+CAPTURE_KEY = "capture"  # in flow.metadata[CALL_KEY]: the plan, for the record
 SAMPLING_KEY = "sampling"  # likewise: what sampling control changed
 
 
@@ -69,7 +69,7 @@ class TokenCapture:
             # the response is rewritten as it passes: it must come uncompressed
             request.headers["accept-encoding"] = "identity"
             self._plans[flow.id] = plan
-            info[NOTE_KEY] = plan.note()
+            info[CAPTURE_KEY] = plan.note()
         if sent is not body:
             request.content = compact_json(sent)
 
@@ -80,7 +80,7 @@ class TokenCapture:
         response = flow.response
         if "content-encoding" in response.headers:
             logger.warning("llm-traj: the upstream compressed a captured response; passed on unchanged")
-            flow.metadata[CALL_KEY][NOTE_KEY] = {**plan.note(), "passed_unchanged": True}
+            flow.metadata[CALL_KEY][CAPTURE_KEY] = {**plan.note(), "passed_unchanged": True}
             return
         capture = response.stream if callable(response.stream) else None  # the recorder's
         if response.headers.get("content-type", "").lower().startswith("text/event-stream"):

@@ -167,6 +167,8 @@ def _hide_compact(payload: bytes, plan: CapturePlan) -> bytes | object | None:
                 out = _replace(out, key, b"]", len(key) - 1, 1, b"null")
             if out is None:
                 return None
+        if b'token_ids":[' in out:  # a list the patterns did not reach
+            return None
     if LOGPROBS in hidden:
         out = _replace(out, _LOGPROBS, _AFTER_LOGPROBS, len(_LOGPROBS) - 1, 0, b"null")
     return out
