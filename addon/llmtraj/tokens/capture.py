@@ -123,71 +123,69 @@ def hide_in_body(body: bytes, plan: CapturePlan) -> bytes:
 
 # The fast way through a compact event (what vLLM and SGLang send): the spans
 # to hide are found with `bytes.find` (a regex costs ten times more per event).
-# A key cannot match inside a JSON string (its quotes would be escaped there),
-# and in both engines' choices `logprobs` is followed by `finish_reason`.
+# A key's closing quote cannot match inside a JSON string (it would be escaped
+# there), and in both engines' choices `logprobs` is followed by `finish_reason`.
 # Anything else is parsed and written anew.
-_ID_LISTS = (b'"token_ids":[', b'"prompt_token_ids":[')
+_IDS = b'token_ids":['  # the end of "token_ids" and of "prompt_token_ids"
 _LOGPROBS, _AFTER_LOGPROBS = b'"logprobs":{', b',"finish_reason":'
 _FINGERPRINT = re.compile(rb',"system_fingerprint":("(?:[^"\\]|\\.)*")')
 
 
-def _replace(data: bytes, start_key: bytes, end_key: bytes, keep: int, drop_end: int, value: bytes) -> bytes | None:
-    """Each span from `start_key` to the next `end_key` replaced by the first
-    `keep` bytes of the key and `value` (`drop_end`: bytes of the end key that go
-    too); the same object when there is none, None when a span has no end."""
-    start = data.find(start_key)
-    if start == -1:
-        return data
-    pieces, at = [], 0
-    while start != -1:
-        end = data.find(end_key, start)
-        if end == -1:
-            return None
-        pieces += [data[at:start], start_key[:keep], value]
-        at = end + drop_end
-        start = data.find(start_key, at)
-    return b"".join(pieces) + data[at:]
-
-
-def _hide_compact(payload: bytes, plan: CapturePlan) -> bytes | object | None:
-    """`payload` (one event's JSON) without what the agent did not ask for: the
+def _hide_compact(event: bytes, plan: CapturePlan) -> bytes | object | None:
+    """`event` (an event's bytes) without what the agent did not ask for: the
     same object when nothing changes, _DROP for an event the agent would not
     have got at all, None when this cannot tell without parsing."""
-    if b'": ' in payload:
+    if b'": ' in event:
         return None  # spaced JSON (or such text in a string): parse it
     hidden = plan.hidden
-    if USAGE in hidden and b'"usage":{' in payload:
-        return _DROP if b'"choices":[]' in payload else None
-    out: bytes | None = payload
+    if USAGE in hidden and b'"usage":{' in event:
+        return _DROP if b'"choices":[]' in event else None
+    pieces, at = [], 0
     if TOKEN_IDS in hidden:
-        for key in _ID_LISTS:
-            if plan.engine == "sglang":  # the key goes, with the comma before it
-                out = _replace(out, b"," + key, b"]", 0, 1, b"")
-            else:  # "token_ids":null
-                out = _replace(out, key, b"]", len(key) - 1, 1, b"null")
-            if out is None:
-                return None
-        if b'token_ids":[' in out:  # a list the patterns did not reach
-            return None
+        remove = plan.engine == "sglang"
+        while (start := event.find(_IDS, at)) != -1:
+            end = event.find(b"]", start) + 1
+            if remove:  # SGLang leaves the key out: it goes with the comma before it
+                start = event.rfind(b',"', at, start)
+                if start == -1 or end == 0:
+                    return None
+                pieces.append(event[at:start])
+            else:  # vLLM: "token_ids":null
+                if end == 0:
+                    return None
+                pieces += [event[at : start + len(_IDS) - 1], b"null"]
+            at = end
+    if at:
+        event = b"".join(pieces) + event[at:]
+        pieces, at = [], 0
     if LOGPROBS in hidden:
-        out = _replace(out, _LOGPROBS, _AFTER_LOGPROBS, len(_LOGPROBS) - 1, 0, b"null")
-    return out
-
-
-def _hide_event(payload: bytes, plan: CapturePlan) -> bytes | object:
-    """An event's JSON as the agent gets it (the same object when unchanged), or _DROP."""
-    fast = _hide_compact(payload, plan)
-    if fast is not None:
-        return fast
-    try:
-        obj = from_json(payload)
-    except ValueError:
-        return payload
-    change = _hide(obj, plan) if isinstance(obj, dict) else False
-    return change if change is _DROP else compact_json(obj) if change else payload
+        while (start := event.find(_LOGPROBS, at)) != -1:
+            end = event.find(_AFTER_LOGPROBS, start)
+            if end == -1:
+                return None
+            pieces += [event[at : start + len(_LOGPROBS) - 1], b"null"]
+            at = end
+    return b"".join(pieces) + event[at:] if at else event
 
 
 _DATA = re.compile(rb"data: ?(\{.*\})(\r?\n\r?\n)\Z", re.S)
+
+
+def _shown_event(raw: bytes, plan: CapturePlan) -> bytes | object:
+    """An SSE event as the agent gets it (the same object when unchanged), or _DROP."""
+    if raw.startswith(b"data: {") and raw.find(b"\n") >= len(raw) - 4:  # one compact data line: the fast way
+        fast = _hide_compact(raw, plan)
+        if fast is not None:
+            return fast
+    match = _DATA.match(raw)
+    if match is None:  # [DONE], comments, multi-line data: nothing of ours
+        return raw
+    try:
+        obj = from_json(match.group(1))
+    except ValueError:
+        return raw
+    change = _hide(obj, plan) if isinstance(obj, dict) else False
+    return change if change is _DROP else b"data: " + compact_json(obj) + match.group(2) if change else raw
 
 
 class StreamHider:
@@ -204,7 +202,7 @@ class StreamHider:
         self._plan = plan
         self._hold_finishing = USAGE in plan.hidden
         self._tail = b""
-        self._held: tuple[bytes, bytes, bool] | None = None  # a finishing event: its JSON, line end, whether rewritten
+        self._held: tuple[bytes, bool] | None = None  # a finishing event as shown, and whether rewritten
         self._position = 0
         self.rewritten: list[int] = []  # positions in the stream the agent got
         self.dropped = 0
@@ -233,30 +231,26 @@ class StreamHider:
     def _release(self, fingerprint: bytes | None = None) -> bytes:
         if self._held is None:
             return b""
-        (payload, end, rewritten), self._held = self._held, None
-        if fingerprint is not None and b'"system_fingerprint":' not in payload:
-            payload = payload[:-1] + b',"system_fingerprint":' + fingerprint + b"}"
+        (event, rewritten), self._held = self._held, None
+        if fingerprint is not None and b'"system_fingerprint":' not in event:
+            end = event.rfind(b"}")
+            event = event[:end] + b',"system_fingerprint":' + fingerprint + event[end:]
             if not rewritten:
                 self.rewritten.append(self._position - 1)
-        return b"data: " + payload + end
+        return event
 
     def _event(self, raw: bytes) -> bytes:
-        match = _DATA.match(raw)
-        if match is None:  # [DONE], comments, multi-line data: nothing of ours
-            self._position += 1
-            return self._release() + raw
-        payload = match.group(1)
-        shown = _hide_event(payload, self._plan)
+        shown = _shown_event(raw, self._plan)
         if shown is _DROP:
             self.dropped += 1
-            fingerprint = _FINGERPRINT.search(payload)
+            fingerprint = _FINGERPRINT.search(raw)
             return self._release(fingerprint.group(1) if fingerprint else None)
-        released = self._release()
-        changed = shown is not payload
+        released = self._release() if self._held is not None else b""
+        changed = shown is not raw
         if changed:
             self.rewritten.append(self._position)
         self._position += 1
-        if self._hold_finishing and b'"finish_reason":"' in shown and b'"finish_reason":null' not in shown:
-            self._held = (shown, match.group(2), changed)
+        if self._hold_finishing and b'"finish_reason":"' in shown:
+            self._held = (shown, changed)
             return released
-        return released + (b"data: " + shown + match.group(2) if changed else raw)
+        return released + shown if released else shown
