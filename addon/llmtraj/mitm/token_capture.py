@@ -19,7 +19,7 @@ import logging
 from mitmproxy import http
 from pydantic_core import from_json
 
-from ..tokens.capture import ENGINES, CapturePlan, StreamHider, compact_json, hide_in_body, plan_capture
+from ..tokens.capture import ENGINES, CapturePlan, StreamHider, engine_json, hide_in_body, plan_capture
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, llm_call
 from .upstreaming import UpstreamRouting
@@ -71,7 +71,7 @@ class TokenCapture:
             self._plans[flow.id] = plan
             info[CAPTURE_KEY] = plan.note()
         if sent is not body:
-            request.content = compact_json(sent)
+            request.content = engine_json(sent)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         plan = self._plans.pop(flow.id, None)

@@ -103,9 +103,10 @@ def _hide(obj: dict[str, Any], plan: CapturePlan) -> Any:
     return changed
 
 
-def compact_json(obj: Any) -> bytes:
-    """Compact UTF-8 JSON, written by pydantic's serialiser as the engines' own
-    responses are (numbers and escapes alike)."""
+def engine_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON written by pydantic's serialiser, as vLLM and SGLang
+    write theirs (their float and escape forms, unlike `core.jsontext.compact_json`,
+    Python's), so a rewritten event reads as the engine's own."""
     return to_json(obj)
 
 
@@ -118,7 +119,7 @@ def hide_in_body(body: bytes, plan: CapturePlan) -> bytes:
         return body
     if not isinstance(obj, dict) or _hide(obj, plan) is not True:
         return body
-    return compact_json(obj)
+    return engine_json(obj)
 
 
 # The fast way through a compact event (what vLLM and SGLang send): the spans
@@ -185,7 +186,7 @@ def _shown_event(raw: bytes, plan: CapturePlan) -> bytes | object:
     except ValueError:
         return raw
     change = _hide(obj, plan) if isinstance(obj, dict) else False
-    return change if change is _DROP else b"data: " + compact_json(obj) + match.group(2) if change else raw
+    return change if change is _DROP else b"data: " + engine_json(obj) + match.group(2) if change else raw
 
 
 class StreamHider:
