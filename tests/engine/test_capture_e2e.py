@@ -90,14 +90,15 @@ def test_streamed_and_non_stream_calls_give_identical_tokens(engine, proxy, traj
 def test_an_agent_that_asked_for_nothing_gets_what_the_engine_would_have_sent_it(engine, proxy, traj_dir, session):
     client = agent(proxy, session)
     body = dict(messages=MESSAGES, max_tokens=6, temperature=0)
-    with client.chat.completions.with_streaming_response.create(model=engine.model, **body, stream=True) as response:
+    create = client.chat.completions  # forced text: the same in every run, whatever the float paths
+    with create.with_streaming_response.create(model=engine.model, **body, stream=True, extra_body=NEWLINES) as response:
         got_stream = response.read()
-    got_whole = client.chat.completions.with_raw_response.create(model=engine.model, **body).http_response.content
+    got_whole = create.with_raw_response.create(model=engine.model, **body, extra_body=NEWLINES).http_response.content
     for got in (got_stream, got_whole):
         assert b'token_ids":[' not in got and b'"logprobs":{' not in got
     assert b'"usage":{' not in got_stream  # the proxy's own include_usage is not passed on
-    assert same_run(got_stream) == same_run(direct(engine, "/chat/completions", {**body, "stream": True}))
-    assert same_run(got_whole) == same_run(direct(engine, "/chat/completions", body))
+    assert same_run(got_stream) == same_run(direct(engine, "/chat/completions", {**body, **NEWLINES, "stream": True}))
+    assert same_run(got_whole) == same_run(direct(engine, "/chat/completions", {**body, **NEWLINES}))
     streamed, whole = records(traj_dir, session, 2)
     assert streamed.tokens.complete and whole.tokens.complete
     # the record's events are what the agent got; which of them were rewritten, and the dropped usage event
@@ -121,7 +122,8 @@ def test_an_agent_that_asked_for_logprobs_gets_exactly_those(engine, proxy, traj
 def test_n2(engine, proxy, traj_dir, session):
     client = agent(proxy, session)
     kwargs = dict(model=engine.model, messages=MESSAGES, max_tokens=5, temperature=1.0, seed=7, n=2)
-    client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}).close()
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 10
     whole = client.chat.completions.create(**kwargs)
     streamed, plain = records(traj_dir, session, 2)
     for record in (streamed, plain):
