@@ -35,9 +35,21 @@ Two more targets, measured in the same rotation on the small calls only:
                      then, with no driver, 1000 calls held at once: the
                      proxy's resident memory before and while they are held
 
+One more, on the streams only:
+
+  llm-traj-tokens    the addon recording calls whose agent asks for token ids,
+                     logprobs and usage itself (the stand-in answers them as
+                     vLLM does)
+  llm-traj-capture   the addon recording with llm_traj_capture_tokens=true for
+                     an agent that asks for none of them: the proxy asks, and
+                     takes them out of every event again; against
+                     llm-traj-tokens, the same engine bytes, this is what
+                     capture costs
+
 Targets checked: recording keeps >= 90% of mitmdump-sb1's requests/s and adds
 <= 2 ms to a stream's first event; replay keeps >= 100% of it; the anti-call
-round trip adds <= 2 ms at p50. Each is printed as PASS or MISS (the exit
+round trip adds <= 2 ms at p50; token capture adds <= 10% to the proxy CPU per
+streamed event of recording the same engine bytes. Each is printed as PASS or MISS (the exit
 status stays 0: this is a measurement, not a test). The record and anti-call
 targets must also have written one record per request, and the replay target
 served each from the recording by exact match, checked after every measurement,
@@ -115,6 +127,7 @@ class Target:
     options: dict[str, str] = field(default_factory=dict)
     upstream: bool = True  # False: reverse to a port where nothing listens (no LLM call goes upstream)
     only: tuple[str, ...] | None = None  # the measurements it takes part in (None: all)
+    request_fields: dict[str, object] = field(default_factory=dict)  # what the agent's chat requests add
 
     @property
     def mode(self) -> str | None:
@@ -132,10 +145,18 @@ REPLAY = Target("llm-traj-replay", "mitmdump + llm-traj replay (no upstream)", a
                 options={"llm_traj_mode": "replay"}, upstream=False, only=("c1", "c16"))  # fmt: skip
 ANTICALL = Target("llm-traj-anticall", "mitmdump + llm-traj anticall, a driver process answering", addon=True,
                   options={"llm_traj_mode": "anticall"}, upstream=False, only=("c1",))  # fmt: skip
+CAPTURE = Target("llm-traj-capture", "mitmdump + llm-traj record with token capture (the stand-in answering "
+                 "return_token_ids and logprobs as vLLM does, the agent getting them taken out)", addon=True,
+                 options={"llm_traj_mode": "record", "llm_traj_capture_tokens": "true"}, only=("stream", "burst"))
+# The same engine bytes without capture: the agent asks for them itself, the proxy only records.
+RECORD_TOKENS = Target("llm-traj-tokens", "mitmdump + llm-traj record, the agent itself asking for token ids, "
+                       "logprobs and usage", addon=True, options={"llm_traj_mode": "record"}, only=("stream", "burst"),
+                       request_fields={"return_token_ids": True, "logprobs": True, "stream_options": {"include_usage": True}})  # fmt: skip
 RECORDING_TARGETS = [DIRECT, BARE, BARE_SB1, RECORD]  # the main tables
-TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL]
+TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, RECORD_TOKENS, CAPTURE]
 BASELINE, BUFFERED = BARE_SB1, BARE  # main and secondary baselines of the ratios
 REPLAY_RPS_TARGET = 1.0  # replay keeps at least bare mitmdump's requests/s (no upstream involved)
+CAPTURE_COST_TARGET = 0.10  # token capture adds at most this share to recording's proxy CPU per streamed event
 ANTICALL_P50_TARGET_MS = 2.0  # agent -> driver -> agent adds at most this over bare mitmdump at p50
 REPLAY_RATE_BOUND = 3000  # req/s no target reaches here: sizes the replayed trajectory
 REPLAY_MAX_CALLS = 200_000  # ... within reason (loading takes ~1-2 s per 60k lines)
@@ -154,6 +175,7 @@ class Running:
     replayed: int | None = None  # replay: the calls in the trajectory it serves
     control_file: Path | None = None  # anticall: the control API's address and token
     driver: ServerProcess | None = None  # anticall: the driver process answering every call
+    request_fields: dict[str, object] = field(default_factory=dict)  # see Target
 
 
 # ---------------------------------------------------------------- processes
@@ -175,7 +197,8 @@ def start_target(target: Target, upstream: ServerProcess, workdir: Path, setting
     with contextlib.ExitStack() as stack:
         proxy = stack.enter_context(start_proxy(upstream.url if target.upstream else dead_address(), options,
                                                 target.addon, workdir))  # fmt: skip
-        running = Running(url=proxy.url, pid=proxy.pid, trajectory=trajectory, replayed=replayed)
+        running = Running(url=proxy.url, pid=proxy.pid, trajectory=trajectory, replayed=replayed,
+                          request_fields=target.request_fields)  # fmt: skip
         if target.mode == "replay":
             running.trajectory = None  # replay records nothing: the replay report is checked instead
         if target.mode == "anticall":
@@ -331,12 +354,14 @@ def _framing(head: bytes) -> tuple[int | None, bool, bool]:
     return length, chunked, close
 
 
-def chat_request(url: str, *, stream: bool, headers: dict[str, str], session: str | None = None) -> bytes:
-    """A prebuilt small chat-completions request for the stand-in."""
+def chat_request(url: str, *, stream: bool, headers: dict[str, str], session: str | None = None,
+                 fields: dict[str, object] | None = None) -> bytes:
+    """A prebuilt small chat-completions request for the stand-in (`fields` added to its body)."""
     body = {
         "model": "bench",  # no `standin-` prefix: the scenario header decides
         "messages": [{"role": "user", "content": "Say something short."}],
         "stream": stream,
+        **(fields or {}),
     }
     payload = json.dumps(body).encode()
     host = urlsplit(url).netloc
@@ -461,6 +486,7 @@ class Stream:
     name: str
     delay_ms: int | None  # None: the settings' delay
     ttfb: bool  # report the time to the first event
+    requests_factor: int = 1  # times the settings' streamed requests (CPU time comes in 10 ms ticks)
 
     def columns(self) -> list[tuple[str, str, str]]:
         cols = [(f"{self.name}.total_ms", f"{self.name} total ms", "{:.1f}")]
@@ -473,13 +499,14 @@ class Stream:
         headers = {"x-standin-scenario": "chunks", "x-standin-chunks": str(settings.chunks)}
         if delay:
             headers["x-standin-delay-ms"] = str(delay)
-        data = chat_request(target.url, stream=True, headers=headers)
+        data = chat_request(target.url, stream=True, headers=headers, fields=target.request_fields)
         conn = Connection(*host_port(target.url))
         firsts: list[float] = []
         totals: list[float] = []
         cpu0 = None
         try:
-            for i in range(settings.stream_requests + 1):  # the first one warms up
+            requests = settings.stream_requests * self.requests_factor
+            for i in range(requests + 1):  # the first one warms up
                 if i == 1:
                     cpu0 = cpu_seconds(target.pid)
                 t0 = time.perf_counter()
@@ -499,9 +526,9 @@ class Stream:
         if self.ttfb:
             metrics[f"{self.name}.ttfb_ms"] = percentile(firsts, 50) * 1e3
         if cpu0 is not None and cpu1 is not None:
-            metrics[f"{self.name}.cpu_us"] = (cpu1 - cpu0) / settings.stream_requests * 1e6
+            metrics[f"{self.name}.cpu_us"] = (cpu1 - cpu0) / requests * 1e6
         chunks = settings.chunks
-        return Outcome(metrics, settings.stream_requests + 1, check=lambda rec: _check_stream_record(rec, chunks))
+        return Outcome(metrics, requests + 1, check=lambda rec: _check_stream_record(rec, chunks))
 
 
 def _ok(response: Response) -> Response:
@@ -514,11 +541,12 @@ def _count_events(body: bytes) -> int:
     return body.replace(b"\r\n", b"\n").count(b"\n\n")
 
 
+BURST_FACTOR = 5  # bursts are short: more of them, for a proxy CPU figure exact enough to compare per event
 MEASUREMENTS = [
     Load(1),
     Load(16),
     Stream("stream", delay_ms=None, ttfb=True),  # events 1 ms apart: buffering shows in TTFB
-    Stream("burst", delay_ms=0, ttfb=False),  # back to back: per-event cost shows in the total
+    Stream("burst", delay_ms=0, ttfb=False, requests_factor=BURST_FACTOR),  # back to back: per-event cost shows in the total
 ]
 
 
@@ -553,6 +581,8 @@ def _check_stream_record(record: dict, chunks: int) -> str | None:
     events = len(record.get("events") or [])
     if record.get("status") != 200 or not record.get("stream") or events < chunks or not record.get("complete"):
         return f"last record is not a complete stream of >= {chunks} events (status {record.get('status')}, {events} events)"
+    if record.get("capture") and not (record.get("tokens") or {}).get("complete"):
+        return f"last record captured tokens but they are not complete: {(record.get('tokens') or {}).get('problems')}"
     return None
 
 
@@ -806,37 +836,42 @@ def ratio_table(results: dict[str, TargetResult], base: Target, targets: list[Ta
     return markdown_table([f"vs {base.name}", *(label for _, label, _, _ in COMPARISONS)], rows)
 
 
-def checks(results: dict[str, TargetResult]) -> list[dict]:
+def _check(name: str, value: float | None, target: str, ok: bool, text: str) -> dict:
+    return {"name": name, "value": value, "target": target, "ok": ok, "text": text}
+
+
+def checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
     out = []
     for key, label in (("c1.rps", "throughput, 1 client"), ("c16.rps", "throughput, 16 clients")):
         ratio, buffered = _vs(results, RECORD.name, BASELINE, key), _vs(results, RECORD.name, BUFFERED, key)
-        out.append({
-            "name": key, "value": ratio, "target": f">= {RPS_TARGET:.2f}x",
-            "ok": ratio is not None and ratio >= RPS_TARGET,
-            "text": f"{label}: {RECORD.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
-                    f"{BUFFERED.name} (target >= {RPS_TARGET:.2f}x of {BASELINE.name})",
-        })  # fmt: skip
+        out.append(_check(
+            key, ratio, f">= {RPS_TARGET:.2f}x", ratio is not None and ratio >= RPS_TARGET,
+            f"{label}: {RECORD.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
+            f"{BUFFERED.name} (target >= {RPS_TARGET:.2f}x of {BASELINE.name})"))  # fmt: skip
     delta = _delta(results, RECORD.name, BASELINE, "stream.ttfb_ms")
-    out.append({
-        "name": "stream.ttfb_ms", "value": delta, "target": f"<= +{TTFB_TARGET_MS:g} ms",
-        "ok": delta is not None and delta <= TTFB_TARGET_MS,
-        "text": f"stream first event: {RECORD.name} {_fmt(delta, '{:+.2f} ms')} vs {BASELINE.name} (target <= +{TTFB_TARGET_MS:g} ms)",
-    })
+    out.append(_check(
+        "stream.ttfb_ms", delta, f"<= +{TTFB_TARGET_MS:g} ms", delta is not None and delta <= TTFB_TARGET_MS,
+        f"stream first event: {RECORD.name} {_fmt(delta, '{:+.2f} ms')} vs {BASELINE.name} (target <= +{TTFB_TARGET_MS:g} ms)"))  # fmt: skip
     for key, label in (("c1.rps", "replay throughput, 1 client"), ("c16.rps", "replay throughput, 16 clients")):
         ratio, buffered = _vs(results, REPLAY.name, BASELINE, key), _vs(results, REPLAY.name, BUFFERED, key)
-        out.append({
-            "name": f"replay.{key}", "value": ratio, "target": f">= {REPLAY_RPS_TARGET:.2f}x",
-            "ok": ratio is not None and ratio >= REPLAY_RPS_TARGET,
-            "text": f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
-                    f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})",
-        })  # fmt: skip
+        out.append(_check(
+            f"replay.{key}", ratio, f">= {REPLAY_RPS_TARGET:.2f}x", ratio is not None and ratio >= REPLAY_RPS_TARGET,
+            f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
+            f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})"))  # fmt: skip
+    for stream, how in (("stream", "paced, an event per chunk"), ("burst", "back to back, many events per chunk")):
+        record_cpu, capture_cpu = (results[t.name].metrics.get(f"{stream}.cpu_us") for t in (RECORD_TOKENS, CAPTURE))
+        added = capture_cpu / record_cpu - 1 if record_cpu and capture_cpu is not None else None
+        per_event = (capture_cpu - record_cpu) / settings.chunks if added is not None else None
+        out.append(_check(
+            f"capture.{stream}.cpu_added", added, f"<= +{CAPTURE_COST_TARGET:.0%}",
+            added is not None and added <= CAPTURE_COST_TARGET,
+            f"token capture ({how}): {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs "
+            f"{RECORD_TOKENS.name} ({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})"))  # fmt: skip
     delta = _delta(results, ANTICALL.name, BASELINE, "c1.p50_ms")
-    out.append({
-        "name": "anticall.c1.p50_ms", "value": delta, "target": f"<= +{ANTICALL_P50_TARGET_MS:g} ms",
-        "ok": delta is not None and delta <= ANTICALL_P50_TARGET_MS,
-        "text": f"anti-call round trip agent -> driver -> agent: {ANTICALL.name} {_fmt(delta, '{:+.2f} ms')} at p50 "
-                f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)",
-    })  # fmt: skip
+    out.append(_check(
+        "anticall.c1.p50_ms", delta, f"<= +{ANTICALL_P50_TARGET_MS:g} ms", delta is not None and delta <= ANTICALL_P50_TARGET_MS,
+        f"anti-call round trip agent -> driver -> agent: {ANTICALL.name} {_fmt(delta, '{:+.2f} ms')} at p50 "
+        f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)"))  # fmt: skip
     return out
 
 
@@ -864,6 +899,25 @@ HELD_COLUMNS = [
     ("held.kib_per_call", "KiB per held call", "{:.1f}"),
     ("held.released", "released (410)", "{:.0f}"),
 ]
+
+
+CAPTURE_COLUMNS = [
+    ("stream.ttfb_ms", "stream TTFB ms", "{:.2f}"), ("stream.total_ms", "stream total ms", "{:.1f}"),
+    ("stream.cpu_us", "stream proxy CPU µs/stream", "{:.0f}"),
+    ("burst.total_ms", "burst total ms", "{:.1f}"), ("burst.cpu_us", "burst proxy CPU µs/stream", "{:.0f}"),
+]  # fmt: skip
+
+
+def capture_report(results: dict[str, TargetResult]) -> list[str]:
+    capture = results[CAPTURE.name]
+    return [
+        f"token capture: {CAPTURE.label}; {capture.records} records for {capture.requests} requests, "
+        f"each with complete tokens (checked)",
+        "",
+        f"against: {RECORD_TOKENS.label} (the same engine bytes, nothing rewritten)",
+        "",
+        absolute_table(results, [RECORD, RECORD_TOKENS, CAPTURE], CAPTURE_COLUMNS),
+    ]
 
 
 def replay_anticall_report(results: dict[str, TargetResult]) -> list[str]:
@@ -900,7 +954,7 @@ def report(results: dict[str, TargetResult], settings: Settings) -> str:
         f"load: small non-streamed chat completions from 1 and 16 keep-alive clients, "
         f"{settings.seconds:g} s after {settings.warmup:g} s warmup;",
         f"stream: {settings.chunks} SSE events {settings.delay_ms} ms apart (TTFB = first event), "
-        f"burst: the same without delay, p50 of {settings.stream_requests} sequential requests;",
+        f"burst: the same without delay, p50 of {settings.stream_requests * BURST_FACTOR} sequential requests;",
         f"proxy CPU: mitmdump user+system time per request; "
         f"every figure is the median of {settings.rounds} round(s) taken in turn across the targets",
         "",
@@ -918,7 +972,9 @@ def report(results: dict[str, TargetResult], settings: Settings) -> str:
         "",
         *replay_anticall_report(results),
         "",
-        *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in checks(results)),
+        *capture_report(results),
+        "",
+        *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in checks(results, settings)),
     ]
     return "\n".join(parts)
 
@@ -939,7 +995,7 @@ def to_json(results: dict[str, TargetResult], settings: Settings) -> dict:
             }
             for base in (BASELINE, BUFFERED)
         },
-        "checks": [{k: v for k, v in c.items() if k != "text"} for c in checks(results)],
+        "checks": [{k: v for k, v in c.items() if k != "text"} for c in checks(results, settings)],
     }
 
 

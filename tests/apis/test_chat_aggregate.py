@@ -470,3 +470,21 @@ def test_api_shape_matching_and_error_body():
     assert not shape.matches("POST", "/v1/completions")
     assert api_for("POST", "/v1/embeddings") is None
     assert shape.error_body("m", "t") == {"error": {"message": "m", "type": "t", "param": None, "code": None}}
+
+
+def test_choice_level_token_ids_concatenate_per_choice():
+    # vLLM with return_token_ids: prompt ids once at the top of the first chunk,
+    # each chunk's new completion ids in its choices (n=2 interleaved here)
+    data = sse(
+        chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "token_ids": []},
+              {"index": 1, "delta": {"role": "assistant", "content": ""}, "token_ids": []}, prompt_token_ids=[7, 8]),
+        chunk({"index": 0, "delta": {"content": "a"}, "token_ids": [10]}),
+        chunk({"index": 1, "delta": {"content": "x"}, "token_ids": [20, 21]}),
+        chunk({"index": 0, "delta": {"content": "b"}, "token_ids": [11]}, {"index": 1, "delta": {}, "token_ids": [22]}),
+        chunk({"index": 0, "delta": {}, "token_ids": [12], "finish_reason": "length"}),
+        chunk({"index": 1, "delta": {}, "token_ids": None, "finish_reason": "stop"}),
+    )
+    result = aggregate(blocks_of(data)).result()
+    assert result["prompt_token_ids"] == [7, 8]
+    assert [c["token_ids"] for c in result["choices"]] == [[10, 11, 12], [20, 21, 22]]
+    assert [c["message"]["content"] for c in result["choices"]] == ["ab", "x"]

@@ -250,7 +250,7 @@ def test_inspect_commands_errors_are_one_line(tmp_path, demo_traj):
         assert r.returncode == 1 and r.stderr.startswith(f"llm-traj: {corrupt}:2: not valid JSON"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     r = llm_traj("export", str(demo_traj), "--format", "csv")
-    assert r.returncode == 2 and r.stderr.strip() == "llm-traj: --format 'csv': use one of openai-chat, har, atif"
+    assert r.returncode == 2 and r.stderr.strip() == "llm-traj: --format 'csv': use one of openai-chat, har, atif, tokens"
     r = llm_traj("stats", str(tmp_path / "missing"))
     assert r.returncode == 1 and r.stderr.strip() == f"llm-traj: {tmp_path / 'missing'} does not exist"
 

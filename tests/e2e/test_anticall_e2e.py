@@ -118,6 +118,8 @@ def test_tool_call_replies_and_what_the_trajectory_keeps(proxy, traj, session):
     assert first.url == f"{NOWHERE}/v1/chat/completions"  # where the agent meant to go
     assert first.response == reply.model_dump(exclude_unset=True)
     assert first.extra == training  # for training, never sent to the agent
+    assert first.tokens.source == "anticall" and first.tokens.choices[0].completion_ids == [101, 102]
+    assert first.tokens.choices[0].logprobs == [-0.5, -0.25] and first.tokens.problems == ["no prompt ids"]
     assert second.stream and second.events and second.extra == {}
     assert second.response["choices"][0]["message"]["tool_calls"] == first.response["choices"][0]["message"]["tool_calls"]
     assert API_KEY not in (traj / f"{session}.jsonl").read_text()

@@ -161,6 +161,27 @@ def test_streamed_bodies_are_kept_for_the_view():
         tctx.master.addons.remove(chat_view)
 
 
+def test_token_capture_keeps_the_engines_bytes_and_the_view_counts_the_tokens(upstream):
+    view, chat_view = View(), WebChatView()
+    with taddons.context(view, chat_view) as tctx:
+        chat_view.running()
+        flow = llm_flow(index=1, capture={"engine": "vllm"})
+        flow.response.content = None
+        flow.response.headers["content-type"] = "text/event-stream"
+        flow.response.stream = lambda data: [data.replace(b"[1", b"[9")] if data else []  # the rewriting: a list
+        view.add([flow])
+        chat_view.responseheaders(flow)
+        body = {"model": "standin-text", "messages": MESSAGES, "stream": True, "return_token_ids": True,
+                "logprobs": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        engine = httpx.post(f"{upstream.url}/v1/chat/completions", json=body).content
+        assert flow.response.stream(engine) != [engine] and flow.response.stream(b"") == []  # the agent's, as listed
+        chat_view.response(flow)
+        assert flow.response.raw_content == engine
+        _, text = shown(flow)
+        assert "tokens: prompt 10, completion 13 (complete)" in text
+        tctx.master.addons.remove(chat_view)
+
+
 def test_no_body_copy_without_a_view(chat_view):
     chat_view.running()  # mitmdump: no view addon
     flow = llm_flow(index=1)

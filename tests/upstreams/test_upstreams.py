@@ -120,6 +120,8 @@ def test_request_paths_map_onto_the_base_url_after_their_v1(base, path, url):
          "the name 'n' is also used by models.m"),
         ('default_route = "z"', "default_route 'z' is not under [providers]"),
         ("retries = 99", "retries: Input should be less than or equal to 20"),
+        ('[providers.a]\nbase_url = "http://x"\nsampling = {fixed = {temprature = 1}}', "temprature: not a sampling key"),
+        ('[providers.a]\nbase_url = "http://x"\nsampling = {allow = ["max_tokens", "tools"]}', "tools: not a sampling key"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_problem(text, message):
@@ -188,3 +190,27 @@ def test_failures_without_a_response_say_what_happened():
     for exc, status, message, code in cases:
         failure = _failure(exc, policy)
         assert (failure.status, failure.code) == (status, code) and message in failure.message
+
+
+def test_capture_and_sampling_layer_model_over_provider():
+    text = """
+default_route = "engine"
+[providers.engine]
+base_url = "http://gpu-7:8000/v1"
+kind = "sglang"
+capture_tokens = true
+sampling = {allow = ["max_tokens"], fixed = {temperature = 1.0}}
+[models.judge]
+provider = "engine"
+capture_tokens = false
+[models.policy]
+provider = "engine"
+sampling = {fixed = {seed = 0}}
+"""
+    reg = registry(environ={}, text=text)
+    assert reg.captures_tokens
+    default, judge, policy = reg.target("other").route, reg.target("judge").route, reg.target("policy").route
+    assert (default.capture_tokens, judge.capture_tokens, policy.capture_tokens) == (True, False, True)
+    assert default.kind == "sglang" and default.sampling.allow == {"max_tokens"} and judge.sampling == default.sampling
+    assert policy.sampling.allow is None and policy.sampling.fixed == {"seed": 0}
+    assert not registry().captures_tokens

@@ -5,7 +5,8 @@ the `message` of a `chat.completion`, following the same rules as the openai
 SDK's own stream accumulator: strings concatenate, objects merge, lists of
 objects merge by their `index` (tool calls, parallel or split across chunks),
 lists of scalars and logprob entries extend. Unknown vendor fields
-(`reasoning_content`, `stop_reason`, ...) are kept by the same rules.
+(`reasoning_content`, `stop_reason`, ...) are kept by the same rules, and a
+choice-level list (vLLM's `token_ids`, each chunk's new ids) extends too.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ class ChatCompletionAggregator:
                     merge_delta(acc["logprobs"], value)
                 else:
                     acc.setdefault("logprobs", value)
+            elif isinstance(value, list) and isinstance(acc.get(key), list):
+                acc[key].extend(value)  # each chunk's new ids (vLLM's `token_ids`): concatenated
             elif key != "index" and (value is not None or key not in acc):
                 acc[key] = value
 

@@ -376,8 +376,8 @@ def diff(
 @app.command()
 def export(
     path: Path = typer.Argument(..., help=TRAJ_HELP),
-    fmt: str = typer.Option(..., "--format", help="openai-chat, har or atif."),
-    granularity: str = typer.Option("per_call", help="openai-chat: per_call or per_session."),
+    fmt: str = typer.Option(..., "--format", help="openai-chat, har, atif or tokens (RL trainers: .jsonl, or .parquet with -o)."),
+    granularity: str = typer.Option("per_call", help="openai-chat, tokens: per_call or per_session."),
     agent_name: str = typer.Option("unknown", help="atif: the agent's name."),
     agent_version: str = typer.Option("unknown", help="atif: the agent's version."),
     out: Path = typer.Option(None, "-o", "--out", help="Output file (default: stdout)."),
@@ -391,15 +391,24 @@ def export(
     if granularity not in GRANULARITIES:
         fail(f"--granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}", 2)
     skipped: list = []
-    # Written as it is made (a session at a time), to a file only renamed to `out` once whole.
-    partial = None if out is None else out.with_name(out.name + ".partial")
-    with _reading(), (contextlib.nullcontext(sys.stdout) if partial is None else open(partial, "w")) as sink:
-        result = convert(_reader(path), fmt, granularity=granularity, agent_name=agent_name,
-                         agent_version=agent_version, skipped=skipped)
-        for text in [result] if isinstance(result, str) else (line + "\n" for line in result):
-            sink.write(text)
-    if partial is not None:
-        partial.replace(out)
+    if fmt == "tokens" and out is not None and out.suffix == ".parquet":
+        from ..inspect.export.tokens import token_rows, write_parquet
+
+        try:
+            with _reading():
+                write_parquet(token_rows(_reader(path), granularity, skipped), out)
+        except ImportError as exc:
+            fail(str(exc), 2)
+    else:
+        # Written as it is made (a session at a time), to a file only renamed to `out` once whole.
+        partial = None if out is None else out.with_name(out.name + ".partial")
+        with _reading(), (contextlib.nullcontext(sys.stdout) if partial is None else open(partial, "w")) as sink:
+            result = convert(_reader(path), fmt, granularity=granularity, agent_name=agent_name,
+                             agent_version=agent_version, skipped=skipped)
+            for text in [result] if isinstance(result, str) else (line + "\n" for line in result):
+                sink.write(text)
+        if partial is not None:
+            partial.replace(out)
     if skipped:
         shown = "; ".join(str(s) for s in skipped[:5])
         more = f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""

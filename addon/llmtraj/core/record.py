@@ -56,6 +56,36 @@ class Upstream(BaseModel):
     model: str | None = Field(None, description="the model name sent upstream, when the config rewrote it")
     attempts: list[Attempt] | None = Field(None, description="each try, when the route retries or has timeouts")
     error: str | None = Field(None, description="why the call failed or the response stopped")
+    sampling: dict[str, Any] | None = Field(
+        None, description="the route's sampling control: `removed` keys the agent set, `fixed` values imposed")
+
+
+class TokenChoice(BaseModel):
+    index: int
+    completion_ids: list[int] | None = None
+    logprobs: list[float | None] | None = Field(None, description="of each completion id, in order")
+    finish_reason: str | None = None
+
+
+class Tokens(BaseModel):
+    """The exact tokens of a call, one shape whatever the engine (see `llmtraj.tokens.normalise`)."""
+
+    source: str = Field(description="vllm, sglang, or anticall (a driver's `extra`)")
+    prompt_ids: list[int] | None = None
+    choices: list[TokenChoice] = Field(default_factory=list)
+    complete: bool = Field(description="every choice's ids and logprobs line up and add up to the usage's completion tokens")
+    problems: list[str] = Field(default_factory=list)
+
+
+class TokenCapture(BaseModel):
+    """What token capture did to the call (`llm_traj_capture_tokens`)."""
+
+    engine: str
+    added: dict[str, Any] = Field(description="fields added to the agent's request upstream")
+    hidden: list[str] = Field(description="what the agent did not ask for and so did not get: token_ids, logprobs, usage")
+    rewritten: list[int] = Field(default_factory=list, description="positions in `events` (0 for a body) the proxy rewrote")
+    dropped: int = Field(0, description="events the agent did not get at all (the usage only the proxy asked for)")
+    passed_unchanged: bool = Field(False, description="the engine compressed its response: passed on as it came")
 
 
 class PromptTag(BaseModel):
@@ -97,3 +127,5 @@ class CallRecord(BaseModel):
     upstream: Upstream | None = None
     prompt: PromptTag | None = Field(None, description="the call's system prompt in the prompt registry")
     extra: dict[str, Any] = Field(default_factory=dict)
+    tokens: Tokens | None = Field(None, description="token ids and logprobs, when the engine or a driver gave them")
+    capture: TokenCapture | None = None

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from ..apis import chat_view
 from ..core.record import CallRecord
+from ..tokens.normalise import summary
 from .stats import prompt_key, usage_of
 
 
@@ -77,6 +78,8 @@ def render(records: Iterable[CallRecord]) -> str:
             text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
             out.append(f"    {last.get('role') or last.get('type')}: {_clip(text or '')}")
         out += [f"    {line}" for line in describe_reply(r)]
+        if r.tokens is not None:
+            out.append(f"    token ids ({r.tokens.source}): {summary(r.tokens.model_dump())}")
         if r.error:
             out.append(f"    INCOMPLETE ({r.error.kind}): {r.error.message}")
     return "\n".join(out)

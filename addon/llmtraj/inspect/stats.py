@@ -1,7 +1,8 @@
 """Numbers about trajectories, and where two trajectories of the same task part.
 
 `stats` totals calls per session and per model (the model the agent asked
-for), `diff` walks the calls that two trajectories share, session by session,
+for), with the calls' token capture and, per session, whether its calls
+continue one another token for token; `diff` walks the calls that two trajectories share, session by session,
 to the first one whose request or reply differs. Both read `CallRecord`s and
 return plain data; `render_stats` / `render_diff` turn that into text.
 """
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from ..apis import chat_view
 from ..core.record import CallRecord
 from ..core.store import TrajectoryReader
+from ..tokens.continuity import continuity
 
 Outcome = Literal["ok", "failed", "incomplete"]
 
@@ -107,12 +109,15 @@ class StatsRow:
     wall_time: float | None  # seconds from the first call's start to the last call's end
     mean_ttfb: float | None  # seconds from a call's start to its first response byte
     mean_latency: float | None  # seconds from a call's start to its end
+    with_tokens: int = 0  # calls with token ids (`tokens`)
+    tokens_complete: int = 0  # of those, the ones whose capture is complete
+    continuity: list[dict[str, Any]] | None = None  # sessions: `tokens.continuity.continuity` of its calls
 
 
 class _Tally:
     """A row's numbers, added up call by call."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_tokens: bool = False) -> None:
         self.calls = 0
         self.outcomes: Counter[str] = Counter()
         self.streamed = self.prompt = self.completion = self.total = self.without_usage = 0
@@ -121,6 +126,9 @@ class _Tally:
         self.ended: float | None = None
         self.ttfbs: list[float] = []
         self.latencies: list[float] = []
+        self.with_tokens = self.tokens_complete = 0
+        # a session's token ids, for its continuity (only session rows keep them)
+        self.tokens: list[tuple[int, dict[str, Any]]] | None = [] if keep_tokens else None
 
     def add(self, r: CallRecord) -> None:
         self.calls += 1
@@ -142,6 +150,11 @@ class _Tally:
             self.latencies.append(t.ended_at - t.started_at)
         if t.first_byte_at is not None:
             self.ttfbs.append(t.first_byte_at - t.started_at)
+        if r.tokens is not None:
+            self.with_tokens += 1
+            self.tokens_complete += r.tokens.complete
+            if self.tokens is not None:
+                self.tokens.append((r.index, r.tokens.model_dump()))
 
     def row(self, kind: Literal["session", "model", "prompt", "all"], name: str) -> StatsRow:
         return StatsRow(
@@ -160,6 +173,9 @@ class _Tally:
             wall_time=self.ended - self.started if self.ended is not None else None,
             mean_ttfb=statistics.fmean(self.ttfbs) if self.ttfbs else None,
             mean_latency=statistics.fmean(self.latencies) if self.latencies else None,
+            with_tokens=self.with_tokens,
+            tokens_complete=self.tokens_complete,
+            continuity=continuity(self.tokens) if self.tokens else None,
         )
 
 
@@ -173,7 +189,7 @@ def stats(records: Iterable[CallRecord], by: Iterable[Grouping] = ("session", "m
     for record in records:
         everything.add(record)
         for kind, tallies in groups.items():
-            tallies.setdefault(keys[kind](record), _Tally()).add(record)
+            tallies.setdefault(keys[kind](record), _Tally(keep_tokens=kind == "session")).add(record)
     if not everything.calls:
         return []
     rows = [tallies[name].row(kind, name) for kind, tallies in groups.items() for name in sorted(tallies)]
@@ -190,18 +206,35 @@ _COLUMNS = (
     ("mean ttfb", lambda r: None if r.mean_ttfb is None else f"{r.mean_ttfb * 1000:.0f} ms"),
     ("mean latency", lambda r: None if r.mean_latency is None else f"{r.mean_latency * 1000:.0f} ms"),
 )  # fmt: skip
+# shown only for trajectories with token ids
+_TOKEN_COLUMN = ("tokens complete", lambda r: f"{r.tokens_complete}/{r.with_tokens}" if r.with_tokens else None)
 
 
 def render_stats(rows: list[StatsRow]) -> str:
     """A plain aligned table, text columns left, numbers right; `-` for unknown."""
     if not rows:
         return "no calls"
-    table = [["", *(title for title, _ in _COLUMNS)]]
+    columns = _COLUMNS + ((_TOKEN_COLUMN,) if any(row.with_tokens for row in rows) else ())
+    table = [["", *(title for title, _ in columns)]]
     for row in rows:
         label = "all" if row.kind == "all" else f"{row.kind} {row.name}"
-        table.append([label, *("-" if (v := get(row)) is None else str(v) for _, get in _COLUMNS)])
+        table.append([label, *("-" if (v := get(row)) is None else str(v) for _, get in columns)])
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    return "\n".join(
+    lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
         for line in table
-    )
+    ]
+    return "\n".join(lines + [line for row in rows for line in _continuity_lines(row)])
+
+
+def _continuity_lines(row: StatsRow) -> list[str]:
+    """Whether a session's calls extend one another token for token, and where not."""
+    if not row.continuity:
+        return []
+    held = sum(entry["continues"] for entry in row.continuity)
+    lines = [f"session {row.name}: continuity: {held} of {len(row.continuity)} calls continue the call before"]
+    for entry in row.continuity:
+        if not entry["continues"]:
+            lines.append(f"  #{entry['index']} after #{entry['previous']}: differs at token {entry['position']}: "
+                         f"{entry['cause']}")  # fmt: skip
+    return lines

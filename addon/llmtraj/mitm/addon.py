@@ -28,6 +28,7 @@ from .quiet_log import QuietStreamingLog
 from .recording import Recorder
 from .replaying import Replayer
 from .routing import Routing
+from .token_capture import TokenCapture
 from .upstreaming import UpstreamForwarding, UpstreamRouting
 from .webview import WebAnnotations, WebChatView
 
@@ -145,7 +146,8 @@ def make_addons() -> list[object]:
     replayer = Replayer(options, loopback, recorder)  # configures before the recorder: see Recorder.marked_path
     anticalling = AntiCalling(options, loopback)  # after the recorder, which tees the call's original URL
     # The upstream route is chosen before the recorder captures the call as the
-    # agent made it, and applied (model rewrite, key, retries) after.
+    # agent made it, and applied (token capture's fields, model rewrite, key,
+    # retries) after.
     upstream_routing = UpstreamRouting(options)
     # A prompt override rewrites the request before any mode reads it (replay
     # matches, the recorder captures, a driver sees the version sent).
@@ -153,7 +155,7 @@ def make_addons() -> list[object]:
     parts = [
         options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), prompting,
         ProxyEndpoints(options, replayer), replayer, upstream_routing,
-        recorder, anticalling, UpstreamForwarding(options, upstream_routing, loopback), WebAnnotations(options),
-        WebChatView(),
+        recorder, anticalling, TokenCapture(options, upstream_routing), UpstreamForwarding(options, upstream_routing, loopback),
+        WebAnnotations(options), WebChatView(),
     ]
     return [LlmTraj(parts)]

@@ -36,6 +36,7 @@ class Settings:
     retries: int = 0
     config_path: str | None = None
     registry: Registry | None = None  # the upstream config's providers and models
+    capture_tokens: bool = False  # llm_traj_capture_tokens: routes of the config may say otherwise
 
     @property
     def routes_calls(self) -> bool:
@@ -52,6 +53,16 @@ class Settings:
         if self.routes_calls:
             return "llm-traj chooses each call's upstream (llm_traj_config, llm_traj_retries) once it has the request"
         return None
+
+    @property
+    def may_capture_tokens(self) -> bool:
+        """Whether some call may get token capture (which adds to the request body)."""
+        return self.capture_tokens or (self.registry is not None and self.registry.captures_tokens)
+
+    @property
+    def needs_whole_request(self) -> bool:
+        """Whether a request body is needed whole before it goes upstream (to route or add to it)."""
+        return self.routes_calls or self.may_capture_tokens
 
 
 def startup_error(message: str) -> None:
@@ -107,6 +118,12 @@ class LlmTrajOptions:
             "llm_traj_retries", int, 0,
             f"Extra attempts (0-{MAX_RETRIES}) for a call whose upstream fails before answering "
             "(connect error, 429, 500, 502, 503), with backoff. A route in llm_traj_config may set its own.",
+        )
+        loader.add_option(
+            "llm_traj_capture_tokens", bool, False,
+            "Record mode: ask the engine (vLLM, SGLang) for token ids and logprobs where the agent did not, "
+            "record them as `tokens`, and pass the agent only what it asked for. "
+            "capture_tokens in llm_traj_config sets it per provider or model.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -179,4 +196,5 @@ class LlmTrajOptions:
             for skipped in registry.skipped:
                 logger.info(f"llm-traj: config: left out {skipped}")
         return Settings(mode=mode, path=path, default_session=opts.llm_traj_session, retries=opts.llm_traj_retries,
-                        config_path=opts.llm_traj_config or None, registry=registry)  # fmt: skip
+                        config_path=opts.llm_traj_config or None, registry=registry,
+                        capture_tokens=opts.llm_traj_capture_tokens)  # fmt: skip

@@ -15,6 +15,7 @@ from ..recording.capture import CallCapture
 from ..recording.sink import RecordSink
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, CallMetadata, LlmCall, llm_call
+from .token_capture import CAPTURE_KEY, SAMPLING_KEY
 
 logger = logging.getLogger("llm_traj")
 
@@ -79,7 +80,7 @@ class Recorder:
         if (
             self._sink is None or call is None or flow.response is not None
             or self._options.settings.mode != "record" or "content-encoding" in flow.request.headers
-            or self._options.settings.routes_calls or "prompt" in flow.metadata[CALL_KEY]  # a prompt override rewrites it
+            or self._options.settings.needs_whole_request or "prompt" in flow.metadata[CALL_KEY]  # a prompt override rewrites it
         ):
             return
         self._capture(flow, call, "record", b"")
@@ -161,6 +162,9 @@ class Recorder:
         capture.extra = info.get("extra") or {}
         capture.upstream = info.get("upstream")
         capture.prompt = info.get("prompt")
+        if SAMPLING_KEY in info and capture.upstream is not None:  # the route's sampling control
+            capture.upstream = {**capture.upstream, "sampling": info[SAMPLING_KEY]}
+        capture.token_capture = info.get(CAPTURE_KEY)
         self._sink.send(capture)
 
     def _close(self) -> None:

@@ -38,6 +38,9 @@ class CallMetadata(TypedDict, total=False):
     anticall_id: str  # AntiCalling: the held call's id
     extra: dict[str, Any]  # AntiCalling: what drivers push beside the answer, for the record's `extra`
     upstream: dict[str, Any]  # UpstreamForwarding: the route, URL, model and attempts, for the record
+    prompt: dict[str, Any]  # Prompting: the override sent and the agent's prompt hash, for the record
+    capture: dict[str, Any]  # TokenCapture: the plan (fields added upstream), for the record
+    sampling: dict[str, Any]  # TokenCapture: what the route's sampling control changed, for the record
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,11 @@ from mitmproxy.contentviews.base import TViewLine
 from ..apis import ApiShape, api_for
 from ..core.sse import SSEParser
 from ..recording.builder import parse_json_body
+from ..tokens.normalise import summary, tokens_from_response
 from .anticalling import CALL_ID_KEY
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, llm_call
+from .token_capture import CAPTURE_KEY
 
 MAX_FLOWS_OPTION = "llm_traj_web_max_flows"
 _PRIORITY = 3  # above JSON (1) and GraphQL (2): the view mitmweb picks for LLM responses
@@ -80,8 +82,9 @@ def _arguments(arguments: Any) -> str:
         return _text(arguments)
 
 
-def completion_lines(completion: dict[str, Any], problems: Iterable[str] = ()) -> Iterator[TViewLine]:
-    """A chat completion (or an error body) as content view lines."""
+def completion_lines(completion: dict[str, Any], problems: Iterable[str] = (), tokens: dict[str, Any] | None = None) -> Iterator[TViewLine]:
+    """A chat completion (or an error body) as content view lines, with the
+    token counts when the engine sent token ids."""
     head = "  ".join(f"{key}: {completion[key]}" for key in ("model", "id") if completion.get(key))
     if head:
         yield [("header", head)]
@@ -105,6 +108,8 @@ def completion_lines(completion: dict[str, Any], problems: Iterable[str] = ()) -
         yield [("header", "finish reason: "), ("text", str(choice.get("finish_reason")))]
     if completion.get("usage"):
         yield [("header", "usage: "), ("text", json.dumps(completion["usage"], ensure_ascii=False))]
+    if tokens is not None:
+        yield [("header", "tokens: "), ("text" if tokens["complete"] else "error", summary(tokens))]
     for problem in problems:
         yield [("error", f"problem: {problem}")]
 
@@ -125,7 +130,7 @@ def chat_lines(data: bytes, content_type: str | None, flow: Any, http_message: A
         (completion, _), problems, origin = parse_json_body(data), [], []
     if not isinstance(completion, dict):
         return None
-    return chain(origin, completion_lines(api.chat_view(completion), problems))
+    return chain(origin, completion_lines(api.chat_view(completion), problems, tokens_from_response(api.name, completion)))
 
 
 def _render_priority(data: bytes, flow: Any, http_message: Any) -> float:
@@ -194,12 +199,14 @@ class WebChatView:
         if not (self._keep_bodies and inner and llm_call(flow) is not None):
             return
         kept = self._bodies[flow.id] = []
+        # With token capture the view keeps what the engine sent, token ids
+        # included (the agent got it without them), so it can count them.
+        captured = CAPTURE_KEY in flow.metadata[CALL_KEY]
 
-        def keep(data: bytes) -> bytes:
+        def keep(data: bytes):
             out = inner(data) if callable(inner) else data
-            if not isinstance(out, bytes):  # a callable may return chunks: the same bytes in one
-                out = b"".join(out)
-            kept.append(out)
+            # a callable may return a list of chunks, empty for none (b"" would end a chunked body)
+            kept.append(data if captured else out if isinstance(out, bytes) else b"".join(out))
             return out
 
         flow.response.stream = keep

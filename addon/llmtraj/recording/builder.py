@@ -87,6 +87,8 @@ class RecordBuilder:
             "upstream": None,
             "prompt": None,  # tagged by the writer (llmtraj.prompts.tagging)
             "extra": {},
+            "tokens": None,
+            "capture": None,
         }
         self.response_headers_at: float | None = None
         self.first_byte_at: float | None = None

@@ -21,6 +21,7 @@ from ..apis import API_BY_NAME
 from ..core.headers import text_headers
 from ..core.store import TrajectoryWriter
 from ..prompts.tagging import PromptTagger
+from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
 from .builder import RecordBuilder
 from .capture import FRAME_LENGTH, CallCapture
 
@@ -38,9 +39,17 @@ def record_of(capture: CallCapture, tagger: PromptTagger | None = None) -> tuple
         request_body=capture.request_body,
         started_at=capture.started_at,
     )
+    api = tee.api
+    note = capture.token_capture
+    rewriting = None
     if capture.status is not None:
         tee.response_started(capture.status, text_headers(capture.response_headers), now=capture.response_headers_at)
-        for data, at in zip(capture.chunks, capture.chunk_times):
+        chunks, times = capture.chunks, capture.chunk_times
+        if note is not None and not note.get("passed_unchanged"):
+            # the record's events are the agent's: the engine's bytes as the proxy rewrote them
+            chunks, rewriting = agent_chunks(chunks, plan_of(note), tee.fields["stream"])
+            times = [*times, capture.ended_at or (times[-1] if times else None)]
+        for data, at in zip(chunks, times):
             tee.chunk(data, now=at)
     if capture.error is None:
         fields = tee.finish(now=capture.ended_at)
@@ -48,6 +57,9 @@ def record_of(capture: CallCapture, tagger: PromptTagger | None = None) -> tuple
         fields = tee.fail(*capture.error, now=capture.ended_at)
     fields["extra"].update(capture.extra)
     fields["upstream"] = capture.upstream
+    final = engine_final(api, capture.chunks, fields["stream"]) if rewriting is not None else fields["response"]
+    fields["tokens"] = tokens_of(api, final, fields["extra"], note["engine"] if note else None)
+    fields["capture"] = {**note, **(rewriting or {})} if note is not None else None
     if tagger is not None:
         fields["prompt"] = tagger.tag(capture.api, fields["request"], capture.prompt)
     return fields, tee.secrets, tee.request_json

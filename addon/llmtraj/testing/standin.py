@@ -310,6 +310,8 @@ def _completion(events: list[dict], model: str, usage: dict) -> dict:
                     lp = acc.get("logprobs") or {"content": [], "refusal": None}
                     lp["content"] = lp["content"] + v["content"]
                     acc["logprobs"] = lp
+                elif k == "token_ids":
+                    acc[k] = (acc.get(k) or []) + v
                 elif v is not None or k not in acc:
                     acc[k] = v
     out = []
@@ -329,6 +331,30 @@ def _completion(events: list[dict], model: str, usage: dict) -> dict:
         "usage": usage,
         **top,
     }
+
+
+def _with_engine_tokens(events: list[dict], req: dict, usage: dict) -> list[dict]:
+    """The events as vLLM sends them when asked (`return_token_ids`, `logprobs`):
+    prompt ids on top of the first, each choice's new ids (one per delta that
+    carries anything, as `_usage` counts) and their logprobs."""
+    ids, logprobs = req.get("return_token_ids") is True, req.get("logprobs") is True
+    if not (ids or logprobs):
+        return events
+    out = []
+    for j, ev in enumerate(events):
+        choices = []
+        for ch in ev["choices"]:
+            produced = any(v for k, v in ch["delta"].items() if k != "role")
+            ch = dict(ch)
+            if logprobs and ch.get("logprobs") is None and produced:
+                ch["logprobs"] = {"content": [_logprob(str(ch["delta"].get("content") or ""), j, 1)]}
+            if ids:
+                ch["token_ids"] = [1000 + j] if produced else []
+            choices.append(ch)
+        out.append({**ev, "choices": choices})
+    if ids and out:
+        out[0] = {**out[0], "prompt_token_ids": list(range(usage["prompt_tokens"]))}
+    return out
 
 
 def _usage(events: list[dict], req: dict) -> dict:
@@ -447,6 +473,7 @@ def _chat(raw: bytes, scenario: str | None, chunks: str | None) -> _Response:
     except (TypeError, ValueError) as e:  # bad `n`, bad x-standin-chunks...
         return _error(400, f"standin: {e}", "invalid_request_error")
     usage = _usage(events, body)
+    events = _with_engine_tokens(events, body, usage)
     drop = name == "drop"
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

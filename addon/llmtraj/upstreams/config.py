@@ -20,7 +20,9 @@ and the registry made from it.
 
     [models."qwen3-32b"]                     # a self-hosted model: its own endpoint
     base_url = "http://gpu-7:8000/v1"
-    kind = "vllm"
+    kind = "vllm"                            # vllm | sglang: which fields ask for token ids
+    capture_tokens = true                    # token ids and logprobs recorded (llm_traj_capture_tokens)
+    sampling = {allow = ["max_tokens", "stop"], fixed = {temperature = 1.0, top_p = 1.0}}  # for RL
 
 A request path maps onto a route's base URL after its own leading `/v1`:
 `/v1/chat/completions` to `https://api.openai.com/v1` is
@@ -45,7 +47,9 @@ from pydantic import (
     model_validator,
 )
 
-Kind = Literal["openai", "anthropic", "vllm"]
+from ..tokens.sampling import SAMPLING_KEYS
+
+Kind = Literal["openai", "anthropic", "vllm", "sglang"]
 DEFAULT_RETRY_STATUSES = (429, 500, 502, 503)
 # The headers an agent may carry its key in; all are replaced when a key is injected.
 AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
@@ -101,11 +105,38 @@ def _check_url(value: str) -> str:
     return value.rstrip("/")
 
 
+class Sampling(_Strict):
+    """Sampling control for RL: what the agent may set, what the proxy imposes."""
+
+    allow: list[str] | None = Field(None, description="sampling keys the agent may set; the others it sets are taken out")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="values imposed on every call (temperature, top_p, seed)")
+
+    @field_validator("allow")
+    @classmethod
+    def _allowed(cls, value: list[str] | None) -> list[str] | None:
+        _check_sampling_keys(value or ())
+        return value
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_sampling_keys(value)
+        return value
+
+
+def _check_sampling_keys(keys) -> None:
+    unknown = sorted(set(keys) - SAMPLING_KEYS)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a sampling key; known: {', '.join(sorted(SAMPLING_KEYS))}")
+
+
 class Endpoint(RetrySettings):
     base_url: str | None = None
     kind: Kind = "openai"
     api_key_env: str | None = Field(None, description="environment variable holding the key to inject")
     optional: bool = Field(False, description="skip (with a log line) instead of failing when api_key_env is unset")
+    capture_tokens: bool | None = Field(None, description="ask the engine for token ids and logprobs (default: llm_traj_capture_tokens)")
+    sampling: Sampling | None = None
 
     @field_validator("base_url")
     @classmethod

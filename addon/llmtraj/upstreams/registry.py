@@ -16,10 +16,12 @@ from .config import (
     Endpoint,
     Kind,
     RetrySettings,
+    Sampling,
     Timeouts,
     UpstreamConfig,
     read_config,
 )
+from ..tokens.sampling import SamplingPolicy
 
 # --- the registry made of a config ---------------------------------------------
 
@@ -51,6 +53,8 @@ class Route:
     kind: Kind = "openai"
     api_key: str | None = field(default=None, repr=False)  # to inject; never logged or recorded
     policy: RetryPolicy = RetryPolicy()
+    capture_tokens: bool | None = None  # None: as llm_traj_capture_tokens says
+    sampling: SamplingPolicy | None = None
 
     def url_for(self, path: str) -> str:
         """The upstream URL of a request path (query included)."""
@@ -112,6 +116,11 @@ class Registry:
             for name in (entry.name, *entry.aliases):
                 self._by_name[name] = entry
 
+    @property
+    def captures_tokens(self) -> bool:
+        """Whether some route has token capture switched on."""
+        return any(route.capture_tokens for route in [*self.routes, *(m.route for m in self.models)])
+
     def target(self, model: Any) -> Target:
         entry = self._by_name.get(model) if isinstance(model, str) else None
         if entry is not None:
@@ -165,6 +174,12 @@ def _key(where: str, endpoint: Endpoint, environ: Mapping[str, str]) -> tuple[st
     )
 
 
+def _sampling(config: Sampling | None) -> SamplingPolicy | None:
+    if config is None:
+        return None
+    return SamplingPolicy(frozenset(config.allow) if config.allow is not None else None, dict(config.fixed))
+
+
 def build_registry(config: UpstreamConfig, *, retries: int = 0, environ: Mapping[str, str] | None = None) -> Registry:
     """`retries`: the default number of extra attempts (`llm_traj_retries`)."""
     environ = os.environ if environ is None else environ
@@ -175,7 +190,8 @@ def build_registry(config: UpstreamConfig, *, retries: int = 0, environ: Mapping
         if not usable:
             skipped.append(f"provider {name} ({provider.api_key_env} unset)")
             continue
-        routes[name] = Route(name, provider.base_url, provider.kind, key, _policy([provider, config], retries))
+        routes[name] = Route(name, provider.base_url, provider.kind, key, _policy([provider, config], retries),
+                             provider.capture_tokens, _sampling(provider.sampling))  # fmt: skip
     models: list[ModelEntry] = []
     names: dict[str, str] = {}
     for name, model in config.models.items():
@@ -188,13 +204,16 @@ def build_registry(config: UpstreamConfig, *, retries: int = 0, environ: Mapping
                 skipped.append(f"model {name} (its provider {model.provider} is skipped)")
                 continue
             base = routes[model.provider]
-            route = Route(base.name, base.base_url, base.kind, base.api_key, _policy([model, provider, config], retries))
+            capture = model.capture_tokens if model.capture_tokens is not None else provider.capture_tokens
+            route = Route(base.name, base.base_url, base.kind, base.api_key, _policy([model, provider, config], retries),
+                          capture, _sampling(model.sampling or provider.sampling))  # fmt: skip
         else:
             key, usable = _key(f"models.{name}", model, environ)
             if not usable:
                 skipped.append(f"model {name} ({model.api_key_env} unset)")
                 continue
-            route = Route(f"model:{name}", model.base_url, model.kind, key, _policy([model, config], retries))
+            route = Route(f"model:{name}", model.base_url, model.kind, key, _policy([model, config], retries),
+                          model.capture_tokens, _sampling(model.sampling))  # fmt: skip
         for alias in (name, *model.aliases):
             if alias in names:
                 raise ConfigError(f"models.{name}: the name {alias!r} is also used by models.{names[alias]}")

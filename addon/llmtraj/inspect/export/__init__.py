@@ -47,6 +47,11 @@ atif
     reply (an agent that compacted its context) adds its messages from the
     first one that differs. `final_metrics` sums the agent steps' tokens.
 
+tokens
+    Token ids for RL trainers (see `tokens.py`): `per_call` a row per choice
+    of each call with token ids, `per_session` a row per linear chain of a
+    session; JSON lines, or Parquet when the output file ends in `.parquet`.
+
 Failed and incomplete calls are no part of a conversation: openai-chat and
 atif leave them out and list them, with every other call they skip, in the
 `skipped` list the caller passes.
@@ -63,6 +68,7 @@ from .atif import atif_documents
 from .common import FORMATS, GRANULARITIES, Skipped
 from .har import har
 from .openai_chat import openai_chat_samples
+from .tokens import token_rows
 
 __all__ = ["FORMATS", "GRANULARITIES", "Skipped", "atif_documents", "export", "har", "openai_chat_samples"]
 
@@ -76,7 +82,7 @@ def export(
     agent_version: str = "unknown",
     skipped: list[Skipped] | None = None,
 ) -> Iterator[str] | str:
-    """`openai-chat`: JSON lines, one sample each; `atif`: JSON lines, one
+    """`openai-chat`, `tokens`: JSON lines, one sample each; `atif`: JSON lines, one
     document per session (lines come without their newline); `har`: one JSON
     document. ValueError for an unknown format or granularity."""
     if fmt == "openai-chat":
@@ -85,6 +91,8 @@ def export(
         return json.dumps(har(records), ensure_ascii=False, indent=2)
     if fmt == "atif":
         return map(_line, atif_documents(records, agent_name=agent_name, agent_version=agent_version, skipped=skipped))
+    if fmt == "tokens":
+        return map(_line, token_rows(records, granularity, skipped))
     raise ValueError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
 
 

@@ -14,7 +14,7 @@ from ...apis import API_BY_NAME, chat_view
 from ...core.record import CallRecord
 from ..stats import call_outcome
 
-FORMATS = ("openai-chat", "har", "atif")
+FORMATS = ("openai-chat", "har", "atif", "tokens")
 GRANULARITIES = ("per_call", "per_session")
 
 

@@ -1,0 +1,257 @@
+"""Capture on request: what the upstream request gets added so the engine
+returns token ids and logprobs, and taking out again, event by event, what the
+agent did not ask for.
+
+The agent then receives what the engine would have sent it without the added
+fields: vLLM sends a field it was not asked for as `null` (so it is set to
+null), SGLang leaves its id fields out (so they are removed); the usage-only
+event of a stream is dropped when only the proxy asked for it. Events that
+need no change pass as the very same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_core import from_json, to_json
+
+ENGINES = ("vllm", "sglang")
+CAPTURE_APIS = ("chat.completions", "completions")
+
+# What may be hidden from the agent again: families of fields the proxy asked for.
+TOKEN_IDS, LOGPROBS, USAGE = "token_ids", "logprobs", "usage"
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """For one call: the fields added upstream, and what the agent gets without."""
+
+    engine: str
+    added: dict[str, Any]
+    hidden: frozenset[str]
+
+    def note(self) -> dict[str, Any]:
+        return {"engine": self.engine, "added": self.added, "hidden": sorted(self.hidden)}
+
+
+def plan_capture(api: str, request: Any, engine: str = "vllm") -> CapturePlan | None:
+    """What to add to `request` (the agent's JSON body) for `engine`; None when
+    the call cannot carry tokens (another API, a body that is not an object)."""
+    if api not in CAPTURE_APIS or not isinstance(request, dict):
+        return None
+    chat = api == "chat.completions"
+    stream = request.get("stream") is True
+    added: dict[str, Any] = {}
+    hidden: set[str] = set()
+    if engine == "sglang":
+        # SGLang refuses ids in chat streams; its chat wants prompt ids asked for apart
+        id_flags = [] if chat and stream else ["return_token_ids", "return_prompt_token_ids"] if chat else ["return_token_ids"]
+    else:
+        id_flags = ["return_token_ids"]
+    if id_flags and not any(request.get(flag) for flag in id_flags):
+        added.update(dict.fromkeys(id_flags, True))
+        hidden.add(TOKEN_IDS)
+    if (not request.get("logprobs")) if chat else request.get("logprobs") is None:
+        added["logprobs"] = True if chat else 0  # the sampled token's logprob; no alternatives
+        hidden.add(LOGPROBS)
+    if stream:  # a stream's usage is what the completion token count is checked against
+        options = request.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage")):
+            added["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            hidden.add(USAGE)
+    return CapturePlan(engine, added, frozenset(hidden)) if added else None
+
+
+_DROP = object()
+
+
+def _hide(obj: dict[str, Any], plan: CapturePlan) -> Any:
+    """`obj` (a chunk or a whole response) without what the agent did not ask
+    for, changed in place: True if something changed, _DROP for an event the
+    agent would not have got at all."""
+    changed = False
+    hidden = plan.hidden
+    remove_ids = plan.engine == "sglang"
+
+    def clear(holder: dict[str, Any], key: str, remove: bool) -> None:
+        nonlocal changed
+        if holder.get(key) is not None or (remove and key in holder):
+            if remove:
+                del holder[key]
+            else:
+                holder[key] = None
+            changed = True
+
+    choices = obj.get("choices")
+    if USAGE in hidden and obj.get("usage") is not None:
+        if not choices:
+            return _DROP  # the usage-only event: only the proxy asked for it
+        obj["usage"] = None
+        changed = True
+    if TOKEN_IDS in hidden:
+        clear(obj, "prompt_token_ids", remove_ids)
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        if TOKEN_IDS in hidden:
+            clear(choice, "token_ids", remove_ids)
+            clear(choice, "prompt_token_ids", remove_ids)
+        if LOGPROBS in hidden:
+            clear(choice, "logprobs", False)  # both engines send `"logprobs": null` when not asked
+    return changed
+
+
+def engine_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON written by pydantic's serialiser, as vLLM and SGLang
+    write theirs (their float and escape forms, unlike `core.jsontext.compact_json`,
+    Python's), so a rewritten event reads as the engine's own."""
+    return to_json(obj)
+
+
+def hide_in_body(body: bytes, plan: CapturePlan) -> bytes:
+    """A non-streamed response body as the agent gets it (unchanged bytes when
+    nothing was to hide, or when it is not a JSON object)."""
+    try:
+        obj = from_json(body)
+    except ValueError:
+        return body
+    if not isinstance(obj, dict) or _hide(obj, plan) is not True:
+        return body
+    return engine_json(obj)
+
+
+# The fast way through a compact event (what vLLM and SGLang send): the spans
+# to hide are found with `bytes.find` (a regex costs ten times more per event).
+# A key's closing quote cannot match inside a JSON string (it would be escaped
+# there), and in both engines' choices `logprobs` is followed by `finish_reason`.
+# Anything else is parsed and written anew.
+_IDS = b'token_ids":['  # the end of "token_ids" and of "prompt_token_ids"
+_LOGPROBS, _AFTER_LOGPROBS = b'"logprobs":{', b',"finish_reason":'
+_FINGERPRINT = re.compile(rb',"system_fingerprint":("(?:[^"\\]|\\.)*")')
+
+
+def _hide_compact(event: bytes, plan: CapturePlan) -> bytes | object | None:
+    """`event` (an event's bytes) without what the agent did not ask for: the
+    same object when nothing changes, _DROP for an event the agent would not
+    have got at all, None when this cannot tell without parsing."""
+    if b'": ' in event:
+        return None  # spaced JSON (or such text in a string): parse it
+    hidden = plan.hidden
+    if USAGE in hidden and b'"usage":{' in event:
+        return _DROP if b'"choices":[]' in event else None
+    pieces, at = [], 0
+    if TOKEN_IDS in hidden:
+        remove = plan.engine == "sglang"
+        while (start := event.find(_IDS, at)) != -1:
+            end = event.find(b"]", start) + 1
+            if remove:  # SGLang leaves the key out: it goes with the comma before it
+                start = event.rfind(b',"', at, start)
+                if start == -1 or end == 0:
+                    return None
+                pieces.append(event[at:start])
+            else:  # vLLM: "token_ids":null
+                if end == 0:
+                    return None
+                pieces += [event[at : start + len(_IDS) - 1], b"null"]
+            at = end
+    if at:
+        event = b"".join(pieces) + event[at:]
+        pieces, at = [], 0
+    if LOGPROBS in hidden:
+        while (start := event.find(_LOGPROBS, at)) != -1:
+            end = event.find(_AFTER_LOGPROBS, start)
+            if end == -1:
+                return None
+            pieces += [event[at : start + len(_LOGPROBS) - 1], b"null"]
+            at = end
+    return b"".join(pieces) + event[at:] if at else event
+
+
+_DATA = re.compile(rb"data: ?(\{.*\})(\r?\n\r?\n)\Z", re.S)
+
+
+def _shown_event(raw: bytes, plan: CapturePlan) -> bytes | object:
+    """An SSE event as the agent gets it (the same object when unchanged), or _DROP."""
+    if raw.startswith(b"data: {") and raw.find(b"\n") >= len(raw) - 4:  # one compact data line: the fast way
+        fast = _hide_compact(raw, plan)
+        if fast is not None:
+            return fast
+    match = _DATA.match(raw)
+    if match is None:  # [DONE], comments, multi-line data: nothing of ours
+        return raw
+    try:
+        obj = from_json(match.group(1))
+    except ValueError:
+        return raw
+    change = _hide(obj, plan) if isinstance(obj, dict) else False
+    return change if change is _DROP else b"data: " + engine_json(obj) + match.group(2) if change else raw
+
+
+class StreamHider:
+    """Fed a response stream's bytes as they arrive, returns the bytes the agent
+    gets: every whole event, rewritten when it carries what the agent did not
+    ask for, the same bytes otherwise; the unfinished tail waits for its end.
+
+    When the proxy asked for the usage event, a choice's last event (its
+    finish_reason) waits for the next event: vLLM then puts its
+    `system_fingerprint` on the usage event instead, and the agent, which did
+    not ask for usage, gets it where vLLM would have put it."""
+
+    def __init__(self, plan: CapturePlan) -> None:
+        self._plan = plan
+        self._hold_finishing = USAGE in plan.hidden
+        self._tail = b""
+        self._held: tuple[bytes, bool] | None = None  # a finishing event as shown, and whether rewritten
+        self._position = 0
+        self.rewritten: list[int] = []  # positions in the stream the agent got
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes in; bytes for the agent out (b"" at the end of the stream flushes what waits)."""
+        if not data:
+            tail, self._tail = self._tail, b""
+            return self._release() + tail  # a cut-off last event goes as it came
+        buf = self._tail + data if self._tail else data
+        out: list[bytes] = []
+        start = 0
+        crlf = b"\r" in buf
+        while True:  # each blank line ends an event (LF or CRLF line ends)
+            lf = buf.find(b"\n\n", start)
+            stop = lf + 2 if lf != -1 else -1
+            if crlf and (other := buf.find(b"\n\r\n", start)) != -1 and (lf == -1 or other < lf):
+                stop = other + 3
+            if stop == -1:
+                break
+            out.append(self._event(buf[start:stop]))
+            start = stop
+        self._tail = buf[start:]
+        return b"".join(out)
+
+    def _release(self, fingerprint: bytes | None = None) -> bytes:
+        if self._held is None:
+            return b""
+        (event, rewritten), self._held = self._held, None
+        if fingerprint is not None and b'"system_fingerprint":' not in event:
+            end = event.rfind(b"}")
+            event = event[:end] + b',"system_fingerprint":' + fingerprint + event[end:]
+            if not rewritten:
+                self.rewritten.append(self._position - 1)
+        return event
+
+    def _event(self, raw: bytes) -> bytes:
+        shown = _shown_event(raw, self._plan)
+        if shown is _DROP:
+            self.dropped += 1
+            fingerprint = _FINGERPRINT.search(raw)
+            return self._release(fingerprint.group(1) if fingerprint else None)
+        released = self._release() if self._held is not None else b""
+        changed = shown is not raw
+        if changed:
+            self.rewritten.append(self._position)
+        self._position += 1
+        if self._hold_finishing and b'"finish_reason":"' in shown:
+            self._held = (shown, changed)
+            return released
+        return released + shown if released else shown
