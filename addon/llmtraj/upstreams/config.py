@@ -159,7 +159,8 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {message}{more}" if where else message + more
 
 
-def parse_config(text: str, suffix: str) -> UpstreamConfig:
+def parse_table(text: str, suffix: str) -> dict[str, Any]:
+    """The top-level table of a TOML or YAML settings file (by its suffix)."""
     if suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -171,6 +172,11 @@ def parse_config(text: str, suffix: str) -> UpstreamConfig:
         raise ConfigError("the file name must end in .toml, .yaml or .yml")
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a table of settings")
+    return data
+
+
+def parse_config(text: str, suffix: str) -> UpstreamConfig:
+    data = parse_table(text, suffix)
     try:
         return UpstreamConfig.model_validate(data)
     except ValidationError as exc:
