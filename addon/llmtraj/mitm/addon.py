@@ -21,6 +21,7 @@ from mitmproxy import exceptions
 from .anticalling import AntiCalling
 from .endpoints import ProxyEndpoints
 from .loopback import Loopback
+from .model_keeping import ModelListKeeper
 from .options import LlmTrajOptions, check_set_values, startup_error
 from .proxy_errors import OpenAIShapedProxyErrors
 from .quiet_log import QuietStreamingLog
@@ -149,7 +150,8 @@ def make_addons() -> list[object]:
     parts = [
         options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options),
         ProxyEndpoints(options, replayer), replayer, upstream_routing,
-        recorder, anticalling, UpstreamForwarding(options, upstream_routing, loopback), WebAnnotations(options),
+        recorder, ModelListKeeper(options), anticalling, UpstreamForwarding(options, upstream_routing, loopback),
+        WebAnnotations(options),
         WebChatView(),
     ]
     return [LlmTraj(parts)]
