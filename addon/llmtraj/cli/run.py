@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..core.session import InvalidSession, validate_session
-from ..upstreams.config import ConfigError, key_variables, read_config
+from ..upstreams.config import NO_UPSTREAM, ConfigError, key_variables, read_config
 from .proxy_process import ProxyProcess
 
 VIA = ("base-url", "https-proxy")
@@ -103,7 +103,7 @@ def proxy_for(plan: RunPlan, run_dir: Path) -> ProxyProcess:
         upstream = None  # regular mode: the agent names its own hosts
     elif upstream is None:
         # replay / anti-call answer every LLM call themselves; with a config, it routes them
-        upstream = "http://127.0.0.1:9"
+        upstream = NO_UPSTREAM
     options.update(plan.sets)
     return ProxyProcess(upstream=upstream, options=options, log=run_dir / "proxy.log")
 

@@ -49,6 +49,9 @@ Kind = Literal["openai", "anthropic", "vllm"]
 DEFAULT_RETRY_STATUSES = (429, 500, 502, 503)
 # The headers an agent may carry its key in; all are replaced when a key is injected.
 AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
+# The reverse target of a proxy that answers every LLM call itself (replay,
+# anti-call) and was given no upstream: the discard port, never contacted.
+NO_UPSTREAM = "http://127.0.0.1:9"
 
 
 class ConfigError(ValueError):
