@@ -22,6 +22,7 @@ from .anticalling import AntiCalling
 from .endpoints import ProxyEndpoints
 from .loopback import Loopback
 from .model_keeping import ModelListKeeper
+from .offline import OfflineReplay
 from .options import LlmTrajOptions, check_set_values, startup_error
 from .proxy_errors import OpenAIShapedProxyErrors
 from .quiet_log import QuietStreamingLog
@@ -149,7 +150,7 @@ def make_addons() -> list[object]:
     upstream_routing = UpstreamRouting(options)
     parts = [
         options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options),
-        ProxyEndpoints(options, replayer), replayer, upstream_routing,
+        ProxyEndpoints(options, replayer), replayer, OfflineReplay(options, replayer), upstream_routing,
         recorder, ModelListKeeper(options), anticalling, UpstreamForwarding(options, upstream_routing, loopback),
         WebAnnotations(options),
         WebChatView(),

@@ -116,6 +116,15 @@ class Replayer:
     def serves_flows(self) -> bool:
         return self._replay is not None or self._broken
 
+    @property
+    def replay(self) -> Replay | None:
+        """The recording being replayed (None outside replay mode)."""
+        return self._replay
+
+    @property
+    def forwards_misses(self) -> bool:
+        return self._settings is not None and self._settings.miss != "error"
+
     def request(self, flow: http.HTTPFlow) -> None:
         replay = self._replay
         if replay is None or flow.response is not None:

@@ -100,6 +100,8 @@ class Replay:
         for record in records:
             by_session.setdefault(record.session, []).append(record)
         self._tapes: dict[str, Tape] = {}
+        self.models: list[tuple[str, bool]] = []  # (model, whether an Anthropic call) of every call, for /v1/models
+        self.urls: set[str] = set()  # where the recorded calls went
         for session, records_ in by_session.items():
             steps = []
             for record in sorted(records_, key=lambda r: r.index):
@@ -107,6 +109,9 @@ class Replay:
                 if api is None:
                     raise ReplayLoadError(f"session {session} #{record.index}: cannot replay api {record.api!r}")
                 steps.append(Step(record, api, self.ignore))
+                if isinstance(record.request, dict) and isinstance(record.request.get("model"), str):
+                    self.models.append((record.request["model"], record.api == "anthropic.messages"))
+                self.urls.add(record.url)
             self._tapes[session] = Tape(steps)
         self._unknown: dict[str, SessionStats] = {}  # sessions asked for that were not recorded
 
