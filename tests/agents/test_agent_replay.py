@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtraj.store import read_records
+from llmtraj.core.store import read_records
 
 from .harness import CLAUDE, CODEX, FILE_TEXT, SESSION, Agent, Place, Tripwire, run_agent
 

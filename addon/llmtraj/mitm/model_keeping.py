@@ -10,7 +10,7 @@ import logging
 
 from mitmproxy import http
 
-from ..model_lists import KeptAnswer, is_anthropic, keep_answer, model_list_path, models_file
+from ..core.model_lists import KeptAnswer, is_anthropic, keep_answer, model_list_path, models_file
 from .options import LlmTrajOptions
 
 logger = logging.getLogger("llm_traj")

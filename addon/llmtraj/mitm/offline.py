@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from ..model_lists import OfflineModels, is_anthropic, model_list_path, models_file, read_kept
+from ..core.model_lists import OfflineModels, is_anthropic, model_list_path, models_file, read_kept
 from .options import LlmTrajOptions
 from .replaying import Replayer
 from .routing import error_response, llm_call

@@ -535,7 +535,7 @@ def load_rules(path: str | Path | None) -> Normalizer:
     """The normaliser for `llm_traj_replay_rules` (unset: the built-in presets)."""
     if not path:
         return Normalizer.builtin()
-    from .upstreams import ConfigError, parse_table
+    from ..upstreams.config import ConfigError, parse_table
 
     path = Path(path).expanduser()
     try:

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 
-from llmtraj.model_lists import models_file
-from llmtraj.proxy_process import ProxyProcess
-from llmtraj.standin import MODELS
+from llmtraj.cli.proxy_process import ProxyProcess
+from llmtraj.core.model_lists import models_file
+from llmtraj.testing.standin import MODELS
 
 from .test_record_e2e import API_KEY, MESSAGES
 

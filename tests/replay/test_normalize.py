@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from llmtraj.normalize import (
+from llmtraj.replay.normalize import (
     ANY_INDEX,
     ANY_KEY,
     GENERIC,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtraj.model_lists import KeptAnswer, OfflineModels, keep_answer, model_list_path, models_file, read_kept
+from llmtraj.core.model_lists import KeptAnswer, OfflineModels, keep_answer, model_list_path, models_file, read_kept
 
 OPENAI_LIST = {"object": "list", "data": [{"id": "gpt-x", "object": "model", "created": 1, "owned_by": "o"},
                                           {"id": "org/model-y", "object": "model", "created": 2, "owned_by": "o"}]}  # fmt: skip
