@@ -259,8 +259,8 @@ def test_instant_stream_and_report_on_request(replayer, recording):
     recorded_body, recorded_elapsed = recording.got["paced-0"]
     assert body == recorded_body and recorded_elapsed > 0.6 and elapsed < 0.3
     report = httpx.get(f"{replayer.url}/llm-traj/replay-report").json()["sessions"]
-    assert report["paced-0"] == {"recorded": 1, "served": 1, "unserved": 0, "rungs": {"exact": 1}, "misses": 0,
-                                 "first_divergence": None}  # fmt: skip
+    assert report["paced-0"] == {"recorded": 1, "served": 1, "unserved": 0, "rungs": {"exact": 1}, "rules": {},
+                                 "nearest": [], "misses": 0, "first_divergence": None}  # fmt: skip
     assert report["paced-1"]["served"] == 0 and report["nobody"]["misses"] >= 1
 
 

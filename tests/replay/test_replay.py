@@ -415,11 +415,13 @@ def test_report_per_session():
     serve(r, "a", chat("oops"))
     serve(r, "ghost", chat("x"))
     assert r.report() == {"sessions": {
-        "a": {"recorded": 3, "served": 2, "unserved": 1, "rungs": {"later": 1, "exact": 1}, "misses": 1,
+        "a": {"recorded": 3, "served": 2, "unserved": 1, "rungs": {"later": 1, "exact": 1}, "rules": {}, "nearest": [],
+              "misses": 1,
               "first_divergence": "the request diverges from the recording of session 'a' at step 3 (of 3): "
                                   'messages[0].content: recorded "a3", request "oops"'},
-        "b": {"recorded": 1, "served": 0, "unserved": 1, "rungs": {}, "misses": 0, "first_divergence": None},
-        "ghost": {"recorded": 0, "served": 0, "unserved": 0, "rungs": {}, "misses": 1,
+        "b": {"recorded": 1, "served": 0, "unserved": 1, "rungs": {}, "rules": {}, "nearest": [], "misses": 0,
+              "first_divergence": None},
+        "ghost": {"recorded": 0, "served": 0, "unserved": 0, "rungs": {}, "rules": {}, "nearest": [], "misses": 1,
                   "first_divergence": "session 'ghost' is not in the recording (it has: a, b)"},
     }}  # fmt: skip
     lines = r.report_lines()

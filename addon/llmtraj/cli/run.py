@@ -217,3 +217,24 @@ def run(plan: RunPlan, run_dir: Path, on_agent_exit: Callable[[ProxyProcess], No
     finally:
         proxy.stop()
     return code, started
+
+
+def replay_report(plan: RunPlan, proxy: ProxyProcess) -> dict | None:
+    """The proxy's replay report (None if it cannot be had): asked of the
+    proxy itself, as a proxy when the agent reached it through HTTPS_PROXY."""
+    import json
+    import urllib.request
+
+    from ..replay.report import REPORT_PATH
+
+    if plan.via == "https-proxy":  # any host: the proxy answers the path itself, connecting nowhere
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url}))
+        url = f"http://llm-traj.invalid{REPORT_PATH}"
+    else:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        url = f"{proxy.url}{REPORT_PATH}"
+    try:
+        with opener.open(url, timeout=10) as answer:
+            return json.loads(answer.read())
+    except (OSError, ValueError):
+        return None
