@@ -353,8 +353,8 @@ def export(
     path: Path = typer.Argument(..., help=TRAJ_HELP),
     fmt: str = typer.Option(..., "--format", help="openai-chat, har or atif."),
     granularity: str = typer.Option("per_call", help="openai-chat: per_call or per_session."),
-    agent_name: str = typer.Option("unknown", help="atif: the agent's name."),
-    agent_version: str = typer.Option("unknown", help="atif: the agent's version."),
+    agent_name: str = typer.Option(None, help="atif: the agent's name (default: recognised from its calls)."),
+    agent_version: str = typer.Option(None, help="atif: the agent's version (default: from its user-agent)."),
     out: Path = typer.Option(None, "-o", "--out", help="Output file (default: stdout)."),
 ) -> None:
     """Turn a trajectory into training or HTTP-tooling data."""
