@@ -43,10 +43,8 @@ def assert_same(headers, first, second, normalizer=BUILTIN):
 CLAUDE_HEADERS = [("User-Agent", "claude-cli/9.9.9 (external, sdk-cli)"), ("X-Claude-Code-Session-Id", "s")]
 
 
-def claude_request(*, home: str, day: str, hash_: str, user: str, task: str = "Make notes.txt", cached_last=True):
-    tail = {"type": "text", "text": task}
-    if cached_last:
-        tail["cache_control"] = {"type": "ephemeral"}
+def claude_request(*, home: str, day: str, hash_: str, user: str, task: str = "Make notes.txt"):
+    tail = {"type": "text", "text": task, "cache_control": {"type": "ephemeral"}}
     return {
         "model": "some-model",
         "system": [
@@ -68,10 +66,10 @@ def claude_request(*, home: str, day: str, hash_: str, user: str, task: str = "M
 
 def test_claude_code_runs_match_on_another_day_home_and_billing_hash():
     first = claude_request(home="/home/ann", day="2026-01-05", hash_="5a1f0", user="aa11")
-    second = claude_request(home="/tmp/other/home", day="2026-01-06", hash_="c3e9d", user="bb22", cached_last=False)
+    second = claude_request(home="/tmp/other/home", day="2026-01-06", hash_="c3e9d", user="bb22")
     result = assert_same(CLAUDE_HEADERS, first, second)
     assert result.preset == "claude-code"
-    assert {"claude-billing-hash", "abs-path", "iso-date", "claude-user-id", "claude-cache-control"} <= set(result.fired)
+    assert {"claude-billing-hash", "abs-path", "iso-date", "claude-user-id"} <= set(result.fired)
 
 
 def test_claude_code_different_tasks_differ():

@@ -13,6 +13,7 @@ Replayed flows are marked as mitmproxy's server replay marks them
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from dataclasses import dataclass
@@ -115,6 +116,10 @@ class Replayer:
                 for line in skipped:
                     logger.warning(f"llm-traj: {line}")
                 self._replay, self._source = replay, source
+                # The recording lives as long as the proxy: keep the cyclic GC from
+                # walking it again and again while calls allocate (a freed object is
+                # still freed by its reference count).
+                gc.freeze()
                 logger.info(
                     f"llm-traj: replaying {replay.calls} calls of {replay.sessions} sessions from {settings.path}"
                 )

@@ -221,8 +221,6 @@ BUILTIN_RULES: dict[str, dict[str, Any]] = {
                     "placeholder": r"\1_<id>", "quick": r"_[A-Za-z0-9-]{16}"},
     # Claude Code
     "claude-user-id": {"drop": "metadata.user_id"},
-    "claude-cache-control": {"drop": "messages[*].content[*].cache_control"},
-    "claude-system-cache-control": {"drop": "system[*].cache_control"},
     "claude-billing-hash": {"pattern": r"cch=[0-9a-f]+;", "placeholder": "cch=<hash>;", "under": "system[*].text"},
     # Codex
     "codex-client-metadata": {"drop": "client_metadata"},
@@ -250,7 +248,7 @@ _LITELLM = ("litellm-metadata", "elapsed-seconds")
 
 BUILTIN_PRESETS: tuple[Preset, ...] = (
     Preset("claude-code", "Claude Code", re.compile(r"^claude-cli/"), ("x-claude-code-session-id",),
-           rules=("claude-user-id", "claude-cache-control", "claude-system-cache-control", "claude-billing-hash")),
+           rules=("claude-user-id", "claude-billing-hash")),
     Preset("codex", "Codex", re.compile(r"^codex"), ("x-codex-turn-metadata", "x-codex-window-id"),
            rules=("codex-client-metadata", "codex-prompt-cache-key", "codex-item-id", "codex-chunk-id",
                   "codex-wall-time")),
@@ -292,11 +290,13 @@ class RuleSet:
         # (rule, position in its path) pairs still being followed at the root
         self._roots = tuple((r, 0) for r in self.rules if r.path is not None)
         self._caches: dict[tuple[Rule, ...], dict[str, Any]] = {}  # per rule tuple: string -> _rewrite's entry
+        self._steps: dict[tuple, dict[Any, tuple]] = {}  # _step's answers, by states and key
+        self._index_free: dict[tuple, bool] = {}
 
     def normalize(self, api: str, body: Any, raw: str | None = None) -> Normalized:
         fired: set[str] = set()
         if raw is not None:
-            text = self._string(raw, self._global, fired)
+            text = self._plain(raw, self._global, fired)
             return Normalized(f"{api}\nraw\n{text}", text, tuple(sorted(fired)), self.preset)
         out = self._walk(body, self._roots, self._global, fired)
         key = f"{api}\njson\n" + to_json(out).decode()
@@ -306,29 +306,48 @@ class RuleSet:
         """A normalised copy of a node (keys sorted), while path rules are
         still being followed (`states`)."""
         if not states:
-            return self._plain(node, scoped, fired) if scoped else _sorted_copy(node)
+            return self._plain(node, scoped, fired)
         if isinstance(node, dict):
             out = {}
             for key in sorted(node):
-                step = self._step(states, scoped, key, False, fired)
-                if step is not None:
-                    out[key] = self._walk(node[key], step[0], step[1], fired)
+                following, added, dropped = self._step(states, key)
+                if dropped:
+                    fired.update(dropped)
+                    continue
+                out[key] = self._walk(node[key], following, _with(scoped, added), fired)
             return out
         if isinstance(node, list):
+            if self._any_index(states):
+                following, added, dropped = self._step(states, ANY_INDEX)  # the same for every item
+                if dropped:
+                    fired.update(dropped)
+                    return []
+                child = _with(scoped, added)
+                return [self._walk(item, following, child, fired) for item in node]
             out_list = []
             for i, item in enumerate(node):
-                step = self._step(states, scoped, i, True, fired)
-                if step is not None:
-                    out_list.append(self._walk(item, step[0], step[1], fired))
+                following, added, dropped = self._step(states, i)
+                if dropped:
+                    fired.update(dropped)
+                    continue
+                out_list.append(self._walk(item, following, _with(scoped, added), fired))
             return out_list
         if isinstance(node, str):
-            return self._string(node, scoped, fired) if scoped else node
+            return self._plain(node, scoped, fired)
         return node
 
-    @staticmethod
-    def _step(states: tuple, scoped: tuple[Rule, ...], key: str | int, index: bool, fired: set[str]):
-        """The states and scoped rules of a child; None if a rule drops it."""
-        following = []
+    def _step(self, states: tuple, key: Any) -> tuple[tuple, tuple[Rule, ...], tuple[str, ...]]:
+        """(the states a child follows, the rules whose `under` it reaches, the
+        drop rules that remove it) for a child by key, index or ANY_INDEX
+        (any index); worked out once per state set and key."""
+        by_key = self._steps.get(states)
+        if by_key is None:
+            by_key = self._steps[states] = {}
+        memo = by_key.get(key)
+        if memo is not None:
+            return memo
+        index = type(key) is int or key is ANY_INDEX
+        following, added, dropped = [], [], []
         for rule, position in states:
             token = rule.path[position]
             if index:
@@ -340,39 +359,50 @@ class RuleSet:
             if position + 1 < len(rule.path):
                 following.append((rule, position + 1))
             elif rule.drop is not None:
-                fired.add(rule.name)
-                return None
-            elif rule not in scoped:
-                scoped = (*scoped, rule)
-        return tuple(following), scoped
+                dropped.append(rule.name)
+            else:
+                added.append(rule)
+        memo = by_key[key] = (tuple(following), tuple(added), tuple(dropped))
+        return memo
+
+    def _any_index(self, states: tuple) -> bool:
+        """Whether no state names a list index: then every item steps alike."""
+        found = self._index_free.get(states)
+        if found is None:
+            found = self._index_free[states] = all(type(rule.path[position]) is not int for rule, position in states)
+        return found
 
     def _plain(self, node: Any, rules: tuple[Rule, ...], fired: set[str]) -> Any:
-        """The hot path: a subtree no path rule reaches, its strings rewritten
-        by `rules`; strings seen before cost a dict lookup."""
+        """A subtree no path rule reaches: its strings rewritten by `rules`."""
+        if not rules:
+            return _sorted_copy(node)
         cache = self._caches.get(rules)
         if cache is None:
             cache = self._caches[rules] = {}
+        return _rewrite_tree(node, rules, cache, fired)
 
-        def walk(node: Any) -> Any:
-            if type(node) is str:
-                hit = cache.get(node)
-                if hit is None:
-                    hit = _rewrite(node, rules, cache)
-                if hit is _UNCHANGED:
-                    return node
-                fired.update(hit[1])
-                return hit[0]
-            if type(node) is dict:
-                return {key: walk(node[key]) for key in sorted(node)}
-            if type(node) is list:
-                return [walk(item) for item in node]
+
+def _with(scoped: tuple[Rule, ...], added: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    return scoped if not added else scoped + tuple(r for r in added if r not in scoped)
+
+
+def _rewrite_tree(node: Any, rules: tuple[Rule, ...], cache: dict, fired: set[str]) -> Any:
+    """The hot path: a copy with keys sorted and strings rewritten; a string
+    seen before costs a dict lookup."""
+    kind = type(node)
+    if kind is str:
+        hit = cache.get(node)
+        if hit is None:
+            hit = _rewrite(node, rules, cache)
+        if hit is _UNCHANGED:
             return node
-
-        return walk(node)
-
-    def _string(self, text: str, rules: tuple[Rule, ...], fired: set[str]) -> str:
-        return self._plain(text, rules, fired)
-
+        fired.update(hit[1])
+        return hit[0]
+    if kind is dict:
+        return {key: _rewrite_tree(node[key], rules, cache, fired) for key in sorted(node)}
+    if kind is list:
+        return [_rewrite_tree(item, rules, cache, fired) for item in node]
+    return node
 
 
 _UNCHANGED = ()  # cached for a string no rule changes
