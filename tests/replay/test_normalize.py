@@ -299,7 +299,7 @@ def test_bad_rules_are_one_line_naming_the_rule(table, message):
 
 
 def test_bad_rules_file(tmp_path):
-    with pytest.raises(RuleError, match="cannot read"):
+    with pytest.raises(RuleError, match="cannot read it"):
         load_rules(tmp_path / "missing.toml")
     (tmp_path / "r.toml").write_text("rules = [")
     with pytest.raises(RuleError, match="not valid TOML"):

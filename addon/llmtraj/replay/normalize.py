@@ -565,15 +565,10 @@ def load_rules(path: str | Path | None) -> Normalizer:
     """The normaliser for `llm_traj_replay_rules` (unset: the built-in presets)."""
     if not path:
         return Normalizer.builtin()
-    from ..upstreams.config import ConfigError, parse_table
+    from ..upstreams.config import ConfigError, read_table
 
-    path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RuleError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = parse_table(text, path.suffix.lower())
+        data = read_table(path)
     except ConfigError as exc:
-        raise RuleError(f"{path}: {exc}") from None
-    return normalizer_from_table(data, str(path))
+        raise RuleError(str(exc)) from None
+    return normalizer_from_table(data, str(Path(path).expanduser()))

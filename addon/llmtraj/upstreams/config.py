@@ -179,23 +179,35 @@ def parse_table(text: str, suffix: str) -> dict[str, Any]:
 
 
 def parse_config(text: str, suffix: str) -> UpstreamConfig:
-    data = parse_table(text, suffix)
+    return _validated(parse_table(text, suffix))
+
+
+def _validated(data: dict[str, Any]) -> UpstreamConfig:
     try:
         return UpstreamConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_first_error(exc)) from None
 
 
-def read_config(path: str | os.PathLike) -> UpstreamConfig:
+def read_table(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level table of a TOML or YAML settings file; errors name the file."""
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     try:
-        return parse_config(text, path.suffix.lower())
+        return parse_table(text, path.suffix.lower())
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def read_config(path: str | os.PathLike) -> UpstreamConfig:
+    data = read_table(path)
+    try:
+        return _validated(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(path).expanduser()}: {exc}") from None
 
 
 def key_variables(config: UpstreamConfig) -> set[str]:
