@@ -10,7 +10,7 @@ import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 
-from llmtraj.cli.proxy_process import ProxyProcess
+from llmtraj.cli.proxy_process import ProxyProcess, ProxyStartError
 from llmtraj.core.model_lists import models_file
 from llmtraj.testing.standin import MODELS
 
@@ -70,3 +70,43 @@ def test_without_a_kept_list_the_recorded_models_are_listed(recorded, tmp_path):
         (copy / path.name).write_bytes(path.read_bytes())
     with replay_proxy(copy, tmp_path / "proxy.log") as proxy:
         assert [m.id for m in client(proxy).models.list().data] == ["standin-text"]
+
+
+DATED = "Today is 2026-03-04; the repository is at /home/ann/project. Say hello."
+
+
+@pytest.fixture(scope="module")
+def dated(upstream, tmp_path_factory):
+    """A call whose prompt names a date and a home, recorded."""
+    traj = tmp_path_factory.mktemp("dated")
+    with ProxyProcess(upstream=upstream.url, options={"llm_traj_mode": "record", "llm_traj_path": traj}) as proxy:
+        client(proxy).chat.completions.create(model="standin-text", messages=[{"role": "user", "content": DATED}])
+    return traj
+
+
+def ask(proxy: ProxyProcess, text: str):
+    return client(proxy).chat.completions.with_raw_response.create(
+        model="standin-text", messages=[{"role": "user", "content": text}])  # fmt: skip
+
+
+def test_normalized_and_nearest_rungs_through_the_proxy(dated, tmp_path):
+    options = {"llm_traj_mode": "replay", "llm_traj_path": dated, "llm_traj_replay_nearest": "true"}
+    with ProxyProcess(upstream="http://unused", options=options) as proxy:
+        another_day = ask(proxy, DATED.replace("2026-03-04", "2026-03-05").replace("/home/ann", "/Users/bo"))
+        assert another_day.headers["x-llm-traj-match"] == "normalized"
+        report = httpx.get(f"{proxy.url}/llm-traj/replay-report").json()["sessions"][SESSION]
+        assert report["rules"] == {"generic:abs-path": 1, "generic:iso-date": 1}
+    with ProxyProcess(upstream="http://unused", options=options) as proxy:
+        reworded = ask(proxy, DATED.replace("Say hello.", "Say hello please."))
+        assert reworded.headers["x-llm-traj-match"] == "nearest"
+        (nearest,) = httpx.get(f"{proxy.url}/llm-traj/replay-report").json()["sessions"][SESSION]["nearest"]
+        assert nearest["step"] == 1 and 0.8 <= nearest["score"] < 1 and "messages[0].content" in nearest["differences"][0]
+
+
+def test_a_bad_rules_file_stops_the_proxy_with_one_line_naming_the_rule(dated, tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rules]]\nname = "ticket"\npattern = "TICKET-("\n')
+    options = {"llm_traj_mode": "replay", "llm_traj_path": dated, "llm_traj_replay_rules": rules}
+    with pytest.raises(ProxyStartError) as info:
+        ProxyProcess(upstream="http://unused", options=options).start()
+    assert f"llm_traj_replay_rules: {rules}: rule 'ticket': bad pattern 'TICKET-('" in str(info.value)
