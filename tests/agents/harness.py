@@ -29,6 +29,7 @@ class Agent:
     env: dict[str, str]  # besides HOME
     https_proxy_env: dict[str, str] = field(default_factory=dict)  # only through HTTPS_PROXY
     faketime_works: bool = True  # a statically linked binary ignores LD_PRELOAD
+    home_files: dict[str, str] = field(default_factory=dict)  # written under $HOME before each run
 
     def argv(self, faketime: str | None) -> list[str]:
         if faketime is None:
@@ -47,6 +48,14 @@ CLAUDE = Agent(
     https_proxy_env={"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"},
 )
 CODEX = Agent("codex", (str(HERE / "run-codex"), TASK), {}, faketime_works=False)
+QWEN = Agent(
+    "qwen-code",
+    ("qwen", "-p", TASK, "--yolo", "--auth-type", "openai"),
+    {"OPENAI_MODEL": "qwen3-coder-plus"},
+    https_proxy_env={"OPENAI_BASE_URL": "https://api.openai.com/v1"},
+    # usage statistics would go to another host (other traffic, which replay leaves alone)
+    home_files={".qwen/settings.json": '{"privacy": {"usageStatisticsEnabled": false}, "telemetry": {"enabled": false}}'},
+)
 
 
 @dataclass
@@ -124,6 +133,9 @@ def run_agent(
     scripted policy answers (started first, stopped by the session's end)."""
     scratch.mkdir(parents=True, exist_ok=True)
     (place.work / OUT_FILE).unlink(missing_ok=True)
+    for name, text in agent.home_files.items():
+        (place.home / name).parent.mkdir(parents=True, exist_ok=True)
+        (place.home / name).write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_", "CODEX_"))}
     env.update(agent.env, HOME=str(place.home), TMPDIR=str(scratch))  # TMPDIR: where llm-traj run keeps proxy.log
     if agent.name == "codex":

@@ -32,6 +32,7 @@ SHELL_TOOLS = {
     "shell": lambda cmd: {"command": ["bash", "-lc", cmd]},  # Codex (classic)
     "shell_command": lambda cmd: {"command": cmd},  # Codex
     "exec_command": lambda cmd: {"cmd": cmd},  # Codex (unified exec)
+    "run_shell_command": lambda cmd: {"command": cmd, "description": "Write the file"},  # Qwen Code, Gemini CLI
 }
 
 

@@ -1,5 +1,5 @@
-"""Replay that survives real agents: Claude Code and Codex (the real CLIs from
-npm, installed by scripts/agents-setup) are driven through `llm-traj run
+"""Replay that survives real agents: Claude Code, Codex and Qwen Code (the real
+CLIs from npm, installed by scripts/agents-setup) are driven through `llm-traj run
 --mode anticall` by a scripted policy (a tool call that writes a file, then a
 final answer; side calls such as titles get a short text), then replayed with
 no upstream and no `position` rung:
@@ -25,9 +25,9 @@ import pytest
 
 from llmtraj.core.store import read_records
 
-from .harness import CLAUDE, CODEX, FILE_TEXT, SESSION, Agent, Place, Tripwire, run_agent
+from .harness import CLAUDE, CODEX, FILE_TEXT, QWEN, SESSION, Agent, Place, Tripwire, run_agent
 
-AGENTS = {"claude-code": CLAUDE, "codex": CODEX}
+AGENTS = {agent.name: agent for agent in (CLAUDE, CODEX, QWEN)}
 pytestmark = pytest.mark.timeout(900)
 
 
