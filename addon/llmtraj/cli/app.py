@@ -108,7 +108,8 @@ def run(
                         sets=[*set_, *_config_set(config)])
         run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))
         report: dict = {}
-        on_exit = {"anticall": _end_anticall_session(plan), "replay": _keep_replay_report(plan, report)}.get(plan.mode)
+        on_exit = (_end_anticall_session(plan) if plan.mode == "anticall"
+                   else _keep_replay_report(plan, report) if plan.mode == "replay" else None)  # fmt: skip
         code, started = run_plan(plan, run_dir, on_exit)
     except (RunError, ProxyStartError) as exc:
         fail(str(exc), 2)

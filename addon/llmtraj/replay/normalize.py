@@ -261,8 +261,8 @@ BUILTIN_PRESETS: tuple[Preset, ...] = (
     Preset("mini-swe-agent", "mini-swe-agent", re.compile(r"(?i)mini-swe-agent"),
            markers=("mini-swe-agent", "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"), rules=_LITELLM),
     Preset("swe-agent", "SWE-agent", re.compile(r"(?i)swe-agent"), markers=("SWE-agent",), rules=_LITELLM),
-    Preset("aider", "aider", re.compile(r"(?i)\baider\b"), ("x-title",),
-           markers=("Act as an expert software developer",), rules=_LITELLM),
+    Preset("aider", "aider", re.compile(r"(?i)\baider\b"), markers=("Act as an expert software developer",),
+           rules=_LITELLM),
 )  # fmt: skip
 
 
