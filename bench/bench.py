@@ -46,6 +46,12 @@ One more, on the streams only:
                      llm-traj-tokens, the same engine bytes, this is what
                      capture costs
 
+And, in this process: what replay's normalisation costs per call on a 200 KB
+request shaped like a coding agent's (tools, system prompt, history): once the
+recorded calls are loaded (they are normalised at load, which caches their
+strings), and for a request none of whose strings was seen (cold).
+`--only normalize` measures just that.
+
 Targets checked: recording keeps >= 90% of mitmdump-sb1's requests/s and adds
 <= 2 ms to a stream's first event; replay keeps >= 100% of it; the anti-call
 round trip adds <= 2 ms at p50; token capture adds <= 10% to the proxy CPU per
@@ -70,6 +76,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -999,6 +1006,68 @@ def to_json(results: dict[str, TargetResult], settings: Settings) -> dict:
     }
 
 
+# ------------------------------------------------------- normalisation
+
+
+NORMALIZE_TARGET_MS = 1.0
+
+
+def agent_like_request(day: str, home: str, size: int = 200_000) -> dict:
+    """A request shaped like a coding agent's, about `size` bytes of JSON: a
+    system prompt naming the home, a reminder naming the date, many tools, a
+    long history."""
+    tools = [{"name": f"tool_{i}", "description": f"Tool {i} does one thing to files in the workspace. " * 12,
+              "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}} for i in range(80)]
+    messages = [{"role": "user", "content": [{"type": "text", "text": f"<reminder>Today is {day}.</reminder>"},
+                                             {"type": "text", "text": "Fix the failing test."}]}]
+    while len(json.dumps({"tools": tools, "messages": messages})) < size:
+        k = len(messages)  # the history: replies replayed and what the tools said, the same in both runs
+        messages.append({"role": "assistant", "content": [{"type": "tool_use", "id": f"toolu_{k:04d}", "name": "tool_1",
+                                                           "input": {"path": f"src/module_{k}.py"}}]})
+        messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{k:04d}",
+                                                      "content": f"line {k}: ok\n" * 40}]})
+    return {"model": "m", "max_tokens": 1000, "system": [{"type": "text", "text": f"cch=1a2b3; Home {home}"}],
+            "tools": tools, "messages": messages, "metadata": {"user_id": home}}
+
+
+def normalize_cost(rounds: int = 30) -> dict:
+    """ms per call, median of `rounds`: normalising a live 200 KB request after
+    the recording was loaded (warm), and one of strings never seen (cold)."""
+    from pydantic_core import from_json
+
+    from llmtraj.replay.normalize import Normalizer
+
+    headers = [("user-agent", "claude-cli/1.0")]
+    recorded = json.dumps(agent_like_request("2026-01-01", "/home/ann")).encode()
+    live = json.dumps(agent_like_request("2026-01-02", "/home/bob")).encode()
+    normalizer = Normalizer.builtin()
+    rules = normalizer.rule_set(normalizer.preset_for(headers))
+    assert rules.normalize("x", from_json(recorded)).key == rules.normalize("x", from_json(live)).key
+    gc.freeze()  # as the replaying proxy does once the recording is loaded
+    warm, cold = [], []
+    for _ in range(rounds):
+        body = from_json(live)  # fresh objects, as a live request's are
+        start = time.perf_counter()
+        rules.normalize("x", body)
+        warm.append((time.perf_counter() - start) * 1000)
+    for _ in range(rounds):
+        fresh = Normalizer.builtin().rule_set(rules.preset)
+        body = from_json(live)
+        start = time.perf_counter()
+        fresh.normalize("x", body)
+        cold.append((time.perf_counter() - start) * 1000)
+    return {"request_bytes": len(live), "warm_ms": statistics.median(warm), "cold_ms": statistics.median(cold)}
+
+
+def normalize_report(cost: dict) -> list[str]:
+    ok = cost["warm_ms"] < NORMALIZE_TARGET_MS
+    return [
+        f"replay normalisation of a {cost['request_bytes'] / 1000:.0f} KB request (median ms per call): "
+        f"{cost['warm_ms']:.2f} ms once the recording is loaded, {cost['cold_ms']:.2f} ms for strings never seen",
+        f"{'PASS' if ok else 'MISS'}  normalising a live call after load costs < {NORMALIZE_TARGET_MS:g} ms",
+    ]
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1012,9 +1081,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
-                        "10,000 sessions; --quick leaves out the 1000-turn session) or prompt-tagging (a few seconds)")
+                        "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
+                        "(replay normalisation; each a few seconds)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1048,6 +1118,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "prompt-tagging":
         print("\n".join(prompt_tagging.report(tagging)))
         return 0
+    normalisation = normalize_cost()
+    if args.only == "normalize":
+        print("\n".join(normalize_report(normalisation)))
+        return 0
     settings = settings_from(args)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -1074,9 +1148,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, settings))
     print("\n" + growth_text)
     print("\n" + "\n".join(prompt_tagging.report(tagging)))
+    print("\n" + "\n".join(normalize_report(normalisation)))
     if args.json:
-        args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth, "prompt_tagging": tagging},
-                                        indent=2, ensure_ascii=False) + "\n")
+        args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth, "prompt_tagging": tagging,
+                                         "normalize": normalisation}, indent=2, ensure_ascii=False) + "\n")
         print(f"\nresults: {args.json}")
     return 0
 

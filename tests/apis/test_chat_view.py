@@ -101,7 +101,9 @@ RESPONSES_TURN_2 = {
         {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell", "arguments": '{"command":["ls"]}'},
         {"type": "function_call_output", "call_id": "call_1", "output": "README.md\nsrc"},
     ],
-    "tools": [{"type": "function", "name": "shell", "parameters": {"type": "object"}}, {"type": "web_search"}],
+    "tools": [{"type": "function", "name": "shell", "parameters": {"type": "object"}}, {"type": "web_search"},
+              {"type": "namespace", "name": "agents", "description": "Sub-agents.",
+               "tools": [{"type": "function", "name": "spawn", "parameters": {"type": "object"}}]}],
     "parallel_tool_calls": False,
 }
 
@@ -116,7 +118,9 @@ def test_requests_of_other_apis_as_chat_requests():
             {"id": "toolu_1", "type": "function", "function": {"name": "get_stock_price", "arguments": '{"ticker": "AAPL"}'}}]},
         {"role": "tool", "tool_call_id": "toolu_1", "content": "212.40 EUR"},
     ]  # fmt: skip
-    assert [t["function"]["name"] for t in anthropic["tools"]] == ["get_stock_price"]  # server tools left out
+    # every tool the agent offered: server tools (web search) as they are
+    assert anthropic["tools"][1:] == [{"type": "web_search_20250305", "name": "web_search"}]
+    assert [t["function"]["name"] for t in anthropic["tools"][:1]] == ["get_stock_price"]
     responses = API_BY_NAME["responses"].chat_request_view(RESPONSES_TURN_2)
     assert responses["messages"] == [
         {"role": "system", "content": "You are a coding agent."},
@@ -125,7 +129,11 @@ def test_requests_of_other_apis_as_chat_requests():
             {"id": "call_1", "type": "function", "function": {"name": "shell", "arguments": '{"command":["ls"]}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "README.md\nsrc"},
     ]  # fmt: skip
-    assert [t["function"]["name"] for t in responses["tools"]] == ["shell"] and responses["parallel_tool_calls"] is False
+    assert responses["tools"] == [  # every tool offered: a namespace's functions with their namespace, built-ins as they are
+        {"type": "function", "function": {"name": "shell", "parameters": {"type": "object"}}}, {"type": "web_search"},
+        {"type": "function", "function": {"name": "spawn", "parameters": {"type": "object"}, "namespace": "agents"}},
+    ]  # fmt: skip
+    assert responses["parallel_tool_calls"] is False
     assert API_BY_NAME["completions"].chat_request_view({"prompt": "x"}) is None
 
 
@@ -140,7 +148,27 @@ def test_export_makes_chat_samples_of_every_api_with_a_conversation():
     first, second = list(openai_chat_samples(records, skipped=skipped))
     assert [m["role"] for m in first["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
     assert first["messages"][-1]["content"].startswith("The capital of France")
-    assert first["tools"] == [{"type": "function", "function": {"name": "get_stock_price", "parameters": {"type": "object"}}}]
+    assert first["tools"] == [{"type": "function", "function": {"name": "get_stock_price", "parameters": {"type": "object"}}},
+                              {"type": "web_search_20250305", "name": "web_search"}]  # fmt: skip
     assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
     assert second["parallel_tool_calls"] is False
     assert [(s.session, s.reason) for s in skipped] == [("s2", "a completions call has no conversation")]
+
+
+def test_show_prints_the_newest_turn_through_the_chat_view():
+    """Not the raw last message: a harness's mid-conversation system message is
+    passed over, a tool result is shown as its text, the prompt after reminders."""
+    request = {"model": "claude", "system": [{"type": "text", "text": "sys"}], "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "<system-reminder>today</system-reminder>\n"}, {"type": "text", "text": "Fix the bug"}]},
+        {"role": "system", "content": "Agent types: many words"},
+    ]}  # fmt: skip
+    text = render([record("anthropic.messages", request, final("anthropic", "text"))])
+    assert "user: Fix the bug" in text and "Agent types" not in text
+    request["messages"] += [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "a.txt"}]}]},
+    ]  # fmt: skip
+    text = render([record("anthropic.messages", request, final("anthropic", "text"))])
+    assert "tool result: a.txt" in text and '"type"' not in text.splitlines()[1]
+    responses = {"model": "gpt", "input": [{"type": "function_call_output", "call_id": "c", "output": "done"}]}
+    assert "tool result: done" in render([record("responses", responses, final("responses", "text"))])

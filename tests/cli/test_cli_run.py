@@ -321,3 +321,45 @@ def test_run_records_an_anthropic_sdk_agent_unchanged(upstream, tmp_path):
     [record] = read_records(tmp_path / "traj" / "claude.jsonl")
     assert record.api == "anthropic.messages" and record.response["stop_reason"] == "tool_use"
     assert dict((k.lower(), v) for k, v in record.request_headers)["authorization"] == "[REDACTED]"
+
+
+TOLERANT_AGENT = textwrap.dedent(
+    """
+    import os
+    from openai import OpenAI, APIStatusError
+    client = OpenAI(max_retries=0, api_key="sk-dummy")
+    models = [m.id for m in client.models.list().data]
+    try:
+        reply = client.chat.completions.create(model="standin-text", messages=[{"role": "user", "content": os.environ["ASK"]}])
+        print("agent got:", reply.choices[0].message.content, models)
+    except APIStatusError as exc:
+        print("agent saw", exc.status_code)
+    """
+)
+
+
+@pytest.mark.parametrize("via", ["base-url", "https-proxy"])
+def test_run_replay_prints_the_report_and_exits_1_on_a_miss(upstream, tmp_path, via):
+    """A replay needs no upstream (the model list too); its report is in the
+    summary, and a missed call fails the run even when the agent shrugs it off."""
+    agent = tmp_path / "agent.py"
+    agent.write_text(TOLERANT_AGENT)
+    traj = tmp_path / "traj"
+    recorded = llm_traj("run", "--upstream", upstream.url, "--traj", str(traj), "--session", "rp", "--",
+                        sys.executable, str(agent), env={**os.environ, "ASK": "hello"})  # fmt: skip
+    assert recorded.returncode == 0 and "agent got:" in recorded.stdout, recorded.stderr
+    if via == "https-proxy":  # the recording's host, as the agent names it through HTTPS_PROXY
+        (traj / "rp.jsonl").write_text((traj / "rp.jsonl").read_text().replace(upstream.url, "http://api.example.test"))
+    env = {**os.environ, "OPENAI_BASE_URL": "http://api.example.test/v1"} if via == "https-proxy" else dict(os.environ)
+    same = llm_traj("run", "--mode", "replay", "--via", via, "--traj", str(traj), "--session", "rp", "--",
+                    sys.executable, str(agent), env={**env, "ASK": "hello"})  # fmt: skip
+    assert same.returncode == 0, same.stderr
+    assert same.stdout == recorded.stdout
+    assert "llm-traj: replay report: 1 of 1 recorded calls served, 0 misses, 1 sessions" in same.stderr
+    assert "llm-traj:   rp: 1/1 served (exact 1), 0 misses" in same.stderr
+    missed = llm_traj("run", "--mode", "replay", "--via", via, "--traj", str(traj), "--session", "rp", "--",
+                      sys.executable, str(agent), env={**env, "ASK": "goodbye"})  # fmt: skip
+    assert "agent saw 400" in missed.stdout
+    assert missed.returncode == 1
+    assert ("rp: 0/1 served, 1 misses; first: the request diverges from the recording of session 'rp' at step 1 "
+            '(of 1): messages[0].content: recorded "hello", request "goodbye"') in missed.stderr

@@ -115,7 +115,8 @@ def test_tool_call_replies_and_what_the_trajectory_keeps(proxy, traj, session):
 
     first, second = wait_records(traj / f"{session}.jsonl", 2)
     assert first.mode == "anticall" and first.status == 200 and first.complete
-    assert first.url == f"{NOWHERE}/v1/chat/completions"  # where the agent meant to go
+    # where the agent meant to go: its base URL (the proxy's), not the placeholder target
+    assert first.url == f"{proxy.url}/v1/chat/completions"
     assert first.response == reply.model_dump(exclude_unset=True)
     assert first.extra == training  # for training, never sent to the agent
     assert first.tokens.source == "anticall" and first.tokens.choices[0].completion_ids == [101, 102]

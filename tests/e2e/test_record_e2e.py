@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from llmtraj.cli.proxy_process import ProxyProcess
+from llmtraj.core.model_lists import read_kept
 from llmtraj.core.store import read_records
 from openai import APIStatusError, AsyncOpenAI, OpenAI
 from openai.lib.streaming.chat import ChatCompletionStreamState
@@ -276,13 +277,18 @@ def test_concurrent_sessions_keep_their_own_sequence(proxy, traj_dir, session):
 
 
 def test_other_traffic_passes_untouched_and_unrecorded(proxy, upstream, traj_dir, session):
-    before = sorted(p.name for p in traj_dir.iterdir())
+    before = {p.name for p in traj_dir.iterdir()} - {"models.json"}
     r = httpx.get(f"{proxy.url}/plain")
     assert r.text == "hello from standin\n"
     models = OpenAI(base_url=f"{proxy.url}/s/{session}/v1", api_key="x").models.list()
     assert upstream.requests[-1].path == "/v1/models"
     assert any(m.id == "standin-text" for m in models)
-    assert sorted(p.name for p in traj_dir.iterdir()) == before
+    # no call is recorded; the model list is kept beside the trajectory, for offline replay
+    deadline = time.monotonic() + 5
+    while not (traj_dir / "models.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert {p.name for p in traj_dir.iterdir()} == before | {"models.json"}
+    assert [a.body for a in read_kept(traj_dir / "models.json") if a.path == "/v1/models"] == [models.model_dump()]
 
 
 def test_malformed_request_body_is_forwarded_and_recorded(proxy, upstream, traj_dir, session):

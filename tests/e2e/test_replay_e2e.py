@@ -260,8 +260,8 @@ def test_instant_stream_and_report_on_request(replayer, recording):
     assert body == recorded_body and recorded_elapsed > 0.6 and elapsed < 0.3
     full = httpx.get(f"{replayer.url}/llm-traj/replay-report").json()
     report = full["sessions"]
-    assert report["paced-0"] == {"recorded": 1, "served": 1, "unserved": 0, "rungs": {"exact": 1}, "misses": 0,
-                                 "first_divergence": None}  # fmt: skip
+    assert report["paced-0"] == {"recorded": 1, "served": 1, "unserved": 0, "rungs": {"exact": 1}, "rules": {},
+                                 "nearest": [], "misses": 0, "first_divergence": None}  # fmt: skip
     # sessions never asked for are never read: counted, not listed
     assert "paced-1" not in report and full["sessions_not_asked"] >= 1 and report["nobody"]["misses"] >= 1
 

@@ -372,3 +372,33 @@ def test_export_atif_lines(records):
     lines = list(export(records, "atif"))
     assert [json.loads(line)["session_id"] for line in lines] == ["demo", "flaky"]
     assert json.loads(lines[0])["agent"]["name"] == "unknown"
+
+
+def test_atif_re_serialised_arguments_and_side_calls_do_not_duplicate_steps(records):
+    """An agent that sends a tool call back with its arguments re-serialised is
+    still continuing its conversation; a side call with a prompt of its own (a
+    title) is kept apart from the conversation, in extra.side_conversations."""
+    first, second = record_of(records, "demo", 1), record_of(records, "demo", 2)
+    (plain,) = atif_documents([first, second])
+    request = json.loads(json.dumps(second.request))
+    resent = [m for m in request["messages"] if m.get("tool_calls")]
+    assert resent, "the demo's second call sends a tool call back"
+    for message in resent:
+        for call in message["tool_calls"]:
+            call["function"]["arguments"] = json.dumps(json.loads(call["function"]["arguments"]), indent=2)
+    title = first.model_copy(update={"index": 2, "request": {"model": "m", "messages": [
+        {"role": "system", "content": "Write a short title."}, {"role": "user", "content": "the task"}]}})  # fmt: skip
+    (doc,) = atif_documents([first, title, second.model_copy(update={"index": 3, "request": request})])
+    check_atif(doc)
+    assert [(s["source"], s["message"]) for s in doc["steps"]] == [(s["source"], s["message"]) for s in plain["steps"]]
+    (side,) = doc["extra"]["side_conversations"]
+    assert [s["source"] for s in side["steps"]] == ["system", "user", "agent"]
+
+
+def test_atif_names_the_agent_from_its_calls(records):
+    first = record_of(records, "demo", 1)
+    claude = first.model_copy(update={"request_headers": [("User-Agent", "claude-cli/2.1.0 (external, cli)")]})
+    (doc,) = atif_documents([claude])
+    assert (doc["agent"]["name"], doc["agent"]["version"]) == ("Claude Code", "2.1.0")
+    (doc,) = atif_documents([claude], agent_name="mine", agent_version="7")
+    assert (doc["agent"]["name"], doc["agent"]["version"]) == ("mine", "7")

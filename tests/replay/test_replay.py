@@ -437,14 +437,99 @@ def test_report_per_session():
     serve(r, "a", chat("oops"))
     serve(r, "ghost", chat("x"))
     assert r.report() == {"sessions": {
-        "a": {"recorded": 3, "served": 2, "unserved": 1, "rungs": {"later": 1, "exact": 1}, "misses": 1,
+        "a": {"recorded": 3, "served": 2, "unserved": 1, "rungs": {"later": 1, "exact": 1}, "rules": {}, "nearest": [],
+              "misses": 1,
               "first_divergence": "the request diverges from the recording of session 'a' at step 3 (of 3): "
                                   'messages[0].content: recorded "a3", request "oops"'},
-        "b": {"recorded": 1, "served": 0, "unserved": 1, "rungs": {}, "misses": 0, "first_divergence": None},
-        "ghost": {"recorded": 0, "served": 0, "unserved": 0, "rungs": {}, "misses": 1,
+        "b": {"recorded": 1, "served": 0, "unserved": 1, "rungs": {}, "rules": {}, "nearest": [], "misses": 0,
+              "first_divergence": None},
+        "ghost": {"recorded": 0, "served": 0, "unserved": 0, "rungs": {}, "rules": {}, "nearest": [], "misses": 1,
                   "first_divergence": "session 'ghost' is not in the recording (it has: a, b)"},
     }, "sessions_not_asked": 0}  # fmt: skip
     lines = r.report_lines()
     assert lines[0] == "replay report: 2 of 4 recorded calls served, 2 misses, 3 sessions"
     assert lines[1].startswith("  a: 2/3 served (later 1, exact 1), 1 misses; first: the request diverges")
     assert lines[2] == "  b: 0/1 served, 0 misses"
+
+
+# ------------------------------------------------ normalisation and nearest
+
+
+CLAUDE_UA = [("user-agent", "claude-cli/1.0 (external)")]
+
+
+def dated(day: str, home: str = "/home/a", text: str = "do the task") -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "system", "content": f"Today is {day}. Home: {home}/work"},
+                                       {"role": "user", "content": text}]}  # fmt: skip
+
+
+def test_normalized_rung_serves_a_call_that_differs_only_in_volatile_fields():
+    recorded = record("s", 1, dated("2026-01-01"))
+    recorded.request_headers = CLAUDE_UA
+    r = Replay([recorded, record("s", 2, dated("2026-01-01", text="next"))])
+    served = r.match("s", live(r, dated("2026-01-02", home="/Users/b"), CLAUDE_UA))
+    assert isinstance(served, Served) and served.rung == "normalized" and served.step.index == 1
+    assert served.rules == ("claude-code:abs-path", "claude-code:iso-date")
+    assert header(served.reply, b"x-llm-traj-step") == b"s#1"
+    report = r.report()["sessions"]["s"]
+    assert report["rungs"] == {"normalized": 1} and report["rules"] == {"claude-code:abs-path": 1, "claude-code:iso-date": 1}
+    assert "rules: claude-code:abs-path 1, claude-code:iso-date 1" in r.report_lines()[1]
+    # the exact request is still served exactly, before normalisation is even made
+    assert serve(r, "s", dated("2026-01-01", text="next")).rung == "exact"
+
+
+def test_a_user_rule_makes_calls_match_and_a_different_task_still_misses(tmp_path):
+    from llmtraj.replay.normalize import normalizer_from_table
+
+    normalizer = normalizer_from_table({"rules": [{"name": "build", "pattern": r"build \d+"}]})
+    r = Replay([record("s", 1, chat("build 41 passed")), record("s", 2, chat("next"))], normalizer=normalizer)
+    assert serve(r, "s", chat("build 42 passed")).rung == "normalized"
+    assert r.report()["sessions"]["s"]["rules"] == {"generic:build": 1}
+    assert isinstance(serve(r, "s", chat("something else entirely")), Miss)
+
+
+def near_steps() -> list[dict[str, Any]]:
+    long = "the same long observation of the repository " * 10
+    return [{"model": "m", "messages": [{"role": "user", "content": f"{long} call {k}"}]} for k in (1, 2)]
+
+
+def test_nearest_rung_is_opt_in_and_reports_score_and_differences():
+    steps = near_steps()
+    changed = json.loads(json.dumps(steps[0]))
+    changed["messages"][0]["content"] += " and a little more"
+    r = Replay([record("s", k, s) for k, s in enumerate(steps, 1)])
+    assert isinstance(r.match("s", live(r, changed)), Miss)  # not without asking
+    served = r.match("s", live(r, changed), allow_nearest=True)
+    assert isinstance(served, Served) and served.rung == "nearest" and served.step.index == 1
+    assert 0.8 < served.score < 1
+    assert served.differences[0].startswith("messages[0].content: recorded")
+    nearest = r.report()["sessions"]["s"]["nearest"]
+    assert nearest == [{"step": 1, "score": round(served.score, 3), "differences": list(served.differences)}]
+    assert "step 1 served as nearest (similarity" in "\n".join(r.report_lines())
+
+
+def test_nearest_needs_the_same_shape_and_enough_similarity():
+    steps = near_steps()
+    r = Replay([record("s", k, s) for k, s in enumerate(steps, 1)])
+    other_shape = {"model": "m", "messages": [*steps[0]["messages"], {"role": "assistant", "content": "x"}]}
+    assert isinstance(r.match("s", live(r, other_shape), allow_nearest=True), Miss)
+    unrelated = {"model": "m", "messages": [{"role": "user", "content": "completely unrelated words here"}]}
+    assert isinstance(r.match("s", live(r, unrelated), allow_nearest=True), Miss)
+    other_model = {**steps[0], "model": "other"}
+    assert isinstance(r.match("s", live(r, other_model), allow_nearest=True), Miss)
+
+
+def test_a_miss_is_explained_against_the_closest_recorded_call():
+    steps = agent_steps(4)
+    r = Replay([record("agent", k, s) for k, s in enumerate(steps, 1)])
+    changed = json.loads(json.dumps(steps[2]))  # step 3, while the cursor is at step 1
+    changed["messages"][5]["content"] = "observation 3, changed"
+    miss = r.match("agent", live(r, changed))
+    assert miss.code == "replay_diverged"
+    assert miss.message.startswith(
+        "llm-traj replay: the request diverges from the recording of session 'agent' at step 3 (of 4), "
+        "the closest recorded call (similarity 0."
+    )
+    assert miss.message.endswith(
+        '; the cursor is at step 1): messages[5].content: recorded "observation 3", request "observation 3, changed"'
+    )

@@ -527,10 +527,11 @@ class AnthropicMessages:
             if isinstance(message, dict):
                 messages += _chat_messages(message)
         view: dict[str, Any] = {"model": request.get("model"), "messages": messages}
-        tools = [  # client tools; server tools (web search, ...) have no schema and run at Anthropic
+        tools = [  # client tools as functions; server tools (web search, ...) run at Anthropic: kept as they are
             {"type": "function", "function": {k: v for k, v in (("name", t.get("name")), ("description", t.get("description")),
                                                                 ("parameters", t["input_schema"])) if v is not None}}
-            for t in request.get("tools") or [] if isinstance(t, dict) and "input_schema" in t
+            if "input_schema" in t else dict(t)
+            for t in request.get("tools") or [] if isinstance(t, dict)
         ]  # fmt: skip
         if tools:
             view["tools"] = tools

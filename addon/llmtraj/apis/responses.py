@@ -602,15 +602,33 @@ class Responses:
             if isinstance(item, dict):
                 _add_chat_message(messages, item)
         view: dict[str, Any] = {"model": request.get("model"), "messages": messages}
-        tools = [
-            {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if t.get(k) is not None}}
-            for t in request.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"
-        ]  # fmt: skip
+        tools = _chat_tools(request.get("tools") or [])
         if tools:
             view["tools"] = tools
         if isinstance(request.get("parallel_tool_calls"), bool):
             view["parallel_tool_calls"] = request["parallel_tool_calls"]
         return view
+
+
+def _chat_tools(tools: list[Any]) -> list[dict[str, Any]]:
+    """Every tool offered, as chat tools: functions as functions, the functions
+    of a namespace (a tool group) each with its namespace, and built-in tools
+    (web_search, ...) as they are."""
+    out: list[dict[str, Any]] = []
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        if tool.get("type") == "function":
+            out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")
+                                                          if tool.get(k) is not None}})  # fmt: skip
+        elif tool.get("type") == "namespace" and isinstance(tool.get("tools"), list):
+            for inner in _chat_tools(tool["tools"]):
+                if inner.get("type") == "function":
+                    inner["function"]["namespace"] = tool.get("name")
+                out.append(inner)
+        else:
+            out.append(dict(tool))
+    return out
 
 
 def _chat_content(content: Any) -> Any:

@@ -120,11 +120,42 @@ def run(
         plan = plan_run(mode=mode, traj=traj, session=session, via=via, upstream=upstream, command=ctx.args,
                         sets=[*set_, *_config_set(config), *_prompt_sets(prompt, prompts)])
         run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))
-        code, started = run_plan(plan, run_dir, _end_anticall_session(plan) if plan.mode == "anticall" else None)
+        report: dict = {}
+        on_exit = (_end_anticall_session(plan) if plan.mode == "anticall"
+                   else _keep_replay_report(plan, report) if plan.mode == "replay" else None)  # fmt: skip
+        code, started = run_plan(plan, run_dir, on_exit)
     except (RunError, ProxyStartError) as exc:
         fail(str(exc), 2)
     typer.echo(_summary(traj, session, started, code, started), err=True)
+    if plan.mode == "replay":
+        code = _print_replay_report(report, code)
     raise typer.Exit(code)
+
+
+def _keep_replay_report(plan, report: dict):
+    """Replay: the proxy's report, asked for before it stops."""
+    from .run import replay_report
+
+    def on_agent_exit(proxy) -> None:
+        report.update(replay_report(plan, proxy) or {})
+
+    return on_agent_exit
+
+
+def _print_replay_report(report: dict, code: int) -> int:
+    """Prints the replay report; the exit code is 1 when the agent succeeded
+    but a call missed (the agent's own code otherwise)."""
+    from ..replay.report import report_lines
+
+    sessions = report.get("sessions")
+    if sessions is None:
+        typer.echo("llm-traj: the replay report could not be had from the proxy", err=True)
+        return code or 1
+    calls = sum(s["recorded"] for s in sessions.values())
+    for line in report_lines(sessions, calls):
+        typer.echo(f"llm-traj: {line}", err=True)
+    missed = sum(s["misses"] for s in sessions.values())
+    return 1 if missed and code == 0 else code
 
 
 def _end_anticall_session(plan):
@@ -355,20 +386,40 @@ def stats(
     typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) if as_json else render_stats(rows))
 
 
+RULES_OPTION = typer.Option(None, "--rules", help="Normalisation rules file (.toml/.yaml), as llm_traj_replay_rules.")
+
+
+def _normalizer(rules: Path | None):
+    from ..replay.normalize import RuleError, load_rules
+
+    try:
+        return load_rules(rules)
+    except RuleError as exc:
+        fail(str(exc), 2)
+
+
+@app.command("replay-rules")
+def replay_rules(rules: Path = RULES_OPTION) -> None:
+    """List the normalisation presets replay picks per agent, how each is recognised, and their rules."""
+    typer.echo("\n".join(_normalizer(rules).describe()))
+
+
 @app.command()
 def diff(
     a: Path = typer.Argument(..., help="First trajectory."),
     b: Path = typer.Argument(..., help="Second trajectory."),
     ignore: str = typer.Option(None, help="Comma-separated request fields to ignore (default: replay's)."),
+    raw: bool = typer.Option(False, "--raw", help="Compare requests as recorded, not normalised as replay matches them."),
+    rules: Path = RULES_OPTION,
 ) -> None:
-    """Where two trajectories of the same task diverge. Exit 1 if they do."""
+    """Where two trajectories of the same task diverge (requests normalised as replay matches them). Exit 1 if they do."""
     from ..inspect.diff import diff as compute
     from ..inspect.diff import render_diff
     from ..replay.matching import DEFAULT_IGNORE
 
     fields = [f.strip() for f in ignore.split(",") if f.strip()] if ignore is not None else DEFAULT_IGNORE
     with _reading():
-        result = compute(_reader(a), _reader(b), ignore=fields)
+        result = compute(_reader(a), _reader(b), ignore=fields, normalizer=None if raw else _normalizer(rules))
     typer.echo(render_diff(result))
     raise typer.Exit(0 if result.identical else 1)
 
@@ -378,8 +429,8 @@ def export(
     path: Path = typer.Argument(..., help=TRAJ_HELP),
     fmt: str = typer.Option(..., "--format", help="openai-chat, har, atif or tokens (RL trainers: .jsonl, or .parquet with -o)."),
     granularity: str = typer.Option("per_call", help="openai-chat, tokens: per_call or per_session."),
-    agent_name: str = typer.Option("unknown", help="atif: the agent's name."),
-    agent_version: str = typer.Option("unknown", help="atif: the agent's version."),
+    agent_name: str = typer.Option(None, help="atif: the agent's name (default: recognised from its calls)."),
+    agent_version: str = typer.Option(None, help="atif: the agent's version (default: from its user-agent)."),
     out: Path = typer.Option(None, "-o", "--out", help="Output file (default: stdout)."),
 ) -> None:
     """Turn a trajectory into training or HTTP-tooling data."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..core.session import InvalidSession, validate_session
-from ..upstreams.config import ConfigError, key_variables, read_config
+from ..upstreams.config import NO_UPSTREAM, ConfigError, key_variables, read_config
 from .proxy_process import ProxyProcess
 
 VIA = ("base-url", "https-proxy")
@@ -110,7 +110,7 @@ def proxy_for(plan: RunPlan, run_dir: Path) -> ProxyProcess:
         upstream = None  # regular mode: the agent names its own hosts
     elif upstream is None:
         # replay / anti-call answer every LLM call themselves; with a config, it routes them
-        upstream = "http://127.0.0.1:9"
+        upstream = NO_UPSTREAM
     options.update(plan.sets)
     return ProxyProcess(upstream=upstream, options=options, log=run_dir / "proxy.log")
 
@@ -224,3 +224,24 @@ def run(plan: RunPlan, run_dir: Path, on_agent_exit: Callable[[ProxyProcess], No
     finally:
         proxy.stop()
     return code, started
+
+
+def replay_report(plan: RunPlan, proxy: ProxyProcess) -> dict | None:
+    """The proxy's replay report (None if it cannot be had): asked of the
+    proxy itself, as a proxy when the agent reached it through HTTPS_PROXY."""
+    import json
+    import urllib.request
+
+    from ..replay.report import REPORT_PATH
+
+    if plan.via == "https-proxy":  # any host: the proxy answers the path itself, connecting nowhere
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url}))
+        url = f"http://llm-traj.invalid{REPORT_PATH}"
+    else:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        url = f"{proxy.url}{REPORT_PATH}"
+    try:
+        with opener.open(url, timeout=10) as answer:
+            return json.loads(answer.read())
+    except (OSError, ValueError):
+        return None

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..apis import chat_view
-from ..core.jsontext import excerpt, first_difference
+from ..core.jsontext import compact_json, excerpt, first_difference
 from ..core.record import CallRecord
 from ..replay.matching import DEFAULT_IGNORE
+from ..replay.normalize import Normalizer
 from .stats import by_session
 
 # ------------------------------------------------------------------- diff
@@ -75,18 +76,26 @@ def _divergence(index: int, part: Literal["request", "response"], found: tuple[s
     return Divergence(index, part, path or "body", excerpt(a, b), excerpt(b, a))
 
 
-def _request(record: CallRecord, ignore: frozenset[str]) -> Any:
+def _request(record: CallRecord, ignore: frozenset[str], normalizer: Normalizer | None) -> Any:
     """The request as replay matches it: without the top-level fields that
-    change from run to run without changing the answer (stream, user, ...)."""
+    change from run to run without changing the answer (stream, user, ...),
+    and normalised as replay normalises it (unless `normalizer` is None)."""
     if record.request_raw is not None:
-        return record.request_raw
-    if isinstance(record.request, dict):
-        return {k: v for k, v in record.request.items() if k not in ignore}
-    return record.request
+        request = record.request_raw
+    elif isinstance(record.request, dict):
+        request = {k: v for k, v in record.request.items() if k not in ignore}
+    else:
+        request = record.request
+    if normalizer is None:
+        return request
+    rules = normalizer.rule_set(normalizer.preset_for(record.request_headers, compact_json(request)))
+    raw = record.request_raw is not None
+    return (rules.normalize(record.api, None, request) if raw else rules.normalize(record.api, request)).body
 
 
-def _compare(a: CallRecord, b: CallRecord, ignore: frozenset[str]) -> Divergence | None:
-    found = ("api", a.api, b.api) if a.api != b.api else first_difference(_request(a, ignore), _request(b, ignore))
+def _compare(a: CallRecord, b: CallRecord, ignore: frozenset[str], normalizer: Normalizer | None) -> Divergence | None:
+    found = ("api", a.api, b.api) if a.api != b.api else first_difference(
+        _request(a, ignore, normalizer), _request(b, ignore, normalizer))  # fmt: skip
     if found:
         return _divergence(a.index, "request", found)
     found = first_difference(_reply(a), _reply(b))
@@ -94,7 +103,8 @@ def _compare(a: CallRecord, b: CallRecord, ignore: frozenset[str]) -> Divergence
 
 
 def _session_diff(
-    session: str, calls_a: list[CallRecord], calls_b: list[CallRecord], ignore: frozenset[str]
+    session: str, calls_a: list[CallRecord], calls_b: list[CallRecord], ignore: frozenset[str],
+    normalizer: Normalizer | None,
 ) -> SessionDiff:
     a_by_index = {r.index: r for r in calls_a}
     b_by_index = {r.index: r for r in calls_b}
@@ -102,7 +112,7 @@ def _session_diff(
     leading = True  # no difference and no missing call yet
     for index in sorted(a_by_index.keys() | b_by_index.keys()):
         a, b = a_by_index.get(index), b_by_index.get(index)
-        divergence = _compare(a, b, ignore) if a is not None and b is not None else None
+        divergence = _compare(a, b, ignore, normalizer) if a is not None and b is not None else None
         if b is None:
             result.only_a.append(index)
         elif a is None:
@@ -117,17 +127,22 @@ def _session_diff(
 
 
 def diff(
-    records_a: Iterable[CallRecord], records_b: Iterable[CallRecord], ignore: Iterable[str] = DEFAULT_IGNORE
+    records_a: Iterable[CallRecord],
+    records_b: Iterable[CallRecord],
+    ignore: Iterable[str] = DEFAULT_IGNORE,
+    normalizer: Normalizer | None = None,
 ) -> DiffResult:
     """Where two trajectories of the same task part, per session present in
     both: calls are paired by index; requests are compared without the
-    `ignore`d top-level fields (replay's defaults), replies by status,
-    completeness and what each choice said (message, finish reason)."""
+    `ignore`d top-level fields (replay's defaults) and, given a `normalizer`,
+    after replay's normalisation (ids, dates, paths of the agent's preset);
+    replies by status, completeness and what each choice said (message,
+    finish reason)."""
     sessions_a, sessions_b = by_session(records_a), by_session(records_b)
     ignore = frozenset(ignore)
     return DiffResult(
         sessions=[
-            _session_diff(name, sessions_a[name], sessions_b[name], ignore)
+            _session_diff(name, sessions_a[name], sessions_b[name], ignore, normalizer)
             for name in sorted(sessions_a.keys() & sessions_b.keys())
         ],
         only_a=sorted(sessions_a.keys() - sessions_b.keys()),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 
-from ..apis import chat_view
+from ..apis import API_BY_NAME, chat_view
 from ..core.record import CallRecord
 from ..tokens.normalise import summary
+from .export.common import message_text
 from .stats import prompt_key, usage_of
 
 
@@ -41,18 +43,27 @@ def describe_reply(record: CallRecord) -> list[str]:
     return lines
 
 
-def _last_input(request: object) -> dict | None:
-    """The last message of a request: `messages` (chat, Anthropic), `input`
-    (Responses: text or items), `prompt` (legacy completions)."""
-    if not isinstance(request, dict):
-        return None
-    for key in ("messages", "input", "prompt"):
-        value = request.get(key)
-        if isinstance(value, str):
-            return {"role": "user", "content": value}
-        if isinstance(value, list) and value and isinstance(value[-1], dict):
-            return value[-1]
-    return None
+_REMINDERS = re.compile(r"<system-reminder>.*?</system-reminder>", re.S)
+
+
+def _latest(record: CallRecord) -> str | None:
+    """The newest turn of a request through its chat view: the last message that
+    is not a system one (agents such as Claude Code add system messages
+    mid-conversation), a tool result as its text; a legacy completion's prompt."""
+    shape = API_BY_NAME.get(record.api)
+    view = shape.chat_request_view(record.request) if shape is not None else None
+    messages = [m for m in (view or {}).get("messages") or [] if isinstance(m, dict)]
+    if not messages:
+        prompt = record.request.get("prompt") if isinstance(record.request, dict) else None
+        return f"prompt: {_clip(prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False))}" if prompt else None
+    last = next((m for m in reversed(messages) if m.get("role") != "system"), messages[-1])
+    text = message_text(last.get("content"))
+    text = _REMINDERS.sub("", text).strip() or text  # what a harness prepends to the prompt (Claude Code)
+    calls = [(c.get("function") or {}).get("name") for c in last.get("tool_calls") or [] if isinstance(c, dict)]
+    if calls:
+        text += (" " if text else "") + "tool calls: " + ", ".join(str(name) for name in calls)
+    role = "tool result" if last.get("role") == "tool" else last.get("role")
+    return f"{role}: {_clip(text)}"
 
 
 def render(records: Iterable[CallRecord]) -> str:
@@ -72,11 +83,9 @@ def render(records: Iterable[CallRecord]) -> str:
             if r.prompt.override:
                 details.append(f"override {r.prompt.override}")
             out.append(f"    prompt: {prompt_key(r)} ({'; '.join(details)})")
-        last = _last_input(r.request)
-        if last is not None:
-            content = last.get("content", last.get("output"))  # a Responses tool result: output
-            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
-            out.append(f"    {last.get('role') or last.get('type')}: {_clip(text or '')}")
+        latest = _latest(r)
+        if latest is not None:
+            out.append(f"    {latest}")
         out += [f"    {line}" for line in describe_reply(r)]
         if r.tokens is not None:
             out.append(f"    token ids ({r.tokens.source}): {summary(r.tokens.model_dump())}")

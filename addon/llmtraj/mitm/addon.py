@@ -21,6 +21,8 @@ from mitmproxy import exceptions
 from .anticalling import AntiCalling
 from .endpoints import ProxyEndpoints
 from .loopback import Loopback
+from .model_keeping import ModelListKeeper
+from .offline import OfflineReplay
 from .options import LlmTrajOptions, check_set_values, startup_error
 from .prompting import Prompting
 from .proxy_errors import OpenAIShapedProxyErrors
@@ -154,8 +156,8 @@ def make_addons() -> list[object]:
     prompting = Prompting(recorder)
     parts = [
         options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), prompting,
-        ProxyEndpoints(options, replayer), replayer, upstream_routing,
-        recorder, anticalling, TokenCapture(options, upstream_routing), UpstreamForwarding(options, upstream_routing, loopback),
-        WebAnnotations(options), WebChatView(),
+        ProxyEndpoints(options, replayer), replayer, OfflineReplay(options, replayer), upstream_routing,
+        recorder, ModelListKeeper(options), anticalling, TokenCapture(options, upstream_routing),
+        UpstreamForwarding(options, upstream_routing, loopback), WebAnnotations(options), WebChatView(),
     ]
     return [LlmTraj(parts)]

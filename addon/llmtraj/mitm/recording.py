@@ -7,12 +7,15 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from ..core.store import TrajectoryWriter
 from ..recording.capture import CallCapture
 from ..recording.sink import RecordSink
+from ..upstreams.config import NO_UPSTREAM
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, CallMetadata, LlmCall, llm_call
 from .token_capture import CAPTURE_KEY, SAMPLING_KEY
@@ -31,6 +34,24 @@ def error_kind(flow: http.HTTPFlow) -> str:
 
 RECORDING_MODES = ("record", "anticall")
 
+
+_NO_UPSTREAM = urlsplit(NO_UPSTREAM)
+
+
+def _meant_url(flow: http.HTTPFlow, mode: str) -> str:
+    """Where the agent meant its call to go: the reverse target, unless that
+    is the placeholder of a proxy given no upstream (`llm-traj run --mode
+    anticall`); then the base URL the agent was given, the proxy's (session
+    prefix removed)."""
+    request, client = flow.request, flow.client_conn
+    if (
+        mode != "anticall" or not isinstance(client.proxy_mode, ReverseMode) or not client.sockname
+        or (request.host, request.port) != (_NO_UPSTREAM.hostname, _NO_UPSTREAM.port)
+    ):
+        return request.url
+    host, port = client.sockname[:2]  # the proxy's address as the agent reached it (mitmproxy rewrote Host)
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if client.tls_established else 'http'}://{host}:{port}{request.path}"
 
 
 class Recorder:
@@ -117,7 +138,7 @@ class Recorder:
             index=index,
             mode=mode,
             method=request.method,
-            url=request.url,
+            url=_meant_url(flow, mode),
             request_headers=list(request.headers.fields),
             request_body=body,
             started_at=request.timestamp_start,

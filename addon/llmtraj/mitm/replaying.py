@@ -13,6 +13,7 @@ Replayed flows are marked as mitmproxy's server replay marks them
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from mitmproxy import command, ctx, exceptions, http
 from ..core.headers import text_headers
 from ..core.store import TrajectoryError
 from ..replay import Miss, Replay, ReplayLoadError, load
-from ..replay.matching import DEFAULT_IGNORE, EXACT, LATER, POSITION
+from ..replay.matching import DEFAULT_IGNORE, EXACT, LATER, NEAREST, NORMALIZED, POSITION
+from ..replay.normalize import Normalizer, RuleError, load_rules
 from ..replay.replies import MATCH_HEADER, reply_body
 from .loopback import Loopback, ProducedResponse
 from .options import LlmTrajOptions
@@ -33,7 +35,7 @@ from .routing import CALL_KEY, CallMetadata, error_response, llm_call
 logger = logging.getLogger("llm_traj")
 
 MISS_POLICIES = ("error", "forward", "forward-record")
-_RUNG_HEADERS = {rung: ((MATCH_HEADER, rung.encode()),) for rung in (EXACT, LATER, POSITION)}
+_RUNG_HEADERS = {rung: ((MATCH_HEADER, rung.encode()),) for rung in (EXACT, LATER, NORMALIZED, NEAREST, POSITION)}
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class ReplaySettings:
     speed: float
     ignore: frozenset[str]
     record_path: Path | None
+    nearest: bool
+    rules: str  # the rules file, "" for the built-in presets only
+    normalizer: Normalizer
 
 
 class Replayer:
@@ -81,6 +86,16 @@ class Replayer:
             "llm_traj_replay_ignore", str, ",".join(DEFAULT_IGNORE),
             "Replay: top-level request fields (comma-separated) ignored when matching a request to the recording.",
         )
+        loader.add_option(
+            "llm_traj_replay_rules", str, "",
+            "Replay: a file (.toml, .yaml) of normalisation rules added to the agent presets, overriding or "
+            "switching off built-in ones (`llm-traj replay-rules` lists them).",
+        )
+        loader.add_option(
+            "llm_traj_replay_nearest", bool, False,
+            "Replay: when a request matches no recorded call even after normalisation, answer with the "
+            "unserved call of the same shape whose text is most similar (reported with its score and differences).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "termlog_verbosity" in updated:
@@ -96,11 +111,15 @@ class Replayer:
             return
         try:
             replay_settings = _read_settings(settings.path)
-            source = (settings.path, replay_settings.ignore)
+            source = (settings.path, replay_settings.ignore, replay_settings.rules)
             if source != self._source:  # reloading resets every cursor: only when the recording changes
-                replay = load(settings.path, replay_settings.ignore)
+                replay = load(settings.path, replay_settings.ignore, replay_settings.normalizer)
                 self._close_replay()
                 self._replay, self._source = replay, source
+                # The recording lives as long as the proxy: keep the cyclic GC from
+                # walking it again and again while calls allocate (a freed object is
+                # still freed by its reference count).
+                gc.freeze()
                 logger.info(
                     f"llm-traj: replaying {replay.sessions} sessions from {settings.path} (each read when first asked for)"
                 )
@@ -116,6 +135,15 @@ class Replayer:
     def serves_flows(self) -> bool:
         return self._replay is not None or self._broken
 
+    @property
+    def replay(self) -> Replay | None:
+        """The recording being replayed (None outside replay mode)."""
+        return self._replay
+
+    @property
+    def forwards_misses(self) -> bool:
+        return self._settings is not None and self._settings.miss != "error"
+
     def request(self, flow: http.HTTPFlow) -> None:
         replay = self._replay
         if replay is None or flow.response is not None:
@@ -130,7 +158,7 @@ class Replayer:
         settings = self._settings
         body = request.get_content(strict=False) or b""
         canonical = replay.canonical(call.api, body, text_headers(request.headers.fields))
-        outcome = replay.match(call.session, canonical, settings.position)
+        outcome = replay.match(call.session, canonical, settings.position, settings.nearest)
         info: CallMetadata = flow.metadata[CALL_KEY]
         if isinstance(outcome, Miss):
             info["replay"] = "miss"
@@ -150,7 +178,9 @@ class Replayer:
         # level to its handlers, which filter late: even a debug line per call
         # costs ~4% of the requests/s, so exact matches are not logged at all.
         if outcome.rung != EXACT:
-            logger.info(f"llm-traj: replayed {call.session} #{step.index} ({outcome.rung})")
+            how = outcome.rung + (f": {', '.join(outcome.rules)}" if outcome.rules else "")
+            how += f", similarity {outcome.score:.3f}: {'; '.join(outcome.differences)}" if outcome.score is not None else ""
+            logger.info(f"llm-traj: replayed {call.session} #{step.index} ({how})")
         elif self._log_exact:
             logger.debug(f"llm-traj: replayed {call.session} #{step.index} ({outcome.rung})")
         headers = reply.headers + _RUNG_HEADERS[outcome.rung]
@@ -228,4 +258,9 @@ def _read_settings(path: Path) -> ReplaySettings:
     elif opts.llm_traj_replay_record_path:
         raise exceptions.OptionsError("llm_traj_replay_record_path is only used with llm_traj_replay_miss=forward-record")
     ignore = frozenset(name.strip() for name in opts.llm_traj_replay_ignore.split(",") if name.strip())
-    return ReplaySettings(miss, opts.llm_traj_replay_position, speed, ignore, record_path)
+    try:
+        normalizer = load_rules(opts.llm_traj_replay_rules)
+    except RuleError as exc:
+        raise exceptions.OptionsError(f"llm_traj_replay_rules: {exc}") from None
+    return ReplaySettings(miss, opts.llm_traj_replay_position, speed, ignore, record_path,
+                          opts.llm_traj_replay_nearest, opts.llm_traj_replay_rules, normalizer)  # fmt: skip

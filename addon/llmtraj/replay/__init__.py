@@ -4,48 +4,69 @@ mitmproxy; `mitm/replaying.py` is the thin addon around it.
 Each session has its own cursor, the first of its recorded calls not yet
 served. A request is matched by a ladder, strictest first:
 
-  exact     its canonical form equals the call at the cursor;
-  later     it equals a later call not yet served (the first such one, so that
-            identical requests replay in recorded order);
-  position  (if allowed) the call at the cursor, whatever the request.
+  exact       its canonical form equals the call at the cursor;
+  later       it equals a later call not yet served (the first such one, so
+              that identical requests replay in recorded order);
+  normalized  its normalised form (`normalize`: the agent's volatile fields
+              dropped or replaced by placeholders) equals that of a call not
+              yet served, the first such one;
+  nearest     (if allowed) the call not yet served of the same shape (API,
+              model, roles and tool calls in order) whose text is most similar,
+              above a threshold (`nearest`);
+  position    (if allowed) the call at the cursor, whatever the request.
 
 The canonical form is the request body as sorted, compact JSON without the
 ignored top-level fields, redacted and scrubbed the way the recorder redacted
 the recording. A session of a trajectory on disk is read when it is first
-asked for, and its tape keeps only what matching needs (the digest of each
-canonical request, where the line is); the record is read again when its call
-is served, so memory and startup do not grow with the recording.
+asked for, and its tape keeps only what matching needs: the digests of each
+recorded call's canonical and normalised request, the rules normalising it
+fired, its shape, and where its line is. The record is read again to serve
+the call (or to compare texts, for the nearest rung and to explain a miss), so
+memory and startup do not grow with the recording. A live request costs one
+JSON parse and one dump, and is normalised only when no exact or later call
+matches.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections import deque
-from collections.abc import Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from ..apis import API_BY_NAME
 from ..apis.base import ApiShape
+from ..core.jsontext import describe, differences
 from ..core.record import CallRecord
 from ..core.store import LineReader, SessionFile, SkippedLine, TrajectoryError, trajectory_files, trajectory_sessions
+from . import nearest as near
 from .matching import (
     DEFAULT_IGNORE,
     EXACT,
     LATER,
+    NEAREST,
+    NORMALIZED,
     POSITION,
     Canonical,
+    canonical,
     canonical_request,
     describe_difference,
 )
+from .normalize import Normalized, Normalizer
 from .replies import Reply, Step, key_digest
-from .report import SessionStats
-
+from .report import SessionStats, report_lines
 
 logger = logging.getLogger("llm_traj")
+
+# Recorded calls a nearest match or a miss compares texts with, from the
+# cursor on: each is read again from disk, so their number is bounded.
+_COMPARED = 32
+_DIFFERENCES = 3  # differences named for a nearest match or a miss
 
 
 class ReplayLoadError(ValueError):
@@ -57,6 +78,9 @@ class Served:
     step: Step
     rung: str
     reply: Reply
+    rules: tuple[str, ...] = ()  # normalized: the rules that made it match ("<preset>:<rule>")
+    score: float | None = None  # nearest: the similarity
+    differences: tuple[str, ...] = ()  # nearest: what still differs, after normalisation
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,33 +90,101 @@ class Miss:
     status: int = 400  # 500 when the recording, not the request, is at fault
 
 
+@dataclass
+class Taken:
+    position: int
+    rung: str
+    rules: tuple[str, ...] = ()
+    score: float | None = None
+    differences: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Normalization:
+    """What a tape keeps of a recorded call's normalised form."""
+
+    key: bytes  # the digest of its key
+    fired: tuple[str, ...]
+    preset: str
+    shape: tuple  # `nearest.shape`
+
+
 class Tape:
     """One session's recording and its cursor."""
 
-    def __init__(self, steps: list[Step]) -> None:
+    def __init__(self, steps: list[Step], normalized: list[Normalization], body_of: Callable[[int], Any]) -> None:
         self.steps = steps
+        self.normalized = normalized
+        self._body_of = body_of  # position -> the recorded call's normalised body, made again
         self.served = [False] * len(steps)
         self.cursor = 0  # the first step not yet served
         self.by_key: dict[bytes, deque[int]] = {}  # positions of each canonical request's digest, in order
-        for position, step in enumerate(steps):
+        self.by_normalized: dict[bytes, deque[int]] = {}  # and of each normalised one's
+        for position, (step, n) in enumerate(zip(steps, normalized)):
             self.by_key.setdefault(step.key, deque()).append(position)
+            self.by_normalized.setdefault(n.key, deque()).append(position)
+        self._words: dict[int, Counter] = {}
         self.stats = SessionStats(recorded=len(steps))
 
-    def take(self, key: bytes, allow_position: bool) -> tuple[int, str] | None:
-        positions = self.by_key.get(key)
-        while positions and self.served[positions[0]]:  # taken by the position rung meanwhile
+    def take(
+        self, request: Canonical, normalized: Callable[[], Normalized], allow_position: bool, allow_nearest: bool
+    ) -> Taken | None:
+        """The step that answers a request, by the first rung that matches;
+        `normalized()` gives the request's normalised form (made only if needed)."""
+        position = self._first(self.by_key, key_digest(request.key))
+        if position is not None:
+            return self._serve(Taken(position, EXACT if position == self.cursor else LATER))
+        live = normalized()
+        position = self._first(self.by_normalized, key_digest(live.key))
+        if position is not None:
+            fired = sorted({*live.fired, *self.normalized[position].fired})
+            return self._serve(Taken(position, NORMALIZED, tuple(f"{live.preset}:{name}" for name in fired)))
+        if allow_nearest:
+            found = self.nearest(request.api, live, same_shape=True)
+            if found is not None and found[1] >= near.THRESHOLD:
+                position, score = found
+                return self._serve(Taken(position, NEAREST, score=score, differences=self.differences(position, live)))
+        if allow_position and self.cursor < len(self.steps):
+            return self._serve(Taken(self.cursor, POSITION))
+        return None
+
+    def _first(self, index: dict[bytes, deque[int]], key: bytes) -> int | None:
+        positions = index.get(key)
+        while positions and self.served[positions[0]]:  # taken by another rung meanwhile
             positions.popleft()
-        if positions:
-            position = positions.popleft()
-            rung = EXACT if position == self.cursor else LATER
-        elif allow_position and self.cursor < len(self.steps):
-            position, rung = self.cursor, POSITION
-        else:
-            return None
-        self.served[position] = True
+        return positions[0] if positions else None
+
+    def _serve(self, taken: Taken) -> Taken:
+        self.served[taken.position] = True
         while self.cursor < len(self.steps) and self.served[self.cursor]:
             self.cursor += 1
-        return position, rung
+        return taken
+
+    def nearest(self, api: str, live: Normalized, same_shape: bool) -> tuple[int, float] | None:
+        """(position, similarity) of the unserved step closest to a normalised
+        request: among the next of its shape, or (not `same_shape`) those of its
+        shape if any, else the next few from the cursor."""
+        shape = near.shape(api, live.body)
+        unserved = (p for p in range(self.cursor, len(self.steps)) if not self.served[p])
+        unserved = list(islice(unserved, 4 * _COMPARED))
+        candidates = [p for p in unserved if self.normalized[p].shape == shape][:_COMPARED]
+        if not candidates and not same_shape:
+            candidates = unserved[:_COMPARED]
+        if not candidates:
+            return None
+        words = near.words(live.body)
+        score, minus_position = max((near.similarity(self._words_of(p), words), -p) for p in candidates)
+        return -minus_position, score
+
+    def _words_of(self, position: int) -> Counter:
+        words = self._words.get(position)
+        if words is None:
+            words = self._words[position] = near.words(self._body_of(position))
+        return words
+
+    def differences(self, position: int, live: Normalized) -> tuple[str, ...]:
+        found = islice(differences(self._body_of(position), live.body), _DIFFERENCES)
+        return tuple(describe(*d) for d in found)
 
 
 class Replay:
@@ -104,28 +196,41 @@ class Replay:
         self,
         records: Iterable[CallRecord] = (),
         ignore: Iterable[str] = DEFAULT_IGNORE,
+        normalizer: Normalizer | None = None,
         sessions: Mapping[str, SessionFile] | None = None,
     ) -> None:
         self.ignore = frozenset(ignore)
+        self.normalizer = normalizer or Normalizer.builtin()
         by_session: dict[str, list[tuple[CallRecord, None]]] = {}
         for record in records:
             by_session.setdefault(record.session, []).append((record, None))
+        self._in_memory = [record for pairs in by_session.values() for record, _ in pairs]
         self._tapes: dict[str, Tape] = {s: self._tape(s, steps) for s, steps in by_session.items()}
-        self._on_disk: dict[str, SessionFile] = dict(sessions or {})  # not read yet
+        self._files: dict[str, SessionFile] = dict(sessions or {})
+        self._on_disk: dict[str, SessionFile] = dict(self._files)  # not read yet
         self._lines = LineReader()  # the records of steps on disk, read again to serve them
         self._unreadable: dict[str, str] = {}  # sessions whose recording could not be read, and why
         self._unknown: dict[str, SessionStats] = {}  # sessions asked for that were not recorded
+        self._calls_seen: tuple[list[tuple[str, bool]], set[str]] | None = None
 
     def _tape(self, session: str, records: Iterable[tuple[CallRecord, object]]) -> Tape:
-        steps = []
+        steps, normalized = [], []
         for record, source in sorted(records, key=lambda r: r[0].index):
             api = API_BY_NAME.get(record.api)
             if api is None:
                 raise ReplayLoadError(f"session {session} #{record.index}: cannot replay api {record.api!r}")
             if record.session != session:
                 raise ReplayLoadError(f"session {session} #{record.index}: the call is of session {record.session!r}")
-            steps.append(Step(record, api, self.ignore, source))
-        return Tape(steps)
+            request = canonical(api, record.request, record.request_raw, self.ignore)
+            steps.append(Step(record, api, self.ignore, source, request))
+            preset = self.normalizer.preset_for(record.request_headers, request.key)
+            n = self._normalize(preset, request)
+            normalized.append(Normalization(key_digest(n.key), n.fired, preset, near.shape(api.name, n.body)))
+        return Tape(steps, normalized, lambda p: self._normalize(normalized[p].preset, steps[p].request).body)
+
+    def _normalize(self, preset: str, request: Canonical) -> Normalized:
+        rules = self.normalizer.rule_set(preset)
+        return rules.normalize(request.api, None, request.body) if request.raw else rules.normalize(request.api, request.body)
 
     def _read(self, session: str) -> Tape | None:
         """The tape of a session on disk, read now; None if it cannot be."""
@@ -164,10 +269,41 @@ class Replay:
     def sessions(self) -> int:
         return len(self._tapes) + len(self._on_disk) + len(self._unreadable)
 
+    def _recorded_calls(self) -> Iterator[CallRecord]:
+        yield from self._in_memory
+        for where in self._files.values():
+            try:
+                for _, record in where.records(tolerate_corrupt=True):
+                    yield record
+            except (OSError, TrajectoryError):
+                continue  # that session's calls fail when asked for, saying why
+
+    def _seen(self) -> tuple[list[tuple[str, bool]], set[str]]:
+        if self._calls_seen is None:  # a pass over the recording, the first time it is asked
+            models, urls = [], set()
+            for record in self._recorded_calls():
+                if isinstance(record.request, dict) and isinstance(record.request.get("model"), str):
+                    models.append((record.request["model"], record.api == "anthropic.messages"))
+                urls.add(record.url)
+            self._calls_seen = models, urls
+        return self._calls_seen
+
+    @property
+    def models(self) -> list[tuple[str, bool]]:
+        """(model, whether an Anthropic call) of every recorded call, for /v1/models."""
+        return self._seen()[0]
+
+    @property
+    def urls(self) -> set[str]:
+        """Where the recorded calls went."""
+        return self._seen()[1]
+
     def canonical(self, api: ApiShape, body: bytes, headers: Iterable[tuple[str, str]]) -> Canonical:
         return canonical_request(api, body, headers, self.ignore)
 
-    def match(self, session: str, request: Canonical, allow_position: bool = False) -> Served | Miss:
+    def match(
+        self, session: str, request: Canonical, allow_position: bool = False, allow_nearest: bool = False
+    ) -> Served | Miss:
         tape = self._tapes.get(session)
         if tape is None and session in self._on_disk:
             tape = self._read(session)
@@ -175,27 +311,45 @@ class Replay:
             if session in self._unreadable:
                 return Miss("replay_unreadable", f"llm-traj replay: {self._unreadable[session]}", 500)
             return self._unknown_session(session)
-        taken = tape.take(key_digest(request.key), allow_position)
-        if taken is None:
-            return self._miss(session, tape, request)
-        position, rung = taken
-        tape.stats.served += 1
-        tape.stats.rungs[rung] += 1
-        step = tape.steps[position]
-        return Served(step, rung, step.reply(request.wants_stream))
+        live: list[Normalized] = []  # made at most once, by the first rung or the miss that needs it
 
-    def _miss(self, session: str, tape: Tape, request: Canonical) -> Miss:
+        def normalized() -> Normalized:
+            if not live:
+                live.append(self._normalize(self.normalizer.preset_for(request.headers, request.key), request))
+            return live[0]
+
+        taken = tape.take(request, normalized, allow_position, allow_nearest)
+        if taken is None:
+            return self._miss(session, tape, request, normalized())
+        stats = tape.stats
+        stats.served += 1
+        stats.rungs[taken.rung] += 1
+        stats.rules.update(taken.rules)
+        step = tape.steps[taken.position]
+        if taken.rung == NEAREST:
+            stats.nearest.append({"step": step.index, "score": round(taken.score, 3),
+                                  "differences": list(taken.differences)})  # fmt: skip
+        return Served(step, taken.rung, step.reply(request.wants_stream), taken.rules, taken.score, taken.differences)
+
+    def _miss(self, session: str, tape: Tape, request: Canonical, live: Normalized) -> Miss:
         total = len(tape.steps)
         if tape.cursor >= total:
             code = "replay_exhausted"
             what = f"session {session!r} is exhausted: all {total} recorded calls were replayed"
         else:
             code = "replay_diverged"
-            step = tape.steps[tape.cursor]
-            what = (
-                f"the request diverges from the recording of session {session!r} at step {step.index} "
-                f"(of {total}): {describe_difference(step.request, request)}"
-            )
+            found = tape.nearest(request.api, live, same_shape=False)
+            position = found[0] if found is not None else tape.cursor
+            step = tape.steps[position]
+            where = f"at step {step.index} (of {total})"
+            if position != tape.cursor:
+                where += f", the closest recorded call (similarity {found[1]:.2f}; the cursor is at step {tape.steps[tape.cursor].index})"
+            recorded = step.request
+            if recorded.api != request.api:
+                detail = describe_difference(recorded, request)
+            else:
+                detail = "; ".join(tape.differences(position, live)) or describe_difference(recorded, request)
+            what = f"the request diverges from the recording of session {session!r} {where}: {detail}"
         # A retried call (a timeout, an SDK retry) is a common cause: say so.
         key = key_digest(request.key)
         again = next(
@@ -223,45 +377,21 @@ class Replay:
 
     def report(self) -> dict[str, Any]:
         """Per session read (or asked for): calls recorded and served, the
-        rungs that matched, the misses and the first of them; and how many
-        recorded sessions were never asked for. JSON-able."""
+        rungs that matched, the rules that made calls match, the nearest
+        matches, the misses and the first of them; and how many recorded
+        sessions were never asked for. JSON-able."""
         stats = {s: t.stats for s, t in self._tapes.items()} | self._unknown
         return {
-            "sessions": {
-                session: {
-                    "recorded": st.recorded,
-                    "served": st.served,
-                    "unserved": st.recorded - st.served,
-                    "rungs": dict(st.rungs),
-                    "misses": st.misses,
-                    "first_divergence": st.first_divergence,
-                }
-                for session, st in sorted(stats.items())
-            },
+            "sessions": {session: st.as_dict() for session, st in sorted(stats.items())},
             "sessions_not_asked": len(self._on_disk),
         }
 
     def report_lines(self) -> list[str]:
         report = self.report()
-        sessions = report["sessions"]
-        served = sum(s["served"] for s in sessions.values())
-        misses = sum(s["misses"] for s in sessions.values())
-        not_asked = f" ({report['sessions_not_asked']} more recorded, never asked for)" if self._on_disk else ""
-        lines = [
-            f"replay report: {served} of {self.calls} recorded calls served, {misses} misses, "
-            f"{len(sessions)} sessions{not_asked}"
-        ]
-        for name, s in sessions.items():
-            rungs = ", ".join(f"{r} {n}" for r, n in s["rungs"].items())
-            line = f"  {name}: {s['served']}/{s['recorded']} served" + (f" ({rungs})" if rungs else "")
-            line += f", {s['misses']} misses"
-            if s["first_divergence"]:
-                line += f"; first: {s['first_divergence']}"
-            lines.append(line)
-        return lines
+        return report_lines(report["sessions"], self.calls, report["sessions_not_asked"])
 
 
-def load(path: Path | str, ignore: Iterable[str] = DEFAULT_IGNORE) -> Replay:
+def load(path: Path | str, ignore: Iterable[str] = DEFAULT_IGNORE, normalizer: Normalizer | None = None) -> Replay:
     """The replay of a trajectory, each session read when first asked for: a
     torn last line is logged then, a bad line makes that session's calls
     fail (500, `replay_unreadable`) and is logged with its file:line. A single
@@ -273,7 +403,7 @@ def load(path: Path | str, ignore: Iterable[str] = DEFAULT_IGNORE) -> Replay:
         raise ReplayLoadError(f"{path}: no trajectory there (a directory of <session>.jsonl files, or a .jsonl file)")
     for line in skipped:
         logger.warning(f"llm-traj: {line}")
-    return Replay(ignore=ignore, sessions=sessions)
+    return Replay(ignore=ignore, normalizer=normalizer, sessions=sessions)
 
 
 def _record_source(lines: LineReader, where: SessionFile, span: tuple[int, int], whole: bool) -> CallRecord:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic_core import from_json
 
 from ..apis import ApiShape
-from ..core.jsontext import excerpt, first_difference
+from ..core.jsontext import describe, first_difference
 from ..core.redact import may_have_secret_fields, redact_fields, redact_headers, scrub
 
 # Fields that change from run to run without changing the answer: how it is
@@ -23,7 +23,7 @@ DEFAULT_IGNORE = (
     "service_tier", "prompt_cache_key", "safety_identifier",
 )  # fmt: skip
 
-EXACT, LATER, POSITION = "exact", "later", "position"
+EXACT, LATER, NORMALIZED, NEAREST, POSITION = "exact", "later", "normalized", "nearest", "position"
 
 
 # --------------------------------------------------------------- requests
@@ -39,6 +39,8 @@ class Canonical:
     key: str
     body: Any
     wants_stream: bool = False
+    raw: bool = False  # `body` is the text of a body that is not JSON
+    headers: tuple[tuple[str, str], ...] = ()  # a live request's, to pick its normalisation preset
 
 
 def canonical(
@@ -46,7 +48,7 @@ def canonical(
 ) -> Canonical:
     if raw is not None:
         text = scrub(raw, secrets)
-        return Canonical(api.name, f"{api.name}\nraw\n{text}", text)
+        return Canonical(api.name, f"{api.name}\nraw\n{text}", text, raw=True)
     wants_stream = api.wants_stream(body)
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k not in ignore}
@@ -61,18 +63,20 @@ def canonical_request(
     api: ApiShape, body: bytes, headers: Iterable[tuple[str, str]], ignore: frozenset[str]
 ) -> Canonical:
     """The canonical form of a live request, redacted as the recorder redacts."""
+    headers = tuple(headers)
     _, secrets = redact_headers(list(headers))
     try:
         obj = from_json(body) if body else None
     except ValueError:
-        return canonical(api, None, body.decode("utf-8", errors="replace"), ignore, secrets)
-    if may_have_secret_fields(body):
-        obj = redact_fields(obj, secrets)
-    return canonical(api, obj, None, ignore, secrets)
+        found = canonical(api, None, body.decode("utf-8", errors="replace"), ignore, secrets)
+    else:
+        if may_have_secret_fields(body):
+            obj = redact_fields(obj, secrets)
+        found = canonical(api, obj, None, ignore, secrets)
+    return replace(found, headers=headers)
 
 
 def describe_difference(recorded: Canonical, request: Canonical) -> str:
     if recorded.api != request.api:
         return f"api: recorded {recorded.api}, request {request.api}"
-    path, a, b = first_difference(recorded.body, request.body) or ("body", recorded.body, request.body)
-    return f"{path or 'body'}: recorded {excerpt(a, b)}, request {excerpt(b, a)}"
+    return describe(*(first_difference(recorded.body, request.body) or ("body", recorded.body, request.body)))

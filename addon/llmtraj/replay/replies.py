@@ -80,10 +80,15 @@ class Step:
     __slots__ = ("session", "index", "key", "_api", "_ignore", "_source")
 
     def __init__(
-        self, record: CallRecord, api: ApiShape, ignore: frozenset[str], source: RecordSource | None = None
+        self,
+        record: CallRecord,
+        api: ApiShape,
+        ignore: frozenset[str],
+        source: RecordSource | None = None,
+        request: Canonical | None = None,  # its canonical form, when the caller made it already
     ) -> None:
         self.session, self.index = record.session, record.index
-        self.key = key_digest(canonical(api, record.request, record.request_raw, ignore).key)
+        self.key = key_digest((request or canonical(api, record.request, record.request_raw, ignore)).key)
         self._api, self._ignore = api, ignore
         self._source = source or (lambda whole: record)
 

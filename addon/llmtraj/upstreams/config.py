@@ -53,6 +53,9 @@ Kind = Literal["openai", "anthropic", "vllm", "sglang"]
 DEFAULT_RETRY_STATUSES = (429, 500, 502, 503)
 # The headers an agent may carry its key in; all are replaced when a key is injected.
 AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
+# The reverse target of a proxy that answers every LLM call itself (replay,
+# anti-call) and was given no upstream: the discard port, never contacted.
+NO_UPSTREAM = "http://127.0.0.1:9"
 
 
 class ConfigError(ValueError):
@@ -190,7 +193,8 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {message}{more}" if where else message + more
 
 
-def parse_config(text: str, suffix: str) -> UpstreamConfig:
+def parse_table(text: str, suffix: str) -> dict[str, Any]:
+    """The top-level table of a TOML or YAML settings file (by its suffix)."""
     if suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -202,22 +206,39 @@ def parse_config(text: str, suffix: str) -> UpstreamConfig:
         raise ConfigError("the file name must end in .toml, .yaml or .yml")
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a table of settings")
+    return data
+
+
+def parse_config(text: str, suffix: str) -> UpstreamConfig:
+    return _validated(parse_table(text, suffix))
+
+
+def _validated(data: dict[str, Any]) -> UpstreamConfig:
     try:
         return UpstreamConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_first_error(exc)) from None
 
 
-def read_config(path: str | os.PathLike) -> UpstreamConfig:
+def read_table(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level table of a TOML or YAML settings file; errors name the file."""
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     try:
-        return parse_config(text, path.suffix.lower())
+        return parse_table(text, path.suffix.lower())
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def read_config(path: str | os.PathLike) -> UpstreamConfig:
+    data = read_table(path)
+    try:
+        return _validated(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(path).expanduser()}: {exc}") from None
 
 
 def key_variables(config: UpstreamConfig) -> set[str]:

@@ -78,8 +78,8 @@ def export(
     fmt: str,
     *,
     granularity: str = "per_call",
-    agent_name: str = "unknown",
-    agent_version: str = "unknown",
+    agent_name: str | None = None,
+    agent_version: str | None = None,
     skipped: list[Skipped] | None = None,
 ) -> Iterator[str] | str:
     """`openai-chat`, `tokens`: JSON lines, one sample each; `atif`: JSON lines, one

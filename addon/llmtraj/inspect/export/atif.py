@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -30,11 +31,13 @@ ATIF_VERSION = "ATIF-v1.4"
 def atif_documents(
     records: Iterable[CallRecord],
     *,
-    agent_name: str = "unknown",
-    agent_version: str = "unknown",
+    agent_name: str | None = None,
+    agent_version: str | None = None,
     skipped: list[Skipped] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """One document per session that has a successful call."""
+    """One document per session that has a successful call. The agent is
+    named as given, else as recognised from its calls (the replay presets:
+    user-agent, its own headers), else "unknown"."""
     for session, calls in by_session(records).items():
         builder = _AtifSession()
         for record in ok_calls(calls, skipped):
@@ -52,8 +55,8 @@ def _essence(message: Any) -> Any:
     its own serialization (`content: null` left out, keys reordered, ...)."""
     if not isinstance(message, dict):
         return message
-    calls = [
-        (c.get("id"), (c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments"))
+    calls = [  # arguments parsed: an agent re-serialises them (spacing, key order)
+        (c.get("id"), (c.get("function") or {}).get("name"), _atif_arguments((c.get("function") or {}).get("arguments")))
         for c in message.get("tool_calls") or []
         if isinstance(c, dict)
     ]
@@ -110,24 +113,58 @@ def _atif_metrics(usage: dict[str, Any] | None, choice: dict[str, Any]) -> dict[
 
 
 class _AtifSession:
-    """The steps of one session, built call by call."""
+    """The conversations of one session, built call by call: a call continues
+    the conversation whose history it shares the longest start with (its system
+    prompt at least: a compacted history keeps it), or starts one of its own (a
+    side call with a prompt of its own: a title, a summary).
+    The conversation of the most calls is the session's; the others are kept
+    apart, in `extra.side_conversations`."""
 
     def __init__(self) -> None:
-        self.steps: list[dict[str, Any]] = []
+        self.conversations: list[_Conversation] = []
         self.first: CallRecord | None = None  # the first call that made a step
-        # What the next request's messages are expected to start with: the
-        # previous request's messages and its reply.
-        self._history: list[Any] = []
 
     def add_call(self, record: CallRecord) -> None:
         messages = chat_request(record)["messages"]
-        choice, reply = first_choice(record)
+        choice, reply = first_choice(record)  # before anything is added: an unusable reply changes nothing
         self.first = self.first or record
+        best, shared = None, 0
+        for conversation in self.conversations:
+            n = _common_prefix(conversation.history, messages)
+            if n > shared:
+                best, shared = conversation, n
+        if best is None:
+            best = _Conversation()
+            self.conversations.append(best)
+        best.add_call(record, messages, shared, choice, reply)
+
+    def document(self, session: str, agent_name: str | None, agent_version: str | None) -> dict[str, Any]:
+        main = max(self.conversations, key=lambda c: c.calls)  # the first of the most calls
+        document = main.document(session, self.first, agent_name, agent_version)
+        side = [{"steps": c.steps} for c in self.conversations if c is not main]
+        if side:
+            document["extra"] = {"side_conversations": side}
+        return document
+
+
+class _Conversation:
+    """The steps of one conversation."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.calls = 0
+        # What the next request's messages are expected to start with: the
+        # previous request's messages and its reply.
+        self.history: list[Any] = []
+
+    def add_call(self, record: CallRecord, messages: list[Any], shared: int, choice: dict[str, Any],
+                 reply: dict[str, Any]) -> None:  # fmt: skip
         timestamp = iso_time(record.timings.started_at)
-        for message in messages[_common_prefix(self._history, messages) :]:
+        for message in messages[shared:]:
             self._add_message(message, timestamp)
         self._add_reply(record, choice, reply)
-        self._history = [*messages, reply]
+        self.history = [*messages, reply]
+        self.calls += 1
 
     def _step(self, source: str, timestamp: str, message: str) -> dict[str, Any]:
         step = {"step_id": len(self.steps) + 1, "timestamp": timestamp, "source": source, "message": message}
@@ -171,12 +208,13 @@ class _AtifSession:
         if (prompt := prompt_of(record)) is not None:
             step["extra"]["prompt"] = prompt
 
-    def document(self, session: str, agent_name: str, agent_version: str) -> dict[str, Any]:
-        first = self.first
-        agent: dict[str, Any] = {"name": agent_name, "version": agent_version}
+    def document(self, session: str, first: CallRecord, agent_name: str | None, agent_version: str | None) -> dict[str, Any]:
+        user_agent = header(first.request_headers, "user-agent")
+        agent: dict[str, Any] = {"name": agent_name or _agent_title(first, user_agent),
+                                 "version": agent_version or _version(user_agent)}  # fmt: skip
         if model := request_model(first):
             agent["model_name"] = model
-        if user_agent := header(first.request_headers, "user-agent"):
+        if user_agent:
             agent["extra"] = {"user_agent": user_agent}
         if (prompt := prompt_of(first)) is not None:
             agent.setdefault("extra", {})["prompt"] = prompt
@@ -197,3 +235,18 @@ class _AtifSession:
             "steps": self.steps,
             "final_metrics": final,
         }
+
+
+def _agent_title(record: CallRecord, user_agent: str | None) -> str:
+    """The agent a call came from, as replay recognises it (its preset), else "unknown"."""
+    from ...replay.normalize import GENERIC, Normalizer
+
+    normalizer = Normalizer.builtin()
+    name = normalizer.preset_for(record.request_headers, json.dumps(record.request, ensure_ascii=False))
+    return next((p.title for p in normalizer.presets if p.name == name), "unknown") if name != GENERIC else "unknown"
+
+
+def _version(user_agent: str | None) -> str:
+    """The version in a `name/1.2.3 (...)` user-agent, else "unknown"."""
+    found = re.match(r"[\w.-]+/(\d[\w.+-]*)", user_agent or "")
+    return found.group(1) if found else "unknown"

@@ -119,6 +119,8 @@ def _ft_tool_call(call: Any) -> dict[str, Any]:
 
 
 def _ft_tool(tool: Any) -> dict[str, Any]:
+    if isinstance(tool, dict) and tool.get("type") not in (None, "function"):
+        return tool  # a built-in tool the agent offered (web search, ...): kept as it is
     fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise Unusable("a tool is not a function with a name")
