@@ -18,7 +18,6 @@ from ..recording.sink import RecordSink
 from ..upstreams.config import NO_UPSTREAM
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, CallMetadata, LlmCall, llm_call
-from .token_capture import CAPTURE_KEY, SAMPLING_KEY
 
 logger = logging.getLogger("llm_traj")
 
@@ -183,9 +182,9 @@ class Recorder:
         capture.extra = info.get("extra") or {}
         capture.upstream = info.get("upstream")
         capture.prompt = info.get("prompt")
-        if SAMPLING_KEY in info and capture.upstream is not None:  # the route's sampling control
-            capture.upstream = {**capture.upstream, "sampling": info[SAMPLING_KEY]}
-        capture.token_capture = info.get(CAPTURE_KEY)
+        if "sampling" in info and capture.upstream is not None:  # the route's sampling control
+            capture.upstream = {**capture.upstream, "sampling": info["sampling"]}
+        capture.token_capture = info.get("capture")
         self._sink.send(capture)
 
     def _close(self) -> None:

@@ -25,8 +25,6 @@ from .routing import CALL_KEY, llm_call
 from .upstreaming import UpstreamRouting
 
 logger = logging.getLogger("llm_traj")
-CAPTURE_KEY = "capture"  # in flow.metadata[CALL_KEY]: the plan, for the record
-SAMPLING_KEY = "sampling"  # likewise: what sampling control changed
 
 
 class TokenCapture:
@@ -62,14 +60,14 @@ class TokenCapture:
         if sampling is not None:
             sent, note = sampling.apply(body)
             if note:
-                info[SAMPLING_KEY] = note
+                info["sampling"] = note
         plan = plan_capture(call.api.name, sent, route.kind if route is not None and route.kind in ENGINES else "vllm") if capture else None
         if plan is not None:
             sent = {**sent, **plan.added}
             # the response is rewritten as it passes: it must come uncompressed
             request.headers["accept-encoding"] = "identity"
             self._plans[flow.id] = plan
-            info[CAPTURE_KEY] = plan.note()
+            info["capture"] = plan.note()
         if sent is not body:
             request.content = engine_json(sent)
 
@@ -80,7 +78,7 @@ class TokenCapture:
         response = flow.response
         if "content-encoding" in response.headers:
             logger.warning("llm-traj: the upstream compressed a captured response; passed on unchanged")
-            flow.metadata[CALL_KEY][CAPTURE_KEY] = {**plan.note(), "passed_unchanged": True}
+            flow.metadata[CALL_KEY]["capture"] = {**plan.note(), "passed_unchanged": True}
             return
         capture = response.stream if callable(response.stream) else None  # the recorder's
         if response.headers.get("content-type", "").lower().startswith("text/event-stream"):

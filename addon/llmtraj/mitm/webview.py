@@ -41,7 +41,6 @@ from ..tokens.normalise import summary, tokens_from_response
 from .anticalling import CALL_ID_KEY
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, llm_call
-from .token_capture import CAPTURE_KEY
 
 MAX_FLOWS_OPTION = "llm_traj_web_max_flows"
 _PRIORITY = 3  # above JSON (1) and GraphQL (2): the view mitmweb picks for LLM responses
@@ -201,7 +200,7 @@ class WebChatView:
         kept = self._bodies[flow.id] = []
         # With token capture the view keeps what the engine sent, token ids
         # included (the agent got it without them), so it can count them.
-        captured = CAPTURE_KEY in flow.metadata[CALL_KEY]
+        captured = "capture" in flow.metadata[CALL_KEY]
 
         def keep(data: bytes):
             out = inner(data) if callable(inner) else data
