@@ -288,7 +288,9 @@ def test_other_traffic_passes_untouched_and_unrecorded(proxy, upstream, traj_dir
     while not (traj_dir / "models.json").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert {p.name for p in traj_dir.iterdir()} == before | {"models.json"}
-    assert [a.body for a in read_kept(traj_dir / "models.json") if a.path == "/v1/models"] == [models.model_dump()]
+    # kept as the upstream answered it (not as an SDK version re-serialises it)
+    answered = httpx.get(f"{upstream.url}/v1/models").json()
+    assert [a.body for a in read_kept(traj_dir / "models.json") if a.path == "/v1/models"] == [answered]
 
 
 def test_malformed_request_body_is_forwarded_and_recorded(proxy, upstream, traj_dir, session):
