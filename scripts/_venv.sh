@@ -4,6 +4,7 @@
 #   PYTHON         the interpreter that makes it (default python3.11); pip then picks
 #                  the dependency set for it: mitmproxy 11 with openai 2 / anthropic 0.x
 #                  on 3.11, mitmproxy 12 with openai 3 / anthropic 2 on 3.12 and later
+#   LLM_TRAJ_EXTRAS the extras installed (default dev; scripts/test-scale: scale)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${LLM_TRAJ_VENV:-.venv}"
@@ -17,11 +18,12 @@ if [ -x "$venv/bin/python" ] && [ -n "${PYTHON:-}" ]; then
   [ "$("$venv/bin/python" -c 'import sys; print(sys.version_info[:2])')" = "$("$python" -c 'import sys; print(sys.version_info[:2])')" ] \
     || { echo "$venv was made with another Python than $python; remove it or set LLM_TRAJ_VENV to another directory" >&2; exit 1; }
 fi
-want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+extras="${LLM_TRAJ_EXTRAS:-dev}"
+want="$(cat "$root/pyproject.toml" <(echo "$extras") | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setting up $venv (once)..." >&2
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[dev]" >&2
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[$extras]" >&2
   "$venv/bin/python" -m pip check >&2
   echo "$want" > "$stamp"
 fi

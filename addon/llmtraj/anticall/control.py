@@ -1,4 +1,4 @@
-"""The anti-call control API: JSON over HTTP/1.1 on 127.0.0.1 for drivers
+"""The anti-call control API: JSON over HTTP/1.1 (on 127.0.0.1 unless told) for drivers
 (the Python client, the `llm-traj anti-call` command, curl).
 
 Served by tornado's HTTP server (tornado comes with mitmproxy, for mitmweb)
@@ -96,18 +96,21 @@ class ControlServer:
         self.broker = broker
         self.token = token or secrets.token_urlsafe(32)
         self.port: int | None = None
+        self.host = "127.0.0.1"
         self._sock: socket.socket | None = None
         self._server: HTTPServer | None = None
         self._routes = [(r, r.pattern) for r in ROUTES]
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
-    def bind(self, port: int = 0) -> None:
-        """Listen on 127.0.0.1 (OSError if the port is taken); the server
-        answers once `start` ran in the event loop."""
-        self._sock = socket.create_server(("127.0.0.1", port))
+    def bind(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        """Listen on `host` (OSError if the port is taken or the address is not
+        this machine's); the server answers once `start` ran in the event loop."""
+        self.host = host
+        self._sock = socket.create_server((host, port))
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
 

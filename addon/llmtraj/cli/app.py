@@ -48,7 +48,7 @@ def demo(
 
 @app.command()
 def show(
-    path: Path = typer.Argument(..., help="A trajectory directory or .jsonl file."),
+    path: str = typer.Argument(..., help="A trajectory directory or .jsonl file, or a URL (s3://bucket/prefix)."),
     session: str = typer.Option(None, help="Only this session (default: all)."),
 ) -> None:
     """Print a trajectory readably: turns, tool calls, token usage, timings, errors."""
@@ -64,6 +64,7 @@ def show(
 
 MODE_HELP = "record, replay or anticall"
 TRAJ_HELP = "Trajectory directory, or a FILE.jsonl."
+READ_HELP = "Trajectory directory, a FILE.jsonl, or an fsspec URL (s3://bucket/prefix)."
 SET_HELP = "Extra mitmproxy/llm-traj option as name=value (repeatable)."
 # Options the proxy-starting commands (run, start, web) share.
 MODE_OPTION = typer.Option("record", help=MODE_HELP)
@@ -305,14 +306,20 @@ def watch_agent(
 
 
 
-def _reader(path: Path):
-    """A trajectory to read one session at a time, or a one-line exit."""
+def _reader(path: str):
+    """A trajectory (a path, or an fsspec URL such as s3://bucket/prefix) to
+    read one session at a time, or a one-line exit."""
+    from ..core.remote import RemoteError, local_trajectory
     from ..core.store import TrajectoryReader
 
-    if not path.exists():
+    try:
+        local = local_trajectory(path)
+    except RemoteError as exc:
+        fail(str(exc))
+    if not local.exists():
         fail(f"{path} does not exist")
     with _reading():
-        return TrajectoryReader(path)
+        return TrajectoryReader(local)
 
 
 @contextlib.contextmanager
@@ -328,7 +335,7 @@ def _reading():
 
 @app.command()
 def cat(
-    path: Path = typer.Argument(..., help=TRAJ_HELP),
+    path: str = typer.Argument(..., help=READ_HELP),
     session: str = typer.Option(None, help="Only this session (default: all)."),
 ) -> None:
     """Print the trajectory as schema_version 1 lines, every request whole (for jq and other tools)."""
@@ -367,7 +374,7 @@ def compact(path: Path = typer.Argument(..., help=TRAJ_HELP)) -> None:
 
 @app.command()
 def stats(
-    path: Path = typer.Argument(..., help=TRAJ_HELP),
+    path: str = typer.Argument(..., help=READ_HELP),
     as_json: bool = typer.Option(False, "--json"),
     by: str = typer.Option("session,model", "--by", help="Group by session, model and/or prompt (its version), comma-separated."),
 ) -> None:
@@ -406,8 +413,8 @@ def replay_rules(rules: Path = RULES_OPTION) -> None:
 
 @app.command()
 def diff(
-    a: Path = typer.Argument(..., help="First trajectory."),
-    b: Path = typer.Argument(..., help="Second trajectory."),
+    a: str = typer.Argument(..., help="First trajectory (a path or a URL)."),
+    b: str = typer.Argument(..., help="Second trajectory (a path or a URL)."),
     ignore: str = typer.Option(None, help="Comma-separated request fields to ignore (default: replay's)."),
     raw: bool = typer.Option(False, "--raw", help="Compare requests as recorded, not normalised as replay matches them."),
     rules: Path = RULES_OPTION,
@@ -426,7 +433,7 @@ def diff(
 
 @app.command()
 def export(
-    path: Path = typer.Argument(..., help=TRAJ_HELP),
+    path: str = typer.Argument(..., help=READ_HELP),
     fmt: str = typer.Option(..., "--format", help="openai-chat, har, atif or tokens (RL trainers: .jsonl, or .parquet with -o)."),
     granularity: str = typer.Option("per_call", help="openai-chat, tokens: per_call or per_session."),
     agent_name: str = typer.Option(None, help="atif: the agent's name (default: recognised from its calls)."),

@@ -44,8 +44,12 @@ class ServerProcess:
     """A child server process that prints a line matching `ready` (with the
     port as its second group) once it listens. Output goes to `log`."""
 
-    def __init__(self, args: list[str], ready: re.Pattern[str], *, host: str = "127.0.0.1", log: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], ready: re.Pattern[str], *, host: str = "127.0.0.1", log: Path | None = None,
+        die_with_parent: bool = False,  # SIGTERMed when the thread that starts it ends (Linux)
+    ) -> None:
         self.args = args
+        self._die_with_parent = die_with_parent
         self._ready = ready
         self._own_log = log is None
         self.log = Path(log) if log else Path(tempfile.mkstemp(prefix="llm-traj-proc-", suffix=".log")[1])
@@ -75,6 +79,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
+                preexec_fn=_terminate_with_parent if self._die_with_parent else None,
             )
         self.port = int(self.await_line(self._ready, timeout).group(2))
         return self
@@ -152,6 +157,7 @@ class ProxyProcess(ServerProcess):
         extra_args: Iterable[str] = (),
         log: Path | None = None,
         program: str = "mitmdump",
+        die_with_parent: bool = False,
     ) -> None:
         args = [mitm_program(program), "--listen-host", listen_host, "-p", str(port)]
         if program == "mitmweb":
@@ -163,13 +169,52 @@ class ProxyProcess(ServerProcess):
         for name, value in (options or {}).items():
             args += ["--set", f"{name}={value}"]
         args += list(extra_args)
-        super().__init__(args, _READY if addon else _BARE_READY, host=listen_host, log=log)
+        super().__init__(args, _READY if addon else _BARE_READY, host=listen_host, log=log, die_with_parent=die_with_parent)
         self.addon = addon
+
+    def written_records(self, session: str, directory: Path, timeout: float = 30.0) -> list:
+        """The session's records (`CallRecord`s) in the trajectory directory,
+        once the proxy has written every call of it that got an answer (its
+        written barrier, `GET /llm-traj/written`); TimeoutError if it did not in time."""
+        import json
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        from ..core.store import TrajectoryReader
+
+        query = urllib.parse.urlencode({"session": session, "timeout": timeout})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            opener.open(f"{self.url}/llm-traj/written?{query}", timeout=timeout + 10).close()
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {exc.code}"
+            raise TimeoutError(message) from None
+        file = Path(directory) / f"{session}.jsonl"
+        return TrajectoryReader(file).sessions.get(session, []) if file.exists() else []
 
     def web_url(self) -> str:
         """mitmweb's address for a browser as mitmweb logs it: with the access
         token mitmweb 12 makes at each start (11 has none)."""
         return self.await_line(_WEB_READY).group(1)
+
+
+def _terminate_with_parent() -> None:
+    """In the child before it runs: SIGTERM it when the thread that started it
+    ends (Linux's parent-death signal), so a proxy never outlives its owner,
+    even one killed with SIGKILL (a Ray actor). Elsewhere: a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def standin_process(*extra_args: str) -> ServerProcess:

@@ -146,13 +146,7 @@ def agent_env(plan: RunPlan, proxy_url: str, run_dir: Path, base: Mapping[str, s
             raise RunError(f"--config: {exc}") from None
     env["LLM_TRAJ_SESSION"] = plan.session
     if plan.via == "base-url":
-        root = f"{proxy_url}/s/{plan.session}"
-        env.update(
-            OPENAI_BASE_URL=f"{root}/v1",
-            OPENAI_API_BASE=f"{root}/v1",  # LiteLLM and older SDKs
-            ANTHROPIC_BASE_URL=root,  # the Anthropic SDK appends /v1/messages
-            ANTHROPIC_API_BASE=root,  # LiteLLM
-        )
+        env.update(base_url_env(proxy_url, plan.session))
     else:
         bundle = str(ca_bundle(plan.confdir, run_dir / "ca-bundle.pem"))
         for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
@@ -163,13 +157,29 @@ def agent_env(plan: RunPlan, proxy_url: str, run_dir: Path, base: Mapping[str, s
             CURL_CA_BUNDLE=bundle,
             NODE_EXTRA_CA_CERTS=bundle,
         )
-    # An agent needs some key to start; the proxy injects the real one (upstream
-    # config), or answers itself (replay, anti-call). A key of the agent's own is kept.
+    add_placeholder_keys(env)
+    return env
+
+
+def base_url_env(proxy_url: str, session: str) -> dict[str, str]:
+    """The variables that send an agent's calls to the proxy by base URL, in `session`."""
+    root = f"{proxy_url}/s/{session}"
+    return {
+        "LLM_TRAJ_SESSION": session,
+        "OPENAI_BASE_URL": f"{root}/v1",
+        "OPENAI_API_BASE": f"{root}/v1",  # LiteLLM and older SDKs
+        "ANTHROPIC_BASE_URL": root,  # the Anthropic SDK appends /v1/messages
+        "ANTHROPIC_API_BASE": root,  # LiteLLM
+    }
+
+
+def add_placeholder_keys(env: dict[str, str]) -> None:
+    """An agent needs some key to start; the proxy injects the real one (upstream
+    config), or answers itself (replay, anti-call). A key of the agent's own is kept."""
     if not env.get("OPENAI_API_KEY"):
         env["OPENAI_API_KEY"] = DUMMY_KEY
     if not env.get("ANTHROPIC_API_KEY") and not env.get("ANTHROPIC_AUTH_TOKEN"):
         env["ANTHROPIC_AUTH_TOKEN"] = DUMMY_KEY  # Claude Code's variable; the SDK reads it too
-    return env
 
 
 def exit_code(returncode: int) -> int:

@@ -129,3 +129,6 @@ class CallRecord(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
     tokens: Tokens | None = Field(None, description="token ids and logprobs, when the engine or a driver gave them")
     capture: TokenCapture | None = None
+    weight_version: str | int | None = Field(
+        None, description="the trainer's policy version when the call came in (`ProxyPool.set_weight_version`)"
+    )

@@ -25,6 +25,7 @@ from pydantic_core import from_json, to_json
 
 from .chain import RequestChains, SessionRequests, decode_events, encode_events
 from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
+from .remote import local_trajectory
 from .redact import REDACTED
 from .session import validate_session
 
@@ -185,9 +186,10 @@ def read_records(
 
     A last line without its newline that does not parse is the torn write of a
     crash: it is skipped (and listed in `skipped`). Any other bad line raises
-    `TrajectoryError`, unless `tolerate_corrupt`, which skips it too.
+    `TrajectoryError`, unless `tolerate_corrupt`, which skips it too. `path`
+    may be an fsspec URL (s3://bucket/prefix), read from a local copy.
     """
-    for file in trajectory_files(path):
+    for file in trajectory_files(local_trajectory(path)):
         yield from (record for _, record in _records(file, _lines(file), tolerate_corrupt, skipped))
 
 
@@ -248,7 +250,8 @@ class TrajectoryReader:
     its calls by index, read when looked up."""
 
     def __init__(self, path: Path | str, tolerate_corrupt: bool = False, skipped: list[SkippedLine] | None = None) -> None:
-        self.sessions = _SessionCalls(trajectory_sessions(path, skipped, tolerate_corrupt), tolerate_corrupt, skipped)
+        where = trajectory_sessions(local_trajectory(path), skipped, tolerate_corrupt)  # a URL: a local copy
+        self.sessions = _SessionCalls(where, tolerate_corrupt, skipped)
 
     def __iter__(self) -> Iterator[CallRecord]:
         for calls in self.sessions.values():

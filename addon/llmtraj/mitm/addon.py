@@ -31,6 +31,8 @@ from .recording import Recorder
 from .replaying import Replayer
 from .routing import Routing
 from .token_capture import TokenCapture
+from .training import TrainerControls
+from .uploading import Uploading
 from .upstreaming import UpstreamForwarding, UpstreamRouting
 from .webview import WebAnnotations, WebChatView
 
@@ -154,10 +156,12 @@ def make_addons() -> list[object]:
     # A prompt override rewrites the request before any mode reads it (replay
     # matches, the recorder captures, a driver sees the version sent).
     prompting = Prompting(recorder)
+    uploading = Uploading(options, recorder)  # after the recorder: at shutdown it uploads what the writer wrote
+    anticalling.listeners.append(uploading)  # a session that ends goes up
     parts = [
-        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), prompting,
-        ProxyEndpoints(options, replayer), replayer, OfflineReplay(options, replayer), upstream_routing,
+        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), TrainerControls(options), prompting,
+        ProxyEndpoints(options, replayer, recorder), replayer, OfflineReplay(options, replayer), upstream_routing,
         recorder, ModelListKeeper(options), anticalling, TokenCapture(options, upstream_routing),
-        UpstreamForwarding(options, upstream_routing, loopback), WebAnnotations(options), WebChatView(),
+        UpstreamForwarding(options, upstream_routing, loopback), uploading, WebAnnotations(options), WebChatView(),
     ]
     return [LlmTraj(parts)]

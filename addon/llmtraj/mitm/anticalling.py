@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mitmproxy import command, ctx, exceptions, http
 
-from ..anticall.broker import Broker, BrokerError, Failure
+from ..anticall.broker import Broker, BrokerError, Failure, Listener
 from ..anticall.control import ControlServer
 from ..anticall.control_file import control_file_for, remove_control_file, write_control_file
 from ..anticall.models import ControlInfo
@@ -37,12 +37,14 @@ from .routing import CALL_KEY, CallMetadata, llm_call
 logger = logging.getLogger("llm_traj")
 
 CALL_ID_KEY = "anticall_id"  # in flow.metadata["llm_traj"]
-_DEFAULTS = {"llm_traj_control_port": 0, "llm_traj_hold_timeout": "0", "llm_traj_rock_file": ""}
+_DEFAULTS = {"llm_traj_control_port": 0, "llm_traj_control_host": "127.0.0.1", "llm_traj_hold_timeout": "0",
+             "llm_traj_rock_file": ""}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class AntiCallSettings:
     control_port: int
+    control_host: str
     hold_timeout: float
     rock_file: str
     control_file: Path
@@ -56,6 +58,7 @@ class AntiCalling:
         self.broker: Broker | None = None
         self._control: ControlServer | None = None
         self._rock: RockFileChannel | None = None
+        self.listeners: list[Listener] = []  # added to every broker made (the uploader: sessions that end)
         loopback.at_stop(self._stop_broker)
 
     def load(self, loader) -> None:
@@ -63,6 +66,11 @@ class AntiCalling:
             "llm_traj_control_port", int, _DEFAULTS["llm_traj_control_port"],
             "Anti-call: port of the control API on 127.0.0.1 (0: any free port). The address and its token "
             "are written to <llm_traj_path>/control.json.",
+        )
+        loader.add_option(
+            "llm_traj_control_host", str, _DEFAULTS["llm_traj_control_host"],
+            "Anti-call: the address the control API listens on (a trainer on another node: this node's address); "
+            "every request still needs the token of the control file.",
         )
         loader.add_option(
             "llm_traj_hold_timeout", str, _DEFAULTS["llm_traj_hold_timeout"],
@@ -88,12 +96,13 @@ class AntiCalling:
         broker = Broker(new.hold_timeout)
         control = ControlServer(broker)
         try:
-            control.bind(new.control_port)
+            control.bind(new.control_port, new.control_host)
             write_control_file(new.control_file, ControlInfo(url=control.url, token=control.token, pid=os.getpid()))
         except OSError as exc:  # (on a rollback the old settings start afresh)
             control.close()
-            raise exceptions.OptionsError(f"anti-call control API: cannot listen on 127.0.0.1:{new.control_port} or "
+            raise exceptions.OptionsError(f"anti-call control API: cannot listen on {new.control_host}:{new.control_port} or "
                                           f"write {new.control_file}: {exc}") from None  # fmt: skip
+        broker.listeners.extend(self.listeners)
         self._settings, self.broker, self._control = new, broker, control
         asyncio.ensure_future(control.start())
         if new.rock_file:
@@ -234,4 +243,7 @@ def _read_settings(settings: Settings) -> AntiCallSettings | None:
     rock = opts.llm_traj_rock_file.strip()
     if rock and Path(rock.replace("{session}", "default")).expanduser().is_dir():
         raise exceptions.OptionsError(f"llm_traj_rock_file={rock!r} is a directory; give a file path (with {{session}} for one per session)")
-    return AntiCallSettings(port, hold, rock, control_file_for(settings.path))
+    host = opts.llm_traj_control_host.strip()
+    if not host:
+        raise exceptions.OptionsError("llm_traj_control_host is empty; give an address of this machine (default 127.0.0.1)")
+    return AntiCallSettings(port, host, hold, rock, control_file_for(settings.path))

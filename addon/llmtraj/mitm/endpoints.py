@@ -6,7 +6,11 @@
 - `GET /v1/models`, `/v1/models/<id>` (and without `/v1`) from the upstream
   config's models, where the request is addressed to them;
 - `GET /llm-traj/replay-report` in replay mode: the report so far (also the
-  command `llm_traj.replay.report`).
+  command `llm_traj.replay.report`);
+- `GET /llm-traj/written?session=S&timeout=T`: answers once every call of
+  session S handed to the record writer so far (or whose response had begun)
+  is written: 200, or 504 `not_yet_written` after T seconds (a barrier for
+  readers of the trajectory: `llmtraj.ray`'s records).
 """
 
 from __future__ import annotations
@@ -19,15 +23,20 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
+from ..core.session import InvalidSession, validate_session
 from ..replay.report import REPORT_PATH
 from ..upstreams.registry import Registry, Route, address_of, model_object, models_list
 from .options import LlmTrajOptions
+from .recording import Recorder
 from .replaying import Replayer
 from .routing import error_response
 
 HEALTH_PATH = "/llm-traj/health"
+WRITTEN_PATH = "/llm-traj/written"
 MODELS_PATHS = ("/v1/models", "/models")
 REACHABILITY_TIMEOUT = 2.0
+DEFAULT_WRITTEN_WAIT = 10.0
+MAX_WRITTEN_WAIT = 300.0
 
 
 def json_response(status: int, obj: object) -> http.Response:
@@ -35,9 +44,10 @@ def json_response(status: int, obj: object) -> http.Response:
 
 
 class ProxyEndpoints:
-    def __init__(self, options: LlmTrajOptions, replayer: Replayer) -> None:
+    def __init__(self, options: LlmTrajOptions, replayer: Replayer, recorder: Recorder) -> None:
         self._options = options
         self._replayer = replayer
+        self._recorder = recorder
         self._started = int(time.time())  # the models' `created`
 
     def requestheaders(self, flow: http.HTTPFlow):
@@ -48,6 +58,8 @@ class ProxyEndpoints:
         path = request.path.split("?", 1)[0]
         if path == HEALTH_PATH or (path == "/health" and isinstance(flow.client_conn.proxy_mode, ReverseMode)):
             return self._health(flow)
+        if path == WRITTEN_PATH:
+            return self._written(flow)
         if path == REPORT_PATH:
             report = self._replayer.report()
             if report is not None:
@@ -90,6 +102,33 @@ class ProxyEndpoints:
             flow.response = json_response(200 if healthy else 503, report)
 
         return check()
+
+
+    def _written(self, flow: http.HTTPFlow):
+        query = parse_qs(urlsplit(flow.request.path).query)
+        session = (query.get("session") or [""])[-1]
+        raw = (query.get("timeout") or [str(DEFAULT_WRITTEN_WAIT)])[-1]
+        try:
+            validate_session(session)
+            timeout = float(raw)
+            if not 0 <= timeout <= MAX_WRITTEN_WAIT:
+                raise ValueError(f"timeout={raw} must be between 0 and {MAX_WRITTEN_WAIT:g} seconds")
+        except (InvalidSession, ValueError) as exc:
+            why = f"session={session!r}: {exc}" if isinstance(exc, InvalidSession) else str(exc)
+            if "could not convert" in why:
+                why = f"timeout={raw!r} is not a number of seconds"
+            flow.response = error_response(400, f"llm-traj: {WRITTEN_PATH}?session=S&timeout=T: {why}",
+                                           "invalid_request_error", "bad_written_query")  # fmt: skip
+            return None
+
+        async def wait() -> None:
+            if await self._recorder.written(session, timeout):
+                flow.response = json_response(200, {"session": session, "written": True})
+            else:
+                flow.response = error_response(504, f"llm-traj: the calls of session {session!r} were not all written "
+                                               f"within {timeout:g} s", "server_error", "not_yet_written")  # fmt: skip
+
+        return wait()
 
 
 def _for_the_models(flow: http.HTTPFlow, registry: Registry) -> bool:

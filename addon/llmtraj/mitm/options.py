@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions
 
+from ..core.remote import RemoteError, check_url, default_stage, is_url, local_trajectory
 from ..core.session import InvalidSession, validate_session
 from ..upstreams.config import ConfigError as UpstreamConfigError
 from ..upstreams.registry import Registry, load_registry
@@ -37,6 +38,7 @@ class Settings:
     config_path: str | None = None
     registry: Registry | None = None  # the upstream config's providers and models
     capture_tokens: bool = False  # llm_traj_capture_tokens: routes of the config may say otherwise
+    remote: str | None = None  # llm_traj_path as an fsspec URL; `path` is then the local stage (replay: a copy)
 
     @property
     def routes_calls(self) -> bool:
@@ -103,6 +105,11 @@ class LlmTrajOptions:
             "llm_traj_path", str, "",
             "Where trajectories go: a directory of <session>.jsonl files, "
             "or a single file if the path ends in .jsonl. Required.",
+        )
+        loader.add_option(
+            "llm_traj_stage", str, "",
+            "With an fsspec URL as llm_traj_path (s3://bucket/prefix): the local directory calls are written to "
+            "before each session's file is uploaded (default: ~/.llm-traj/stage/<hash of the URL>).",
         )
         loader.add_option(
             "llm_traj_session", str, "default",
@@ -177,7 +184,21 @@ class LlmTrajOptions:
             raise exceptions.OptionsError(
                 "llm_traj_path is not set; add --set llm_traj_path=DIR (or FILE.jsonl) for the trajectory"
             )
-        path = Path(opts.llm_traj_path).expanduser()
+        remote = None
+        if is_url(opts.llm_traj_path):
+            remote = opts.llm_traj_path.rstrip("/")
+            try:
+                check_url(remote)
+                if mode == "replay":
+                    path = local_trajectory(remote)
+                else:
+                    path = Path(opts.llm_traj_stage).expanduser() if opts.llm_traj_stage else default_stage(remote)
+            except RemoteError as exc:
+                raise exceptions.OptionsError(f"llm_traj_path: {exc}") from None
+        elif opts.llm_traj_stage:
+            raise exceptions.OptionsError("llm_traj_stage is only used when llm_traj_path is a URL (s3://...)")
+        else:
+            path = Path(opts.llm_traj_path).expanduser()
         target = path if path.suffix != ".jsonl" else path.parent
         if target.exists() and not target.is_dir():
             raise exceptions.OptionsError(f"llm_traj_path={opts.llm_traj_path!r}: {target} exists and is not a directory")
@@ -197,4 +218,4 @@ class LlmTrajOptions:
                 logger.info(f"llm-traj: config: left out {skipped}")
         return Settings(mode=mode, path=path, default_session=opts.llm_traj_session, retries=opts.llm_traj_retries,
                         config_path=opts.llm_traj_config or None, registry=registry,
-                        capture_tokens=opts.llm_traj_capture_tokens)  # fmt: skip
+                        capture_tokens=opts.llm_traj_capture_tokens, remote=remote)  # fmt: skip

@@ -3,6 +3,7 @@ hand a capture of it to the record writer."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -70,6 +71,10 @@ class Recorder:
         self._sink: RecordSink | None = None
         self._captures: dict[str, CallCapture] = {}  # by flow id, while the call is in flight
         self._request_parts: dict[str, list[bytes]] = {}  # by flow id, while a request body streams
+        # Calls whose response has begun, by session: the agent may have its answer
+        # before the call is handed to the writer (`written` waits for them too).
+        self._responding: dict[str, set[str]] = {}
+        self._handed_over: dict[str, asyncio.Event] = {}  # by session, while someone waits in `written`
         # Where marked calls go in a mode that records only those (replay, whose
         # llm_traj_path is what it reads); set by that mode's addon, which
         # configures before this one.
@@ -148,6 +153,7 @@ class Recorder:
         if capture is None:
             return
         response = flow.response
+        self._responding.setdefault(capture.session, set()).add(flow.id)
         capture.status = response.status_code
         capture.response_headers = list(response.headers.fields)
         capture.response_headers_at = response.timestamp_start
@@ -174,6 +180,11 @@ class Recorder:
         capture = self._captures.pop(flow.id, None)
         if capture is None:
             return
+        session = capture.session
+        if (responding := self._responding.get(session)) is not None:
+            responding.discard(flow.id)
+            if not responding:
+                del self._responding[session]
         if (parts := self._request_parts.pop(flow.id, None)) is not None:
             capture.request_body = b"".join(parts)  # ended before the whole request was sent
         capture.ended_at = time.time()
@@ -185,7 +196,26 @@ class Recorder:
         if "sampling" in info and capture.upstream is not None:  # the route's sampling control
             capture.upstream = {**capture.upstream, "sampling": info["sampling"]}
         capture.token_capture = info.get("capture")
+        capture.weight_version = info.get("weight_version")
         self._sink.send(capture)
+        if session not in self._responding and (handed := self._handed_over.pop(session, None)) is not None:
+            handed.set()
+
+    async def written(self, session: str, timeout: float) -> bool:
+        """Wait until every call of `session` that was handed to the writer, or
+        whose response had begun, is written; False if that took longer than
+        `timeout` seconds. Calls still waiting for any answer (held anti-calls,
+        upstreams yet to answer) are not waited for."""
+        if self._sink is None:
+            return True
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while session in self._responding:
+                handed = self._handed_over.setdefault(session, asyncio.Event())
+                await asyncio.wait_for(handed.wait(), deadline - asyncio.get_running_loop().time())
+        except TimeoutError:
+            return False
+        return await self._sink.wait_written(session, max(0.0, deadline - asyncio.get_running_loop().time()))
 
     def _close(self) -> None:
         if self._sink is not None:

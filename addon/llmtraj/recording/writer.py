@@ -8,12 +8,14 @@ machine's other core. Captures arrive on stdin as length-prefixed marshal data
 (both ends are this package, on the same Python). The process runs in its own
 session, so a Ctrl-C meant for the proxy does not reach it, and ends at end of
 input, once whatever arrived is written: a proxy killed with `kill -9` loses no
-call it had finished.
+call it had finished. Each call written (or given up on) is acknowledged with
+one byte on stdout, which the proxy counts (`RecordSink.wait_written`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -60,14 +62,17 @@ def record_of(capture: CallCapture, tagger: PromptTagger | None = None) -> tuple
     final = engine_final(api, capture.chunks, fields["stream"]) if rewriting is not None else fields["response"]
     fields["tokens"] = tokens_of(api, final, fields["extra"], note["engine"] if note else None)
     fields["capture"] = {**note, **(rewriting or {})} if note is not None else None
+    if capture.weight_version is not None:
+        fields["weight_version"] = capture.weight_version
     if tagger is not None:
         fields["prompt"] = tagger.tag(capture.api, fields["request"], capture.prompt)
     return fields, tee.secrets, tee.request_json
 
 
-def serve(path: str, source=None, prompts: str | None = None) -> None:
+def serve(path: str, source=None, prompts: str | None = None, acks: int | None = None) -> None:
     """Write every capture read from `source` (stdin) to the trajectory at `path`,
-    each tagged with its system prompt's version in the registry at `prompts`."""
+    each tagged with its system prompt's version in the registry at `prompts`,
+    and acknowledge each with a byte on the file descriptor `acks`."""
     source = source or sys.stdin.buffer
     tagger = PromptTagger(prompts) if prompts else None
     writer = TrajectoryWriter(path)
@@ -84,6 +89,11 @@ def serve(path: str, source=None, prompts: str | None = None) -> None:
                 writer.append(*record_of(capture, tagger))
             except Exception as exc:  # one bad call must not cost the others
                 print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
+            if acks is not None:
+                try:
+                    os.write(acks, b".")
+                except OSError:  # the proxy stopped reading (closing): write on without
+                    acks = None
     finally:
         writer.close()
 
@@ -93,4 +103,6 @@ if __name__ == "__main__":
     arguments.add_argument("path")
     arguments.add_argument("--prompts", help="the prompt registry to tag calls from")
     parsed = arguments.parse_args()
-    serve(parsed.path, prompts=parsed.prompts)
+    ack_fd = os.dup(1)
+    os.dup2(2, 1)  # anything printed goes to stderr: stdout carries only the acknowledgements
+    serve(parsed.path, prompts=parsed.prompts, acks=ack_fd)

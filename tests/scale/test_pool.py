@@ -1,0 +1,162 @@
+"""ProxyPool on a real Ray cluster: proxies as actors running mitmdump with the
+addon, driven by scripted openai-SDK agents over real TCP, answered through
+`pool.calls()`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+
+from llmtraj import AntiCallError
+from llmtraj.ray import ProxyPool
+
+AGENTS = 200
+LOOPBACK = "127.0.0.1"  # tests talk to this machine over loopback only
+PROXIES = 4
+
+
+def answer_for(request: dict) -> str:
+    return "echo: " + request["messages"][-1]["content"]
+
+
+async def scripted_agent(handle, turns: int = 2) -> list[str]:
+    """Alternates non-streamed and streamed calls; each turn's prompt names the session and turn."""
+    client = openai.AsyncOpenAI(base_url=handle.base_url, api_key="unused", max_retries=0, timeout=120)
+    got = []
+    try:
+        for turn in range(turns):
+            prompt = f"{handle.session_id} turn {turn}"
+            messages = [{"role": "user", "content": prompt}]
+            if turn % 2:
+                stream = await client.chat.completions.create(model="policy", messages=messages, stream=True)
+                text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+            else:
+                completion = await client.chat.completions.create(model="policy", messages=messages)
+                text = completion.choices[0].message.content
+            got.append(text)
+    finally:
+        await client.close()
+    return got
+
+
+async def trainer(pool: ProxyPool, stop: asyncio.Event) -> int:
+    """Answers every held call: streamed ones by deltas, the others whole."""
+    answered = 0
+
+    async def one(call):
+        nonlocal answered
+        text = answer_for(call.request)
+        if call.stream:
+            half = len(text) // 2
+            await pool.delta(call, text[:half])
+            await pool.delta(call, text[half:])
+            await pool.finish(call)
+        else:
+            await pool.respond(call, text, extra={"policy": "v0"})
+        answered += 1
+
+    tasks = set()
+    async for call in pool.calls():
+        task = asyncio.ensure_future(one(call))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        if stop.is_set():
+            break
+    await asyncio.gather(*tasks)
+    return answered
+
+
+def test_many_agents_through_a_pool(ray_cluster, tmp_path):
+    async def main():
+        pool = ProxyPool(PROXIES, mode="anticall", path=tmp_path / "traj", listen_host=LOOPBACK)
+        try:
+            handles = [await pool.open_session(metadata={"task": i}) for i in range(AGENTS)]
+            per_proxy = [p["sessions"] for p in pool.stats()["proxies"]]
+            assert per_proxy == [AGENTS // PROXIES] * PROXIES  # least-loaded placement
+            assert len({h.base_url.split("/s/")[0] for h in handles}) == PROXIES
+            stop = asyncio.Event()
+            driver = asyncio.ensure_future(trainer(pool, stop))
+            started = time.monotonic()
+            results = await asyncio.gather(*(scripted_agent(h) for h in handles))
+            elapsed = time.monotonic() - started
+            for handle, got in zip(handles, results):
+                assert got == [f"echo: {handle.session_id} turn 0", f"echo: {handle.session_id} turn 1"]
+            assert pool.stats()["held"] == 0
+            for handle in handles:
+                await pool.end_session(handle.session_id)
+            records = await asyncio.gather(*(pool.records(h.session_id) for h in handles))
+            for handle, recs in zip(handles, records):
+                assert [r.index for r in recs] == [1, 2]
+                assert [r.stream for r in recs] == [False, True]
+                assert all(r.complete and r.status == 200 for r in recs)
+                assert recs[0].response["choices"][0]["message"]["content"] == f"echo: {handle.session_id} turn 0"
+                assert recs[1].response["choices"][0]["message"]["content"] == f"echo: {handle.session_id} turn 1"
+                assert recs[0].extra == {"policy": "v0"}
+            assert pool.stats()["sessions"] == 0
+            driver.cancel()
+            print(f"{AGENTS} agents x 2 calls through {PROXIES} proxies: {elapsed:.1f} s")
+        finally:
+            await pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_killed_proxy_is_restarted_and_its_sessions_end_truthfully(ray_cluster, tmp_path):
+    async def main():
+        pool = ProxyPool(2, mode="anticall", path=tmp_path / "traj", listen_host=LOOPBACK)
+        try:
+            handles = [await pool.open_session() for _ in range(6)]
+            doomed = [h for h in handles if h.proxy == 0]
+            spared = [h for h in handles if h.proxy == 1]
+            agents = {h.session_id: asyncio.ensure_future(scripted_agent(h, turns=1)) for h in handles}
+            seen, ends = {}, {}
+
+            async def watch():
+                async for event in pool.calls(all_events=True):
+                    if event.type == "request":
+                        seen[event.session] = event
+                    elif event.type == "session_end":
+                        ends[event.session] = event.reason
+
+            watcher = asyncio.ensure_future(watch())
+            while len(seen) < len(handles):  # every agent's first call is held
+                await asyncio.sleep(0.05)
+            ray_cluster.kill(pool._proxies[0].actor, no_restart=False)
+            started = time.monotonic()
+            for h in doomed:  # the agent gets an error, not a hang
+                with pytest.raises((openai.APIStatusError, openai.APIConnectionError)):
+                    await asyncio.wait_for(agents[h.session_id], 60)
+            assert time.monotonic() - started < 60
+            while len(ends) < len(doomed):
+                await asyncio.sleep(0.05)
+            assert set(ends) == {h.session_id for h in doomed}
+            assert all("proxy 0 died" in reason and "restarted" in reason for reason in ends.values())
+            with pytest.raises(AntiCallError) as lost:
+                await pool.respond(seen[doomed[0].session_id], "too late")
+            assert lost.value.status == 410 and lost.value.code == "proxy_lost"
+            for h in spared:  # the other proxy's sessions go on
+                await pool.respond(seen[h.session_id], answer_for(seen[h.session_id].request))
+                assert await agents[h.session_id] == [f"echo: {h.session_id} turn 0"]
+            stats = pool.stats()
+            assert stats["proxies"][0]["restarts"] == 1 and stats["lost_sessions"] == len(doomed)
+            # the restarted proxy serves new sessions, on a new port
+            fresh = await pool.open_session()
+            assert fresh.proxy == 0 and fresh.base_url.split("/s/")[0] != doomed[0].base_url.split("/s/")[0]
+            agent = asyncio.ensure_future(scripted_agent(fresh, turns=1))
+            while fresh.session_id not in seen:
+                await asyncio.sleep(0.05)
+            await pool.respond(seen[fresh.session_id], "fresh")
+            assert await agent == ["fresh"]
+            # the restarted proxy reads the files of the dead one (a held call it stopped with may be recorded as a 503)
+            records = await pool.records(doomed[0].session_id)
+            assert all(r.status == 503 for r in records)
+            records = await pool.records(spared[0].session_id)
+            assert [(r.index, r.status) for r in records] == [(1, 200)]
+            watcher.cancel()
+        finally:
+            await pool.shutdown()
+
+    asyncio.run(main())
