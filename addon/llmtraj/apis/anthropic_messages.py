@@ -388,11 +388,12 @@ class AnthropicMessageStream:
             events += self._tool_call(call)
         return b"".join(events)
 
-    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None,
+               stop_sequence: str | None = None) -> bytes:
         events = self._begin() + self._close()
-        stop_reason = _stop_reason(finish_reason or self._finish_reason, bool(self._tools))
+        stop_reason = "stop_sequence" if stop_sequence is not None else _stop_reason(finish_reason or self._finish_reason, bool(self._tools))
         events.append(self._event("message_delta", {
-            "type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": _usage(usage),
+            "type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": _usage(usage),
         }))  # fmt: skip
         events.append(self._event("message_stop", {"type": "message_stop"}))
         return b"".join(events)

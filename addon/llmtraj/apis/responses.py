@@ -498,7 +498,8 @@ class ResponsesStream:
         self._output.append(item)
         return events
 
-    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None,
+               stop_sequence: str | None = None) -> bytes:
         events = self._start() + self._close()
         status, incomplete_details = _ending(finish_reason or self._finish_reason)
         final = {**self._response, "status": status, "incomplete_details": incomplete_details,
