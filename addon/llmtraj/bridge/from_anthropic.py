@@ -155,7 +155,8 @@ def _thinking(thinking: Any, chat: dict[str, Any]) -> None:
     kind = thinking.get("type") if isinstance(thinking, dict) else None
     if kind == "enabled":
         budget = thinking.get("budget_tokens") or 0
-        chat["reasoning_effort"] = next((effort for bound, effort in _THINKING_EFFORT if budget < bound), "high")
+        # output_config's effort, when given, says it directly
+        chat.setdefault("reasoning_effort", next((effort for bound, effort in _THINKING_EFFORT if budget < bound), "high"))
         chat["chat_template_kwargs"] = {"enable_thinking": True}
     elif kind == "adaptive":
         chat["chat_template_kwargs"] = {"enable_thinking": True}
@@ -163,6 +164,32 @@ def _thinking(thinking: Any, chat: dict[str, Any]) -> None:
         chat["chat_template_kwargs"] = {"enable_thinking": False}
     else:
         raise Untranslatable(f"thinking {thinking!r}")
+
+
+def _output(config: Any, chat: dict[str, Any]) -> None:
+    """`output_config`: the effort (chat's `reasoning_effort`) and a JSON schema
+    the answer must follow (chat's `response_format`)."""
+    if not isinstance(config, dict):
+        raise Untranslatable(f"output_config {config!r}")
+    for key, value in config.items():
+        if key == "effort":
+            chat["reasoning_effort"] = value
+        elif key == "format" and value is not None:
+            if not isinstance(value, dict) or value.get("type") != "json_schema":
+                raise Untranslatable(f"output_config.format {value!r}")
+            chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": value.get("schema")}}
+        elif value is not None:
+            raise Untranslatable(f"output_config.{key}")
+
+
+def _context_management(config: Any) -> None:
+    """Context editing happens at Anthropic, on the conversation it keeps; only
+    edits that change nothing can be passed over (clearing no thinking)."""
+    edits = config.get("edits") if isinstance(config, dict) else None
+    for edit in edits if isinstance(edits, list) else [config]:
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if not (isinstance(kind, str) and kind.startswith("clear_thinking_") and edit.get("keep") == "all"):
+            raise Untranslatable(f"the context_management edit {kind or edit!r}", "only clear_thinking with keep 'all' (no change)")
 
 
 def anthropic_to_chat(request: Any) -> dict[str, Any]:
@@ -195,10 +222,14 @@ def anthropic_to_chat(request: Any) -> dict[str, Any]:
             _tool_choice(value, chat)
         elif key == "thinking":
             _thinking(value, chat)
+        elif key in ("output_config", "output_format"):  # output_format: the structured-outputs beta's name
+            _output(value if key == "output_config" else {"format": value}, chat)
+        elif key == "context_management":
+            _context_management(value)
         elif key == "metadata":
             if isinstance(value, dict) and value.get("user_id") is not None:
                 chat["user"] = str(value["user_id"])
-        else:  # mcp_servers, container, context_management, output_format, ...
+        else:  # mcp_servers, container, ...
             raise Untranslatable(f"the field {key!r}")
     for position, message in enumerate(request["messages"]):
         where = f"messages[{position}]"
@@ -207,6 +238,8 @@ def anthropic_to_chat(request: Any) -> dict[str, Any]:
             messages += _user(message.get("content"), where)
         elif role == "assistant":
             messages.append(_assistant(message.get("content"), where))
+        elif role == "system":  # Claude Code adds system turns mid-conversation
+            messages.append({"role": "system", "content": _text_of(message.get("content"), where)})
         else:
             raise Untranslatable(f"{where} with role {role!r}")
     chat["messages"] = messages

@@ -114,15 +114,23 @@ class _Messages:
             raise Untranslatable(f"the input item type {kind!r} ({where})")
 
 
-def _tools(tools: Any) -> list[dict[str, Any]]:
+def _tools(tools: Any, out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Function tools as chat functions; a namespace's functions (a group of
+    tools, as Codex sends them) as functions of their own names, which the
+    model calls by."""
     if not isinstance(tools, list):
         raise Untranslatable("tools that are not a list")
-    out = []
+    out = [] if out is None else out
     for tool in tools:
         kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "namespace":
+            _tools(tool.get("tools") or [], out)
+            continue
         if kind != "function":
             raise Untranslatable(f"the built-in tool {kind!r}", "only function tools can be offered")
         function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+        if any(other["function"].get("name") == function.get("name") for other in out):
+            raise Untranslatable(f"two tools named {function.get('name')!r} (in different namespaces)")
         out.append({"type": "function", "function": function})
     return out
 
