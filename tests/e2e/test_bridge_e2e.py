@@ -14,7 +14,7 @@ import openai
 import pytest
 from anthropic import Anthropic
 from llmtraj.cli.proxy_process import ProxyProcess
-from llmtraj.core.store import read_records
+from llmtraj.inspect.show import render
 from llmtraj.testing.standin import ANSWER, REASONING, TEXT, TOOL_CALLS, StandinUpstream
 from openai import OpenAI
 
@@ -169,6 +169,7 @@ def test_unreachable_upstream_is_recorded_without_a_response(bridged, session):
     [record] = wait_records(traj / f"{session}.jsonl", 1)
     assert record.status is None and record.error.kind == "upstream_unreachable" and not record.complete
     assert record.bridge.status is None and record.bridge.request["model"] == "dead-model"
+    assert "bridged to chat.completions: http://127.0.0.1:9/v1/chat/completions (no response)" in render([record])
 
 
 def test_responses_stream_and_create(bridged, chat_upstream, session):

@@ -119,6 +119,7 @@ class StreamTranslator:
         self._parser = SSEParser()
         self._ending = _Ending(chat_request)
         self._calls = _ToolCallOrder()
+        self._started = False
         self.ended = False  # the agent's stream is closed (finished or failed)
         self.failed: str | None = None
         self.done = False  # the upstream's [DONE] came
@@ -176,8 +177,9 @@ class StreamTranslator:
                     pieces["tool_calls"] = self._calls.fragments(pieces["tool_calls"])
                 if choice.get("finish_reason") is not None and (waiting := self._calls.flush()):
                     pieces["tool_calls"] = [*pieces.get("tool_calls", ()), *waiting]
-                if any(pieces.values()):
-                    out.append(self._builder.delta(pieces))
+                if any(pieces.values()) or not self._started:  # the agent's stream starts with the upstream's
+                    self._started = True
+                    out.append(self._builder.delta({k: v for k, v in pieces.items() if v}))
             except ValueError as exc:  # e.g. text between a tool call's fragments
                 out.append(self.fail(f"the upstream's stream cannot be translated: {exc}"))
                 break
