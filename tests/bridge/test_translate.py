@@ -305,3 +305,18 @@ def test_chat_body_to_each_api():
     assert [i["type"] for i in response["output"]] == ["reasoning", "message", "function_call"]
     with pytest.raises(ValueError, match="several choices"):
         translate_body(ANTHROPIC, {}, {}, {**completion, "choices": completion["choices"] * 2})
+
+
+@pytest.mark.parametrize("framing", ["lf", "crlf", "comments", "split"])
+def test_any_sse_framing_of_the_upstream(framing):
+    stream = [chunk({"content": "Hello"}), chunk({"content": " there"}), chunk({}, "stop"), b"data: [DONE]\n\n"]
+    if framing == "crlf":
+        stream = [c.replace(b"\n", b"\r\n") for c in stream]
+    elif framing == "comments":
+        stream = [b": keep-alive\n\n", *stream[:2], b"event: chunk\n" + stream[2], stream[3]]
+    elif framing == "split":  # events cut anywhere across the pieces the upstream's body comes in
+        whole = b"".join(stream)
+        stream = [whole[i : i + 7] for i in range(0, len(whole), 7)]
+    out, translator = translated(ANTHROPIC, {}, stream)
+    message = anthropic_fold(out)
+    assert message.content[0].text == "Hello there" and message.stop_reason == "end_turn" and translator.done

@@ -77,7 +77,7 @@ def test_messages_create(engine, bridge, session):
     assert message.type == "message" and message.content[0].type == "text" and message.content[0].text
     assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens > 0
     [record] = wait_records(traj / f"{session}.jsonl", 1)
-    assert record.api == "anthropic.messages" and record.response["content"] == message.model_dump()["content"]
+    assert record.api == "anthropic.messages" and record.response["content"] == message.model_dump(exclude_none=True)["content"]
     check_tokens(engine, record)
 
 

@@ -308,6 +308,7 @@ class AnthropicMessageStream:
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0},
         }  # fmt: skip
         self._aggregator = AnthropicMessageAggregator()
+        self._unfolded: list[SSEBlock] = []  # built, not yet folded: only a non-streamed answer needs the aggregate
         self._started = False
         self._blocks = 0  # content blocks started so far
         self._open: str | int | None = None  # "text", "thinking" or a tool call's index
@@ -316,7 +317,7 @@ class AnthropicMessageStream:
 
     def _event(self, name: str, data: dict[str, Any]) -> bytes:
         text = compact_json(data)
-        self._aggregator.add(SSEBlock(raw=b"", event=name, data=text))
+        self._unfolded.append(SSEBlock(raw=b"", event=name, data=text))
         return sse.encode(text, name)
 
     def _begin(self) -> list[bytes]:
@@ -402,6 +403,9 @@ class AnthropicMessageStream:
         return _sse_event("error", body)
 
     def completion(self) -> dict[str, Any]:
+        for block in self._unfolded:
+            self._aggregator.add(block)
+        self._unfolded.clear()
         return self._aggregator.result() or copy.deepcopy(self._head)
 
 

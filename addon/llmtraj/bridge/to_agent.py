@@ -14,7 +14,7 @@ from pydantic_core import from_json
 
 from ..apis import ApiShape
 from ..apis.base import StreamBuilder
-from ..core.sse import SSEBlock, SSEParser
+from ..core.sse import SSEParser
 from .errors import agent_error
 
 # What of a chat delta the agent's events carry (logprobs and token ids go to the record only).
@@ -116,7 +116,8 @@ class StreamTranslator:
     def __init__(self, api: ApiShape, agent_request: Any, chat_request: Any) -> None:
         self._api = api
         self._builder = api.new_stream(agent_request)
-        self._parser = SSEParser()
+        self._parser: SSEParser | None = None  # once the upstream frames its events otherwise than compactly
+        self._tail = b""
         self._ending = _Ending(chat_request)
         self._calls = _ToolCallOrder()
         self._started = False
@@ -127,12 +128,29 @@ class StreamTranslator:
     def feed(self, data: bytes) -> bytes:
         if self.ended:
             return b""
-        return b"".join([self._block(block) for block in self._parser.feed(data)])
+        if self._parser is None and b"\r" not in data:
+            # The way engines frame chat chunks, `data: {...}` and a blank line
+            # (LF): split on blank lines, no general parse.
+            buf = self._tail + data if self._tail else data
+            out, start = [], 0
+            while (end := buf.find(b"\n\n", start)) != -1:
+                event, start = buf[start:end], end + 2
+                if event.startswith(b"data: ") and b"\n" not in event:
+                    out.append(self._data(event[6:]))
+                else:  # comments, named events, multi-line data: parsed as such
+                    out += [self._data(block.data) for block in SSEParser().feed(event + b"\n\n")]
+            self._tail = buf[start:]
+            return b"".join(out)
+        if self._parser is None:
+            self._parser, data, self._tail = SSEParser(), self._tail + data, b""
+        return b"".join([self._data(block.data) for block in self._parser.feed(data)])
 
     def close(self) -> bytes:
         """The upstream's stream ended: the rest of the agent's stream. One that
-        ended with no finish reason was cut short: the agent gets an error event."""
-        out = b"".join([self._block(block) for block in self._parser.finish() if block.terminated])
+        ended with no finish reason was cut short: the agent gets an error event.
+        (An unterminated last event is not one, by the SSE rules.)"""
+        blocks = self._parser.finish() if self._parser is not None else []
+        out = b"".join([self._data(block.data) for block in blocks if block.terminated])
         if self.ended:
             return out
         if self._ending.finish_reason is None:
@@ -147,11 +165,11 @@ class StreamTranslator:
         self.ended, self.failed = True, message
         return self._builder.error(agent_error(self._api, status, None, f"llm-traj bridge: {message}"))
 
-    def _block(self, block: SSEBlock) -> bytes:
-        data = block.data
+    def _data(self, data: str | bytes | None) -> bytes:
+        """The agent's bytes for one upstream event's data."""
         if data is None or self.ended:
             return b""  # keep-alive comments: the agent's API has its own (or none)
-        if data.strip() == "[DONE]":
+        if data.strip() in ("[DONE]", b"[DONE]"):
             self.done = True
             return b""
         try:
