@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic_core import from_json
 
+from ..anticall.respond import JSON_HEADERS, SSE_HEADERS
+from ..anticall.respond import Answer as AgentAnswer  # an answer made by the addon, as anti-call makes them
 from ..apis import ApiShape
 from ..core.encoding import decoder_for
 from ..core.headers import header
@@ -24,9 +25,6 @@ from .to_agent import StreamTranslator, translate_body
 
 UPSTREAM_API = "chat.completions"
 _TRANSLATORS = {"anthropic.messages": anthropic_to_chat, "responses": responses_to_chat}
-JSON_HEADERS = [("content-type", "application/json")]
-# The agent's stream, as its API sends one (the event types are in the data).
-SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
 
 
 def to_chat(api: str, request: Any) -> dict[str, Any]:
@@ -36,13 +34,6 @@ def to_chat(api: str, request: Any) -> dict[str, Any]:
     if translate is None:
         raise Untranslatable(f"a {api} call", f"llm-traj bridges {' and '.join(_TRANSLATORS)} calls")
     return translate(request)
-
-
-@dataclass
-class AgentAnswer:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes | AsyncIterator[bytes]
 
 
 def json_answer(status: int, body: Any) -> AgentAnswer:
