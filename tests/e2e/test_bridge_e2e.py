@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import anthropic
 import httpx
@@ -228,3 +227,9 @@ def test_replay_serves_the_agent_what_it_saw(bridged, tmp_path, session):
         again = claude(replay, session).messages.create(model="standin-tools", max_tokens=64, tools=[WEATHER_TOOL],
                                                          messages=[{"role": "user", "content": "weather?"}])  # fmt: skip
     assert again.model_dump() == recorded.model_dump()
+
+
+def test_health_names_each_routes_upstream_api(bridged, chat_upstream):
+    proxy, _ = bridged
+    routes = httpx.get(f"{proxy.url}/llm-traj/health").json()["routes"]
+    assert {"name": "engine", "url": f"{chat_upstream.url}/v1", "upstream_api": "chat.completions"} in routes
