@@ -233,3 +233,18 @@ def test_health_names_each_routes_upstream_api(bridged, chat_upstream):
     proxy, _ = bridged
     routes = httpx.get(f"{proxy.url}/llm-traj/health").json()["routes"]
     assert {"name": "engine", "url": f"{chat_upstream.url}/v1", "upstream_api": "chat.completions"} in routes
+
+
+def test_an_agent_that_goes_away_stops_the_upstream(bridged, chat_upstream, session):
+    """The agent hangs up after the first event of a 3 s stream: the bridge closes the upstream connection
+    (an engine stops generating), and the record says the client went away."""
+    proxy, traj = bridged
+    headers = {"x-standin-chunks": "30", "x-standin-delay-ms": "100"}
+    body = {"model": "standin-chunks", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", f"{proxy.url}/s/{session}/v1/messages", json=body, headers=headers, timeout=30) as response:
+        next(response.iter_raw())
+    [record] = wait_records(traj / f"{session}.jsonl", 1)
+    assert record.error is not None and record.error.kind == "client_disconnected"
+    time.sleep(3.5)  # past the stream's whole length
+    sent = chat_upstream.sent[-1]
+    assert sent.header("content-type") == "text/event-stream" and sent.body == b""  # never written to its end

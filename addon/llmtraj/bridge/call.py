@@ -102,16 +102,23 @@ class BridgedCall:
         return json_answer(200, final)
 
     async def _pieces(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        async for piece in body:
-            if piece and self.first_byte_at is None:
-                self.first_byte_at = time.time()
-            yield piece
+        """The upstream's body; closed (so is the upstream connection: the engine
+        stops generating) when the agent goes away mid-stream."""
+        try:
+            async for piece in body:
+                if piece and self.first_byte_at is None:
+                    self.first_byte_at = time.time()
+                yield piece
+        finally:
+            if hasattr(body, "aclose"):
+                await body.aclose()
 
     async def _events(self, body: AsyncIterator[bytes], decoder) -> AsyncIterator[bytes]:
         translator = StreamTranslator(self.api, self.agent_request, self.chat_request)
+        pieces = self._pieces(body)
         try:
             try:
-                async for piece in self._pieces(body):
+                async for piece in pieces:
                     data = decoder.decode(piece)
                     if data:
                         self.chunks.append(data)
@@ -129,3 +136,4 @@ class BridgedCall:
                 yield out
         finally:
             self.ended_at = time.time()
+            await pieces.aclose()
