@@ -13,6 +13,7 @@ import openai
 import pytest
 from anthropic import Anthropic
 from llmtraj.cli.proxy_process import ProxyProcess
+from llmtraj.inspect.export import export
 from llmtraj.inspect.show import render
 from llmtraj.testing.standin import ANSWER, REASONING, TEXT, TOOL_CALLS, StandinUpstream
 from openai import OpenAI
@@ -120,6 +121,11 @@ def test_anthropic_stream_tool_use_with_the_sdk_helper(bridged, chat_upstream, s
     first, second = wait_records(traj / f"{session}.jsonl", 2)
     assert [b["type"] for b in first.response["content"]] == ["tool_use", "tool_use"]
     assert not second.stream and second.bridge.stream is False
+    # export reads bridged records as any: the agent's conversation, the engine's tokens
+    [sample] = [json.loads(line) for line in export([second], "openai-chat")]
+    assert [m["role"] for m in sample["messages"]] == ["user", "assistant", "tool", "tool", "assistant"]
+    rows = [json.loads(line) for line in export([first, second], "tokens")]
+    assert len(rows) == 2 and all(row["prompt_ids"] and row["response_ids"] for row in rows)
 
 
 def test_anthropic_thinking_and_system(bridged, chat_upstream, session):
