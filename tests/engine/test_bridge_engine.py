@@ -25,6 +25,8 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "requir
 ANTHROPIC_TOOL = {"name": "get_weather", "description": "The weather in a city", "input_schema": WEATHER}
 RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": WEATHER}
 FORCED = "tiny-tool"  # the route that forces the tool call
+# The first test here may be the one that starts the engine (a minute or more, longer on a busy machine).
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
