@@ -29,45 +29,75 @@ _DONE = b"data: [DONE]\n\n"
 _ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
-def merge_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
-    for key, value in delta.items():
-        old = acc.get(key)
-        if old is None:
-            acc[key] = value
-        elif key in ("index", "type"):
-            if value is not None and value != "":  # a null/empty repeat must not erase it
+class _Pieces:
+    """A string a stream sends in pieces (content, tool call arguments): kept
+    as a list and joined once when the aggregate is read, so each delta costs
+    its own size, not the size of everything before it."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[str]) -> None:
+        self.parts = parts
+
+
+class DeltaMerger:
+    """Folds deltas into an accumulated object by the openai SDK's rules:
+    strings concatenate, objects merge, lists of objects merge by their
+    `index`, other lists extend. Strings that grow are `_Pieces` until
+    `settle` joins them (in place: merging may go on after)."""
+
+    def __init__(self) -> None:
+        self._growing: list[tuple[dict[str, Any], str, _Pieces]] = []
+
+    def merge(self, acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+        for key, value in delta.items():
+            old = acc.get(key)
+            if old is None:
                 acc[key] = value
-        elif isinstance(old, str) and isinstance(value, str):
-            acc[key] = old + value
-        elif isinstance(old, dict) and isinstance(value, dict):
-            merge_delta(old, value)
-        elif isinstance(old, list) and isinstance(value, list):
-            _merge_list(old, value)
-        elif value is not None:
-            acc[key] = value
-    return acc
+            elif key in ("index", "type"):
+                if value is not None and value != "":  # a null/empty repeat must not erase it
+                    acc[key] = value
+            elif isinstance(value, str) and isinstance(old, (str, _Pieces)):
+                if isinstance(old, str):
+                    old = acc[key] = _Pieces([old])
+                    self._growing.append((acc, key, old))
+                old.parts.append(value)
+            elif isinstance(old, dict) and isinstance(value, dict):
+                self.merge(old, value)
+            elif isinstance(old, list) and isinstance(value, list):
+                self._merge_list(old, value)
+            elif value is not None:
+                acc[key] = value
+        return acc
 
+    def _merge_list(self, old: list[Any], new: list[Any]) -> None:
+        indexed = new and all(isinstance(e, dict) and isinstance(e.get("index"), int) for e in new)
+        if not indexed:
+            old.extend(new)  # scalars, logprob entries: new entries only
+            return
+        by_index = {e.get("index"): e for e in old if isinstance(e, dict)}
+        for entry in new:
+            target = by_index.get(entry["index"])
+            if target is None:
+                entry = dict(entry)
+                old.append(entry)
+                by_index[entry["index"]] = entry
+            else:
+                self.merge(target, entry)
 
-def _merge_list(old: list[Any], new: list[Any]) -> None:
-    indexed = new and all(isinstance(e, dict) and isinstance(e.get("index"), int) for e in new)
-    if not indexed:
-        old.extend(new)  # scalars, logprob entries: new entries only
-        return
-    by_index = {e.get("index"): e for e in old if isinstance(e, dict)}
-    for entry in new:
-        target = by_index.get(entry["index"])
-        if target is None:
-            entry = dict(entry)
-            old.append(entry)
-            by_index[entry["index"]] = entry
-        else:
-            merge_delta(target, entry)
+    def settle(self) -> None:
+        """Joins every string still in pieces."""
+        for acc, key, pieces in self._growing:
+            if acc.get(key) is pieces:  # not replaced by a value of another type since
+                acc[key] = "".join(pieces.parts)
+        self._growing.clear()
 
 
 class ChatCompletionAggregator:
     def __init__(self) -> None:
         self._top: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
+        self._merger = DeltaMerger()
         self.problems: list[str] = []
         self.done = False
 
@@ -111,14 +141,14 @@ class ChatCompletionAggregator:
         for key, value in choice.items():
             if key == "delta":
                 if isinstance(value, dict):
-                    merge_delta(acc["message"], value)
+                    self._merger.merge(acc["message"], value)
                 elif value is not None:
                     self.problems.append(f"delta is not an object: {json.dumps(value)[:200]}")
             elif key == "logprobs":
                 if isinstance(value, dict):
                     if acc.get("logprobs") is None:  # also after a first `"logprobs": null`
                         acc["logprobs"] = {}
-                    merge_delta(acc["logprobs"], value)
+                    self._merger.merge(acc["logprobs"], value)
                 else:
                     acc.setdefault("logprobs", value)
             elif isinstance(value, list) and isinstance(acc.get(key), list):
@@ -129,6 +159,7 @@ class ChatCompletionAggregator:
     def result(self) -> dict[str, Any] | None:
         if not self._top and not self._choices:
             return None
+        self._merger.settle()
         completion = dict(self._top)
         completion["object"] = "chat.completion"
         completion["choices"] = [self._finish_choice(self._choices[i]) for i in sorted(self._choices)]

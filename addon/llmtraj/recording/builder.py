@@ -137,9 +137,10 @@ class RecordBuilder:
         if not blocks:
             return
         t = round((now or time.time()) - self.started_at, 6)
+        events, add = self._events, self._aggregator.add
         for block in blocks:
-            self._events.append({"t": t, "raw": block.raw.decode("utf-8", errors="replace")})
-            self._aggregator.add(block)
+            events.append({"t": t, "raw": block.text})
+            add(block)
 
     def finish(self, now: float | None = None) -> RecordFields:
         """The upstream ended the response normally."""
