@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|streams]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -69,6 +69,11 @@ and memory with 10,000 sessions.
 
 And what tagging a call with its prompt version costs in the record writer
 (bench/prompt_tagging.py; alone with `--only prompt-tagging`).
+
+Long streams of every API against bare streaming mitmdump, their own run
+(bench/long_streams.py, `--only streams`): requests/s and CPU (proxy + record
+writer) per request and per event, the writer's CPU per event up to 20,000
+events, small calls, the first event's delay.
 """
 
 from __future__ import annotations
@@ -102,7 +107,8 @@ from llmtraj.cli.proxy_process import (
     standin_process,
 )
 from llmtraj.replay.report import REPORT_PATH
-import prompt_tagging  # bench/prompt_tagging.py, beside this script (bench/ is sys.path[0])
+import long_streams  # bench/long_streams.py, beside this script (bench/ is sys.path[0])
+import prompt_tagging
 from growth import run_growth  # bench/growth.py, beside this script
 
 RPS_TARGET = 0.90  # recording keeps at least this share of bare mitmdump's requests/s
@@ -1081,10 +1087,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "streams"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
-                        "(replay normalisation; each a few seconds)")
+                        "(replay normalisation; each a few seconds) or streams (long streams of every API against bare streaming "
+                        "mitmdump, bench/long_streams.py; a few minutes)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1114,6 +1121,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.driver:
         asyncio.run(drive(args.driver))  # until stopped
         return 0
+    if args.only == "streams":
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return long_streams.main(args.quick, args.seconds, args.rounds, args.json)
+        except KeyboardInterrupt:
+            print("bench: interrupted; all processes stopped", file=sys.stderr)
+            return 130
+        except RuntimeError as exc:  # a proxy did not start, answered wrong or recorded wrong (bench/long_streams.py)
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
     tagging = prompt_tagging.measure()
     if args.only == "prompt-tagging":
         print("\n".join(prompt_tagging.report(tagging)))

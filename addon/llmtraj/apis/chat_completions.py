@@ -54,14 +54,14 @@ class DeltaMerger:
             old = acc.get(key)
             if old is None:
                 acc[key] = value
+            elif type(old) is _Pieces and isinstance(value, str):  # the usual delta: more of a string
+                old.parts.append(value)
             elif key in ("index", "type"):
                 if value is not None and value != "":  # a null/empty repeat must not erase it
                     acc[key] = value
-            elif isinstance(value, str) and isinstance(old, (str, _Pieces)):
-                if isinstance(old, str):
-                    old = acc[key] = _Pieces([old])
-                    self._growing.append((acc, key, old))
-                old.parts.append(value)
+            elif isinstance(old, str) and isinstance(value, str):
+                pieces = acc[key] = _Pieces([old, value])
+                self._growing.append((acc, key, pieces))
             elif isinstance(old, dict) and isinstance(value, dict):
                 self.merge(old, value)
             elif isinstance(old, list) and isinstance(value, list):
@@ -105,13 +105,13 @@ class ChatCompletionAggregator:
         data = block.data
         if data is None or not block.terminated:
             return
-        if data.strip() == "[DONE]":
-            self.done = True
-            return
         try:
             chunk = from_json(data)
         except ValueError as exc:
-            self.problems.append(f"event is not JSON ({exc}): {data[:200]!r}")
+            if data.strip() == "[DONE]":
+                self.done = True
+            else:
+                self.problems.append(f"event is not JSON ({exc}): {data[:200]!r}")
             return
         if not isinstance(chunk, dict):
             self.problems.append(f"event is not a JSON object: {data[:200]!r}")
@@ -120,9 +120,8 @@ class ChatCompletionAggregator:
             self.problems.append("error event: " + json.dumps(chunk["error"])[:500])
             self._top.setdefault("error", chunk["error"])
             return
-        for key, value in chunk.items():
-            if key not in _CHUNK_ONLY and value is not None:
-                self._top[key] = value
+        # Every non-null field, the chunk's own ones too (left out when read): one update, not one per field.
+        self._top.update({key: value for key, value in chunk.items() if value is not None})
         choices = chunk.get("choices") or []
         if not isinstance(choices, list):
             self.problems.append(f"choices is not a list: {data[:200]!r}")
@@ -144,6 +143,9 @@ class ChatCompletionAggregator:
                     self._merger.merge(acc["message"], value)
                 elif value is not None:
                     self.problems.append(f"delta is not an object: {json.dumps(value)[:200]}")
+            elif value is None:
+                if key not in acc:  # also a first `"logprobs": null`
+                    acc[key] = None
             elif key == "logprobs":
                 if isinstance(value, dict):
                     if acc.get("logprobs") is None:  # also after a first `"logprobs": null`
@@ -151,16 +153,22 @@ class ChatCompletionAggregator:
                     self._merger.merge(acc["logprobs"], value)
                 else:
                     acc.setdefault("logprobs", value)
+            elif key == "index":
+                continue
             elif isinstance(value, list) and isinstance(acc.get(key), list):
                 acc[key].extend(value)  # each chunk's new ids (vLLM's `token_ids`): concatenated
-            elif key != "index" and (value is not None or key not in acc):
+            else:
                 acc[key] = value
 
+    def _top_fields(self) -> dict[str, Any]:
+        """The completion's own top-level fields so far (not the chunks' `choices`, `object`, padding)."""
+        return {key: value for key, value in self._top.items() if key not in _CHUNK_ONLY}
+
     def result(self) -> dict[str, Any] | None:
-        if not self._top and not self._choices:
+        completion = self._top_fields()
+        if not completion and not self._choices:
             return None
         self._merger.settle()
-        completion = dict(self._top)
         completion["object"] = "chat.completion"
         completion["choices"] = [self._finish_choice(self._choices[i]) for i in sorted(self._choices)]
         completion.setdefault("usage", None)

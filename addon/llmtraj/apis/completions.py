@@ -44,10 +44,10 @@ class TextCompletionAggregator(ChatCompletionAggregator):
                 acc[key] = value
 
     def result(self) -> dict[str, Any] | None:
-        if not self._top and not self._choices:
+        completion = self._top_fields()
+        if not completion and not self._choices:
             return None
         self._merger.settle()
-        completion = dict(self._top)
         completion["object"] = "text_completion"
         completion["choices"] = [copy.deepcopy(self._choices[i]) for i in sorted(self._choices)]
         completion.setdefault("usage", None)
