@@ -336,9 +336,10 @@ def test_a_chunk_of_whole_blocks_is_not_buffered():
     stream = b"data: a\n\nevent: e\ndata: b\n\n"
     blocks = parser.feed(stream)
     assert [(b.raw, b.data, b.event) for b in blocks] == [(b"data: a\n\n", "a", None), (b"event: e\ndata: b\n\n", "b", "e")]
-    assert parser._buf == b""  # nothing was copied into the buffer, nothing is left there
-    [only] = parser.feed(b"data: c\n\n")
-    assert only.raw is not None and only.text == "data: c\n\n"
+    assert parser._buf == b""  # nothing is left in the buffer
+    chunk = b"data: c\n\n"
+    [only] = parser.feed(chunk)
+    assert only.raw is chunk and only.text == "data: c\n\n"  # the chunk itself, not a copy
 
 
 def test_text_is_raw_decoded():

@@ -121,7 +121,10 @@ class ChatCompletionAggregator:
             self._top.setdefault("error", chunk["error"])
             return
         # Every non-null field, the chunk's own ones too (left out when read): one update, not one per field.
-        self._top.update({key: value for key, value in chunk.items() if value is not None})
+        if None in chunk.values():
+            self._top.update({key: value for key, value in chunk.items() if value is not None})
+        else:
+            self._top.update(chunk)
         choices = chunk.get("choices") or []
         if not isinstance(choices, list):
             self.problems.append(f"choices is not a list: {data[:200]!r}")
