@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -46,6 +46,15 @@ One more, on the streams only:
                      llm-traj-tokens, the same engine bytes, this is what
                      capture costs
 
+And the bridge, on the streams only:
+
+  llm-traj-bridge    the addon recording Anthropic Messages streams on the same
+                     stand-in as a chat-completions upstream (`upstream_api`):
+                     each upstream chunk translated into the agent's events as
+                     it arrives; against llm-traj (the chat stream recorded as
+                     it is), the time to the first event is what the bridge
+                     adds (`--only bridge`: just these two)
+
 And, in this process: what replay's normalisation costs per call on a 200 KB
 request shaped like a coding agent's (tools, system prompt, history): once the
 recorded calls are loaded (they are normalised at load, which caches their
@@ -53,7 +62,7 @@ strings), and for a request none of whose strings was seen (cold).
 `--only normalize` measures just that.
 
 Targets checked: recording keeps >= 90% of mitmdump-sb1's requests/s and adds
-<= 2 ms to a stream's first event; replay keeps >= 100% of it; the anti-call
+<= 2 ms to a stream's first event; the bridge adds <= 2 ms to it; replay keeps >= 100% of it; the anti-call
 round trip adds <= 2 ms at p50; token capture adds <= 10% to the proxy CPU per
 streamed event of recording the same engine bytes. Each is printed as PASS or MISS (the exit
 status stays 0: this is a measurement, not a test). The record and anti-call
@@ -69,6 +78,15 @@ and memory with 10,000 sessions.
 
 And what tagging a call with its prompt version costs in the record writer
 (bench/prompt_tagging.py; alone with `--only prompt-tagging`).
+
+And what the control API adds to an anti-call round trip, against a driver
+on the broker's own loop (bench/anticall.py). `--only anticall` measures that
+and the round trip through a real mitmdump against mitmdump-sb1.
+
+Long streams of every API against bare streaming mitmdump, their own run
+(bench/long_streams.py, `--only streams`): requests/s and CPU (proxy + record
+writer) per request and per event, the writer's CPU per event up to 20,000
+events, small calls, the first event's delay.
 """
 
 from __future__ import annotations
@@ -102,6 +120,8 @@ from llmtraj.cli.proxy_process import (
     standin_process,
 )
 from llmtraj.replay.report import REPORT_PATH
+import anticall  # bench/anticall.py, beside this script (bench/ is sys.path[0])
+import long_streams
 import prompt_tagging  # bench/prompt_tagging.py, beside this script (bench/ is sys.path[0])
 from growth import run_growth  # bench/growth.py, beside this script
 
@@ -135,6 +155,8 @@ class Target:
     upstream: bool = True  # False: reverse to a port where nothing listens (no LLM call goes upstream)
     only: tuple[str, ...] | None = None  # the measurements it takes part in (None: all)
     request_fields: dict[str, object] = field(default_factory=dict)  # what the agent's chat requests add
+    api: str = "chat"  # the API the agent's streamed requests call: chat, or anthropic (bridged)
+    config: str | None = None  # an llm_traj_config, `{upstream}` standing for the stand-in's URL
 
     @property
     def mode(self) -> str | None:
@@ -159,12 +181,22 @@ CAPTURE = Target("llm-traj-capture", "mitmdump + llm-traj record with token capt
 RECORD_TOKENS = Target("llm-traj-tokens", "mitmdump + llm-traj record, the agent itself asking for token ids, "
                        "logprobs and usage", addon=True, options={"llm_traj_mode": "record"}, only=("stream", "burst"),
                        request_fields={"return_token_ids": True, "logprobs": True, "stream_options": {"include_usage": True}})  # fmt: skip
+BRIDGE = Target("llm-traj-bridge", "mitmdump + llm-traj record, Anthropic Messages streams bridged to the stand-in "
+                "as a chat-completions upstream", addon=True, options={"llm_traj_mode": "record"},
+                only=("stream", "burst"), api="anthropic",
+                config='default_route = "engine"\n[providers.engine]\nbase_url = "{upstream}/v1"\nupstream_api = "chat.completions"\n')  # fmt: skip
+# The bridge's way to the upstream without its translation: llm-traj's own client behind the loopback server
+# (what a route with retries or timeouts takes; a connect timeout that never fires puts the call on it).
+CLIENT = Target("llm-traj-client", "mitmdump + llm-traj record, the chat stream sent by llm-traj's own client "
+                "(a route with a timeout)", addon=True, options={"llm_traj_mode": "record"}, only=("stream", "burst"),
+                config='default_route = "engine"\n[providers.engine]\nbase_url = "{upstream}/v1"\ntimeouts = {{connect = 30}}\n')  # fmt: skip
 RECORDING_TARGETS = [DIRECT, BARE, BARE_SB1, RECORD]  # the main tables
-TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, RECORD_TOKENS, CAPTURE]
+TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, RECORD_TOKENS, CAPTURE, CLIENT, BRIDGE]
 BASELINE, BUFFERED = BARE_SB1, BARE  # main and secondary baselines of the ratios
 REPLAY_RPS_TARGET = 1.0  # replay keeps at least bare mitmdump's requests/s (no upstream involved)
 CAPTURE_COST_TARGET = 0.10  # token capture adds at most this share to recording's proxy CPU per streamed event
 ANTICALL_P50_TARGET_MS = 2.0  # agent -> driver -> agent adds at most this over bare mitmdump at p50
+BRIDGE_TTFB_TARGET_MS = 2.0  # the bridge adds at most this to a stream's first event over recording it unbridged
 REPLAY_RATE_BOUND = 3000  # req/s no target reaches here: sizes the replayed trajectory
 REPLAY_MAX_CALLS = 200_000  # ... within reason (loading takes ~1-2 s per 60k lines)
 HELD_CALLS = 1000  # held at once for the anti-call memory figure
@@ -183,6 +215,7 @@ class Running:
     control_file: Path | None = None  # anticall: the control API's address and token
     driver: ServerProcess | None = None  # anticall: the driver process answering every call
     request_fields: dict[str, object] = field(default_factory=dict)  # see Target
+    api: str = "chat"  # see Target
 
 
 # ---------------------------------------------------------------- processes
@@ -201,11 +234,15 @@ def start_target(target: Target, upstream: ServerProcess, workdir: Path, setting
     if target.mode == "replay":
         replayed = replay_calls(settings)
         prepare_replay(trajectory, replayed, upstream, workdir)
+    if target.config is not None:
+        config = workdir / f"{target.name}.toml"
+        config.write_text(target.config.format(upstream=upstream.url))
+        options["llm_traj_config"] = config
     with contextlib.ExitStack() as stack:
         proxy = stack.enter_context(start_proxy(upstream.url if target.upstream else dead_address(), options,
                                                 target.addon, workdir))  # fmt: skip
         running = Running(url=proxy.url, pid=proxy.pid, trajectory=trajectory, replayed=replayed,
-                          request_fields=target.request_fields)  # fmt: skip
+                          request_fields=target.request_fields, api=target.api)  # fmt: skip
         if target.mode == "replay":
             running.trajectory = None  # replay records nothing: the replay report is checked instead
         if target.mode == "anticall":
@@ -362,19 +399,22 @@ def _framing(head: bytes) -> tuple[int | None, bool, bool]:
 
 
 def chat_request(url: str, *, stream: bool, headers: dict[str, str], session: str | None = None,
-                 fields: dict[str, object] | None = None) -> bytes:
-    """A prebuilt small chat-completions request for the stand-in (`fields` added to its body)."""
+                 fields: dict[str, object] | None = None, api: str = "chat") -> bytes:
+    """A prebuilt small chat-completions request for the stand-in (`fields`
+    added to its body); with `api="anthropic"` the same as an Anthropic
+    Messages request (for a proxy that bridges it to the stand-in)."""
     body = {
         "model": "bench",  # no `standin-` prefix: the scenario header decides
         "messages": [{"role": "user", "content": "Say something short."}],
         "stream": stream,
+        **({"max_tokens": 1024} if api == "anthropic" else {}),
         **(fields or {}),
     }
     payload = json.dumps(body).encode()
     host = urlsplit(url).netloc
     prefix = f"/s/{session}" if session else ""
     lines = [
-        f"POST {prefix}/v1/chat/completions HTTP/1.1",
+        f"POST {prefix}/v1/{'messages' if api == 'anthropic' else 'chat/completions'} HTTP/1.1",
         f"Host: {host}",
         "Content-Type: application/json",
         "Accept: application/json" if not stream else "Accept: text/event-stream",
@@ -506,7 +546,7 @@ class Stream:
         headers = {"x-standin-scenario": "chunks", "x-standin-chunks": str(settings.chunks)}
         if delay:
             headers["x-standin-delay-ms"] = str(delay)
-        data = chat_request(target.url, stream=True, headers=headers, fields=target.request_fields)
+        data = chat_request(target.url, stream=True, headers=headers, fields=target.request_fields, api=target.api)
         conn = Connection(*host_port(target.url))
         firsts: list[float] = []
         totals: list[float] = []
@@ -742,26 +782,32 @@ def measure(measurement, target: Target, running: Running, result: TargetResult,
             raise BadResponse(f"{target.name}: the replay did not serve every call from the recording: {problem}")
 
 
-def run(settings: Settings) -> dict[str, TargetResult]:
+def run(
+    settings: Settings, targets: list[Target] = TARGETS, measurements: list | None = None, hold: bool = True
+) -> dict[str, TargetResult]:
     """All targets run side by side (idle ones cost nothing); each measurement
     goes round the targets `rounds` times, in a rotating order, so drift of the
-    machine spreads over all of them instead of favouring one."""
-    results = {target.name: TargetResult(target) for target in TARGETS}
+    machine spreads over all of them instead of favouring one. With the
+    anti-call target and `hold`, its memory with calls held is measured last."""
+    measurements = MEASUREMENTS if measurements is None else measurements
+    results = {target.name: TargetResult(target) for target in targets}
     raise_fd_limit(2 * HELD_CALLS + 256)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm-traj-bench-")))
         upstream = stack.enter_context(standin_process())
         progress(f"upstream: stand-in at {upstream.url} (pid {upstream.pid})")
         running: dict[str, Running] = {}
-        for target in TARGETS:
+        for target in targets:
             running[target.name] = stack.enter_context(start_target(target, upstream, workdir, settings))
             progress(f"{target.name}: {running[target.name].url}")
-        for measurement in MEASUREMENTS:
+        for measurement in measurements:
             for round in range(settings.rounds):
                 progress(f"{measurement.name}, round {round + 1}/{settings.rounds}")
-                for target in TARGETS[round % len(TARGETS):] + TARGETS[: round % len(TARGETS)]:
+                for target in targets[round % len(targets):] + targets[: round % len(targets)]:
                     if target.takes(measurement):
                         measure(measurement, target, running[target.name], results[target.name], settings)
+        if ANTICALL not in targets or not hold:
+            return results
         anticall = running[ANTICALL.name]
         anticall.driver.stop()  # nobody answers now
         progress(f"{ANTICALL.name}: holding {HELD_CALLS} calls")
@@ -874,12 +920,40 @@ def checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
             added is not None and added <= CAPTURE_COST_TARGET,
             f"token capture ({how}): {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs "
             f"{RECORD_TOKENS.name} ({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})"))  # fmt: skip
+    out.append(anticall_check(results))
+    out.append(bridge_check(results))
+    return out
+
+
+def anticall_check(results: dict[str, TargetResult]) -> dict:
     delta = _delta(results, ANTICALL.name, BASELINE, "c1.p50_ms")
-    out.append(_check(
+    return _check(
         "anticall.c1.p50_ms", delta, f"<= +{ANTICALL_P50_TARGET_MS:g} ms", delta is not None and delta <= ANTICALL_P50_TARGET_MS,
         f"anti-call round trip agent -> driver -> agent: {ANTICALL.name} {_fmt(delta, '{:+.2f} ms')} at p50 "
-        f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)"))  # fmt: skip
-    return out
+        f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)")  # fmt: skip
+
+
+def bridge_check(results: dict[str, TargetResult]) -> dict:
+    delta = _delta(results, BRIDGE.name, RECORD, "stream.ttfb_ms")
+    return _check(
+        "bridge.stream.ttfb_ms", delta, f"<= +{BRIDGE_TTFB_TARGET_MS:g} ms", delta is not None and delta <= BRIDGE_TTFB_TARGET_MS,
+        f"bridge first event: {BRIDGE.name} {_fmt(delta, '{:+.2f} ms')} vs {RECORD.name} on the same upstream "
+        f"(target <= +{BRIDGE_TTFB_TARGET_MS:g} ms)")  # fmt: skip
+
+
+def bridge_only(settings: Settings) -> int:
+    """`--only bridge`: the bridge's streams against the same streams recorded unbridged."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results = run(settings, [RECORD, CLIENT, BRIDGE])
+    except (KeyboardInterrupt, ProxyStartError, BadResponse) as exc:
+        print(f"bench: {exc or 'interrupted'}", file=sys.stderr)
+        return 2
+    check = bridge_check(results)
+    print("\n".join([f"llm-traj bridge benchmark: {environment()}", "", *bridge_report(results), "",
+                     f"{'PASS' if check['ok'] else 'MISS'}  {check['text']}"]))  # fmt: skip
+    return 0
 
 
 def _fmt(value: float | None, fmt: str) -> str:
@@ -924,6 +998,18 @@ def capture_report(results: dict[str, TargetResult]) -> list[str]:
         f"against: {RECORD_TOKENS.label} (the same engine bytes, nothing rewritten)",
         "",
         absolute_table(results, [RECORD, RECORD_TOKENS, CAPTURE], CAPTURE_COLUMNS),
+    ]
+
+
+def bridge_report(results: dict[str, TargetResult]) -> list[str]:
+    bridge = results[BRIDGE.name]
+    return [
+        f"bridge: {BRIDGE.label}; {bridge.records} records for {bridge.requests} requests (checked)",
+        "",
+        f"against: {RECORD.label}, the chat stream recorded as it is; and {CLIENT.name}: {CLIENT.label}, "
+        "the bridge's way to the upstream without its translation",
+        "",
+        absolute_table(results, [t for t in (RECORD, CLIENT, BRIDGE) if t.name in results], CAPTURE_COLUMNS),
     ]
 
 
@@ -980,6 +1066,8 @@ def report(results: dict[str, TargetResult], settings: Settings) -> str:
         *replay_anticall_report(results),
         "",
         *capture_report(results),
+        "",
+        *bridge_report(results),
         "",
         *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in checks(results, settings)),
     ]
@@ -1081,10 +1169,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
-                        "(replay normalisation; each a few seconds)")
+                        "(replay normalisation; each a few seconds), anticall (the round trip through a real "
+                        "mitmdump and what the control API adds to it), bridge (its streams against recording "
+                        "them unbridged) or streams (long streams of every API against bare streaming mitmdump, "
+                        "bench/long_streams.py; a few minutes)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1114,6 +1205,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.driver:
         asyncio.run(drive(args.driver))  # until stopped
         return 0
+    if args.only == "bridge":
+        return bridge_only(settings_from(args))
+    if args.only == "streams":
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return long_streams.main(args.quick, args.seconds, args.rounds, args.json)
+        except KeyboardInterrupt:
+            print("bench: interrupted; all processes stopped", file=sys.stderr)
+            return 130
+        except RuntimeError as exc:  # a proxy did not start, answered wrong or recorded wrong (bench/long_streams.py)
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
     tagging = prompt_tagging.measure()
     if args.only == "prompt-tagging":
         print("\n".join(prompt_tagging.report(tagging)))
@@ -1126,6 +1230,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        control_api = anticall.measure(settings.seconds, settings.warmup, settings.rounds) if args.only in (None, "anticall") else None
+        if args.only == "anticall":
+            round_trip = run(settings, [BARE_SB1, ANTICALL], [Load(1)], hold=False)
+            check = anticall_check(round_trip)
+            print("\n".join([f"{'PASS' if check['ok'] else 'MISS'}  {check['text']}", "", *anticall.report(control_api)]))
+            if args.json:
+                args.json.write_text(json.dumps({"round_trip": check, "control_api": control_api}, indent=2) + "\n")
+            return 0
         growth_text, growth = run_growth(quick=args.quick)
         if args.only == "growth":
             print(growth_text)
@@ -1147,11 +1259,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report(results, settings))
     print("\n" + growth_text)
+    print("\n" + "\n".join(anticall.report(control_api)))
     print("\n" + "\n".join(prompt_tagging.report(tagging)))
     print("\n" + "\n".join(normalize_report(normalisation)))
     if args.json:
         args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth, "prompt_tagging": tagging,
-                                         "normalize": normalisation}, indent=2, ensure_ascii=False) + "\n")
+                                         "normalize": normalisation, "control_api": control_api}, indent=2, ensure_ascii=False) + "\n")
         print(f"\nresults: {args.json}")
     return 0
 

@@ -156,12 +156,14 @@ def make_addons() -> list[object]:
     # A prompt override rewrites the request before any mode reads it (replay
     # matches, the recorder captures, a driver sees the version sent).
     prompting = Prompting(recorder)
+    forwarding = UpstreamForwarding(options, upstream_routing, loopback)
+    recorder.bridged = forwarding.take_bridged
     uploading = Uploading(options, recorder)  # after the recorder: at shutdown it uploads what the writer wrote
     anticalling.listeners.append(uploading)  # a session that ends goes up
     parts = [
         options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), TrainerControls(options), prompting,
         ProxyEndpoints(options, replayer, recorder), replayer, OfflineReplay(options, replayer), upstream_routing,
         recorder, ModelListKeeper(options), anticalling, TokenCapture(options, upstream_routing),
-        UpstreamForwarding(options, upstream_routing, loopback), uploading, WebAnnotations(options), WebChatView(),
+        forwarding, uploading, WebAnnotations(options), WebChatView(),
     ]
     return [LlmTraj(parts)]

@@ -82,6 +82,8 @@ class Recorder:
         # The registry calls are tagged from (set by `Prompting`), asked when the
         # writer starts: a configure can run inside another one, before `Prompting`'s.
         self.prompts_path: Callable[[], Path | None] = lambda: None
+        # The upstream side of a bridged call (set by `UpstreamForwarding`), taken when the call ends.
+        self.bridged: Callable[[str], dict | None] = lambda flow_id: None
 
     def configure(self, updated: set[str]) -> None:
         settings = self._options.settings
@@ -197,6 +199,7 @@ class Recorder:
             capture.upstream = {**capture.upstream, "sampling": info["sampling"]}
         capture.token_capture = info.get("capture")
         capture.weight_version = info.get("weight_version")
+        capture.bridge = self.bridged(flow.id)
         self._sink.send(capture)
         if session not in self._responding and (handed := self._handed_over.pop(session, None)) is not None:
             handed.set()

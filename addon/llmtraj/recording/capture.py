@@ -38,6 +38,7 @@ class CallCapture:
     prompt: dict[str, Any] | None = None  # an override's reference and the agent's prompt hash: see `core.record.PromptTag`
     token_capture: dict[str, Any] | None = None  # the plan of token capture: `tokens.capture.CapturePlan.note`
     weight_version: str | int | None = None  # the trainer's policy version when the call came in
+    bridge: dict[str, Any] | None = None  # the upstream side of a bridged call: `bridge.BridgedCall.note`
 
     def frame(self) -> bytes:
         # marshal: the fastest stdlib serialiser for plain values, and both
