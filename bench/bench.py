@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams|pool]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -1169,10 +1169,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams", "pool"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
-                        "(replay normalisation; each a few seconds), anticall (the round trip through a real "
+                        "(replay normalisation; each a few seconds), pool (anti-call calls/s through llmtraj.ray.ProxyPool "
+                        "of 1 and 4 proxies against one proxy alone; needs the scale extra), anticall (the round trip through a real "
                         "mitmdump and what the control API adds to it), bridge (its streams against recording "
                         "them unbridged) or streams (long streams of every API against bare streaming mitmdump, "
                         "bench/long_streams.py; a few minutes)")
@@ -1204,6 +1205,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.driver:
         asyncio.run(drive(args.driver))  # until stopped
+        return 0
+    if args.only == "pool":  # bench/pool.py: needs the scale extra (Ray)
+        import pool
+
+        rows = pool.measure(sessions=16 if args.quick else 64)
+        print("\n".join(pool.report(rows)))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return 0
     if args.only == "bridge":
         return bridge_only(settings_from(args))

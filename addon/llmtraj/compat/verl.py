@@ -81,7 +81,8 @@ class ModelProxy:
 
     async def start_server(self, port: int | None = None, max_retries: int = 50) -> None:
         """Start the proxy on `port` (else the constructor's); if that port is
-        taken, on one the system picks (`self.port` says which)."""
+        taken, on one the system picks (`self.port` says which). `max_retries`
+        is the recipe's signature: no port is tried twice here."""
         if self._proxy is not None:
             raise RuntimeError("Server is already started")
         if port is not None:
