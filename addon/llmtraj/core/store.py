@@ -410,11 +410,28 @@ def last_indexes(file: Path) -> dict[str, int]:
     return last
 
 
+def written_calls(file: Path) -> set[tuple[str, int, float]]:
+    """(session, index, start time) of every call in a file (bad lines
+    skipped), without resolving or validating records: what a restarted
+    writer checks a call it is sent again against."""
+    calls: set[tuple[str, int, float]] = set()
+    for _, _, raw in _lines(file):
+        try:
+            obj = from_json(raw)
+            calls.add((obj["session"], obj["index"], obj["timings"]["started_at"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return calls
+
+
 def _lines(file: Path) -> Iterator[tuple[int, int, bytes]]:
     """(1-based line number, offset, bytes with the newline) of each line."""
     with open(file, "rb") as fh:
-        offset = 0
-        for number, raw in enumerate(fh, start=1):
+        offset = number = 0
+        while raw := fh.readline():
+            while not raw.endswith(b"\n") and (more := fh.readline()):
+                raw += more  # the file grew as it was read: the same line, being written
+            number += 1
             yield number, offset, raw
             offset += len(raw)
 

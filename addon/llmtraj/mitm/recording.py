@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from ..core.store import TrajectoryWriter
@@ -23,8 +24,12 @@ logger = logging.getLogger("llm_traj")
 
 
 def error_kind(flow: http.HTTPFlow) -> str:
+    """Which side ended the call, from the connections (the message alone
+    cannot tell: "peer closed connection without sending complete message
+    body" is what HTTP/1 says of either side). mitmproxy marks a connection
+    whose peer closed it as no longer readable before the error hook runs."""
     message = flow.error.msg.lower() if flow.error else ""
-    if "client" in message:
+    if "client" in message or not flow.client_conn.state & ConnectionState.CAN_READ:
         return "client_disconnected"
     if flow.response is None and not flow.server_conn.timestamp_tcp_setup:
         return "upstream_unreachable"
