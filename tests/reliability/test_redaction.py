@@ -4,6 +4,7 @@ path (RecordBuilder -> TrajectoryWriter -> reader)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -143,3 +144,22 @@ def test_trajectory_directory_is_private(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "traj").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "one").stat().st_mode) == 0o700
+
+
+def test_bodies_and_events_that_are_not_utf8_are_kept_byte_exact(tmp_path):
+    bad = b"\xff\xfe caf\xe9 " + KEY.encode()
+    tee = RecordBuilder(api=ChatCompletions(), session="s", index=1, mode="record", method="POST",
+                        url="http://u/v1/chat/completions", request_headers=[("authorization", f"Bearer {KEY}")],
+                        request_body=bad)
+    tee.response_started(200, SSE)
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":"ok"}}]}\n\n', b"data: \xc3(\n\n", b"data: [DONE]\n\n"]
+    for event in events:
+        tee.chunk(event)
+    file = tmp_path / "t.jsonl"
+    writer = TrajectoryWriter(file)
+    writer.append(tee.finish(), tee.secrets, tee.request_json)
+    (record,) = read_records(file)
+    assert "\ufffd" in record.request_raw
+    assert base64.b64decode(record.request_raw_base64) == b"\xff\xfe caf\xe9 " + REDACTED.encode()  # scrubbed, byte-exact otherwise
+    assert [e.data() for e in record.events] == events
+    assert record.events[1].raw == "data: \ufffd(\n\n" and record.events[0].raw_base64 is None

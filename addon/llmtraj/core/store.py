@@ -12,6 +12,7 @@ request as a reference to an earlier line of the session plus what is new
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from pydantic_core import from_json, to_json
 
 from .chain import RequestChains, SessionRequests, decode_events, encode_events
 from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
-from .redact import redact_raw_body, redact_url, scrubber_for
+from .redact import Scrubber, redact_raw_body, redact_url, scrubber_for
 from .session import validate_session
 
 _MAX_OPEN_FILES = 128
@@ -95,6 +96,8 @@ class TrajectoryWriter:
         to was scrubbed when its own line was written)."""
         if isinstance(record, CallRecord):
             fields = {**record.model_dump(mode="json"), "schema_version": SCHEMA_VERSION}
+            if fields["events"]:  # an event's exact bytes only where they are not its text
+                fields["events"] = [{k: v for k, v in e.items() if v is not None or k != "raw_base64"} for e in fields["events"]]
         else:
             fields = record
         scrubber = scrubber_for(frozenset(secrets))
@@ -103,7 +106,7 @@ class TrajectoryWriter:
         fd = self._fd(file)
         chains = self._chains_of(file, fd)
         request = fields["request"]
-        line_fields = {**fields, **_redacted_places(fields)}
+        line_fields = {**fields, **_redacted_places(fields, scrubber)}
         base = None
         if isinstance(request, dict):
             line_fields["request"], base = chains.encode(session, request)
@@ -112,6 +115,9 @@ class TrajectoryWriter:
         if events := fields.get("events"):
             if scrubber.may_hold_text("".join(event["raw"] for event in events)):
                 events = [{**event, "raw": scrubber.text(event["raw"])} for event in events]
+            if any(event.get("raw_base64") for event in events):
+                events = [{**event, "raw_base64": _scrubbed_base64(event["raw_base64"], scrubber)}
+                          if event.get("raw_base64") else event for event in events]  # fmt: skip
             line_fields["events"] = encode_events(events)  # of scrubbed events: nothing left to scrub
         if request_json is not None and base is None:
             line = to_json({**line_fields, "request": _RAW_REQUEST}).replace(_RAW_REQUEST_JSON, request_json, 1)
@@ -159,9 +165,11 @@ class TrajectoryWriter:
         self._fds.clear()
 
 
-def _redacted_places(fields: Mapping[str, Any]) -> dict[str, Any]:
+def _redacted_places(fields: Mapping[str, Any], scrubber: Scrubber) -> dict[str, Any]:
     """The fields where secrets have a known place, with them replaced: the
-    query of a URL (`?key=`), secret-named fields of a body kept as text."""
+    query of a URL (`?key=`), secret-named fields of a body kept as text; and
+    the exact bytes of a body that is not UTF-8, scrubbed (out of sight of the
+    check on the line's text)."""
     out: dict[str, Any] = {}
     if isinstance(url := fields.get("url"), str):
         out["url"] = redact_url(url)
@@ -170,7 +178,16 @@ def _redacted_places(fields: Mapping[str, Any]) -> dict[str, Any]:
     for name in ("request_raw", "response_raw"):
         if isinstance(text := fields.get(name), str):
             out[name] = redact_raw_body(text)
+        if isinstance(data := fields.get(f"{name}_base64"), str):
+            out[f"{name}_base64"] = _scrubbed_base64(data, scrubber, body=True)
     return out
+
+
+def _scrubbed_base64(data: str, scrubber: Scrubber, body: bool = False) -> str:
+    # as Latin-1 each byte is one character: secrets and shapes (ASCII) match byte for byte
+    text = base64.b64decode(data).decode("latin-1")
+    clean = scrubber.text(redact_raw_body(text) if body else text)
+    return data if clean == text else base64.b64encode(clean.encode("latin-1")).decode("ascii")
 
 
 def _scrubbed(line_fields: dict[str, Any], scrubber) -> dict[str, Any]:
