@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -78,6 +78,10 @@ and memory with 10,000 sessions.
 
 And what tagging a call with its prompt version costs in the record writer
 (bench/prompt_tagging.py; alone with `--only prompt-tagging`).
+
+And what the control API adds to an anti-call round trip, against a driver
+on the broker's own loop (bench/anticall.py). `--only anticall` measures that
+and the round trip through a real mitmdump against mitmdump-sb1.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ from llmtraj.cli.proxy_process import (
     standin_process,
 )
 from llmtraj.replay.report import REPORT_PATH
+import anticall  # bench/anticall.py, beside this script (bench/ is sys.path[0])
 import prompt_tagging  # bench/prompt_tagging.py, beside this script (bench/ is sys.path[0])
 from growth import run_growth  # bench/growth.py, beside this script
 
@@ -765,10 +770,14 @@ def measure(measurement, target: Target, running: Running, result: TargetResult,
             raise BadResponse(f"{target.name}: the replay did not serve every call from the recording: {problem}")
 
 
-def run(settings: Settings, targets: list[Target] = TARGETS) -> dict[str, TargetResult]:
+def run(
+    settings: Settings, targets: list[Target] = TARGETS, measurements: list | None = None, hold: bool = True
+) -> dict[str, TargetResult]:
     """All targets run side by side (idle ones cost nothing); each measurement
     goes round the targets `rounds` times, in a rotating order, so drift of the
-    machine spreads over all of them instead of favouring one."""
+    machine spreads over all of them instead of favouring one. With the
+    anti-call target and `hold`, its memory with calls held is measured last."""
+    measurements = MEASUREMENTS if measurements is None else measurements
     results = {target.name: TargetResult(target) for target in targets}
     raise_fd_limit(2 * HELD_CALLS + 256)
     with contextlib.ExitStack() as stack:
@@ -779,13 +788,13 @@ def run(settings: Settings, targets: list[Target] = TARGETS) -> dict[str, Target
         for target in targets:
             running[target.name] = stack.enter_context(start_target(target, upstream, workdir, settings))
             progress(f"{target.name}: {running[target.name].url}")
-        for measurement in MEASUREMENTS:
+        for measurement in measurements:
             for round in range(settings.rounds):
                 progress(f"{measurement.name}, round {round + 1}/{settings.rounds}")
                 for target in targets[round % len(targets):] + targets[: round % len(targets)]:
                     if target.takes(measurement):
                         measure(measurement, target, running[target.name], results[target.name], settings)
-        if ANTICALL not in targets:
+        if ANTICALL not in targets or not hold:
             return results
         anticall = running[ANTICALL.name]
         anticall.driver.stop()  # nobody answers now
@@ -899,13 +908,17 @@ def checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
             added is not None and added <= CAPTURE_COST_TARGET,
             f"token capture ({how}): {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs "
             f"{RECORD_TOKENS.name} ({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})"))  # fmt: skip
+    out.append(anticall_check(results))
     out.append(bridge_check(results))
+    return out
+
+
+def anticall_check(results: dict[str, TargetResult]) -> dict:
     delta = _delta(results, ANTICALL.name, BASELINE, "c1.p50_ms")
-    out.append(_check(
+    return _check(
         "anticall.c1.p50_ms", delta, f"<= +{ANTICALL_P50_TARGET_MS:g} ms", delta is not None and delta <= ANTICALL_P50_TARGET_MS,
         f"anti-call round trip agent -> driver -> agent: {ANTICALL.name} {_fmt(delta, '{:+.2f} ms')} at p50 "
-        f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)"))  # fmt: skip
-    return out
+        f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)")  # fmt: skip
 
 
 def bridge_check(results: dict[str, TargetResult]) -> dict:
@@ -1143,10 +1156,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "bridge"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
-                        "(replay normalisation; each a few seconds), bridge (its streams against recording them unbridged)")
+                        "(replay normalisation; each a few seconds), anticall (the round trip through a real "
+                        "mitmdump and what the control API adds to it), bridge (its streams against recording "
+                        "them unbridged)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1190,6 +1205,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        control_api = anticall.measure(settings.seconds, settings.warmup, settings.rounds) if args.only in (None, "anticall") else None
+        if args.only == "anticall":
+            round_trip = run(settings, [BARE_SB1, ANTICALL], [Load(1)], hold=False)
+            check = anticall_check(round_trip)
+            print("\n".join([f"{'PASS' if check['ok'] else 'MISS'}  {check['text']}", "", *anticall.report(control_api)]))
+            if args.json:
+                args.json.write_text(json.dumps({"round_trip": check, "control_api": control_api}, indent=2) + "\n")
+            return 0
         growth_text, growth = run_growth(quick=args.quick)
         if args.only == "growth":
             print(growth_text)
@@ -1211,11 +1234,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report(results, settings))
     print("\n" + growth_text)
+    print("\n" + "\n".join(anticall.report(control_api)))
     print("\n" + "\n".join(prompt_tagging.report(tagging)))
     print("\n" + "\n".join(normalize_report(normalisation)))
     if args.json:
         args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth, "prompt_tagging": tagging,
-                                         "normalize": normalisation}, indent=2, ensure_ascii=False) + "\n")
+                                         "normalize": normalisation, "control_api": control_api}, indent=2, ensure_ascii=False) + "\n")
         print(f"\nresults: {args.json}")
     return 0
 
