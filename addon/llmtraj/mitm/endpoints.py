@@ -8,8 +8,8 @@
 - `GET /llm-traj/replay-report` in replay mode: the report so far (also the
   command `llm_traj.replay.report`);
 - `GET /llm-traj/written?session=S&timeout=T`: answers once every call of
-  session S handed to the record writer so far (or whose response had begun)
-  is written: 200, or 504 `not_yet_written` after T seconds (a barrier for
+  session S handed to the record writer so far (every call whose agent has
+  its whole answer) is written: 200, or 504 `not_yet_written` after T seconds (a barrier for
   readers of the trajectory: `llmtraj.ray`'s records).
 """
 

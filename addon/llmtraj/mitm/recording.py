@@ -3,7 +3,6 @@ hand a capture of it to the record writer."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from ..core.store import TrajectoryWriter
@@ -24,12 +24,24 @@ logger = logging.getLogger("llm_traj")
 
 
 def error_kind(flow: http.HTTPFlow) -> str:
+    """Which side ended the call, from the connections (the message alone
+    cannot tell: "peer closed connection without sending complete message
+    body" is what HTTP/1 says of either side). mitmproxy marks a connection
+    whose peer closed it as no longer readable before the error hook runs."""
     message = flow.error.msg.lower() if flow.error else ""
-    if "client" in message:
+    if "client" in message or not flow.client_conn.state & ConnectionState.CAN_READ:
         return "client_disconnected"
     if flow.response is None and not flow.server_conn.timestamp_tcp_setup:
         return "upstream_unreachable"
     return "upstream_disconnected"
+
+
+def _content_length(response: http.Response) -> int | None:
+    """The length of a body framed by its Content-Length (not chunked), if valid."""
+    value = response.headers.get("content-length")
+    if value is None or "transfer-encoding" in response.headers or not value.strip().isdigit():
+        return None
+    return int(value)
 
 
 RECORDING_MODES = ("record", "anticall")
@@ -71,10 +83,6 @@ class Recorder:
         self._sink: RecordSink | None = None
         self._captures: dict[str, CallCapture] = {}  # by flow id, while the call is in flight
         self._request_parts: dict[str, list[bytes]] = {}  # by flow id, while a request body streams
-        # Calls whose response has begun, by session: the agent may have its answer
-        # before the call is handed to the writer (`written` waits for them too).
-        self._responding: dict[str, set[str]] = {}
-        self._handed_over: dict[str, asyncio.Event] = {}  # by session, while someone waits in `written`
         # Where marked calls go in a mode that records only those (replay, whose
         # llm_traj_path is what it reads); set by that mode's addon, which
         # configures before this one.
@@ -155,24 +163,38 @@ class Recorder:
         if capture is None:
             return
         response = flow.response
-        self._responding.setdefault(capture.session, set()).add(flow.id)
         capture.status = response.status_code
         capture.response_headers = list(response.headers.fields)
         capture.response_headers_at = response.timestamp_start
         chunks, times = capture.chunks, capture.chunk_times
+        length = _content_length(response)
+        received = 0
+        held: list[bytes] = []
 
         # Every response streams, JSON too: nothing is held back from the agent,
         # and mitmproxy's streaming path costs less than buffering the body.
-        def capture_chunk(data: bytes) -> bytes:
+        # The capture goes into the writer's pipe at the end of the body (b""),
+        # before the agent can tell the response is over: for a chunked body or
+        # HTTP/2 that is the end marker sent after this; for a body of known
+        # length it is its last byte, held back until then.
+        def capture_chunk(data: bytes) -> bytes | list[bytes]:
+            nonlocal received
             if data:
                 chunks.append(data)
                 times.append(time.time())
-            return data
+                if length is not None:
+                    received += len(data)
+                    if received >= length:
+                        held.append(data[-1:])
+                        return [data[:-1]] if len(data) > 1 else []  # (b"" would end a chunked body)
+                return data
+            self._send(flow, None)
+            return held
 
         response.stream = capture_chunk
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._send(flow, None)
+        self._send(flow, None)  # (sent at the end of the body already, unless it had none)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.id in self._captures:
@@ -182,11 +204,6 @@ class Recorder:
         capture = self._captures.pop(flow.id, None)
         if capture is None:
             return
-        session = capture.session
-        if (responding := self._responding.get(session)) is not None:
-            responding.discard(flow.id)
-            if not responding:
-                del self._responding[session]
         if (parts := self._request_parts.pop(flow.id, None)) is not None:
             capture.request_body = b"".join(parts)  # ended before the whole request was sent
         capture.ended_at = time.time()
@@ -201,24 +218,12 @@ class Recorder:
         capture.weight_version = info.get("weight_version")
         capture.bridge = self.bridged(flow.id)
         self._sink.send(capture)
-        if session not in self._responding and (handed := self._handed_over.pop(session, None)) is not None:
-            handed.set()
 
     async def written(self, session: str, timeout: float) -> bool:
-        """Wait until every call of `session` that was handed to the writer, or
-        whose response had begun, is written; False if that took longer than
-        `timeout` seconds. Calls still waiting for any answer (held anti-calls,
-        upstreams yet to answer) are not waited for."""
-        if self._sink is None:
-            return True
-        deadline = asyncio.get_running_loop().time() + timeout
-        try:
-            while session in self._responding:
-                handed = self._handed_over.setdefault(session, asyncio.Event())
-                await asyncio.wait_for(handed.wait(), deadline - asyncio.get_running_loop().time())
-        except TimeoutError:
-            return False
-        return await self._sink.wait_written(session, max(0.0, deadline - asyncio.get_running_loop().time()))
+        """Wait until every call of `session` handed to the writer so far is
+        written (a call is handed over before its agent has the end of its
+        answer); False if that took longer than `timeout` seconds."""
+        return True if self._sink is None else await self._sink.wait_written(session, timeout)
 
     def _close(self) -> None:
         if self._sink is not None:
