@@ -103,6 +103,7 @@ class RecordBuilder:
             "tokens": None,
             "capture": None,
             "bridge": None,
+            "weight_version": None,  # set by the writer from the capture (the trainer's policy version)
         }
         self.response_headers_at: float | None = None
         self.first_byte_at: float | None = None

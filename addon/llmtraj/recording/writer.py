@@ -65,8 +65,7 @@ def record_of(capture: CallCapture, tagger: PromptTagger | None = None) -> tuple
     final = engine_final(api, capture.chunks, fields["stream"]) if rewriting is not None else fields["response"]
     fields["tokens"] = tokens_of(api, final, fields["extra"], note["engine"] if note else None)
     fields["capture"] = {**note, **(rewriting or {})} if note is not None else None
-    if capture.weight_version is not None:
-        fields["weight_version"] = capture.weight_version
+    fields["weight_version"] = capture.weight_version
     if capture.bridge is not None:
         add_bridge(fields, capture.bridge, tee.secrets)
     if tagger is not None:
