@@ -307,9 +307,9 @@ def watch_agent(
 
 def _reader(path: Path):
     """A trajectory to read one session at a time, or a one-line exit."""
-    from ..core.store import TrajectoryReader
+    from ..core.store import TrajectoryReader, trajectory_files
 
-    if not path.exists():
+    if not path.exists() and not trajectory_files(path):  # (FILE.jsonl compressed since: FILE.jsonl.zst is read)
         fail(f"{path} does not exist")
     with _reading():
         return TrajectoryReader(path)
@@ -345,18 +345,23 @@ def cat(
 
 
 @app.command()
-def compact(path: Path = typer.Argument(..., help=TRAJ_HELP)) -> None:
+def compact(
+    path: Path = typer.Argument(..., help=TRAJ_HELP),
+    zstd: bool = typer.Option(False, "--zstd", help="Also compress each file with zstd (FILE.jsonl.zst, replacing "
+                              "FILE.jsonl); every command and replay read it as they read the plain file."),
+) -> None:
     """Rewrite a trajectory in the current format (version 1 files become version 2), file by file.
     Stop recording to it first."""
     from ..core.store import CompactionError, compact_file, trajectory_files
 
-    if not path.exists():
+    files = trajectory_files(path)
+    if not files and not path.exists():
         fail(f"{path} does not exist")
     before = after = 0
-    for file in trajectory_files(path):
+    for file in files:
         with _reading():
             try:
-                old, new, skipped = compact_file(file)
+                _, old, new, skipped = compact_file(file, compress=zstd)
             except CompactionError as exc:
                 fail(str(exc))
         before, after = before + old, after + new

@@ -24,11 +24,15 @@ from ..prompts.tagging import PromptTagger
 from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
 from .builder import RecordBuilder
 from .capture import FRAME_LENGTH, CallCapture
+from .secret_scan import SecretFieldScan
 
 
-def record_of(capture: CallCapture, tagger: PromptTagger | None = None) -> tuple[dict[str, Any], set[str], bytes | None]:
+def record_of(
+    capture: CallCapture, tagger: PromptTagger | None = None, secret_scan: SecretFieldScan | None = None
+) -> tuple[dict[str, Any], set[str], bytes | None]:
     """(the record's fields, secrets to scrub, request body to write as is)."""
     tee = RecordBuilder(
+        secret_scan=secret_scan,
         api=API_BY_NAME[capture.api],
         session=capture.session,
         index=capture.index,
@@ -70,6 +74,7 @@ def serve(path: str, source=None, prompts: str | None = None) -> None:
     each tagged with its system prompt's version in the registry at `prompts`."""
     source = source or sys.stdin.buffer
     tagger = PromptTagger(prompts) if prompts else None
+    secret_scan = SecretFieldScan()
     writer = TrajectoryWriter(path)
     try:
         while header := source.read(FRAME_LENGTH.size):
@@ -81,7 +86,7 @@ def serve(path: str, source=None, prompts: str | None = None) -> None:
                 break  # likewise
             try:
                 capture = CallCapture.unframe(data)
-                writer.append(*record_of(capture, tagger))
+                writer.append(*record_of(capture, tagger, secret_scan))
             except Exception as exc:  # one bad call must not cost the others
                 print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
     finally:
