@@ -107,8 +107,9 @@ def run(
     config: Path = CONFIG_OPTION,
     prompt: str = typer.Option(None, "--prompt", help="Send the agent's calls with this registered system prompt: "
                                "NAME@LABEL, NAME/VERSION or an A/B split REF=W,REF=W (llm_traj_prompt_override)."),
-    prompts: Path = typer.Option(None, "--prompts", envvar="LLM_TRAJ_PROMPTS",
-                                 help="The prompt registry calls are tagged from (llm_traj_prompts)."),
+    prompts: str = typer.Option(None, "--prompts", envvar="LLM_TRAJ_PROMPTS",
+                                help="The prompt registry calls are tagged from (llm_traj_prompts): a file, or "
+                                     "mlflow:TRACKING_URI."),
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Run an agent (after --) with its LLM calls going through the proxy; exit with the agent's code."""
@@ -175,9 +176,13 @@ def _end_anticall_session(plan):
 STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Where service state lives (default ~/.llm-traj).")
 
 
-def _prompt_sets(prompt: str | None, prompts: Path | None) -> list[str]:
+def _prompt_sets(prompt: str | None, prompts: str | None) -> list[str]:
+    from ..prompts.registry import MLFLOW_SCHEME
+
+    if prompts is not None and not prompts.startswith(MLFLOW_SCHEME):
+        prompts = str(Path(prompts).expanduser().resolve())  # the proxy runs elsewhere
     return ([f"llm_traj_prompt_override={prompt}"] if prompt else []) + \
-        ([f"llm_traj_prompts={prompts.resolve()}"] if prompts is not None else [])  # fmt: skip
+        ([f"llm_traj_prompts={prompts}"] if prompts is not None else [])  # fmt: skip
 
 
 def _config_set(config: Path | None) -> list[str]:

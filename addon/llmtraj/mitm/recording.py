@@ -76,7 +76,7 @@ class Recorder:
         self.marked_path: Path | None = None
         # The registry calls are tagged from (set by `Prompting`), asked when the
         # writer starts: a configure can run inside another one, before `Prompting`'s.
-        self.prompts_path: Callable[[], Path | None] = lambda: None
+        self.prompts_path: Callable[[], str | None] = lambda: None  # a file, or mlflow:TRACKING_URI
 
     def configure(self, updated: set[str]) -> None:
         settings = self._options.settings
