@@ -126,6 +126,7 @@ def run_agent(
     via: str = "base-url",
     faketime: str | None = None,
     upstream: str | None = None,
+    config: Path | None = None,
     scratch: Path,
     timeout: float = 240,
 ) -> Run:
@@ -151,6 +152,8 @@ def run_agent(
     argv = [llm_traj(), "run", "--mode", mode, "--traj", str(traj), "--session", SESSION, "--via", via]
     if upstream is not None:
         argv += ["--upstream", upstream]
+    if config is not None:
+        argv += ["--config", str(config)]
     try:
         out = subprocess.run([*argv, "--", *agent.argv(faketime)], cwd=place.work, env=env,
                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
