@@ -197,12 +197,17 @@ def test_override_record_replay_and_ab(upstream, registry, tmp_path):
     # replay with the same split: each session gets its arm again, so its calls match as recorded
     proxy = proxy_for("http://127.0.0.1:9", tmp_path / "ab", registry, llm_traj_mode="replay", llm_traj_prompt_override=ab)
     try:
-        for session in sessions:
-            for _ in range(2):
-                reply = chat(proxy, session, AGENT_PROMPT)
-                assert reply.status_code == 200 and reply.headers["x-llm-traj-match"] == "exact", session
+        assert_replayed_exactly(proxy, sessions, calls=2)
     finally:
         proxy.stop()
+
+
+def assert_replayed_exactly(proxy: ProxyProcess, sessions: list[str], calls: int) -> None:
+    """Each session's calls, made with the agent's own prompt, are served from the recording by an exact match."""
+    for session in sessions:
+        for _ in range(calls):
+            reply = chat(proxy, session, AGENT_PROMPT)
+            assert reply.status_code == 200 and reply.headers["x-llm-traj-match"] == "exact", session
 
 
 def put(url: str, body: dict) -> tuple[int, dict]:

@@ -14,19 +14,17 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from llmtraj.anticall import AntiCallClient
 from llmtraj.cli.proxy_process import ProxyProcess
 from llmtraj.prompts.override import parse_assignment
 from llmtraj.prompts.registry import text_hash
-from openai import AsyncOpenAI, OpenAI
+from openai import OpenAI
 
 from ..conftest import wait_records
-from .test_prompts_e2e import put
+from .test_prompts_e2e import AGENT_PROMPT, assert_replayed_exactly, drive_one, put
 
 KEY = "sk-test-mlflow-0123456789"
 HELPFUL = "You are a helpful assistant for {{company}}. Today is {{date}}."
 TERSE = "You are terse. You work for {{company}} and today is {{date}}."
-AGENT_PROMPT = "You are a helpful assistant for ACME. Today is Monday."
 SENT = {1: AGENT_PROMPT, 2: "You are terse. You work for ACME and today is Monday."}
 USER = [{"role": "user", "content": "hi"}]
 AB = "prompts:/greet@production=1,prompts:/greet@staging=1"
@@ -88,10 +86,7 @@ def test_ab_split_from_mlflow_in_record_replay_and_anticall(upstream, store, tmp
     # replay: the same split rewrites each session's calls as recorded, so every call is an exact match
     proxy = proxy_for("http://127.0.0.1:9", recorded, uri, llm_traj_mode="replay", llm_traj_prompt_override=AB)
     try:
-        for session in SESSIONS:
-            for _ in range(2):
-                reply = chat(proxy, session, AGENT_PROMPT)
-                assert reply.status_code == 200 and reply.headers["x-llm-traj-match"] == "exact", session
+        assert_replayed_exactly(proxy, SESSIONS, calls=2)
     finally:
         proxy.stop()
 
@@ -100,18 +95,7 @@ def test_ab_split_from_mlflow_in_record_replay_and_anticall(upstream, store, tmp
     proxy = proxy_for("http://127.0.0.1:9", held, uri, llm_traj_mode="anticall", llm_traj_prompt_override=AB)
 
     async def drive() -> dict[str, str]:
-        seen = {}
-        async with AntiCallClient.from_control_file(held / "control.json") as driver:
-            for session in SESSIONS[:4]:
-                agent = AsyncOpenAI(base_url=f"{proxy.url}/s/{session}/v1", api_key=KEY, max_retries=0)
-                call = asyncio.create_task(agent.chat.completions.create(
-                    model="m", messages=[{"role": "system", "content": AGENT_PROMPT}, *USER]))  # fmt: skip
-                event = await driver.get_request(session, 30)
-                seen[session] = event.request["messages"][0]["content"]
-                await driver.send_response(event, text="ok")
-                assert (await call).choices[0].message.content == "ok"
-                await agent.close()
-        return seen
+        return {session: (await drive_one(proxy, held / "control.json", session))[0] for session in SESSIONS[:4]}
 
     try:
         seen = asyncio.run(asyncio.wait_for(drive(), 120))
