@@ -44,7 +44,7 @@ _RAW_REQUEST_JSON = to_json(_RAW_REQUEST)
 
 
 ZSTD = ".zst"  # appended to a compressed trajectory file's name
-ZSTD_LEVEL = 9  # compact --zstd: ~2x the ratio of level 1 at a fraction of recording's write rate (scripts/bench --only zstd)
+ZSTD_LEVEL = 9  # compact --zstd (a one-off rewrite of finished files: ratio over speed; scripts/bench --only zstd)
 
 
 def is_single_file(path: Path) -> bool:
