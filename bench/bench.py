@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|zstd]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams|zstd]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -83,6 +83,11 @@ And what the control API adds to an anti-call round trip, against a driver
 on the broker's own loop (bench/anticall.py). `--only anticall` measures that
 and the round trip through a real mitmdump against mitmdump-sb1.
 
+Long streams of every API against bare streaming mitmdump, their own run
+(bench/long_streams.py, `--only streams`): requests/s and CPU (proxy + record
+writer) per request and per event, the writer's CPU per event up to 20,000
+events, small calls, the first event's delay.
+
 And what zstd compression of finished session files pays (bench/compression.py;
 alone with `--only zstd`).
 """
@@ -120,6 +125,7 @@ from llmtraj.cli.proxy_process import (
 from llmtraj.replay.report import REPORT_PATH
 import anticall  # bench/anticall.py, beside this script (bench/ is sys.path[0])
 import compression  # bench/compression.py
+import long_streams
 import prompt_tagging  # bench/prompt_tagging.py, beside this script (bench/ is sys.path[0])
 from growth import run_growth  # bench/growth.py, beside this script
 
@@ -1160,12 +1166,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "zstd"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams", "zstd"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
                         "(replay normalisation; each a few seconds), anticall (the round trip through a real "
                         "mitmdump and what the control API adds to it), bridge (its streams against recording "
-                        "them unbridged), zstd (compressed session files: size, compaction, reading, replay)")
+                        "them unbridged), streams (long streams of every API against bare streaming mitmdump, "
+                        "bench/long_streams.py; a few minutes) or zstd (compressed session files: size, compaction, "
+                        "reading, replay)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1203,6 +1211,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.only == "bridge":
         return bridge_only(settings_from(args))
+    if args.only == "streams":
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return long_streams.main(args.quick, args.seconds, args.rounds, args.json)
+        except KeyboardInterrupt:
+            print("bench: interrupted; all processes stopped", file=sys.stderr)
+            return 130
+        except RuntimeError as exc:  # a proxy did not start, answered wrong or recorded wrong (bench/long_streams.py)
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
     tagging = prompt_tagging.measure()
     if args.only == "prompt-tagging":
         print("\n".join(prompt_tagging.report(tagging)))
