@@ -90,3 +90,12 @@ def test_export_import_round_trip(tmp_path, files):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "created_at": "yesterday"}))
     bad = llm_traj(tmp_path / "c.sqlite", "import", str(folder))
     assert bad.returncode == 2 and "created_at 'yesterday'" in bad.stderr and "Unix time" in bad.stderr
+
+
+def test_run_passes_a_registry_file_resolved_and_an_mlflow_uri_as_is(tmp_path, monkeypatch):
+    from llmtraj.cli.app import _prompt_sets
+
+    monkeypatch.chdir(tmp_path)
+    assert _prompt_sets("greet@staging", "reg.sqlite") == ["llm_traj_prompt_override=greet@staging",
+                                                          f"llm_traj_prompts={tmp_path / 'reg.sqlite'}"]  # fmt: skip
+    assert _prompt_sets(None, "mlflow:sqlite:///m.db") == ["llm_traj_prompts=mlflow:sqlite:///m.db"]
