@@ -249,7 +249,7 @@ def test_override_in_anticall(registry, tmp_path):
 def test_ab_split_in_anticall(registry, tmp_path):
     """The driver is handed each session's calls with its arm's version, by the same hash as in record and replay."""
     ab = "greet@production=1,greet/2=1"
-    sessions = [f"ab-{i}" for i in range(6)]
+    sessions = [f"ab-{i}" for i in range(8)]  # both arms among them (fixed ids: deterministic)
     proxy = proxy_for("http://127.0.0.1:9", tmp_path, registry, llm_traj_mode="anticall", llm_traj_prompt_override=ab)
 
     async def drive_all():
