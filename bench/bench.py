@@ -156,6 +156,7 @@ class Target:
     only: tuple[str, ...] | None = None  # the measurements it takes part in (None: all)
     request_fields: dict[str, object] = field(default_factory=dict)  # what the agent's chat requests add
     api: str = "chat"  # the API the agent's streamed requests call: chat, or anthropic (bridged)
+    config: str | None = None  # an llm_traj_config, `{upstream}` standing for the stand-in's URL
 
     @property
     def mode(self) -> str | None:
@@ -182,9 +183,15 @@ RECORD_TOKENS = Target("llm-traj-tokens", "mitmdump + llm-traj record, the agent
                        request_fields={"return_token_ids": True, "logprobs": True, "stream_options": {"include_usage": True}})  # fmt: skip
 BRIDGE = Target("llm-traj-bridge", "mitmdump + llm-traj record, Anthropic Messages streams bridged to the stand-in "
                 "as a chat-completions upstream", addon=True, options={"llm_traj_mode": "record"},
-                only=("stream", "burst"), api="anthropic")  # fmt: skip
+                only=("stream", "burst"), api="anthropic",
+                config='default_route = "engine"\n[providers.engine]\nbase_url = "{upstream}/v1"\nupstream_api = "chat.completions"\n')  # fmt: skip
+# The bridge's way to the upstream without its translation: llm-traj's own client behind the loopback server
+# (what a route with retries or timeouts takes; a connect timeout that never fires puts the call on it).
+CLIENT = Target("llm-traj-client", "mitmdump + llm-traj record, the chat stream sent by llm-traj's own client "
+                "(a route with a timeout)", addon=True, options={"llm_traj_mode": "record"}, only=("stream", "burst"),
+                config='default_route = "engine"\n[providers.engine]\nbase_url = "{upstream}/v1"\ntimeouts = {{connect = 30}}\n')  # fmt: skip
 RECORDING_TARGETS = [DIRECT, BARE, BARE_SB1, RECORD]  # the main tables
-TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, RECORD_TOKENS, CAPTURE, BRIDGE]
+TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, RECORD_TOKENS, CAPTURE, CLIENT, BRIDGE]
 BASELINE, BUFFERED = BARE_SB1, BARE  # main and secondary baselines of the ratios
 REPLAY_RPS_TARGET = 1.0  # replay keeps at least bare mitmdump's requests/s (no upstream involved)
 CAPTURE_COST_TARGET = 0.10  # token capture adds at most this share to recording's proxy CPU per streamed event
@@ -227,10 +234,9 @@ def start_target(target: Target, upstream: ServerProcess, workdir: Path, setting
     if target.mode == "replay":
         replayed = replay_calls(settings)
         prepare_replay(trajectory, replayed, upstream, workdir)
-    if target.api != "chat":  # every call bridged to the stand-in as a chat-completions upstream
+    if target.config is not None:
         config = workdir / f"{target.name}.toml"
-        config.write_text(f'default_route = "engine"\n[providers.engine]\nbase_url = "{upstream.url}/v1"\n'
-                          'upstream_api = "chat.completions"\n')  # fmt: skip
+        config.write_text(target.config.format(upstream=upstream.url))
         options["llm_traj_config"] = config
     with contextlib.ExitStack() as stack:
         proxy = stack.enter_context(start_proxy(upstream.url if target.upstream else dead_address(), options,
@@ -940,7 +946,7 @@ def bridge_only(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        results = run(settings, [RECORD, BRIDGE])
+        results = run(settings, [RECORD, CLIENT, BRIDGE])
     except (KeyboardInterrupt, ProxyStartError, BadResponse) as exc:
         print(f"bench: {exc or 'interrupted'}", file=sys.stderr)
         return 2
@@ -1000,9 +1006,10 @@ def bridge_report(results: dict[str, TargetResult]) -> list[str]:
     return [
         f"bridge: {BRIDGE.label}; {bridge.records} records for {bridge.requests} requests (checked)",
         "",
-        f"against: {RECORD.label}, the chat stream recorded as it is",
+        f"against: {RECORD.label}, the chat stream recorded as it is; and {CLIENT.name}: {CLIENT.label}, "
+        "the bridge's way to the upstream without its translation",
         "",
-        absolute_table(results, [RECORD, BRIDGE], CAPTURE_COLUMNS),
+        absolute_table(results, [t for t in (RECORD, CLIENT, BRIDGE) if t.name in results], CAPTURE_COLUMNS),
     ]
 
 
