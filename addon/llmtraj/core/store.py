@@ -46,6 +46,11 @@ _RAW_REQUEST_JSON = to_json(_RAW_REQUEST)
 _BRIDGE_CHAIN = "\x00bridge"
 
 
+def private_opener(path: str, flags: int) -> int:
+    """For `open(..., opener=private_opener)`: a file made 0600, for what holds conversations."""
+    return os.open(path, flags, 0o600)
+
+
 def is_single_file(path: Path) -> bool:
     return path.suffix == ".jsonl"
 
