@@ -26,8 +26,8 @@ MESSAGES = [{"role": "user", "content": "Say hello"}]
 def writer_pid(path, proxy) -> int:
     """The record writer's pid, once one runs (after a death the next one may start a moment later)."""
     deadline = time.monotonic() + 15
-    while not (pids := set(processes_mentioning("llmtraj.recording.writer")) & set(processes_mentioning(str(path))) - {proxy.pid}):
-        assert time.monotonic() < deadline, "no record writer running"
+    while len(pids := set(processes_mentioning("llmtraj.recording.writer")) & set(processes_mentioning(str(path))) - {proxy.pid}) != 1:
+        assert time.monotonic() < deadline, f"record writers running: {pids}"
         time.sleep(0.05)
     (pid,) = pids
     return pid
