@@ -24,7 +24,7 @@ import time
 from .capture import ACK, FRAME_HEAD, RESENT, CallCapture
 
 _PIPE_SIZE = 1 << 20  # room for bursts before our own buffer is used
-_MAX_TRIES = 3  # writers that may die with a call pending before it is given up
+_MAX_TRIES = 8  # writers that may die with a call pending before it is given up (a writer killed while starting counts too)
 logger = logging.getLogger("llm_traj")
 
 
