@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|capture]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -743,26 +743,28 @@ def measure(measurement, target: Target, running: Running, result: TargetResult,
             raise BadResponse(f"{target.name}: the replay did not serve every call from the recording: {problem}")
 
 
-def run(settings: Settings) -> dict[str, TargetResult]:
+def run(settings: Settings, targets: list[Target] = TARGETS, measurements: list = MEASUREMENTS) -> dict[str, TargetResult]:
     """All targets run side by side (idle ones cost nothing); each measurement
     goes round the targets `rounds` times, in a rotating order, so drift of the
     machine spreads over all of them instead of favouring one."""
-    results = {target.name: TargetResult(target) for target in TARGETS}
+    results = {target.name: TargetResult(target) for target in targets}
     raise_fd_limit(2 * HELD_CALLS + 256)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm-traj-bench-")))
         upstream = stack.enter_context(standin_process())
         progress(f"upstream: stand-in at {upstream.url} (pid {upstream.pid})")
         running: dict[str, Running] = {}
-        for target in TARGETS:
+        for target in targets:
             running[target.name] = stack.enter_context(start_target(target, upstream, workdir, settings))
             progress(f"{target.name}: {running[target.name].url}")
-        for measurement in MEASUREMENTS:
+        for measurement in measurements:
             for round in range(settings.rounds):
                 progress(f"{measurement.name}, round {round + 1}/{settings.rounds}")
-                for target in TARGETS[round % len(TARGETS):] + TARGETS[: round % len(TARGETS)]:
+                for target in targets[round % len(targets):] + targets[: round % len(targets)]:
                     if target.takes(measurement):
                         measure(measurement, target, running[target.name], results[target.name], settings)
+        if ANTICALL not in targets:
+            return results
         anticall = running[ANTICALL.name]
         anticall.driver.stop()  # nobody answers now
         progress(f"{ANTICALL.name}: holding {HELD_CALLS} calls")
@@ -866,15 +868,7 @@ def checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
             f"replay.{key}", ratio, f">= {REPLAY_RPS_TARGET:.2f}x", ratio is not None and ratio >= REPLAY_RPS_TARGET,
             f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
             f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})"))  # fmt: skip
-    for stream, how in (("stream", "paced, an event per chunk"), ("burst", "back to back, many events per chunk")):
-        record_cpu, capture_cpu = (results[t.name].metrics.get(f"{stream}.cpu_us") for t in (RECORD_TOKENS, CAPTURE))
-        added = capture_cpu / record_cpu - 1 if record_cpu and capture_cpu is not None else None
-        per_event = (capture_cpu - record_cpu) / settings.chunks if added is not None else None
-        out.append(_check(
-            f"capture.{stream}.cpu_added", added, f"<= +{CAPTURE_COST_TARGET:.0%}",
-            added is not None and added <= CAPTURE_COST_TARGET,
-            f"token capture ({how}): {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs "
-            f"{RECORD_TOKENS.name} ({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})"))  # fmt: skip
+    out += capture_checks(results, settings)
     delta = _delta(results, ANTICALL.name, BASELINE, "c1.p50_ms")
     out.append(_check(
         "anticall.c1.p50_ms", delta, f"<= +{ANTICALL_P50_TARGET_MS:g} ms", delta is not None and delta <= ANTICALL_P50_TARGET_MS,
@@ -916,7 +910,21 @@ CAPTURE_COLUMNS = [
 ]  # fmt: skip
 
 
-def capture_report(results: dict[str, TargetResult]) -> list[str]:
+def capture_checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
+    out = []
+    for stream, how in (("stream", "paced, an event per chunk"), ("burst", "back to back, many events per chunk")):
+        record_cpu, capture_cpu = (results[t.name].metrics.get(f"{stream}.cpu_us") for t in (RECORD_TOKENS, CAPTURE))
+        added = capture_cpu / record_cpu - 1 if record_cpu and capture_cpu is not None else None
+        per_event = (capture_cpu - record_cpu) / settings.chunks if added is not None else None
+        out.append(_check(
+            f"capture.{stream}.cpu_added", added, f"<= +{CAPTURE_COST_TARGET:.0%}",
+            added is not None and added <= CAPTURE_COST_TARGET,
+            f"token capture ({how}): {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs "
+            f"{RECORD_TOKENS.name} ({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})"))  # fmt: skip
+    return out
+
+
+def capture_report(results: dict[str, TargetResult], with_bare: bool = False) -> list[str]:
     capture = results[CAPTURE.name]
     return [
         f"token capture: {CAPTURE.label}; {capture.records} records for {capture.requests} requests, "
@@ -924,8 +932,24 @@ def capture_report(results: dict[str, TargetResult]) -> list[str]:
         "",
         f"against: {RECORD_TOKENS.label} (the same engine bytes, nothing rewritten)",
         "",
-        absolute_table(results, [RECORD, RECORD_TOKENS, CAPTURE], CAPTURE_COLUMNS),
+        absolute_table(results, [*([BARE, BARE_SB1] if with_bare else []), RECORD, RECORD_TOKENS, CAPTURE], CAPTURE_COLUMNS),
     ]
+
+
+CAPTURE_TARGETS = [BARE, BARE_SB1, RECORD, RECORD_TOKENS, CAPTURE]  # --only capture
+
+
+def capture_only_report(results: dict[str, TargetResult], settings: Settings) -> str:
+    return "\n".join([
+        f"llm-traj benchmark, token capture only: {environment()}",
+        f"stream: {settings.chunks} SSE events {settings.delay_ms} ms apart, burst: the same without delay "
+        f"({settings.stream_requests * BURST_FACTOR} sequential requests); proxy CPU: mitmdump user+system time "
+        f"per stream; every figure is the median of {settings.rounds} round(s) taken in turn across the targets",
+        "",
+        *capture_report(results, with_bare=True),
+        "",
+        *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in capture_checks(results, settings)),
+    ])
 
 
 def replay_anticall_report(results: dict[str, TargetResult]) -> list[str]:
@@ -1084,10 +1108,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "capture"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
-                        "(replay normalisation; each a few seconds)")
+                        "(replay normalisation; each a few seconds), or capture (token capture's cost per streamed "
+                        "event: the stream and burst measurements on bare mitmdump, llm-traj, llm-traj-tokens and "
+                        "llm-traj-capture)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1117,18 +1143,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.driver:
         asyncio.run(drive(args.driver))  # until stopped
         return 0
-    tagging = prompt_tagging.measure()
-    if args.only == "prompt-tagging":
-        print("\n".join(prompt_tagging.report(tagging)))
-        return 0
-    normalisation = normalize_cost()
-    if args.only == "normalize":
-        print("\n".join(normalize_report(normalisation)))
-        return 0
+    if args.only != "capture":
+        tagging = prompt_tagging.measure()
+        if args.only == "prompt-tagging":
+            print("\n".join(prompt_tagging.report(tagging)))
+            return 0
+        normalisation = normalize_cost()
+        if args.only == "normalize":
+            print("\n".join(normalize_report(normalisation)))
+            return 0
     settings = settings_from(args)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if args.only == "capture":
+            results = run(settings, CAPTURE_TARGETS, [m for m in MEASUREMENTS if CAPTURE.takes(m)])
+            print(capture_only_report(results, settings))
+            if args.json:
+                args.json.write_text(json.dumps({name: r.metrics for name, r in results.items()}, indent=2) + "\n")
+            return 0
         growth_text, growth = run_growth(quick=args.quick)
         if args.only == "growth":
             print(growth_text)
