@@ -28,14 +28,13 @@ class Agent:
     command: tuple[str, ...]  # the agent, after `llm-traj run ... --`
     env: dict[str, str]  # besides HOME
     https_proxy_env: dict[str, str] = field(default_factory=dict)  # only through HTTPS_PROXY
-    faketime_works: bool = True  # a statically linked binary ignores LD_PRELOAD
     home_files: dict[str, str] = field(default_factory=dict)  # written under $HOME before each run
 
     def argv(self, faketime: str | None) -> list[str]:
         if faketime is None:
             return list(self.command)
-        if self.name == "codex":  # the wrapper runs the prefix before `codex exec`
-            return [self.command[0], "faketime", "-f", faketime, "--", *self.command[1:]]
+        if self.name == "codex":  # a static binary: the wrapper moves its clock (under qemu-user)
+            return [self.command[0], "--faketime", faketime, *self.command[1:]]
         return ["faketime", "-f", faketime, *self.command]
 
 
@@ -47,7 +46,7 @@ CLAUDE = Agent(
     # to api.anthropic.com (other traffic, which replay leaves alone).
     https_proxy_env={"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"},
 )
-CODEX = Agent("codex", (str(HERE / "run-codex"), TASK), {}, faketime_works=False)
+CODEX = Agent("codex", (str(HERE / "run-codex"), TASK), {})
 QWEN = Agent(
     "qwen-code",
     ("qwen", "-p", TASK, "--yolo", "--auth-type", "openai"),
@@ -126,11 +125,13 @@ def run_agent(
     via: str = "base-url",
     faketime: str | None = None,
     upstream: str | None = None,
+    sets: tuple[str, ...] = (),
     scratch: Path,
     timeout: float = 240,
 ) -> Run:
-    """One run of the agent under `llm-traj run`; in anti-call mode the
-    scripted policy answers (started first, stopped by the session's end)."""
+    """One run of the agent under `llm-traj run` (`sets`: its proxy's options,
+    NAME=VALUE); in anti-call mode the scripted policy answers (started first,
+    stopped by the session's end)."""
     scratch.mkdir(parents=True, exist_ok=True)
     (place.work / OUT_FILE).unlink(missing_ok=True)
     for name, text in agent.home_files.items():
@@ -151,6 +152,8 @@ def run_agent(
     argv = [llm_traj(), "run", "--mode", mode, "--traj", str(traj), "--session", SESSION, "--via", via]
     if upstream is not None:
         argv += ["--upstream", upstream]
+    for option in sets:
+        argv += ["--set", option]
     try:
         out = subprocess.run([*argv, "--", *agent.argv(faketime)], cwd=place.work, env=env,
                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
