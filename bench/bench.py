@@ -46,6 +46,15 @@ One more, on the streams only:
                      llm-traj-tokens, the same engine bytes, this is what
                      capture costs
 
+And the bridge, on the streams only:
+
+  llm-traj-bridge    the addon recording Anthropic Messages streams on the same
+                     stand-in as a chat-completions upstream (`upstream_api`):
+                     each upstream chunk translated into the agent's events as
+                     it arrives; against llm-traj (the chat stream recorded as
+                     it is), the time to the first event is what the bridge
+                     adds (`--only bridge`: just these two)
+
 And, in this process: what replay's normalisation costs per call on a 200 KB
 request shaped like a coding agent's (tools, system prompt, history), the first
 time that live request is seen: once the recorded call is loaded (loading
@@ -54,7 +63,7 @@ in its date and home), and with nothing loaded (cold).
 `--only normalize` measures just that.
 
 Targets checked: recording keeps >= 90% of mitmdump-sb1's requests/s and adds
-<= 2 ms to a stream's first event; replay keeps >= 100% of it; the anti-call
+<= 2 ms to a stream's first event; the bridge adds <= 2 ms to it; replay keeps >= 100% of it; the anti-call
 round trip adds <= 2 ms at p50; token capture adds <= 10% to the proxy CPU per
 streamed event of recording the same engine bytes. Each is printed as PASS or MISS (the exit
 status stays 0: this is a measurement, not a test). The record and anti-call
@@ -136,6 +145,7 @@ class Target:
     upstream: bool = True  # False: reverse to a port where nothing listens (no LLM call goes upstream)
     only: tuple[str, ...] | None = None  # the measurements it takes part in (None: all)
     request_fields: dict[str, object] = field(default_factory=dict)  # what the agent's chat requests add
+    api: str = "chat"  # the API the agent's streamed requests call: chat, or anthropic (bridged)
 
     @property
     def mode(self) -> str | None:
@@ -160,12 +170,16 @@ CAPTURE = Target("llm-traj-capture", "mitmdump + llm-traj record with token capt
 RECORD_TOKENS = Target("llm-traj-tokens", "mitmdump + llm-traj record, the agent itself asking for token ids, "
                        "logprobs and usage", addon=True, options={"llm_traj_mode": "record"}, only=("stream", "burst"),
                        request_fields={"return_token_ids": True, "logprobs": True, "stream_options": {"include_usage": True}})  # fmt: skip
+BRIDGE = Target("llm-traj-bridge", "mitmdump + llm-traj record, Anthropic Messages streams bridged to the stand-in "
+                "as a chat-completions upstream", addon=True, options={"llm_traj_mode": "record"},
+                only=("stream", "burst"), api="anthropic")  # fmt: skip
 RECORDING_TARGETS = [DIRECT, BARE, BARE_SB1, RECORD]  # the main tables
-TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, RECORD_TOKENS, CAPTURE]
+TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, RECORD_TOKENS, CAPTURE, BRIDGE]
 BASELINE, BUFFERED = BARE_SB1, BARE  # main and secondary baselines of the ratios
 REPLAY_RPS_TARGET = 1.0  # replay keeps at least bare mitmdump's requests/s (no upstream involved)
 CAPTURE_COST_TARGET = 0.10  # token capture adds at most this share to recording's proxy CPU per streamed event
 ANTICALL_P50_TARGET_MS = 2.0  # agent -> driver -> agent adds at most this over bare mitmdump at p50
+BRIDGE_TTFB_TARGET_MS = 2.0  # the bridge adds at most this to a stream's first event over recording it unbridged
 REPLAY_RATE_BOUND = 3000  # req/s no target reaches here: sizes the replayed trajectory
 REPLAY_MAX_CALLS = 200_000  # ... within reason (loading takes ~1-2 s per 60k lines)
 HELD_CALLS = 1000  # held at once for the anti-call memory figure
@@ -184,6 +198,7 @@ class Running:
     control_file: Path | None = None  # anticall: the control API's address and token
     driver: ServerProcess | None = None  # anticall: the driver process answering every call
     request_fields: dict[str, object] = field(default_factory=dict)  # see Target
+    api: str = "chat"  # see Target
 
 
 # ---------------------------------------------------------------- processes
@@ -202,11 +217,16 @@ def start_target(target: Target, upstream: ServerProcess, workdir: Path, setting
     if target.mode == "replay":
         replayed = replay_calls(settings)
         prepare_replay(trajectory, replayed, upstream, workdir)
+    if target.api != "chat":  # every call bridged to the stand-in as a chat-completions upstream
+        config = workdir / f"{target.name}.toml"
+        config.write_text(f'default_route = "engine"\n[providers.engine]\nbase_url = "{upstream.url}/v1"\n'
+                          'upstream_api = "chat.completions"\n')  # fmt: skip
+        options["llm_traj_config"] = config
     with contextlib.ExitStack() as stack:
         proxy = stack.enter_context(start_proxy(upstream.url if target.upstream else dead_address(), options,
                                                 target.addon, workdir))  # fmt: skip
         running = Running(url=proxy.url, pid=proxy.pid, trajectory=trajectory, replayed=replayed,
-                          request_fields=target.request_fields)  # fmt: skip
+                          request_fields=target.request_fields, api=target.api)  # fmt: skip
         if target.mode == "replay":
             running.trajectory = None  # replay records nothing: the replay report is checked instead
         if target.mode == "anticall":
@@ -363,19 +383,22 @@ def _framing(head: bytes) -> tuple[int | None, bool, bool]:
 
 
 def chat_request(url: str, *, stream: bool, headers: dict[str, str], session: str | None = None,
-                 fields: dict[str, object] | None = None) -> bytes:
-    """A prebuilt small chat-completions request for the stand-in (`fields` added to its body)."""
+                 fields: dict[str, object] | None = None, api: str = "chat") -> bytes:
+    """A prebuilt small chat-completions request for the stand-in (`fields`
+    added to its body); with `api="anthropic"` the same as an Anthropic
+    Messages request (for a proxy that bridges it to the stand-in)."""
     body = {
         "model": "bench",  # no `standin-` prefix: the scenario header decides
         "messages": [{"role": "user", "content": "Say something short."}],
         "stream": stream,
+        **({"max_tokens": 1024} if api == "anthropic" else {}),
         **(fields or {}),
     }
     payload = json.dumps(body).encode()
     host = urlsplit(url).netloc
     prefix = f"/s/{session}" if session else ""
     lines = [
-        f"POST {prefix}/v1/chat/completions HTTP/1.1",
+        f"POST {prefix}/v1/{'messages' if api == 'anthropic' else 'chat/completions'} HTTP/1.1",
         f"Host: {host}",
         "Content-Type: application/json",
         "Accept: application/json" if not stream else "Accept: text/event-stream",
@@ -507,7 +530,7 @@ class Stream:
         headers = {"x-standin-scenario": "chunks", "x-standin-chunks": str(settings.chunks)}
         if delay:
             headers["x-standin-delay-ms"] = str(delay)
-        data = chat_request(target.url, stream=True, headers=headers, fields=target.request_fields)
+        data = chat_request(target.url, stream=True, headers=headers, fields=target.request_fields, api=target.api)
         conn = Connection(*host_port(target.url))
         firsts: list[float] = []
         totals: list[float] = []
@@ -869,12 +892,36 @@ def checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
             f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
             f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})"))  # fmt: skip
     out += capture_checks(results, settings)
+    out.append(bridge_check(results))
     delta = _delta(results, ANTICALL.name, BASELINE, "c1.p50_ms")
     out.append(_check(
         "anticall.c1.p50_ms", delta, f"<= +{ANTICALL_P50_TARGET_MS:g} ms", delta is not None and delta <= ANTICALL_P50_TARGET_MS,
         f"anti-call round trip agent -> driver -> agent: {ANTICALL.name} {_fmt(delta, '{:+.2f} ms')} at p50 "
         f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)"))  # fmt: skip
     return out
+
+
+def bridge_check(results: dict[str, TargetResult]) -> dict:
+    delta = _delta(results, BRIDGE.name, RECORD, "stream.ttfb_ms")
+    return _check(
+        "bridge.stream.ttfb_ms", delta, f"<= +{BRIDGE_TTFB_TARGET_MS:g} ms", delta is not None and delta <= BRIDGE_TTFB_TARGET_MS,
+        f"bridge first event: {BRIDGE.name} {_fmt(delta, '{:+.2f} ms')} vs {RECORD.name} on the same upstream "
+        f"(target <= +{BRIDGE_TTFB_TARGET_MS:g} ms)")  # fmt: skip
+
+
+def bridge_only(settings: Settings) -> int:
+    """`--only bridge`: the bridge's streams against the same streams recorded unbridged."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results = run(settings, [RECORD, BRIDGE])
+    except (KeyboardInterrupt, ProxyStartError, BadResponse) as exc:
+        print(f"bench: {exc or 'interrupted'}", file=sys.stderr)
+        return 2
+    check = bridge_check(results)
+    print("\n".join([f"llm-traj bridge benchmark: {environment()}", "", *bridge_report(results), "",
+                     f"{'PASS' if check['ok'] else 'MISS'}  {check['text']}"]))  # fmt: skip
+    return 0
 
 
 def _fmt(value: float | None, fmt: str) -> str:
@@ -939,8 +986,16 @@ def capture_report(results: dict[str, TargetResult], with_bare: bool = False) ->
 CAPTURE_TARGETS = [BARE, BARE_SB1, RECORD, RECORD_TOKENS, CAPTURE]  # --only capture
 
 
-def capture_only_report(results: dict[str, TargetResult], settings: Settings) -> str:
-    return "\n".join([
+def capture_only(settings: Settings) -> int:
+    """`--only capture`: token capture's streams against the same engine bytes recorded without it."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results = run(settings, CAPTURE_TARGETS, [m for m in MEASUREMENTS if CAPTURE.takes(m)])
+    except (KeyboardInterrupt, ProxyStartError, BadResponse) as exc:
+        print(f"bench: {exc or 'interrupted'}", file=sys.stderr)
+        return 2
+    print("\n".join([
         f"llm-traj benchmark, token capture only: {environment()}",
         f"stream: {settings.chunks} SSE events {settings.delay_ms} ms apart, burst: the same without delay "
         f"({settings.stream_requests * BURST_FACTOR} sequential requests); proxy CPU: mitmdump user+system time "
@@ -949,7 +1004,19 @@ def capture_only_report(results: dict[str, TargetResult], settings: Settings) ->
         *capture_report(results, with_bare=True),
         "",
         *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in capture_checks(results, settings)),
-    ])
+    ]))
+    return 0
+
+
+def bridge_report(results: dict[str, TargetResult]) -> list[str]:
+    bridge = results[BRIDGE.name]
+    return [
+        f"bridge: {BRIDGE.label}; {bridge.records} records for {bridge.requests} requests (checked)",
+        "",
+        f"against: {RECORD.label}, the chat stream recorded as it is",
+        "",
+        absolute_table(results, [RECORD, BRIDGE], CAPTURE_COLUMNS),
+    ]
 
 
 def replay_anticall_report(results: dict[str, TargetResult]) -> list[str]:
@@ -1005,6 +1072,8 @@ def report(results: dict[str, TargetResult], settings: Settings) -> str:
         *replay_anticall_report(results),
         "",
         *capture_report(results),
+        "",
+        *bridge_report(results),
         "",
         *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in checks(results, settings)),
     ]
@@ -1108,12 +1177,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "capture"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "bridge", "capture"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
-                        "(replay normalisation; each a few seconds), or capture (token capture's cost per streamed "
-                        "event: the stream and burst measurements on bare mitmdump, llm-traj, llm-traj-tokens and "
-                        "llm-traj-capture)")
+                        "(replay normalisation; each a few seconds), bridge (its streams against recording them "
+                        "unbridged) or capture (token capture's streams against the same engine bytes recorded "
+                        "without it, bare mitmdump beside them)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1143,25 +1212,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.driver:
         asyncio.run(drive(args.driver))  # until stopped
         return 0
-    if args.only != "capture":
-        tagging = prompt_tagging.measure()
-        if args.only == "prompt-tagging":
-            print("\n".join(prompt_tagging.report(tagging)))
-            return 0
-        normalisation = normalize_cost()
-        if args.only == "normalize":
-            print("\n".join(normalize_report(normalisation)))
-            return 0
+    if args.only == "bridge":
+        return bridge_only(settings_from(args))
+    if args.only == "capture":
+        return capture_only(settings_from(args))
+    tagging = prompt_tagging.measure()
+    if args.only == "prompt-tagging":
+        print("\n".join(prompt_tagging.report(tagging)))
+        return 0
+    normalisation = normalize_cost()
+    if args.only == "normalize":
+        print("\n".join(normalize_report(normalisation)))
+        return 0
     settings = settings_from(args)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if args.only == "capture":
-            results = run(settings, CAPTURE_TARGETS, [m for m in MEASUREMENTS if CAPTURE.takes(m)])
-            print(capture_only_report(results, settings))
-            if args.json:
-                args.json.write_text(json.dumps({name: r.metrics for name, r in results.items()}, indent=2) + "\n")
-            return 0
         growth_text, growth = run_growth(quick=args.quick)
         if args.only == "growth":
             print(growth_text)

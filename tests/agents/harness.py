@@ -126,6 +126,7 @@ def run_agent(
     faketime: str | None = None,
     upstream: str | None = None,
     sets: tuple[str, ...] = (),
+    config: Path | None = None,
     scratch: Path,
     timeout: float = 240,
 ) -> Run:
@@ -154,6 +155,8 @@ def run_agent(
         argv += ["--upstream", upstream]
     for option in sets:
         argv += ["--set", option]
+    if config is not None:
+        argv += ["--config", str(config)]
     try:
         out = subprocess.run([*argv, "--", *agent.argv(faketime)], cwd=place.work, env=env,
                              capture_output=True, text=True, timeout=timeout)  # fmt: skip

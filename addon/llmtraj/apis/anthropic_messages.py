@@ -308,6 +308,7 @@ class AnthropicMessageStream:
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0},
         }  # fmt: skip
         self._aggregator = AnthropicMessageAggregator()
+        self._unfolded: list[SSEBlock] = []  # built, not yet folded: only a non-streamed answer needs the aggregate
         self._started = False
         self._blocks = 0  # content blocks started so far
         self._open: str | int | None = None  # "text", "thinking" or a tool call's index
@@ -316,7 +317,7 @@ class AnthropicMessageStream:
 
     def _event(self, name: str, data: dict[str, Any]) -> bytes:
         text = compact_json(data)
-        self._aggregator.add(SSEBlock(raw=b"", event=name, data=text))
+        self._unfolded.append(SSEBlock(raw=b"", event=name, data=text))
         return sse.encode(text, name)
 
     def _begin(self) -> list[bytes]:
@@ -388,11 +389,12 @@ class AnthropicMessageStream:
             events += self._tool_call(call)
         return b"".join(events)
 
-    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None,
+               stop_sequence: str | None = None) -> bytes:
         events = self._begin() + self._close()
-        stop_reason = _stop_reason(finish_reason or self._finish_reason, bool(self._tools))
+        stop_reason = "stop_sequence" if stop_sequence is not None else _stop_reason(finish_reason or self._finish_reason, bool(self._tools))
         events.append(self._event("message_delta", {
-            "type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": _usage(usage),
+            "type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": _usage(usage),
         }))  # fmt: skip
         events.append(self._event("message_stop", {"type": "message_stop"}))
         return b"".join(events)
@@ -401,6 +403,9 @@ class AnthropicMessageStream:
         return _sse_event("error", body)
 
     def completion(self) -> dict[str, Any]:
+        for block in self._unfolded:
+            self._aggregator.add(block)
+        self._unfolded.clear()
         return self._aggregator.result() or copy.deepcopy(self._head)
 
 

@@ -36,9 +36,12 @@ class StreamBuilder(Protocol):
               logprobs: Any = None) -> bytes:
         """One delta of choice `index` (the first one of a choice gets its role)."""
 
-    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None,
+               stop_sequence: str | None = None) -> bytes:
         """The end of the stream: closes the choices still open, then usage if
-        the request asked for it, then the end marker."""
+        the request asked for it, then the end marker. `stop_sequence`: the
+        stop sequence that ended the answer (Anthropic says which; in the
+        other APIs it is a stop like any)."""
 
     def error(self, body: dict[str, Any]) -> bytes:
         """An error event (the stream ends after it)."""

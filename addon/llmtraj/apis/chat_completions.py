@@ -233,7 +233,8 @@ class ChatCompletionStream(ChoiceChunkStream):
             self._finished.add(index)
         return self._event([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
 
-    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None,
+               stop_sequence: str | None = None) -> bytes:
         self._usage = usage or dict(_ZERO_USAGE)
         events = []
         for index, has_tools in sorted((self._open or {0: False}).items()):

@@ -85,7 +85,8 @@ class TextCompletionStream(ChoiceChunkStream):
             self._finished.add(index)
         return self._event([{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}])
 
-    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None,
+               stop_sequence: str | None = None) -> bytes:
         self._usage = usage or dict(_ZERO_USAGE)
         events = [
             self._event([{"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason or "stop"}])

@@ -385,6 +385,7 @@ class ResponsesStream:
         self._response = _new_response(request)
         self._writer = _EventWriter()
         self._aggregator = ResponsesAggregator()
+        self._unfolded: list[SSEBlock] = []  # built, not yet folded: only a non-streamed answer needs the aggregate
         self._output: list[dict[str, Any]] = []  # the closed items
         self._open: _OpenItem | None = None
         self._closed_calls: set[int] = set()
@@ -498,7 +499,8 @@ class ResponsesStream:
         self._output.append(item)
         return events
 
-    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+    def finish(self, *, finish_reason: str | None = None, usage: dict[str, Any] | None = None,
+               stop_sequence: str | None = None) -> bytes:
         events = self._start() + self._close()
         status, incomplete_details = _ending(finish_reason or self._finish_reason)
         final = {**self._response, "status": status, "incomplete_details": incomplete_details,
@@ -515,13 +517,16 @@ class ResponsesStream:
         return self._write([event])
 
     def completion(self) -> dict[str, Any]:
+        for block in self._unfolded:
+            self._aggregator.add(block)
+        self._unfolded.clear()
         return self._aggregator.result() or copy.deepcopy(self._response)
 
     def _write(self, events: list[dict[str, Any]]) -> bytes:
         chunks = []
         for event in events:
             data = compact_json(event)
-            self._aggregator.add(SSEBlock(raw=b"", event=event["type"], data=data))
+            self._unfolded.append(SSEBlock(raw=b"", event=event["type"], data=data))
             chunks.append(sse.encode(data, event["type"]))
         return b"".join(chunks)
 

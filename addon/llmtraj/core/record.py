@@ -88,6 +88,22 @@ class TokenCapture(BaseModel):
     passed_unchanged: bool = Field(False, description="the engine compressed its response: passed on as it came")
 
 
+class Bridge(BaseModel):
+    """The upstream side of a bridged call (`upstream_api` on its route): the
+    record's own `request`, `response` and `events` are the agent's, in its API."""
+
+    upstream_api: str = Field(description="the API the upstream speaks: chat.completions")
+    url: str
+    request: Any = Field(None, description="the translated request as sent upstream, secret fields redacted")
+    status: int | None = Field(None, description="the upstream's status (None: no response came)")
+    stream: bool = False
+    response: Any = Field(None, description="the upstream's final object: its JSON body, or its stream folded")
+    events: int = Field(0, description="how many SSE blocks the upstream's stream had")
+    first_byte_at: float | None = None
+    ended_at: float | None = None
+    problems: list[str] = Field(default_factory=list, description="upstream events that could not be aggregated")
+
+
 class PromptTag(BaseModel):
     """Which registered system prompt the call was sent with (see llmtraj.prompts)."""
 
@@ -129,3 +145,4 @@ class CallRecord(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
     tokens: Tokens | None = Field(None, description="token ids and logprobs, when the engine or a driver gave them")
     capture: TokenCapture | None = None
+    bridge: Bridge | None = Field(None, description="the upstream side, when the call was bridged to another API")

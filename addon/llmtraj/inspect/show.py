@@ -78,6 +78,8 @@ def render(records: Iterable[CallRecord]) -> str:
             f"{r.session} #{r.index}  {r.api}  {model}  {r.status}  {kind}  {tokens}  "
             f"first byte {_ms(t.started_at, t.first_byte_at)}, total {_ms(t.started_at, t.ended_at)}"
         )
+        if r.bridge is not None:
+            out.append(f"    bridged to {r.bridge.upstream_api}: {r.bridge.url} ({r.bridge.status or 'no response'})")
         if r.prompt is not None and r.prompt.name is not None:
             details = [r.prompt.match, *(f"{k}={_clip(v, 40)}" for k, v in r.prompt.variables.items())]
             if r.prompt.override:

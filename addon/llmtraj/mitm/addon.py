@@ -154,10 +154,12 @@ def make_addons() -> list[object]:
     # A prompt override rewrites the request before any mode reads it (replay
     # matches, the recorder captures, a driver sees the version sent).
     prompting = Prompting(recorder)
+    forwarding = UpstreamForwarding(options, upstream_routing, loopback)
+    recorder.bridged = forwarding.take_bridged
     parts = [
         options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), prompting,
         ProxyEndpoints(options, replayer), replayer, OfflineReplay(options, replayer), upstream_routing,
         recorder, ModelListKeeper(options), anticalling, TokenCapture(options, upstream_routing),
-        UpstreamForwarding(options, upstream_routing, loopback), WebAnnotations(options), WebChatView(),
+        forwarding, WebAnnotations(options), WebChatView(),
     ]
     return [LlmTraj(parts)]

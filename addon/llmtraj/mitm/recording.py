@@ -77,6 +77,8 @@ class Recorder:
         # The registry calls are tagged from (set by `Prompting`), asked when the
         # writer starts: a configure can run inside another one, before `Prompting`'s.
         self.prompts_path: Callable[[], Path | None] = lambda: None
+        # The upstream side of a bridged call (set by `UpstreamForwarding`), taken when the call ends.
+        self.bridged: Callable[[str], dict | None] = lambda flow_id: None
 
     def configure(self, updated: set[str]) -> None:
         settings = self._options.settings
@@ -185,6 +187,7 @@ class Recorder:
         if "sampling" in info and capture.upstream is not None:  # the route's sampling control
             capture.upstream = {**capture.upstream, "sampling": info["sampling"]}
         capture.token_capture = info.get("capture")
+        capture.bridge = self.bridged(flow.id)
         self._sink.send(capture)
 
     def _close(self) -> None:

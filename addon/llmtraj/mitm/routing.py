@@ -41,6 +41,7 @@ class CallMetadata(TypedDict, total=False):
     prompt: dict[str, Any]  # Prompting: the override sent and the agent's prompt hash, for the record
     capture: dict[str, Any]  # TokenCapture: the plan (fields added upstream), for the record
     sampling: dict[str, Any]  # TokenCapture: what the route's sampling control changed, for the record
+    bridge: dict[str, Any]  # UpstreamForwarding: the call is bridged to an upstream of another API (`upstream_api`)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ class TokenCapture:
         settings = self._options.settings
         target = self._routing.targets.get(flow.id)
         route = target.route if target is not None else None
+        if route is not None and route.bridges(call.api.name):
+            return  # the bridge applies both to the chat request it makes
         capture = route.capture_tokens if route is not None and route.capture_tokens is not None else settings.capture_tokens
         sampling = route.sampling if route is not None else None
         if not capture and sampling is None:

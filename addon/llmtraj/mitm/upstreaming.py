@@ -19,8 +19,10 @@ from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 from pydantic_core import from_json
 
-from ..apis import API_BY_NAME
-from ..upstreams.client import Attempt, UpstreamClient, UpstreamFailure
+from ..apis import API_BY_NAME, ApiShape
+from ..bridge import UPSTREAM_API, AgentAnswer, BridgedCall, Untranslatable, json_answer, to_chat
+from ..tokens.capture import ENGINES, plan_capture
+from ..upstreams.client import Attempt, UpstreamClient, UpstreamFailure, forward_headers
 from ..upstreams.config import AUTH_HEADERS
 from ..upstreams.registry import Registry, RetryPolicy, Route, Target, UnknownModel
 from .endpoints import json_response
@@ -86,6 +88,7 @@ class UpstreamForwarding:
         self._loopback = loopback
         self._client: UpstreamClient | None = None
         self._agent_auth: dict[str, list[tuple[str, str]]] = {}  # by flow id: the agent's key headers, put back once sent
+        self._bridged: dict[str, BridgedCall] = {}  # by flow id, until the call's record takes it
 
     def serves_flows(self) -> bool:
         return self._routing.serves_flows()
@@ -109,6 +112,9 @@ class UpstreamForwarding:
         if target.upstream_model is not None:
             upstream["model"] = target.upstream_model
             _set_model(request, target.upstream_model)
+        if call is not None and route.bridges(call.api.name):
+            self._bridge(flow, call.api, route, upstream)
+            return
         if route.api_key is not None:
             self._agent_auth[flow.id] = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() in AUTH_HEADERS]
             _set_auth(request.headers, route.auth_headers())
@@ -138,11 +144,73 @@ class UpstreamForwarding:
 
         self._loopback.serve(flow, produce)
 
+    def _bridge(self, flow: http.HTTPFlow, api: ApiShape, route: Route, upstream: dict) -> None:
+        """Sends a call to an upstream of another API (`llmtraj.bridge`): the
+        request translated to chat completions (with the route's sampling
+        control and token capture applied to it), the answer translated back
+        event by event through the loopback server; what is untranslatable is
+        refused with a 400 in the agent's shape."""
+        request = flow.request
+        if route.upstream_api != UPSTREAM_API:
+            message = f"llm-traj: route {route.name} speaks {route.upstream_api}; calls are bridged only to {UPSTREAM_API}"
+            self._loopback.serve(flow, _answering(json_answer(400, api.error_body(message, "invalid_request_error", "bridge_unsupported"))))
+            return
+        try:
+            agent_request = from_json(request.get_content(strict=False) or b"null")
+            chat_request = to_chat(api.name, agent_request)
+        except ValueError as exc:  # Untranslatable, or a body that is not JSON
+            message = str(exc) if isinstance(exc, Untranslatable) else f"llm-traj bridge: the request body is not JSON ({exc})"
+            self._loopback.serve(flow, _answering(json_answer(400, api.error_body(message, "invalid_request_error", "bridge_untranslatable"))))
+            return
+        url = route.url_for("/v1/chat/completions")
+        upstream["url"] = url
+        info = flow.metadata[CALL_KEY]
+        info["bridge"] = {"upstream_api": UPSTREAM_API}
+        if route.sampling is not None:
+            chat_request, note = route.sampling.apply(chat_request)
+            if note:
+                info["sampling"] = note
+        settings = self._options.settings
+        bridged = BridgedCall(api, agent_request, chat_request, url)
+        if route.capture_tokens if route.capture_tokens is not None else settings.capture_tokens:
+            plan = plan_capture(UPSTREAM_API, chat_request, route.kind if route.kind in ENGINES else "vllm")
+            if plan is not None:
+                bridged.chat_request = {**chat_request, **plan.added}
+                bridged.capture = plan.note()
+        self._bridged[flow.id] = bridged
+        attempts: list[Attempt] = []
+        if route.policy.needs_client:
+            upstream["attempts"] = attempts
+        headers = _bridge_headers(request.headers, route, bridged.stream)
+        policy, body = route.policy, bridged.body()
+
+        async def produce() -> ProducedResponse:
+            try:
+                response = await self._get_client().send("POST", url, headers, body, policy, attempts)
+            except UpstreamFailure as exc:
+                upstream["error"] = exc.message
+                logger.warning(f"llm-traj: {route.name}: {exc.message} ({len(attempts)} attempt(s))")
+                answer = bridged.unreachable(exc.status, exc.message, exc.code)
+            else:
+                answer = await bridged.answer(response.status, response.headers, response.body)
+            return ProducedResponse(answer.status, answer.headers, answer.body)
+
+        self._loopback.serve(flow, produce)
+
+    def take_bridged(self, flow_id: str) -> dict | None:
+        """The upstream side of a bridged call, for its record (once, when it ends)."""
+        bridged = self._bridged.pop(flow_id, None)
+        return bridged.note() if bridged is not None else None
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._restore_auth(flow)
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._bridged.pop(flow.id, None)  # not recorded (replay's forwarded misses)
+
     def error(self, flow: http.HTTPFlow) -> None:
         self._restore_auth(flow)
+        self._bridged.pop(flow.id, None)
 
     def _restore_auth(self, flow: http.HTTPFlow) -> None:
         # The request has gone: the flow (shown in mitmweb, saved by `-w`) keeps
@@ -188,6 +256,31 @@ def _set_model(request: http.Request, model: str) -> None:
     if isinstance(body, dict):
         body["model"] = model
         request.set_content(json.dumps(body, ensure_ascii=False).encode())
+
+
+# Headers of the agent's request that belong to its own API or body: not sent with the translated one.
+_NOT_BRIDGED = frozenset({"content-type", "accept", "accept-encoding", "openai-beta", *AUTH_HEADERS})
+
+
+def _bridge_headers(agent: http.Headers, route: Route, stream: bool) -> list[tuple[str, str]]:
+    """The headers of a bridged request: the agent's own (user agent, tracing,
+    ...) but those of its API (`anthropic-version`, `anthropic-beta`, its key),
+    JSON, and the key: the route's, else the agent's as a bearer token (an
+    Anthropic agent sends it as x-api-key)."""
+    headers = [(k, v) for k, v in forward_headers(list(agent.items(multi=True)))
+               if k.lower() not in _NOT_BRIDGED and not k.lower().startswith("anthropic-")]  # fmt: skip
+    headers += [("content-type", "application/json"), ("accept", "text/event-stream" if stream else "application/json"),
+                ("accept-encoding", "identity")]  # fmt: skip
+    key = f"Bearer {route.api_key}" if route.api_key is not None else agent.get("authorization") or (
+        f"Bearer {agent['x-api-key']}" if "x-api-key" in agent else None)
+    return headers + [("authorization", key)] if key else headers
+
+
+def _answering(answer: AgentAnswer):
+    async def produce() -> ProducedResponse:
+        return ProducedResponse(answer.status, answer.headers, answer.body)
+
+    return produce
 
 
 async def _noting_failure(body, upstream: dict):

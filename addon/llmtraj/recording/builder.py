@@ -89,6 +89,7 @@ class RecordBuilder:
             "extra": {},
             "tokens": None,
             "capture": None,
+            "bridge": None,
         }
         self.response_headers_at: float | None = None
         self.first_byte_at: float | None = None

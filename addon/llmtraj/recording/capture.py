@@ -37,6 +37,7 @@ class CallCapture:
     upstream: dict[str, Any] | None = None  # route, url, attempts: see `core.record.Upstream`
     prompt: dict[str, Any] | None = None  # an override's reference and the agent's prompt hash: see `core.record.PromptTag`
     token_capture: dict[str, Any] | None = None  # the plan of token capture: `tokens.capture.CapturePlan.note`
+    bridge: dict[str, Any] | None = None  # the upstream side of a bridged call: `bridge.BridgedCall.note`
 
     def frame(self) -> bytes:
         # marshal: the fastest stdlib serialiser for plain values, and both

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from ..apis import API_BY_NAME
+from ..bridge.recording import add_bridge
 from ..core.headers import text_headers
 from ..core.store import TrajectoryWriter
 from ..prompts.tagging import PromptTagger
@@ -60,6 +61,8 @@ def record_of(capture: CallCapture, tagger: PromptTagger | None = None) -> tuple
     final = engine_final(api, capture.chunks, fields["stream"]) if rewriting is not None else fields["response"]
     fields["tokens"] = tokens_of(api, final, fields["extra"], note["engine"] if note else None)
     fields["capture"] = {**note, **(rewriting or {})} if note is not None else None
+    if capture.bridge is not None:
+        add_bridge(fields, capture.bridge, tee.secrets)
     if tagger is not None:
         fields["prompt"] = tagger.tag(capture.api, fields["request"], capture.prompt)
     return fields, tee.secrets, tee.request_json

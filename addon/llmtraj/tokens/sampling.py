@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# The request keys that steer sampling (OpenAI's, and vLLM's and SGLang's extensions).
+# The request keys that steer sampling (OpenAI's, and vLLM's and SGLang's
+# extensions; `structured_outputs`: vLLM's constrained decoding, a regex or schema).
 SAMPLING_KEYS = frozenset({
     "temperature", "top_p", "top_k", "min_p", "seed", "n", "max_tokens", "max_completion_tokens", "stop",
     "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
-    "ignore_eos", "best_of",
+    "ignore_eos", "best_of", "structured_outputs",
 })  # fmt: skip
 
 

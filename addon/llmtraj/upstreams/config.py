@@ -23,6 +23,7 @@ and the registry made from it.
     kind = "vllm"                            # vllm | sglang: which fields ask for token ids
     capture_tokens = true                    # token ids and logprobs recorded (llm_traj_capture_tokens)
     sampling = {allow = ["max_tokens", "stop"], fixed = {temperature = 1.0, top_p = 1.0}}  # for RL
+    upstream_api = "chat.completions"        # Anthropic Messages and Responses calls are bridged to chat
 
 A request path maps onto a route's base URL after its own leading `/v1`:
 `/v1/chat/completions` to `https://api.openai.com/v1` is
@@ -50,6 +51,9 @@ from pydantic import (
 from ..tokens.sampling import SAMPLING_KEYS
 
 Kind = Literal["openai", "anthropic", "vllm", "sglang"]
+# The API an upstream speaks (`upstream_api`): a call in another one is bridged
+# (translated both ways, `llmtraj.bridge`); only chat completions can be bridged to.
+UpstreamApi = Literal["chat.completions", "anthropic.messages", "responses", "completions"]
 DEFAULT_RETRY_STATUSES = (429, 500, 502, 503)
 # The headers an agent may carry its key in; all are replaced when a key is injected.
 AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
@@ -140,6 +144,8 @@ class Endpoint(RetrySettings):
     optional: bool = Field(False, description="skip (with a log line) instead of failing when api_key_env is unset")
     capture_tokens: bool | None = Field(None, description="ask the engine for token ids and logprobs (default: llm_traj_capture_tokens)")
     sampling: Sampling | None = None
+    upstream_api: UpstreamApi | None = Field(
+        None, description="the API the upstream speaks; calls in another API are bridged to it (chat.completions only)")
 
     @field_validator("base_url")
     @classmethod

@@ -55,6 +55,11 @@ class Route:
     policy: RetryPolicy = RetryPolicy()
     capture_tokens: bool | None = None  # None: as llm_traj_capture_tokens says
     sampling: SamplingPolicy | None = None
+    upstream_api: str | None = None  # the API the upstream speaks (None: whatever the agent calls)
+
+    def bridges(self, api: str) -> bool:
+        """Whether a call in `api` is translated for this route's upstream (`llmtraj.bridge`)."""
+        return self.upstream_api is not None and self.upstream_api != api
 
     def url_for(self, path: str) -> str:
         """The upstream URL of a request path (query included)."""
@@ -191,7 +196,7 @@ def build_registry(config: UpstreamConfig, *, retries: int = 0, environ: Mapping
             skipped.append(f"provider {name} ({provider.api_key_env} unset)")
             continue
         routes[name] = Route(name, provider.base_url, provider.kind, key, _policy([provider, config], retries),
-                             provider.capture_tokens, _sampling(provider.sampling))  # fmt: skip
+                             provider.capture_tokens, _sampling(provider.sampling), provider.upstream_api)  # fmt: skip
     models: list[ModelEntry] = []
     names: dict[str, str] = {}
     for name, model in config.models.items():
@@ -206,14 +211,15 @@ def build_registry(config: UpstreamConfig, *, retries: int = 0, environ: Mapping
             base = routes[model.provider]
             capture = model.capture_tokens if model.capture_tokens is not None else provider.capture_tokens
             route = Route(base.name, base.base_url, base.kind, base.api_key, _policy([model, provider, config], retries),
-                          capture, _sampling(model.sampling or provider.sampling))  # fmt: skip
+                          capture, _sampling(model.sampling or provider.sampling),
+                          model.upstream_api or provider.upstream_api)  # fmt: skip
         else:
             key, usable = _key(f"models.{name}", model, environ)
             if not usable:
                 skipped.append(f"model {name} ({model.api_key_env} unset)")
                 continue
             route = Route(f"model:{name}", model.base_url, model.kind, key, _policy([model, config], retries),
-                          model.capture_tokens, _sampling(model.sampling))  # fmt: skip
+                          model.capture_tokens, _sampling(model.sampling), model.upstream_api)  # fmt: skip
         for alias in (name, *model.aliases):
             if alias in names:
                 raise ConfigError(f"models.{name}: the name {alias!r} is also used by models.{names[alias]}")

@@ -1,0 +1,140 @@
+"""The bridge against the real vLLM CPU engine: the anthropic SDK (Messages)
+and the openai SDK (Responses) on an engine that speaks only chat completions
+for them, with token capture. Answers come in the agent's own API, streamed
+event by event (the first before the engine's stream has ended), and the
+records hold the engine's complete tokens.
+
+The tiny random model writes nonsense; a tool call is forced (as in
+test_capture_e2e) by the route's sampling control imposing a `structured_outputs`
+regex, and parsed by `--tool-call-parser hermes`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from anthropic import Anthropic
+from llmtraj.cli.proxy_process import ProxyProcess
+from openai import OpenAI
+
+from ..conftest import wait_records
+from .test_capture_e2e import TOOL_CALL
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+ANTHROPIC_TOOL = {"name": "get_weather", "description": "The weather in a city", "input_schema": WEATHER}
+RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": WEATHER}
+FORCED = "tiny-tool"  # the route that forces the tool call
+
+
+@pytest.fixture(scope="module")
+def bridge(engine, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bridge")
+    config = root / "upstreams.toml"
+    config.write_text(f"""
+[providers.engine]
+base_url = "{engine.url}/v1"
+kind = "vllm"
+upstream_api = "chat.completions"
+capture_tokens = true
+
+[models."{engine.model}"]
+provider = "engine"
+
+[models."{FORCED}"]
+provider = "engine"
+upstream_model = "{engine.model}"
+sampling = {{fixed = {{structured_outputs = {{regex = {json.dumps(TOOL_CALL)}}}}}}}
+""")
+    with ProxyProcess(upstream="http://127.0.0.1:9", options={
+        "llm_traj_mode": "record", "llm_traj_path": root / "traj", "llm_traj_config": config,
+    }) as proxy:  # fmt: skip
+        yield proxy, root / "traj"
+
+
+def claude(proxy, session) -> Anthropic:
+    return Anthropic(base_url=f"{proxy.url}/s/{session}", api_key="sk-ant-dummy", max_retries=0)
+
+
+def codex(proxy, session) -> OpenAI:
+    return OpenAI(base_url=f"{proxy.url}/s/{session}/v1", api_key="sk-dummy", max_retries=0)
+
+
+def check_tokens(engine, record) -> None:
+    assert record.bridge is not None and record.bridge.status == 200
+    assert record.tokens is not None and record.tokens.complete, record.tokens and record.tokens.problems
+    sent = record.bridge.request
+    assert record.tokens.prompt_ids == engine.tokenize(messages=sent["messages"], **({"tools": sent["tools"]} if "tools" in sent else {}))
+    usage = record.bridge.response["usage"]
+    assert len(record.tokens.choices[0].completion_ids) == usage["completion_tokens"]
+
+
+def test_messages_create(engine, bridge, session):
+    proxy, traj = bridge
+    message = claude(proxy, session).messages.create(
+        model=engine.model, max_tokens=24, temperature=0, system="You are terse.",
+        messages=[{"role": "user", "content": "Say something."}])  # fmt: skip
+    assert message.type == "message" and message.content[0].type == "text" and message.content[0].text
+    assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens > 0
+    [record] = wait_records(traj / f"{session}.jsonl", 1)
+    assert record.api == "anthropic.messages" and record.response["content"] == message.model_dump(exclude_none=True)["content"]
+    check_tokens(engine, record)
+
+
+def test_messages_stream_with_tools(engine, bridge, session):
+    proxy, traj = bridge
+    arrivals = []
+    with claude(proxy, session).messages.stream(
+        model=FORCED, max_tokens=80, temperature=0, tools=[ANTHROPIC_TOOL],
+        messages=[{"role": "user", "content": "Weather in Paris?"}]) as stream:  # fmt: skip
+        for event in stream:
+            arrivals.append((time.time(), event.type))
+        message = stream.get_final_message()
+    [use] = [b for b in message.content if b.type == "tool_use"]
+    assert (use.name, use.input) == ("get_weather", {"city": "Paris"}) and message.stop_reason == "tool_use"
+    [record] = wait_records(traj / f"{session}.jsonl", 1)
+    check_tokens(engine, record)
+    assert record.tokens.choices[0].finish_reason == "tool_calls"
+    assert record.bridge.request["structured_outputs"] == {"regex": TOOL_CALL}  # the route's sampling control
+    first_event = arrivals[0][0]
+    assert first_event < record.bridge.ended_at  # streamed live: the agent had its first event before the engine finished
+    assert "input_json" in {kind for _, kind in arrivals}  # the arguments streamed as they came
+
+
+def test_messages_stream_text_arrives_event_by_event(engine, bridge, session):
+    proxy, traj = bridge
+    deltas = []
+    with claude(proxy, session).messages.stream(
+        model=engine.model, max_tokens=40, temperature=0, messages=[{"role": "user", "content": "Tell a story."}]) as stream:  # fmt: skip
+        for text in stream.text_stream:
+            deltas.append((time.time(), text))
+    [record] = wait_records(traj / f"{session}.jsonl", 1)
+    check_tokens(engine, record)
+    assert len(deltas) > 5 and deltas[0][0] < record.bridge.ended_at
+    assert "".join(text for _, text in deltas) == record.bridge.response["choices"][0]["message"]["content"]
+
+
+def test_responses_create(engine, bridge, session):
+    proxy, traj = bridge
+    response = codex(proxy, session).responses.create(model=engine.model, input="Say something.", instructions="Be terse.",
+                                                      max_output_tokens=24, temperature=0)  # fmt: skip
+    assert response.status in ("completed", "incomplete") and response.output_text
+    [record] = wait_records(traj / f"{session}.jsonl", 1)
+    assert record.api == "responses"
+    check_tokens(engine, record)
+
+
+def test_responses_stream_with_function_tools(engine, bridge, session):
+    proxy, traj = bridge
+    kinds = []
+    with codex(proxy, session).responses.stream(model=FORCED, input="Weather in Paris?", tools=[RESPONSES_TOOL],
+                                                max_output_tokens=80, temperature=0) as stream:  # fmt: skip
+        for event in stream:
+            kinds.append((time.time(), event.type))
+        final = stream.get_final_response()
+    [call] = [item for item in final.output if item.type == "function_call"]
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    assert kinds[0][1] == "response.created" and kinds[-1][1] == "response.completed"
+    [record] = wait_records(traj / f"{session}.jsonl", 1)
+    check_tokens(engine, record)
+    assert kinds[0][0] < record.bridge.ended_at
