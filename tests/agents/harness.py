@@ -5,6 +5,7 @@ another's) and may have its clock moved (libfaketime)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -55,6 +56,20 @@ QWEN = Agent(
     # usage statistics would go to another host (other traffic, which replay leaves alone)
     home_files={".qwen/settings.json": '{"privacy": {"usageStatisticsEnabled": false}, "telemetry": {"enabled": false}}'},
 )
+OPENCODE = Agent(
+    "opencode",
+    ("opencode", "run", TASK),
+    {"OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1"},
+    # it fetches its plugin packages' metadata from npm itself: not through the proxy
+    https_proxy_env={"OPENAI_BASE_URL": "https://api.openai.com/v1", "NO_PROXY": "registry.npmjs.org"},
+    # an OpenAI-compatible provider at the base URL llm-traj run gives it
+    home_files={".config/opencode/opencode.json": json.dumps({
+        "autoupdate": False, "share": "disabled", "model": "replayable/gpt-4.1",
+        "provider": {"replayable": {"npm": "@ai-sdk/openai-compatible", "name": "replayable",
+                                    "options": {"baseURL": "{env:OPENAI_BASE_URL}", "apiKey": "{env:OPENAI_API_KEY}"},
+                                    "models": {"gpt-4.1": {"name": "gpt-4.1"}}}},
+    })},
+)  # fmt: skip
 
 
 @dataclass
@@ -139,7 +154,8 @@ def run_agent(
         (place.home / name).parent.mkdir(parents=True, exist_ok=True)
         (place.home / name).write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_", "CODEX_"))}
-    env.update(agent.env, HOME=str(place.home), TMPDIR=str(scratch))  # TMPDIR: where llm-traj run keeps proxy.log
+    # TMPDIR: where llm-traj run keeps proxy.log; PWD: opencode takes its working directory from it
+    env.update(agent.env, HOME=str(place.home), TMPDIR=str(scratch), PWD=str(place.work))
     if agent.name == "codex":
         env["CODEX_HOME"] = str(place.home / ".codex")
     if via == "https-proxy":

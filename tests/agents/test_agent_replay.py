@@ -1,4 +1,4 @@
-"""Replay that survives real agents: Claude Code, Codex and Qwen Code (the real
+"""Replay that survives real agents: Claude Code, Codex, Qwen Code and opencode (the real
 CLIs from npm, installed by scripts/agents-setup) are driven through `llm-traj run
 --mode anticall` by a scripted policy (a tool call that writes a file, then a
 final answer; side calls such as titles get a short text), then replayed with
@@ -29,9 +29,9 @@ import pytest
 
 from llmtraj.core.store import read_records
 
-from .harness import CLAUDE, CODEX, FILE_TEXT, QWEN, SESSION, Agent, Place, Tripwire, run_agent
+from .harness import CLAUDE, CODEX, FILE_TEXT, OPENCODE, QWEN, SESSION, Agent, Place, Tripwire, run_agent
 
-AGENTS = {agent.name: agent for agent in (CLAUDE, CODEX, QWEN)}
+AGENTS = {agent.name: agent for agent in (CLAUDE, CODEX, QWEN, OPENCODE)}
 pytestmark = pytest.mark.timeout(900)
 
 
