@@ -9,8 +9,6 @@ import json
 import random
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from llmtraj.tokens.capture import StreamHider, hide_in_body, plan_capture
 
@@ -159,60 +157,3 @@ def test_text_that_looks_like_the_fields_is_left_alone(engine):
         choice = got["choices"][0]
         assert choice["delta"]["content"] == tricky and choice["logprobs"] is None
         assert ("token_ids" not in choice) if engine == "sglang" else (choice["token_ids"] is None)
-
-
-# ------------------------------------------- rewritten a chunk at a time
-
-# Mostly words; now and then text that looks like what the proxy looks for.
-_TEXT = st.lists(st.sampled_from(["He", "llo", " ", "é"] * 8 + ['": ', "]", "}", "\n", '"usage":{', "data: [DONE]",
-                                  '"finish_reason":"', 'token_ids":[', '"logprobs":{', '\\"']), max_size=4).map("".join)  # fmt: skip
-
-
-@st.composite
-def _engine_event(draw) -> bytes:
-    """One event as an engine may send it, or something else a stream may hold."""
-    kind = draw(st.sampled_from(["chunk"] * 12 + ["usage", "done", "comment", "spaced", "crlf", "multiline", "odd",
-                                                  "no-end", "no-finish"]))  # fmt: skip
-    choice = {"index": 0, "delta": {"content": draw(_TEXT)}}
-    if draw(st.booleans()):
-        choice["logprobs"] = {"content": [lp(draw(_TEXT), -0.5)]}
-    choice["finish_reason"] = draw(st.sampled_from([None] * 5 + ["stop"]))
-    if draw(st.booleans()):
-        choice["token_ids"] = draw(st.lists(st.integers(0, 99), max_size=3))
-    event = {"id": "c", "choices": [choice] * draw(st.integers(1, 2))}
-    if draw(st.booleans()):
-        event["prompt_token_ids"] = [1, 2]
-    if kind == "usage":
-        event = {"id": "c", "choices": draw(st.sampled_from([[], [choice]])), "usage": {"completion_tokens": 1},
-                 "system_fingerprint": "fp"}  # fmt: skip
-    compact = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return {
-        "chunk": f"data: {compact}\n\n", "usage": f"data: {compact}\n\n", "done": "data: [DONE]\n\n",
-        "comment": ": ping\n\n", "spaced": f"data: {json.dumps(event)}\n\n", "crlf": f"data: {compact}\r\n\r\n",
-        "multiline": f"data: {compact}\ndata: {{}}\n\n", "odd": 'data: {"choices":[{"token_ids":[1,"logprobs":{}}]}\n\n',
-        # spans whose end is not in their event
-        "no-end": 'data: {"choices":[{"token_ids":[1}]}\n\n', "no-finish": 'data: {"choices":[{"logprobs":{"a":1}}]}\n\n',
-    }[kind].encode()  # fmt: skip
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.lists(_engine_event(), max_size=12), st.sampled_from(["vllm", "sglang"]),
-       st.fixed_dictionaries({"return_token_ids": st.booleans(), "logprobs": st.booleans(),
-                              "stream_options": st.sampled_from([None, {"include_usage": True}])}),
-       st.lists(st.integers(1, 400), min_size=1, max_size=8))  # fmt: skip
-def test_the_proxy_rewrites_a_chunk_at_a_time_into_the_same_bytes(events, engine, asked, cuts):
-    """The proxy takes the compact events a network chunk holds in one pass;
-    the record writer takes them one by one: the agent's bytes are the same,
-    whatever the events and wherever the network cuts them."""
-    plan = plan_capture("chat.completions", {**CHAT, "stream": True, **asked}, engine)
-    if plan is None:
-        return
-    data = b"".join(events)
-    by_event, by_chunk = StreamHider(plan), StreamHider(plan, positions=False)
-    got, want, at = [], [], 0
-    for cut in cuts * (len(data) // sum(cuts) + 1):
-        piece, at = data[at : at + cut], at + cut
-        if piece:
-            got.append(by_chunk.feed(piece))
-            want.append(by_event.feed(piece))
-    assert b"".join(got) + by_chunk.feed(b"") == b"".join(want) + by_event.feed(b"")

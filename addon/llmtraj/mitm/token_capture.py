@@ -84,7 +84,7 @@ class TokenCapture:
             return
         capture = response.stream if callable(response.stream) else None  # the recorder's
         if response.headers.get("content-type", "").lower().startswith("text/event-stream"):
-            hider = StreamHider(plan, positions=False)  # the record writer notes them
+            hider = StreamHider(plan)
 
             def rewrite(data: bytes) -> list[bytes]:
                 if capture is not None:

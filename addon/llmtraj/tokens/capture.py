@@ -169,48 +169,6 @@ def _hide_compact(event: bytes, plan: CapturePlan) -> bytes | object | None:
     return b"".join(pieces) + event[at:] if at else event
 
 
-def _hide_run(events: bytes, plan: CapturePlan) -> bytes | None:
-    """A run of compact one-line `data: {...}` events, as many as a network
-    chunk holds, without what the agent did not ask for, in one pass over
-    them: the same bytes `_hide_compact` makes of each (None when it could not
-    tell, or when a span would reach past its event)."""
-    shown = events
-    try:
-        if TOKEN_IDS in plan.hidden:
-            if plan.engine != "vllm":
-                return None  # SGLang's keys go with the comma before them: event by event
-            first, *rest = shown.split(_IDS)  # each span ends at the list's `]`
-            shown = _IDS[:-1].join([first, *[b"null" + part[part.index(b"]") + 1 :] for part in rest]])
-        if LOGPROBS in plan.hidden:
-            first, *rest = shown.split(_LOGPROBS)  # each span ends where `finish_reason` begins
-            shown = _LOGPROBS[:-1].join([first, *[b"null" + part[part.index(_AFTER_LOGPROBS) :] for part in rest]])
-    except ValueError:  # a span with no end before the next one
-        return None
-    # a span that ran into the next event took the blank line between them with it
-    return shown if shown is events or shown.count(b"\n") == events.count(b"\n") else None
-
-
-def _plain_run_end(buf: bytes, plan: CapturePlan, hold_finishing: bool) -> int:
-    """Where the leading run of whole events in `buf` that `_hide_run` may take
-    ends (0: none): compact one-line `data: {...}` events, up to
-    the first event that needs more (the usage event, a held finishing event,
-    [DONE])."""
-    end = buf.rfind(b"\n\n") + 2
-    for marker in (b"data: [DONE]", b'"usage":{' if USAGE in plan.hidden else None,
-                   b'"finish_reason":"' if hold_finishing else None):  # fmt: skip
-        if marker is not None and (at := buf.find(marker, 0, end)) != -1:
-            end = buf.rfind(b"\n\n", 0, at) + 2
-    if end < 2 or not buf.startswith(b"data: {") or buf[end - 3] != 0x7D:  # `}` ends the last event
-        return 0
-    # Every event `data: {...}` on one line: the blank lines between events are
-    # all `}\n\ndata: {`, and they and the last one hold every line end (so
-    # none is CRLF either).
-    between = buf.count(b"}\n\ndata: {", 0, end)
-    if buf.count(b"\n", 0, end) != 2 * (between + 1):
-        return 0
-    return end if buf.find(b'": ', 0, end) == -1 else 0  # spaced JSON: parsed, event by event
-
-
 _DATA = re.compile(rb"data: ?(\{.*\})(\r?\n\r?\n)\Z", re.S)
 
 
@@ -239,17 +197,10 @@ class StreamHider:
     When the proxy asked for the usage event, a choice's last event (its
     finish_reason) waits for the next event: vLLM then puts its
     `system_fingerprint` on the usage event instead, and the agent, which did
-    not ask for usage, gets it where vLLM would have put it.
+    not ask for usage, gets it where vLLM would have put it."""
 
-    `positions=False` (the proxy, where the stream passes): the compact events
-    a chunk holds are rewritten in one pass over the chunk instead of one by
-    one, into the same bytes, and `rewritten` and `dropped` are left
-    incomplete (the record writer, which keeps them, makes the agent's bytes
-    again event by event)."""
-
-    def __init__(self, plan: CapturePlan, positions: bool = True) -> None:
+    def __init__(self, plan: CapturePlan) -> None:
         self._plan = plan
-        self._by_chunk = not positions
         self._hold_finishing = USAGE in plan.hidden
         self._tail = b""
         self._held: tuple[bytes, bool] | None = None  # a finishing event as shown, and whether rewritten
@@ -265,15 +216,6 @@ class StreamHider:
         buf = self._tail + data if self._tail else data
         out: list[bytes] = []
         start = 0
-        if (
-            self._by_chunk
-            and self._held is None
-            and buf.rfind(b"\n\n") > buf.find(b"\n\n")  # more than one event: one by one costs less for one
-            and (end := _plain_run_end(buf, self._plan, self._hold_finishing))
-            and (shown := _hide_run(buf[:end], self._plan)) is not None
-        ):
-            out.append(shown)
-            start = end
         crlf = b"\r" in buf
         while True:  # each blank line ends an event (LF or CRLF line ends)
             lf = buf.find(b"\n\n", start)
