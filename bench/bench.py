@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|capture]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams|capture]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -79,6 +79,15 @@ and memory with 10,000 sessions.
 
 And what tagging a call with its prompt version costs in the record writer
 (bench/prompt_tagging.py; alone with `--only prompt-tagging`).
+
+And what the control API adds to an anti-call round trip, against a driver
+on the broker's own loop (bench/anticall.py). `--only anticall` measures that
+and the round trip through a real mitmdump against mitmdump-sb1.
+
+Long streams of every API against bare streaming mitmdump, their own run
+(bench/long_streams.py, `--only streams`): requests/s and CPU (proxy + record
+writer) per request and per event, the writer's CPU per event up to 20,000
+events, small calls, the first event's delay.
 """
 
 from __future__ import annotations
@@ -112,6 +121,8 @@ from llmtraj.cli.proxy_process import (
     standin_process,
 )
 from llmtraj.replay.report import REPORT_PATH
+import anticall  # bench/anticall.py, beside this script (bench/ is sys.path[0])
+import long_streams
 import prompt_tagging  # bench/prompt_tagging.py, beside this script (bench/ is sys.path[0])
 from growth import run_growth  # bench/growth.py, beside this script
 
@@ -146,6 +157,7 @@ class Target:
     only: tuple[str, ...] | None = None  # the measurements it takes part in (None: all)
     request_fields: dict[str, object] = field(default_factory=dict)  # what the agent's chat requests add
     api: str = "chat"  # the API the agent's streamed requests call: chat, or anthropic (bridged)
+    config: str | None = None  # an llm_traj_config, `{upstream}` standing for the stand-in's URL
 
     @property
     def mode(self) -> str | None:
@@ -172,9 +184,15 @@ RECORD_TOKENS = Target("llm-traj-tokens", "mitmdump + llm-traj record, the agent
                        request_fields={"return_token_ids": True, "logprobs": True, "stream_options": {"include_usage": True}})  # fmt: skip
 BRIDGE = Target("llm-traj-bridge", "mitmdump + llm-traj record, Anthropic Messages streams bridged to the stand-in "
                 "as a chat-completions upstream", addon=True, options={"llm_traj_mode": "record"},
-                only=("stream", "burst"), api="anthropic")  # fmt: skip
+                only=("stream", "burst"), api="anthropic",
+                config='default_route = "engine"\n[providers.engine]\nbase_url = "{upstream}/v1"\nupstream_api = "chat.completions"\n')  # fmt: skip
+# The bridge's way to the upstream without its translation: llm-traj's own client behind the loopback server
+# (what a route with retries or timeouts takes; a connect timeout that never fires puts the call on it).
+CLIENT = Target("llm-traj-client", "mitmdump + llm-traj record, the chat stream sent by llm-traj's own client "
+                "(a route with a timeout)", addon=True, options={"llm_traj_mode": "record"}, only=("stream", "burst"),
+                config='default_route = "engine"\n[providers.engine]\nbase_url = "{upstream}/v1"\ntimeouts = {{connect = 30}}\n')  # fmt: skip
 RECORDING_TARGETS = [DIRECT, BARE, BARE_SB1, RECORD]  # the main tables
-TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, RECORD_TOKENS, CAPTURE, BRIDGE]
+TARGETS = [*RECORDING_TARGETS, REPLAY, ANTICALL, RECORD_TOKENS, CAPTURE, CLIENT, BRIDGE]
 BASELINE, BUFFERED = BARE_SB1, BARE  # main and secondary baselines of the ratios
 REPLAY_RPS_TARGET = 1.0  # replay keeps at least bare mitmdump's requests/s (no upstream involved)
 CAPTURE_COST_TARGET = 0.10  # token capture adds at most this share to recording's proxy CPU per streamed event
@@ -217,10 +235,9 @@ def start_target(target: Target, upstream: ServerProcess, workdir: Path, setting
     if target.mode == "replay":
         replayed = replay_calls(settings)
         prepare_replay(trajectory, replayed, upstream, workdir)
-    if target.api != "chat":  # every call bridged to the stand-in as a chat-completions upstream
+    if target.config is not None:
         config = workdir / f"{target.name}.toml"
-        config.write_text(f'default_route = "engine"\n[providers.engine]\nbase_url = "{upstream.url}/v1"\n'
-                          'upstream_api = "chat.completions"\n')  # fmt: skip
+        config.write_text(target.config.format(upstream=upstream.url))
         options["llm_traj_config"] = config
     with contextlib.ExitStack() as stack:
         proxy = stack.enter_context(start_proxy(upstream.url if target.upstream else dead_address(), options,
@@ -766,10 +783,14 @@ def measure(measurement, target: Target, running: Running, result: TargetResult,
             raise BadResponse(f"{target.name}: the replay did not serve every call from the recording: {problem}")
 
 
-def run(settings: Settings, targets: list[Target] = TARGETS, measurements: list = MEASUREMENTS) -> dict[str, TargetResult]:
+def run(
+    settings: Settings, targets: list[Target] = TARGETS, measurements: list | None = None, hold: bool = True
+) -> dict[str, TargetResult]:
     """All targets run side by side (idle ones cost nothing); each measurement
     goes round the targets `rounds` times, in a rotating order, so drift of the
-    machine spreads over all of them instead of favouring one."""
+    machine spreads over all of them instead of favouring one. With the
+    anti-call target and `hold`, its memory with calls held is measured last."""
+    measurements = MEASUREMENTS if measurements is None else measurements
     results = {target.name: TargetResult(target) for target in targets}
     raise_fd_limit(2 * HELD_CALLS + 256)
     with contextlib.ExitStack() as stack:
@@ -786,7 +807,7 @@ def run(settings: Settings, targets: list[Target] = TARGETS, measurements: list 
                 for target in targets[round % len(targets):] + targets[: round % len(targets)]:
                     if target.takes(measurement):
                         measure(measurement, target, running[target.name], results[target.name], settings)
-        if ANTICALL not in targets:
+        if ANTICALL not in targets or not hold:
             return results
         anticall = running[ANTICALL.name]
         anticall.driver.stop()  # nobody answers now
@@ -892,13 +913,17 @@ def checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
             f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
             f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})"))  # fmt: skip
     out += capture_checks(results, settings)
+    out.append(anticall_check(results))
     out.append(bridge_check(results))
+    return out
+
+
+def anticall_check(results: dict[str, TargetResult]) -> dict:
     delta = _delta(results, ANTICALL.name, BASELINE, "c1.p50_ms")
-    out.append(_check(
+    return _check(
         "anticall.c1.p50_ms", delta, f"<= +{ANTICALL_P50_TARGET_MS:g} ms", delta is not None and delta <= ANTICALL_P50_TARGET_MS,
         f"anti-call round trip agent -> driver -> agent: {ANTICALL.name} {_fmt(delta, '{:+.2f} ms')} at p50 "
-        f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)"))  # fmt: skip
-    return out
+        f"vs {BASELINE.name} (target <= +{ANTICALL_P50_TARGET_MS:g} ms)")  # fmt: skip
 
 
 def bridge_check(results: dict[str, TargetResult]) -> dict:
@@ -914,7 +939,7 @@ def bridge_only(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        results = run(settings, [RECORD, BRIDGE])
+        results = run(settings, [RECORD, CLIENT, BRIDGE])
     except (KeyboardInterrupt, ProxyStartError, BadResponse) as exc:
         print(f"bench: {exc or 'interrupted'}", file=sys.stderr)
         return 2
@@ -1013,9 +1038,10 @@ def bridge_report(results: dict[str, TargetResult]) -> list[str]:
     return [
         f"bridge: {BRIDGE.label}; {bridge.records} records for {bridge.requests} requests (checked)",
         "",
-        f"against: {RECORD.label}, the chat stream recorded as it is",
+        f"against: {RECORD.label}, the chat stream recorded as it is; and {CLIENT.name}: {CLIENT.label}, "
+        "the bridge's way to the upstream without its translation",
         "",
-        absolute_table(results, [RECORD, BRIDGE], CAPTURE_COLUMNS),
+        absolute_table(results, [t for t in (RECORD, CLIENT, BRIDGE) if t.name in results], CAPTURE_COLUMNS),
     ]
 
 
@@ -1177,12 +1203,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "bridge", "capture"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams", "capture"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
-                        "(replay normalisation; each a few seconds), bridge (its streams against recording them "
-                        "unbridged) or capture (token capture's streams against the same engine bytes recorded "
-                        "without it, bare mitmdump beside them)")
+                        "(replay normalisation; each a few seconds), anticall (the round trip through a real "
+                        "mitmdump and what the control API adds to it), bridge (its streams against recording "
+                        "them unbridged) or streams (long streams of every API against bare streaming mitmdump, "
+                        "bench/long_streams.py; a few minutes) or capture (token capture's streams against the same "
+                        "engine bytes recorded without it, bare mitmdump beside them)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1216,6 +1244,17 @@ def main(argv: list[str] | None = None) -> int:
         return bridge_only(settings_from(args))
     if args.only == "capture":
         return capture_only(settings_from(args))
+    if args.only == "streams":
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return long_streams.main(args.quick, args.seconds, args.rounds, args.json)
+        except KeyboardInterrupt:
+            print("bench: interrupted; all processes stopped", file=sys.stderr)
+            return 130
+        except RuntimeError as exc:  # a proxy did not start, answered wrong or recorded wrong (bench/long_streams.py)
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
     tagging = prompt_tagging.measure()
     if args.only == "prompt-tagging":
         print("\n".join(prompt_tagging.report(tagging)))
@@ -1228,6 +1267,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        control_api = anticall.measure(settings.seconds, settings.warmup, settings.rounds) if args.only in (None, "anticall") else None
+        if args.only == "anticall":
+            round_trip = run(settings, [BARE_SB1, ANTICALL], [Load(1)], hold=False)
+            check = anticall_check(round_trip)
+            print("\n".join([f"{'PASS' if check['ok'] else 'MISS'}  {check['text']}", "", *anticall.report(control_api)]))
+            if args.json:
+                args.json.write_text(json.dumps({"round_trip": check, "control_api": control_api}, indent=2) + "\n")
+            return 0
         growth_text, growth = run_growth(quick=args.quick)
         if args.only == "growth":
             print(growth_text)
@@ -1249,11 +1296,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report(results, settings))
     print("\n" + growth_text)
+    print("\n" + "\n".join(anticall.report(control_api)))
     print("\n" + "\n".join(prompt_tagging.report(tagging)))
     print("\n" + "\n".join(normalize_report(normalisation)))
     if args.json:
         args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth, "prompt_tagging": tagging,
-                                         "normalize": normalisation}, indent=2, ensure_ascii=False) + "\n")
+                                         "normalize": normalisation, "control_api": control_api}, indent=2, ensure_ascii=False) + "\n")
         print(f"\nresults: {args.json}")
     return 0
 

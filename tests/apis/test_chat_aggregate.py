@@ -13,7 +13,7 @@ from llmtraj.apis import api_for
 from llmtraj.apis.chat_completions import (
     ChatCompletionAggregator,
     ChatCompletions,
-    merge_delta,
+    DeltaMerger,
 )
 from llmtraj.core.sse import SSEBlock
 from openai._models import construct_type
@@ -439,9 +439,11 @@ def test_tool_calls_sorted_by_index_and_index_dropped():
 
 def test_merge_delta_rules():
     acc: dict[str, Any] = {}
-    merge_delta(acc, {"s": "a", "d": {"x": "1"}, "l": [1], "t": [{"index": 0, "v": "p"}], "k": None, "type": "function"})
-    merge_delta(acc, {"s": "b", "d": {"x": "2", "y": 3}, "l": [2], "t": [{"index": 0, "v": "q"}, {"index": 1, "v": "r"}], "k": "set", "type": None})
-    merge_delta(acc, {"s": None, "d": None, "l": None})
+    merger = DeltaMerger()
+    merger.merge(acc, {"s": "a", "d": {"x": "1"}, "l": [1], "t": [{"index": 0, "v": "p"}], "k": None, "type": "function"})
+    merger.merge(acc, {"s": "b", "d": {"x": "2", "y": 3}, "l": [2], "t": [{"index": 0, "v": "q"}, {"index": 1, "v": "r"}], "k": "set", "type": None})
+    merger.merge(acc, {"s": None, "d": None, "l": None})
+    merger.settle()
     assert acc == {
         "s": "ab",
         "d": {"x": "12", "y": 3},
@@ -450,6 +452,18 @@ def test_merge_delta_rules():
         "k": "set",
         "type": "function",
     }
+
+
+def test_growing_strings_are_joined_once_and_merging_goes_on_after():
+    acc: dict[str, Any] = {}
+    merger = DeltaMerger()
+    for piece in ("a", "b", "c"):
+        merger.merge(acc, {"content": piece, "function": {"arguments": piece}})
+    merger.settle()
+    assert acc == {"content": "abc", "function": {"arguments": "abc"}}
+    merger.merge(acc, {"content": "d", "function": {"arguments": {"not": "a string"}}})  # a value of another type replaces
+    merger.settle()
+    assert acc == {"content": "abcd", "function": {"arguments": {"not": "a string"}}}
 
 
 def test_aggregate_does_not_alias_between_results():

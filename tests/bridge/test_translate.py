@@ -174,6 +174,7 @@ def test_responses_string_input():
     ({"tools": [{"type": "web_search"}]}, "built-in tool 'web_search'"),
     ({"tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}, "built-in tool 'file_search'"),
     ({"tools": [{"type": "computer_use_preview"}]}, "built-in tool 'computer_use_preview'"),
+    ({"tools": [{"type": "custom", "name": "apply_patch", "format": {"type": "grammar"}}]}, "custom tool 'apply_patch'"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"background": True}, "background"),

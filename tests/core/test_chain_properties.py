@@ -162,3 +162,22 @@ def test_a_reference_to_an_index_on_two_lines_is_refused_not_guessed(tmp_path):
     with pytest.raises(TrajectoryError, match=r"t.jsonl:3: request_base: call 1 is on two lines of this session"):
         list(read_records(file))
     assert [r.request["messages"][0]["content"] for r in read_records(file, tolerate_corrupt=True)] == ["mine", "theirs"]
+
+
+def _naive_shared(a: str, b: str, limit: int, suffix: bool) -> int:
+    n = 0
+    while n < limit and (a[len(a) - n - 1] == b[len(b) - n - 1] if suffix else a[n] == b[n]):
+        n += 1
+    return n
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="ab", max_size=12), st.text(alphabet="ab", max_size=12), st.integers(0, 14), st.integers(0, 14))
+def test_shared_prefix_and_suffix_are_maximal_whatever_the_guess(a, b, guess, cut):
+    # Each event is stored against the previous one by the longest shared
+    # prefix and suffix; the previous pair's lengths only speed the search up.
+    from llmtraj.core.chain import _shared_prefix, _shared_suffix
+
+    limit = min(len(a), len(b), cut)
+    assert _shared_prefix(a, b, limit, guess) == _naive_shared(a, b, limit, suffix=False)
+    assert _shared_suffix(a, b, limit, guess) == _naive_shared(a, b, limit, suffix=True)

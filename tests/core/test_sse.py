@@ -271,28 +271,42 @@ def test_raw_concatenation_is_the_input_exactly(fixture, tail):
 # ------------------------------------------------------------------ complexity
 
 
-class _CountingPattern:
-    """Stands in for the parser's line-end regex and totals the bytes each
-    search covers (from its start offset to the match, or to the end of the
-    buffer when there is none)."""
+class _Counter:
+    """Stands in for the parser's searches for a block's end (`_lf_block_end`
+    in a stream without CRs, the `_BLOCK_END` regex in one with) and totals
+    the bytes each covers: from its start offset to the end it found, or to the
+    end of the buffer when there is none."""
 
-    def __init__(self, pattern):
-        self.pattern = pattern
+    def __init__(self, monkeypatch):
         self.scanned = 0
         self.calls = 0
+        find, pattern = sse_module._lf_block_end, sse_module._BLOCK_END
+        counter = self
 
-    def search(self, buf, pos=0, *args):
+        def lf_block_end(data, pos):
+            found = find(data, pos)
+            counter._count(pos, found + 2 if found >= 0 else len(data))
+            return found
+
+        class Pattern:
+            def search(self, data, pos=0):
+                m = pattern.search(data, pos)
+                counter._count(pos, m.end() if m else len(data))
+                return m
+
+        monkeypatch.setattr(sse_module, "_lf_block_end", lf_block_end)
+        monkeypatch.setattr(sse_module, "_BLOCK_END", Pattern())
+
+    def _count(self, start: int, end: int) -> None:
         self.calls += 1
-        m = self.pattern.search(buf, pos, *args)
-        self.scanned += (m.end() if m else len(buf)) - pos
-        return m
+        self.scanned += end - start
 
 
-def test_huge_single_line_is_scanned_linearly(monkeypatch):
-    counter = _CountingPattern(sse_module._LINE_END)
-    monkeypatch.setattr(sse_module, "_LINE_END", counter)
+@pytest.mark.parametrize("nl", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+def test_huge_single_line_is_scanned_linearly(monkeypatch, nl):
+    counter = _Counter(monkeypatch)
     payload = b"x" * (5 * 1024 * 1024)
-    stream = b"data: " + payload + b"\n\n"
+    stream = b"data: " + payload + nl + nl
     chunk = 5 * 1024
     parser = SSEParser()
     blocks: list[SSEBlock] = []
@@ -301,16 +315,35 @@ def test_huge_single_line_is_scanned_linearly(monkeypatch):
     blocks += parser.finish()
     assert len(blocks) == 1 and len(blocks[0].data) == len(payload)
     assert blocks[0].raw == stream
-    # Rescanning the pending line on every feed would look at ~n^2/(2*chunk) = 2.7 GB.
+    # Rescanning the pending block on every feed would look at ~n^2/(2*chunk) = 2.7 GB.
     assert counter.scanned <= 2 * len(stream), counter.scanned
     assert counter.calls <= 2 * (len(stream) // chunk + 1) + 10
 
 
-def test_many_small_events_in_one_feed_scan_linearly(monkeypatch):
-    counter = _CountingPattern(sse_module._LINE_END)
-    monkeypatch.setattr(sse_module, "_LINE_END", counter)
-    stream = b"".join(b'data: {"i":%d}\n\n' % i for i in range(20000))
+@pytest.mark.parametrize("nl", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+def test_many_small_events_in_one_feed_scan_linearly(monkeypatch, nl):
+    counter = _Counter(monkeypatch)
+    stream = b"".join(b'data: {"i":%d}%s%s' % (i, nl, nl) for i in range(20000))
     blocks = SSEParser().feed(stream)
     assert len(blocks) == 20000
+    assert [b.data for b in blocks[:2]] == ['{"i":0}', '{"i":1}']
     assert counter.scanned <= 2 * len(stream)
-    assert counter.calls <= 2 * 20000 + 2  # one per line, plus the final miss
+    assert counter.calls <= 20000 + 2  # one per block, plus the final miss
+
+
+def test_a_chunk_of_whole_blocks_is_not_buffered():
+    parser = SSEParser()
+    stream = b"data: a\n\nevent: e\ndata: b\n\n"
+    blocks = parser.feed(stream)
+    assert [(b.raw, b.data, b.event) for b in blocks] == [(b"data: a\n\n", "a", None), (b"event: e\ndata: b\n\n", "b", "e")]
+    assert parser._buf == b""  # nothing is left in the buffer
+    chunk = b"data: c\n\n"
+    [only] = parser.feed(chunk)
+    assert only.raw is chunk and only.text == "data: c\n\n"  # the chunk itself, not a copy
+
+
+def test_text_is_raw_decoded():
+    data = "data: café\n\n: \xff\n\n".encode("utf-8").replace(b"\xc3\xbf", b"\xff")
+    blocks = one_shot(data)
+    assert [b.text for b in blocks] == [b.raw.decode("utf-8", errors="replace") for b in blocks]
+    assert blocks[1].text == ": \ufffd\n\n"

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from llmtraj.core.record import SCHEMA_VERSION, CallRecord, Timings
+from llmtraj.core.record import SCHEMA_VERSION, Bridge, CallRecord, Timings
 from llmtraj.core.session import InvalidSession
 from llmtraj.core.store import (
     SkippedLine,
@@ -357,3 +357,25 @@ def test_request_bodies_that_cannot_be_written_as_received(body):
     tee = RecordBuilder(api=ChatCompletions(), session="s", index=1, mode="record", method="POST",
                   url="http://u", request_headers=[], request_body=body)
     assert tee.request_json is None  # a newline would break the line; a secret must be redacted
+
+
+def test_a_bridged_calls_translated_request_is_chained_like_the_request(tmp_path):
+    """`bridge.request` repeats the conversation as the agent's request does:
+    stored as a reference to the previous call's plus what is new, read back whole."""
+    writer = TrajectoryWriter(tmp_path)
+    turns = [{"role": "user", "content": f"turn {i} " + "x" * 2000} for i in range(6)]
+    for i in range(1, 7):
+        record = make_record("s", writer.next_index("s"))
+        record.api = "anthropic.messages"
+        record.request = {"model": "m", "max_tokens": 8, "messages": turns[:i]}
+        record.bridge = Bridge(upstream_api="chat.completions", url="http://engine/v1/chat/completions", status=200,
+                               request={"model": "m", "max_tokens": 8, "messages": [{"role": "system", "content": "s"}, *turns[:i]]})  # fmt: skip
+        writer.append(record)
+    writer.close()
+    last = json.loads(lines_of(tmp_path / "s.jsonl")[-1])
+    assert last["bridge"]["request_base"] == {"index": 5, "same": [], "prefix": {"messages": 6}}
+    assert last["bridge"]["request"]["messages"] == [turns[5]]
+    assert len(lines_of(tmp_path / "s.jsonl")[-1]) < 2 * 2200 + 1500  # the new turn twice, not the whole conversation
+    records = list(read_records(tmp_path))
+    assert [len(r.bridge.request["messages"]) for r in records] == [2, 3, 4, 5, 6, 7]
+    assert records[-1].bridge.request["messages"][1:] == turns

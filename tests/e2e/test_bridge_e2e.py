@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import anthropic
 import httpx
@@ -14,6 +13,7 @@ import openai
 import pytest
 from anthropic import Anthropic
 from llmtraj.cli.proxy_process import ProxyProcess
+from llmtraj.inspect.export import export
 from llmtraj.inspect.show import render
 from llmtraj.testing.standin import ANSWER, REASONING, TEXT, TOOL_CALLS, StandinUpstream
 from openai import OpenAI
@@ -121,6 +121,11 @@ def test_anthropic_stream_tool_use_with_the_sdk_helper(bridged, chat_upstream, s
     first, second = wait_records(traj / f"{session}.jsonl", 2)
     assert [b["type"] for b in first.response["content"]] == ["tool_use", "tool_use"]
     assert not second.stream and second.bridge.stream is False
+    # export reads bridged records as any: the agent's conversation, the engine's tokens
+    [sample] = [json.loads(line) for line in export([second], "openai-chat")]
+    assert [m["role"] for m in sample["messages"]] == ["user", "assistant", "tool", "tool", "assistant"]
+    rows = [json.loads(line) for line in export([first, second], "tokens")]
+    assert len(rows) == 2 and all(row["prompt_ids"] and row["response_ids"] for row in rows)
 
 
 def test_anthropic_thinking_and_system(bridged, chat_upstream, session):
@@ -228,3 +233,24 @@ def test_replay_serves_the_agent_what_it_saw(bridged, tmp_path, session):
         again = claude(replay, session).messages.create(model="standin-tools", max_tokens=64, tools=[WEATHER_TOOL],
                                                          messages=[{"role": "user", "content": "weather?"}])  # fmt: skip
     assert again.model_dump() == recorded.model_dump()
+
+
+def test_health_names_each_routes_upstream_api(bridged, chat_upstream):
+    proxy, _ = bridged
+    routes = httpx.get(f"{proxy.url}/llm-traj/health").json()["routes"]
+    assert {"name": "engine", "url": f"{chat_upstream.url}/v1", "upstream_api": "chat.completions"} in routes
+
+
+def test_an_agent_that_goes_away_stops_the_upstream(bridged, chat_upstream, session):
+    """The agent hangs up after the first event of a 3 s stream: the bridge closes the upstream connection
+    (an engine stops generating), and the record says the client went away."""
+    proxy, traj = bridged
+    headers = {"x-standin-chunks": "30", "x-standin-delay-ms": "100"}
+    body = {"model": "standin-chunks", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", f"{proxy.url}/s/{session}/v1/messages", json=body, headers=headers, timeout=30) as response:
+        next(response.iter_raw())
+    [record] = wait_records(traj / f"{session}.jsonl", 1)
+    assert record.error is not None and record.error.kind == "client_disconnected"
+    time.sleep(3.5)  # past the stream's whole length
+    sent = chat_upstream.sent[-1]
+    assert sent.header("content-type") == "text/event-stream" and sent.body == b""  # never written to its end

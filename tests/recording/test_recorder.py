@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 import brotli
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from llmtraj.apis import API_BY_NAME, ApiShape
 from llmtraj.apis.chat_completions import ChatCompletions
 from llmtraj.core.record import CallRecord
@@ -439,3 +441,33 @@ def test_record_sink_writes_what_the_proxy_captured(tmp_path):
     assert records[0].response["choices"][0]["message"]["content"] == "Hi"
     assert records[0].extra == {"token_ids": [1, 2]} and [e.t for e in records[0].events] == [0.2, 0.3]
     assert "sk-secret-123456" not in (tmp_path / "s.jsonl").read_text()
+
+
+# Every fixture of every API, with the API that reads it.
+ALL_STREAMS = [(path, API_BY_NAME["chat.completions"]) for path in FIXTURES] + [
+    (path, API_BY_NAME[api])
+    for folder, api in (("anthropic", "anthropic.messages"), ("responses", "responses"), ("completions", "completions"))
+    for path in sorted((STREAMS / folder).glob("*.sse"))
+]
+
+
+def _recorded(api: ApiShape, chunks: list[bytes]) -> dict[str, Any]:
+    """The record's fields for a stream fed in `chunks`, every chunk at the same time."""
+    tee = new_tee(api=api)
+    tee.response_started(200, SSE_HEADERS, now=T0 + 0.1)
+    for chunk in chunks:
+        tee.chunk(chunk, now=T0 + 0.2)
+    return tee.finish(now=T0 + 5)
+
+
+@pytest.mark.parametrize(("fixture", "api"), ALL_STREAMS, ids=lambda p: getattr(p, "name", None) or p.name)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.floats(0, 1), max_size=40))
+def test_chunking_at_any_boundary_gives_the_same_record(fixture, api, cuts):
+    data = fixture.read_bytes()
+    at = sorted({int(c * len(data)) for c in cuts})
+    chunks = [data[a:b] for a, b in zip([0, *at], [*at, len(data)])]
+    whole = _recorded(api, [data])
+    assert _recorded(api, chunks) == whole
+    assert whole["response"] == expected_for(fixture)
+    assert "".join(e["raw"] for e in whole["events"]).encode() == data

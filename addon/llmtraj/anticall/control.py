@@ -1,13 +1,19 @@
 """The anti-call control API: JSON over HTTP/1.1 on 127.0.0.1 for drivers
 (the Python client, the `llm-traj anti-call` command, curl).
 
-Served by tornado's HTTP server (tornado comes with mitmproxy, for mitmweb)
-on the proxy's event loop, beside the broker: tornado parses and frames the
-HTTP, this module routes. (Not tornado.web: its per-request handler machinery
-measurably slowed the anti-call round trip.) Every request needs
-`Authorization: Bearer <token>`; the address and token are in the control
-file, readable only by its owner. The routes below are also the source of the
-OpenAPI description served at `GET /openapi.json`.
+Served by tornado (which comes with mitmproxy, for mitmweb) on the proxy's
+event loop, beside the broker: tornado's TCP server and HTTP/1.1 connections
+parse and frame the HTTP, this module decides and routes. It is tornado's
+HTTPServer minus its `HTTPServerRequest` per request (and its per-request
+timers), which is measurably cheaper on the anti-call round trip, and a
+request is refused from its head before its body is read: 431 (head over
+64 KiB), 400 (a head tornado cannot parse, a bad Content-Length), 411 (a body
+without Content-Length), 413 (body over 64 MiB), 401 (token), 503 (over
+1,000 connections), each with the error body of every other refusal and the
+connection closed after it. Every request needs `Authorization: Bearer
+<token>`; the address and token are in the control file, readable only by its
+owner. The routes below are also the source of the OpenAPI description served
+at `GET /openapi.json`.
 """
 
 from __future__ import annotations
@@ -21,12 +27,23 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
-from tornado.httpserver import HTTPServer
-from tornado.httputil import HTTPHeaders, HTTPServerRequest, ResponseStartLine, responses
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters, HTTP1ServerConnection
+from tornado.httputil import (
+    HTTPHeaders,
+    HTTPInputError,
+    HTTPMessageDelegate,
+    HTTPServerConnectionDelegate,
+    RequestStartLine,
+    ResponseStartLine,
+    parse_request_start_line,
+    responses,
+)
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.tcpserver import TCPServer
 
 from ..core.session import InvalidSession, validate_session
 from .broker import Broker, BrokerError, CallConflict, Delta, Failure, Finish
@@ -47,6 +64,12 @@ from .models import (
 
 MAX_BODY = 64 << 20
 MAX_HEAD = 64 << 10
+# tornado drops a connection whose head outgrows its limit without an answer:
+# its limit is this, ours MAX_HEAD, so a head in between gets a 431.
+HEAD_CEILING = 1 << 20
+MAX_CONNECTIONS = 1000  # drivers keep one or a few each; past this, a 503
+_HEAD_REFUSALS = (400, 401, 431, 503)  # any request may get these, and with a body also:
+_BODY_REFUSALS = (411, 413)
 
 
 class ControlError(Exception):
@@ -91,13 +114,14 @@ def route(method: str, template: str, summary: str, *, body=None, returns=None, 
     return register
 
 
-class ControlServer:
+class ControlServer(HTTPServerConnectionDelegate):
     def __init__(self, broker: Broker, token: str | None = None) -> None:
         self.broker = broker
         self.token = token or secrets.token_urlsafe(32)
         self.port: int | None = None
         self._sock: socket.socket | None = None
-        self._server: HTTPServer | None = None
+        self._listener: _Listener | None = None
+        self._connections: set[HTTP1ServerConnection] = set()
         self._routes = [(r, r.pattern) for r in ROUTES]
 
     @property
@@ -112,61 +136,88 @@ class ControlServer:
         self.port = self._sock.getsockname()[1]
 
     async def start(self) -> None:
-        self._server = HTTPServer(self._serve, max_body_size=MAX_BODY, max_header_size=MAX_HEAD)
-        self._server.add_sockets([self._sock])
+        self._listener = _Listener(self)
+        self._listener.add_sockets([self._sock])
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            asyncio.ensure_future(self._server.close_all_connections())  # long polls included
+        if self._listener is not None:
+            self._listener.stop()
+            for connection in list(self._connections):  # long polls included
+                asyncio.ensure_future(connection.close())
         elif self._sock is not None:
             self._sock.close()
-        self._server = self._sock = None
+        self._listener = self._sock = None
 
     # --- HTTP (tornado parses and frames it) -----------------------------------------
 
-    def _serve(self, request: HTTPServerRequest) -> None:
+    def serve(self, stream: IOStream) -> None:
+        connection = HTTP1ServerConnection(stream, _CONNECTION)
+        self._connections.add(connection)
+        connection.start_serving(self)
+
+    def start_request(self, server_conn: object, request_conn: HTTP1Connection) -> _Exchange:
+        return _Exchange(self, request_conn)
+
+    def on_close(self, server_conn: object) -> None:
+        self._connections.discard(server_conn)
+
+    def refusal(self, headers: HTTPHeaders) -> ControlError | None:
+        """Why a request is refused from its head alone (before its body is read), or None."""
+        if len(self._connections) > MAX_CONNECTIONS:
+            return ControlError(503, f"too many connections to the control API (at most {MAX_CONNECTIONS}); "
+                                     "reuse a keep-alive connection", "too_many_connections")  # fmt: skip
+        length = headers.get("Content-Length")
+        if "Transfer-Encoding" in headers:
+            return ControlError(411, "send the body with a Content-Length (no Transfer-Encoding)", "length_required")
+        if length is not None:
+            if not (length.isascii() and length.isdigit()):
+                return ControlError(400, f"bad Content-Length {length!r}", "bad_request")
+            if int(length) > MAX_BODY:
+                return ControlError(413, f"body larger than {MAX_BODY >> 20} MiB", "body_too_large")
+        if not _authorized(headers.get("Authorization", ""), self.token):
+            return ControlError(401, "missing or wrong token: send Authorization: Bearer <token> (see the control file)",
+                                "unauthorized")  # fmt: skip
+        return None
+
+    def answer(self, exchange: _Exchange, body: bytes) -> None:
         # Answered within this call, except long polls: a task each, cancelled
         # if the driver hangs up first, so no event is taken for a driver that is gone.
         try:
-            reply = self._dispatch(request)
+            reply = self._dispatch(exchange.method, exchange.path, exchange.query, body)
             if not isinstance(reply, tuple):
-                poll = asyncio.ensure_future(self._long_poll(request, reply))
-                request.connection.set_close_callback(poll.cancel)
+                poll = asyncio.ensure_future(self._long_poll(exchange, reply))
+                exchange.conn.set_close_callback(poll.cancel)
                 return
         except (ControlError, BrokerError) as exc:
             reply = exc.status, _error(str(exc), exc.code)
-        _write(request, *reply)
+        exchange.write(*reply)
 
-    async def _long_poll(self, request: HTTPServerRequest, work: Awaitable[Reply]) -> None:
+    async def _long_poll(self, exchange: _Exchange, work: Awaitable[Reply]) -> None:
         try:
             reply = await work
         except asyncio.CancelledError:
             return
         except (ControlError, BrokerError) as exc:
             reply = exc.status, _error(str(exc), exc.code)
-        request.connection.set_close_callback(None)
-        _write(request, *reply)
+        exchange.conn.set_close_callback(None)
+        exchange.write(*reply)
 
-    def _dispatch(self, request: HTTPServerRequest) -> Reply | Awaitable[Reply]:
-        if not _authorized(request.headers.get("Authorization", ""), self.token):
-            return 401, _error("missing or wrong token: send Authorization: Bearer <token> (see the control file)", "unauthorized")
+    def _dispatch(self, method: str, path: str, query: Query, body: bytes) -> Reply | Awaitable[Reply]:
         allowed = []
         for r, pattern in self._routes:
-            m = pattern.match(request.path)
+            m = pattern.match(path)
             if m is None:
                 continue
-            if r.method != request.method:
+            if r.method != method:
                 allowed.append(r.method)
                 continue
             params = {k: unquote(v) for k, v in m.groupdict().items()}
-            query = {k: v[-1].decode("utf-8", "replace") for k, v in request.query_arguments.items() if v[-1]}
             if r.body is not None:
-                return r.handler(self, query, _parse_body(r.body, request.body), **params)
+                return r.handler(self, query, _parse_body(r.body, body), **params)
             return r.handler(self, query, **params)
         if allowed:
-            return 405, _error(f"{request.method} is not allowed here; use {', '.join(allowed)}", "method_not_allowed")
-        return 404, _error(f"no route {request.method} {request.path}; see GET /openapi.json", "not_found")
+            return 405, _error(f"{method} is not allowed here; use {', '.join(allowed)}", "method_not_allowed")
+        return 404, _error(f"no route {method} {path}; see GET /openapi.json", "not_found")
 
     # --- routes ------------------------------------------------------------------
 
@@ -264,20 +315,105 @@ class ControlServer:
 
 
 
+# --- HTTP -------------------------------------------------------------------------
+
+# No timers: an idle keep-alive connection stays (a driver's, between polls;
+# MAX_CONNECTIONS bounds them), and a per-request timer costs the round trip.
+_CONNECTION = HTTP1ConnectionParameters(max_header_size=HEAD_CEILING, max_body_size=MAX_BODY)
+_LINGER = 2.0  # seconds a refused request's body is read and dropped, so the client reads the refusal
+_PLACEHOLDER_HEAD = ("GET / HTTP/1.1", HTTPHeaders())  # for a head refused before tornado could read it
+
+
+class _Listener(TCPServer):
+    """Accepts connections and serves each with tornado's HTTP/1.1 connection,
+    the control server deciding every request."""
+
+    def __init__(self, server: ControlServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def handle_stream(self, stream: IOStream, address: Any) -> None:
+        self._server.serve(stream)
+
+
+class _Exchange(HTTPMessageDelegate):
+    """One request and its answer, fed by tornado's connection as it reads."""
+
+
+    def __init__(self, server: ControlServer, conn: HTTP1Connection) -> None:
+        self.server, self.conn = server, conn
+        self.chunks: list[bytes] = []
+        self.refused: ControlError | None = None
+        # tornado answers a head it cannot parse with a bare 400 of its own (and
+        # drops one over its limit unanswered): its parser is wrapped, so that
+        # such a head is refused here, in the error shape of every other refusal.
+        self._parse_head = conn._parse_headers
+        conn._parse_headers = self._checked_head
+
+    def _checked_head(self, data: bytes) -> tuple[str, HTTPHeaders]:
+        if len(data) > MAX_HEAD:
+            self.refused = ControlError(431, f"request head larger than {MAX_HEAD >> 10} KiB", "head_too_large")
+            return _PLACEHOLDER_HEAD
+        try:
+            start_line, headers = self._parse_head(data)
+            parse_request_start_line(start_line)
+        except HTTPInputError as exc:
+            self.refused = ControlError(400, f"malformed request head: {exc}", "bad_request")
+            return _PLACEHOLDER_HEAD
+        return start_line, headers
+
+    def headers_received(self, start_line: RequestStartLine, headers: HTTPHeaders) -> Awaitable[None] | None:
+        refused = self.refused or self.server.refusal(headers)
+        if refused is not None:
+            return self._refuse(refused)
+        self.method = start_line.method
+        self.path, _, query = start_line.path.partition("?")
+        self.query = dict(parse_qsl(query)) if query else {}
+        return None
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def finish(self) -> None:
+        chunks = self.chunks
+        self.server.answer(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def write(self, status: int, payload: Any) -> None:
+        body = b"" if payload is None or self.method == "HEAD" else _encode(payload)
+        headers = HTTPHeaders()
+        if status != 204:
+            headers["Content-Length"] = str(len(body))
+        if body:
+            headers["Content-Type"] = "application/json"
+        self.conn.write_headers(ResponseStartLine("HTTP/1.1", status, responses.get(status, "Unknown")), headers, body)
+        self.conn.finish()
+
+    async def _refuse(self, error: ControlError) -> None:
+        """Answer from the head and close, the body unread: the stream is taken
+        from tornado (which would read the body, or answer a bad framing itself).
+        What the client still sends is read and dropped for a while before the
+        close, so that the close does not reset the connection under the answer."""
+        body = _encode(_error(str(error), error.code))
+        head = [f"HTTP/1.1 {error.status} {responses.get(error.status, 'Unknown')}", "Content-Type: application/json",
+                f"Content-Length: {len(body)}", "Connection: close"]  # fmt: skip
+        if error.status == 401:
+            head.append("WWW-Authenticate: Bearer")
+        elif error.status == 503:
+            head.append("Retry-After: 1")
+        stream = self.conn.detach()
+        try:
+            await stream.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
+            stream.socket.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(_LINGER):
+                while True:
+                    await stream.read_bytes(1 << 16, partial=True)
+        except (StreamClosedError, OSError, TimeoutError):
+            pass
+        finally:
+            stream.close()
+
+
 # --- helpers -----------------------------------------------------------------------
-
-
-def _write(request: HTTPServerRequest, status: int, payload: Any) -> None:
-    body = b"" if payload is None or request.method == "HEAD" else _encode(payload)
-    headers = HTTPHeaders()
-    if status != 204:
-        headers["Content-Length"] = str(len(body))
-    if body:
-        headers["Content-Type"] = "application/json"
-    if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    request.connection.write_headers(ResponseStartLine("HTTP/1.1", status, responses.get(status, "Unknown")), headers, body)
-    request.connection.finish()
 
 
 def _authorized(header: str, token: str) -> bool:
@@ -345,7 +481,7 @@ def openapi_description() -> dict[str, Any]:
         responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {"schema": schema}}}}
         if r.long_poll:
             responses["204"] = {"description": "nothing came before the timeout"}
-        for status in sorted({*r.errors, 401}):
+        for status in sorted({*r.errors, *_HEAD_REFUSALS, *(_BODY_REFUSALS if r.body is not None else ())}):
             responses[str(status)] = errors
         operation: dict[str, Any] = {"summary": r.summary, "operationId": r.handler.__name__, "responses": responses}
         if params:

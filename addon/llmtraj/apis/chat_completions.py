@@ -29,45 +29,75 @@ _DONE = b"data: [DONE]\n\n"
 _ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
-def merge_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
-    for key, value in delta.items():
-        old = acc.get(key)
-        if old is None:
-            acc[key] = value
-        elif key in ("index", "type"):
-            if value is not None and value != "":  # a null/empty repeat must not erase it
+class _Pieces:
+    """A string a stream sends in pieces (content, tool call arguments): kept
+    as a list and joined once when the aggregate is read, so each delta costs
+    its own size, not the size of everything before it."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[str]) -> None:
+        self.parts = parts
+
+
+class DeltaMerger:
+    """Folds deltas into an accumulated object by the openai SDK's rules:
+    strings concatenate, objects merge, lists of objects merge by their
+    `index`, other lists extend. Strings that grow are `_Pieces` until
+    `settle` joins them (in place: merging may go on after)."""
+
+    def __init__(self) -> None:
+        self._growing: list[tuple[dict[str, Any], str, _Pieces]] = []
+
+    def merge(self, acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+        for key, value in delta.items():
+            old = acc.get(key)
+            if old is None:
                 acc[key] = value
-        elif isinstance(old, str) and isinstance(value, str):
-            acc[key] = old + value
-        elif isinstance(old, dict) and isinstance(value, dict):
-            merge_delta(old, value)
-        elif isinstance(old, list) and isinstance(value, list):
-            _merge_list(old, value)
-        elif value is not None:
-            acc[key] = value
-    return acc
+            elif type(old) is _Pieces and isinstance(value, str):  # the usual delta: more of a string
+                old.parts.append(value)
+            elif key in ("index", "type"):
+                if value is not None and value != "":  # a null/empty repeat must not erase it
+                    acc[key] = value
+            elif isinstance(old, str) and isinstance(value, str):
+                pieces = acc[key] = _Pieces([old, value])
+                self._growing.append((acc, key, pieces))
+            elif isinstance(old, dict) and isinstance(value, dict):
+                self.merge(old, value)
+            elif isinstance(old, list) and isinstance(value, list):
+                self._merge_list(old, value)
+            elif value is not None:
+                acc[key] = value
+        return acc
 
+    def _merge_list(self, old: list[Any], new: list[Any]) -> None:
+        indexed = new and all(isinstance(e, dict) and isinstance(e.get("index"), int) for e in new)
+        if not indexed:
+            old.extend(new)  # scalars, logprob entries: new entries only
+            return
+        by_index = {e.get("index"): e for e in old if isinstance(e, dict)}
+        for entry in new:
+            target = by_index.get(entry["index"])
+            if target is None:
+                entry = dict(entry)
+                old.append(entry)
+                by_index[entry["index"]] = entry
+            else:
+                self.merge(target, entry)
 
-def _merge_list(old: list[Any], new: list[Any]) -> None:
-    indexed = new and all(isinstance(e, dict) and isinstance(e.get("index"), int) for e in new)
-    if not indexed:
-        old.extend(new)  # scalars, logprob entries: new entries only
-        return
-    by_index = {e.get("index"): e for e in old if isinstance(e, dict)}
-    for entry in new:
-        target = by_index.get(entry["index"])
-        if target is None:
-            entry = dict(entry)
-            old.append(entry)
-            by_index[entry["index"]] = entry
-        else:
-            merge_delta(target, entry)
+    def settle(self) -> None:
+        """Joins every string still in pieces."""
+        for acc, key, pieces in self._growing:
+            if acc.get(key) is pieces:  # not replaced by a value of another type since
+                acc[key] = "".join(pieces.parts)
+        self._growing.clear()
 
 
 class ChatCompletionAggregator:
     def __init__(self) -> None:
         self._top: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
+        self._merger = DeltaMerger()
         self.problems: list[str] = []
         self.done = False
 
@@ -75,13 +105,13 @@ class ChatCompletionAggregator:
         data = block.data
         if data is None or not block.terminated:
             return
-        if data.strip() == "[DONE]":
-            self.done = True
-            return
         try:
             chunk = from_json(data)
         except ValueError as exc:
-            self.problems.append(f"event is not JSON ({exc}): {data[:200]!r}")
+            if data.strip() == "[DONE]":
+                self.done = True
+            else:
+                self.problems.append(f"event is not JSON ({exc}): {data[:200]!r}")
             return
         if not isinstance(chunk, dict):
             self.problems.append(f"event is not a JSON object: {data[:200]!r}")
@@ -90,9 +120,11 @@ class ChatCompletionAggregator:
             self.problems.append("error event: " + json.dumps(chunk["error"])[:500])
             self._top.setdefault("error", chunk["error"])
             return
-        for key, value in chunk.items():
-            if key not in _CHUNK_ONLY and value is not None:
-                self._top[key] = value
+        # Every non-null field, the chunk's own ones too (left out when read): one update, not one per field.
+        if None in chunk.values():
+            self._top.update({key: value for key, value in chunk.items() if value is not None})
+        else:
+            self._top.update(chunk)
         choices = chunk.get("choices") or []
         if not isinstance(choices, list):
             self.problems.append(f"choices is not a list: {data[:200]!r}")
@@ -111,25 +143,35 @@ class ChatCompletionAggregator:
         for key, value in choice.items():
             if key == "delta":
                 if isinstance(value, dict):
-                    merge_delta(acc["message"], value)
+                    self._merger.merge(acc["message"], value)
                 elif value is not None:
                     self.problems.append(f"delta is not an object: {json.dumps(value)[:200]}")
+            elif value is None:
+                if key not in acc:  # also a first `"logprobs": null`
+                    acc[key] = None
             elif key == "logprobs":
                 if isinstance(value, dict):
                     if acc.get("logprobs") is None:  # also after a first `"logprobs": null`
                         acc["logprobs"] = {}
-                    merge_delta(acc["logprobs"], value)
+                    self._merger.merge(acc["logprobs"], value)
                 else:
                     acc.setdefault("logprobs", value)
+            elif key == "index":
+                continue
             elif isinstance(value, list) and isinstance(acc.get(key), list):
                 acc[key].extend(value)  # each chunk's new ids (vLLM's `token_ids`): concatenated
-            elif key != "index" and (value is not None or key not in acc):
+            else:
                 acc[key] = value
 
+    def _top_fields(self) -> dict[str, Any]:
+        """The completion's own top-level fields so far (not the chunks' `choices`, `object`, padding)."""
+        return {key: value for key, value in self._top.items() if key not in _CHUNK_ONLY}
+
     def result(self) -> dict[str, Any] | None:
-        if not self._top and not self._choices:
+        completion = self._top_fields()
+        if not completion and not self._choices:
             return None
-        completion = dict(self._top)
+        self._merger.settle()
         completion["object"] = "chat.completion"
         completion["choices"] = [self._finish_choice(self._choices[i]) for i in sorted(self._choices)]
         completion.setdefault("usage", None)

@@ -24,7 +24,6 @@ from .chat_completions import (
     ChatCompletions,
     ChoiceChunkStream,
     _model,
-    merge_delta,
 )
 
 _NO_TOOL_CALLS = "legacy completions have no tool calls"
@@ -40,14 +39,15 @@ class TextCompletionAggregator(ChatCompletionAggregator):
             if key == "index":
                 continue
             if key == "text" or isinstance(value, (dict, list)):  # text concatenates, logprobs lists extend
-                merge_delta(acc, {key: value})
+                self._merger.merge(acc, {key: value})
             elif value is not None or key not in acc:
                 acc[key] = value
 
     def result(self) -> dict[str, Any] | None:
-        if not self._top and not self._choices:
+        completion = self._top_fields()
+        if not completion and not self._choices:
             return None
-        completion = dict(self._top)
+        self._merger.settle()
         completion["object"] = "text_completion"
         completion["choices"] = [copy.deepcopy(self._choices[i]) for i in sorted(self._choices)]
         completion.setdefault("usage", None)

@@ -83,13 +83,14 @@ _SUMMARY_TEXT = _Text("response.reasoning_summary_text", "text", "summary", "sum
 _ARGUMENTS = _Text("response.function_call_arguments", "arguments")
 _CUSTOM_INPUT = _Text("response.custom_tool_call_input", "input")
 _TEXTS = (_OUTPUT_TEXT, _REFUSAL, _REASONING_TEXT, _SUMMARY_TEXT, _ARGUMENTS, _CUSTOM_INPUT)
-_TEXT_BY_EVENTS = {text.events: text for text in _TEXTS}
 _TEXT_OF_PART = {(text.parts, text.part_type): text for text in _TEXTS if text.parts}
 _TEXT_OF_ITEM = {"function_call": _ARGUMENTS, "custom_tool_call": _CUSTOM_INPUT}
 # A part event's type -> (its item's list of parts, whether it closes the part)
 _PART_EVENTS = {
     f"{prefix}.{stage}": (parts, stage == "done") for parts, (prefix, _) in _PART_LISTS.items() for stage in ("added", "done")
 }
+# A text event's type -> (its text, its stage): most of a stream's events are `.delta`s.
+_TEXT_EVENTS = {f"{text.events}.{stage}": (text, stage) for text in _TEXTS for stage in ("delta", "done")}
 
 
 def _new_id(prefix: str) -> str:
@@ -179,6 +180,8 @@ def _part_events(writer: _EventWriter, at: dict[str, Any], parts: str, part: dic
 
 def _get(event: dict[str, Any], key: str, kind: type) -> Any:
     value = event.get(key)
+    if type(value) is kind and (kind is not int or value >= 0):  # the usual case, settled at once
+        return value
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ValueError(f"{key} is not {'an' if kind is int else 'a'} {kind.__name__}")
     if kind is int and value < 0:
@@ -204,12 +207,13 @@ class ResponsesAggregator:
 
     def add(self, block: SSEBlock) -> None:
         data = block.data
-        if data is None or not block.terminated or data.strip() == "[DONE]":  # [DONE]: some compatible servers
+        if data is None or not block.terminated:
             return
         try:
             event = from_json(data)
         except ValueError as exc:
-            self.problems.append(f"event is not JSON ({exc}): {data[:200]!r}")
+            if data.strip() != "[DONE]":  # [DONE]: some compatible servers
+                self.problems.append(f"event is not JSON ({exc}): {data[:200]!r}")
             return
         if not isinstance(event, dict):
             self.problems.append(f"event is not a JSON object: {data[:200]!r}")
@@ -224,7 +228,9 @@ class ResponsesAggregator:
             self.problems.append(f"{kind} event not folded in ({exc}): {data[:200]!r}")
 
     def _fold(self, kind: str, event: dict[str, Any]) -> None:
-        if kind in _SNAPSHOT_EVENTS:
+        if (text_event := _TEXT_EVENTS.get(kind)) is not None:
+            self._fold_text(*text_event, event)
+        elif kind in _SNAPSHOT_EVENTS:
             self._snapshot = _get(event, "response", dict)
         elif kind in _END_EVENTS.values():
             self._final = _get(event, "response", dict)
@@ -247,12 +253,7 @@ class ResponsesAggregator:
                 texts = self._texts.get(output_index, {})
                 for key in [key for key in texts if key[:2] == (parts, part_index)]:
                     del texts[key]
-        else:
-            prefix, _, stage = kind.rpartition(".")
-            text = _TEXT_BY_EVENTS.get(prefix)
-            if text is not None and stage in ("delta", "done"):
-                self._fold_text(text, stage, event)
-            # other events (annotations, built-in tool progress) are repeated by output_item.done
+        # other events (annotations, built-in tool progress) are repeated by output_item.done
 
     def _fold_text(self, text: _Text, stage: str, event: dict[str, Any]) -> None:
         output_index, item = self._item(event)
@@ -261,7 +262,13 @@ class ResponsesAggregator:
             part_index = _get(event, _PART_LISTS[text.parts][1], int)
             if part_index >= len(item.get(text.parts) or []):  # a text whose part was not announced
                 self._put_part(item, text.parts, part_index, _new_part(text, ""))
-        pieces = self._texts.setdefault(output_index, {}).setdefault((text.parts, part_index, text.key), [])
+        texts = self._texts.get(output_index)
+        if texts is None:
+            texts = self._texts[output_index] = {}
+        key = (text.parts, part_index, text.key)
+        pieces = texts.get(key)
+        if pieces is None:
+            pieces = texts[key] = []
         if stage == "delta":
             pieces.append(_get(event, "delta", str))
         else:

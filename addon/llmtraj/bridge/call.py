@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic_core import from_json
 
+from ..anticall.respond import JSON_HEADERS, SSE_HEADERS
+from ..anticall.respond import Answer as AgentAnswer  # an answer made by the addon, as anti-call makes them
 from ..apis import ApiShape
 from ..core.encoding import decoder_for
 from ..core.headers import header
@@ -24,9 +25,6 @@ from .to_agent import StreamTranslator, translate_body
 
 UPSTREAM_API = "chat.completions"
 _TRANSLATORS = {"anthropic.messages": anthropic_to_chat, "responses": responses_to_chat}
-JSON_HEADERS = [("content-type", "application/json")]
-# The agent's stream, as its API sends one (the event types are in the data).
-SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
 
 
 def to_chat(api: str, request: Any) -> dict[str, Any]:
@@ -36,13 +34,6 @@ def to_chat(api: str, request: Any) -> dict[str, Any]:
     if translate is None:
         raise Untranslatable(f"a {api} call", f"llm-traj bridges {' and '.join(_TRANSLATORS)} calls")
     return translate(request)
-
-
-@dataclass
-class AgentAnswer:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes | AsyncIterator[bytes]
 
 
 def json_answer(status: int, body: Any) -> AgentAnswer:
@@ -111,16 +102,23 @@ class BridgedCall:
         return json_answer(200, final)
 
     async def _pieces(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        async for piece in body:
-            if piece and self.first_byte_at is None:
-                self.first_byte_at = time.time()
-            yield piece
+        """The upstream's body; closed (so is the upstream connection: the engine
+        stops generating) when the agent goes away mid-stream."""
+        try:
+            async for piece in body:
+                if piece and self.first_byte_at is None:
+                    self.first_byte_at = time.time()
+                yield piece
+        finally:
+            if hasattr(body, "aclose"):
+                await body.aclose()
 
     async def _events(self, body: AsyncIterator[bytes], decoder) -> AsyncIterator[bytes]:
         translator = StreamTranslator(self.api, self.agent_request, self.chat_request)
+        pieces = self._pieces(body)
         try:
             try:
-                async for piece in self._pieces(body):
+                async for piece in pieces:
                     data = decoder.decode(piece)
                     if data:
                         self.chunks.append(data)
@@ -138,3 +136,4 @@ class BridgedCall:
                 yield out
         finally:
             self.ended_at = time.time()
+            await pieces.aclose()

@@ -7,9 +7,9 @@ and the like have no chat-completions form.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from ..apis import API_BY_NAME
 from .errors import Untranslatable
 
 # Fields that steer nothing the chat upstream does: prompt caching and service
@@ -90,30 +90,17 @@ def _user(content: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _assistant(content: Any, where: str) -> dict[str, Any]:
-    """An assistant turn as one chat message: text as content, thinking as
-    reasoning_content, tool_use blocks as tool_calls."""
+    """An assistant turn as one chat message (as the API's chat view of it):
+    text as content, thinking as reasoning_content, tool_use blocks as tool_calls."""
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     if not isinstance(content, list):
         raise Untranslatable(f"{where}.content that is not a string or a list of blocks")
-    texts, thinking, calls = [], [], []
     for block in content:
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            texts.append(block.get("text") or "")
-        elif kind == "thinking":
-            thinking.append(block.get("thinking") or "")
-        elif kind == "tool_use":
-            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
-            calls.append({"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": arguments}})
-        else:  # redacted_thinking (encrypted), server tool use and its results
+        if kind not in ("text", "thinking", "tool_use"):  # redacted_thinking (encrypted), server tool use and results
             raise Untranslatable(f"a {kind or 'malformed'} block in {where}")
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
-    if thinking:
-        message["reasoning_content"] = "".join(thinking)
-    if calls:
-        message["tool_calls"] = calls
-    return message
+    return API_BY_NAME["anthropic.messages"].chat_view({"content": content})["choices"][0]["message"]
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:

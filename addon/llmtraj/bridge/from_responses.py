@@ -126,6 +126,8 @@ def _tools(tools: Any, out: list[dict[str, Any]] | None = None) -> list[dict[str
         if kind == "namespace":
             _tools(tool.get("tools") or [], out)
             continue
+        if kind == "custom":
+            raise Untranslatable(f"the custom tool {tool.get('name')!r}", "free-form tool input has no chat-completions form")
         if kind != "function":
             raise Untranslatable(f"the built-in tool {kind!r}", "only function tools can be offered")
         function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}

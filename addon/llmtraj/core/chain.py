@@ -176,10 +176,20 @@ def _apply(base: dict[str, Any], same: frozenset[str], prefix: dict[str, int], s
     return whole
 
 
-def _shared_prefix(a: str, b: str, limit: int) -> int:
+def _shared_prefix(a: str, b: str, limit: int, guess: int = 0) -> int:
     """The length of the common prefix of a and b, at most `limit` (found by
-    bisection: each step one comparison in C, not a loop over characters)."""
+    bisection: each step one comparison in C, not a loop over characters).
+    `guess`, the answer for the previous pair of a stream's events (which
+    mostly differ only in their delta), is tried first: when right, two
+    comparisons settle it."""
     lo, hi = 0, limit
+    if 0 < guess <= limit:
+        if a.startswith(b[:guess]):
+            if guess == limit or a[guess] != b[guess]:
+                return guess
+            lo = guess + 1
+        else:
+            hi = guess - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[lo:mid] == b[lo:mid]:
@@ -189,8 +199,16 @@ def _shared_prefix(a: str, b: str, limit: int) -> int:
     return lo
 
 
-def _shared_suffix(a: str, b: str, limit: int) -> int:
+def _shared_suffix(a: str, b: str, limit: int, guess: int = 0) -> int:
+    """The length of the common suffix, as `_shared_prefix` finds the prefix's."""
     lo, hi = 0, limit
+    if 0 < guess <= limit:
+        if a.endswith(b[len(b) - guess :]):
+            if guess == limit or a[len(a) - guess - 1] != b[len(b) - guess - 1]:
+                return guess
+            lo = guess + 1
+        else:
+            hi = guess - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[len(a) - mid : len(a) - lo] == b[len(b) - mid : len(b) - lo]:
@@ -207,11 +225,12 @@ def encode_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle."""
     out = []
     previous = ""
+    p = s = 0
     for event in events:
         raw = event["raw"]
         limit = min(len(raw), len(previous))
-        p = _shared_prefix(raw, previous, limit)
-        s = _shared_suffix(raw, previous, limit - p)
+        p = _shared_prefix(raw, previous, limit, p)
+        s = _shared_suffix(raw, previous, limit - p, s)
         if p + s >= _MIN_SHARED:
             out.append({"t": event["t"], "p": p, "s": s, "raw": raw[p : len(raw) - s]})
         else:

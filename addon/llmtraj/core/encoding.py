@@ -15,7 +15,7 @@ class Decoder(Protocol):
     def flush(self) -> bytes: ...
 
 
-class _Identity:
+class IdentityDecoder:
     def decode(self, chunk: bytes) -> bytes:
         return chunk
 
@@ -65,7 +65,7 @@ def decoder_for(content_encoding: str | None) -> Decoder:
     names = [n.strip().lower() for n in (content_encoding or "").split(",") if n.strip()]
     names = [n for n in names if n != "identity"]
     if not names:
-        return _Identity()
+        return IdentityDecoder()
     if len(names) > 1:
         raise UnsupportedEncoding(f"stacked content-encodings {content_encoding!r}")
     name = names[0]

@@ -34,6 +34,10 @@ REDACTED_BYTES = REDACTED.encode()
 # NULs occur nowhere else in a record line.
 _RAW_REQUEST = "\x00llm-traj:request\x00"
 _RAW_REQUEST_JSON = to_json(_RAW_REQUEST)
+# A bridged call's translated request (`bridge.request`) repeats the conversation
+# as much as the agent's own: it is chained too, in a chain of its own per
+# session (under this suffix, which no session id can contain).
+_BRIDGE_CHAIN = "\x00bridge"
 
 
 def is_single_file(path: Path) -> bool:
@@ -99,6 +103,12 @@ class TrajectoryWriter:
             stored, base = chains.encode(session, request)
         if fields.get("events"):
             fields = {**fields, "events": encode_events(fields["events"])}
+        bridge = fields.get("bridge")
+        bridge_request = bridge.get("request") if isinstance(bridge, dict) else None
+        if isinstance(bridge_request, dict):
+            stored_bridge, bridge_base = chains.encode(session + _BRIDGE_CHAIN, bridge_request)
+            if bridge_base is not None:
+                fields = {**fields, "bridge": {**bridge, "request": stored_bridge, "request_base": bridge_base}}
         if base is not None:
             line = to_json({**fields, "request": stored, "request_base": base})
         elif request_json is not None:
@@ -114,6 +124,8 @@ class TrajectoryWriter:
         chains.end += len(data)
         if isinstance(request, dict):  # only a line that is on disk is referred to
             chains.written(session, fields["index"], request, base and base["index"])
+        if isinstance(bridge_request, dict):
+            chains.written(session + _BRIDGE_CHAIN, fields["index"], bridge_request, bridge_base and bridge_base["index"])
 
     def _chains_of(self, file: Path, fd: int) -> RequestChains:
         """The chains of `file`, fresh if the file is not the one they were
@@ -367,14 +379,20 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
 def _resolve(obj: dict[str, Any], chains: dict[str, SessionRequests] | None) -> CallRecord:
     """The record of a parsed line, whole; without `chains`, a request stored
     as a reference is left out."""
+    bridge = obj.get("bridge") if isinstance(obj.get("bridge"), dict) else {}
     if chains is None:
         if obj.pop("request_base", None) is not None:
             obj["request"] = None
+        if bridge.pop("request_base", None) is not None:
+            bridge["request"] = None
     elif obj["schema_version"] >= 2 and isinstance(obj.get("session"), str) and isinstance(obj.get("index"), int):
         requests = chains.get(obj["session"])
         if requests is None:
             requests = chains[obj["session"]] = SessionRequests()
         obj["request"] = requests.add(obj["index"], obj.get("request"), obj.pop("request_base", None))
+        if isinstance(bridge.get("request"), dict):
+            bridged = chains.setdefault(obj["session"] + _BRIDGE_CHAIN, SessionRequests())
+            bridge["request"] = bridged.add(obj["index"], bridge["request"], bridge.pop("request_base", None))
     if obj["schema_version"] >= 2:
         obj["events"] = decode_events(obj.get("events"))
     return _validate(obj)

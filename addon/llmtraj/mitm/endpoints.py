@@ -76,7 +76,8 @@ class ProxyEndpoints:
             "mode": settings.mode,
             "path": str(settings.path),
             "config": settings.config_path,
-            "routes": [{"name": r.name, "url": r.base_url} for r in _routes(settings.registry)],
+            "routes": [{"name": r.name, "url": r.base_url, **({"upstream_api": r.upstream_api} if r.upstream_api else {})}
+                       for r in _routes(settings.registry)],
         }
         if "upstreams" not in parse_qs(urlsplit(flow.request.path).query, keep_blank_values=True):
             flow.response = json_response(200, report)

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic_core import from_json
 
 from ..apis import ApiShape
-from ..core.encoding import Decoder, UnsupportedEncoding, decoder_for
+from ..core.encoding import Decoder, IdentityDecoder, UnsupportedEncoding, decoder_for
 from ..core.headers import header
 from ..core.record import SCHEMA_VERSION, Headers
 from ..core.redact import may_have_secret_fields, redact_fields, redact_headers
@@ -94,6 +94,7 @@ class RecordBuilder:
         self.response_headers_at: float | None = None
         self.first_byte_at: float | None = None
         self._decoder: Decoder | None = None
+        self._encoded = False  # whether the body has a content-encoding to undo
         self._parser: SSEParser | None = None
         self._aggregator = None
         self._events: list[dict[str, Any]] = []
@@ -110,6 +111,7 @@ class RecordBuilder:
         except UnsupportedEncoding as exc:
             fields["problems"].append(f"{exc}: body recorded undecoded")
             self._decoder = decoder_for(None)
+        self._encoded = not isinstance(self._decoder, IdentityDecoder)
         content_type = (header(headers, "content-type") or "").lower()
         if content_type.startswith("text/event-stream"):
             fields["stream"] = True
@@ -127,20 +129,23 @@ class RecordBuilder:
             return
         if self._undecodable:
             return
-        try:
-            decoded = self._decoder.decode(data)
-        except Exception as exc:  # corrupt compressed stream: keep forwarding, note it
-            self._bad_stream(f"cannot decode body: {exc}")
-            return
-        self._take(self._parser.feed(decoded), now)
+        if self._encoded:
+            try:
+                data = self._decoder.decode(data)
+            except Exception as exc:  # corrupt compressed stream: keep forwarding, note it
+                self._bad_stream(f"cannot decode body: {exc}")
+                return
+        if blocks := self._parser.feed(data):
+            self._take(blocks, now)
 
     def _take(self, blocks: list[SSEBlock], now: float | None) -> None:
         if not blocks:
             return
         t = round((now or time.time()) - self.started_at, 6)
+        events, add = self._events, self._aggregator.add
         for block in blocks:
-            self._events.append({"t": t, "raw": block.raw.decode("utf-8", errors="replace")})
-            self._aggregator.add(block)
+            events.append({"t": t, "raw": block.text})
+            add(block)
 
     def finish(self, now: float | None = None) -> RecordFields:
         """The upstream ended the response normally."""
