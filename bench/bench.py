@@ -1208,7 +1208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
                         "(replay normalisation; each a few seconds), anticall (the round trip through a real "
                         "mitmdump and what the control API adds to it), bridge (its streams against recording "
-                        "them unbridged) or streams (long streams of every API against bare streaming mitmdump, "
+                        "them unbridged), streams (long streams of every API against bare streaming mitmdump, "
                         "bench/long_streams.py; a few minutes) or capture (token capture's streams against the same "
                         "engine bytes recorded without it, bare mitmdump beside them)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
