@@ -3,14 +3,22 @@ addon, both on 127.0.0.1 with ephemeral ports, stopped when the tests end."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from llmtraj.cli.proxy_process import ProxyProcess
 from llmtraj.core.record import CallRecord
 from llmtraj.core.store import read_records
 from llmtraj.testing.standin import StandinUpstream
+
+# Property tests (hypothesis): a quick profile in the default run, the long one
+# (>= 10,000 examples a property) from scripts/properties.
+settings.register_profile("quick", max_examples=50, deadline=None)
+settings.register_profile("long", max_examples=10_000, deadline=None)
+settings.load_profile(os.environ.get("LLM_TRAJ_PROPERTIES", "quick"))
 
 
 @pytest.fixture(scope="session")

@@ -109,7 +109,7 @@ def only_earlier_references(file: Path) -> None:
         seen.add((obj["session"], obj["index"]))
 
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=max(150, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @SETTINGS

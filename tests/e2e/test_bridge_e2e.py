@@ -254,3 +254,14 @@ def test_an_agent_that_goes_away_stops_the_upstream(bridged, chat_upstream, sess
     time.sleep(3.5)  # past the stream's whole length
     sent = chat_upstream.sent[-1]
     assert sent.header("content-type") == "text/event-stream" and sent.body == b""  # never written to its end
+
+
+def test_an_upstream_that_breaks_off_ends_the_agents_stream_with_its_error_event(bridged, session):
+    proxy, traj = bridged
+    with pytest.raises(anthropic.APIStatusError) as failed:  # the SDK raises the stream's error event
+        list(claude(proxy, session).messages.create(model="standin-drop", max_tokens=64, stream=True,
+                                                    messages=[{"role": "user", "content": "x"}]))  # fmt: skip
+    assert "upstream broke off" in str(failed.value)
+    [record] = wait_records(traj / f"{session}.jsonl", 1)
+    assert record.status == 200 and not record.complete and record.error.kind == "upstream_disconnected"
+    assert json.loads(record.events[-1].raw.split("data: ", 1)[1])["type"] == "error"

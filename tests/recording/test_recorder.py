@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import zlib
 from pathlib import Path
@@ -418,7 +419,7 @@ def test_record_sink_writes_what_the_proxy_captured(tmp_path):
     a frame cut off (the proxy killed mid-write) is dropped, the rest kept."""
     import io
 
-    from llmtraj.recording.capture import CallCapture
+    from llmtraj.recording.capture import ACK, RESENT, CallCapture
     from llmtraj.recording.writer import serve
 
     sse = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n'
@@ -434,14 +435,20 @@ def test_record_sink_writes_what_the_proxy_captured(tmp_path):
             extra={"token_ids": [1, 2]},
         )
 
-    frames = capture(1).frame() + capture(2).frame()
-    serve(str(tmp_path), io.BytesIO(frames + capture(3).frame()[:-5]))
+    frames = capture(1).frame(1) + capture(2).frame(2)
+    read_acks, write_acks = os.pipe()
+    serve(str(tmp_path), io.BytesIO(frames + capture(3).frame(3)[:-5]), acks=write_acks)
+    os.close(write_acks)
+    assert os.read(read_acks, 100) == ACK.pack(1) + ACK.pack(2)  # each written call confirmed, in order
     records = list(read_records(tmp_path))
     assert [r.index for r in records] == [1, 2]
     assert records[0].response["choices"][0]["message"]["content"] == "Hi"
     assert records[0].extra == {"token_ids": [1, 2]} and [e.t for e in records[0].events] == [0.2, 0.3]
     assert "sk-secret-123456" not in (tmp_path / "s.jsonl").read_text()
 
+    # frames sent again to a restarted writer: what is on disk is skipped, the rest written
+    serve(str(tmp_path), io.BytesIO(capture(2).frame(2, RESENT) + capture(3).frame(3, RESENT) + capture(2).frame(4)))
+    assert [r.index for r in read_records(tmp_path)] == [1, 2, 3, 2]  # (a frame not marked is written as sent)
 
 # Every fixture of every API, with the API that reads it.
 ALL_STREAMS = [(path, API_BY_NAME["chat.completions"]) for path in FIXTURES] + [

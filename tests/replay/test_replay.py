@@ -132,7 +132,7 @@ def test_ignored_fields_are_configurable():
 def test_live_request_is_redacted_like_the_recording():
     """The recorder redacted secret fields and scrubbed header secrets from the
     body: a live request with the real values must still match."""
-    key = "sk-live-0123456789abcdef"
+    key = "live-0123456789abcdef"  # no credential shape (an `sk-` key is scrubbed whatever the headers)
     recorded = record("s", 1, {**chat("my key is [REDACTED]"), "api_key": "[REDACTED]"})
     r = Replay([recorded])
     got = serve(r, "s", {**chat(f"my key is {key}"), "api_key": "body-secret-123456"})
@@ -141,6 +141,20 @@ def test_live_request_is_redacted_like_the_recording():
     request = live(r, {**chat(f"my key is {key}"), "api_key": "body-secret-123456"}, [("authorization", f"Bearer {key}")])
     assert isinstance(r.match("s", request), Served)
     assert key not in json.dumps(request.body)  # nor will it show in a divergence message
+
+
+def test_a_key_shaped_string_is_scrubbed_like_the_recording_without_headers():
+    recorded = record("s", 1, chat("my key is [REDACTED]"))
+    assert isinstance(serve(Replay([recorded]), "s", chat("my key is sk-proj-0123456789abcdefghij")), Served)
+
+
+def test_a_secret_that_is_a_common_word_leaves_the_request_as_it_is():
+    """`Authorization: Bearer assistant` is redacted in the header only: the
+    body's `"role": "assistant"` is compared as sent."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}
+    r = Replay([record("s", 1, body)])
+    request = live(r, body, [("authorization", "Bearer assistant")])
+    assert isinstance(r.match("s", request), Served) and '"assistant"' in request.key
 
 
 def test_non_json_bodies_match_by_text():

@@ -232,7 +232,7 @@ def encode_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         p = _shared_prefix(raw, previous, limit, p)
         s = _shared_suffix(raw, previous, limit - p, s)
         if p + s >= _MIN_SHARED:
-            out.append({"t": event["t"], "p": p, "s": s, "raw": raw[p : len(raw) - s]})
+            out.append({**event, "p": p, "s": s, "raw": raw[p : len(raw) - s]})  # (and its raw_base64, if any)
         else:
             out.append(event)
         previous = raw
@@ -251,7 +251,8 @@ def decode_events(events: Any) -> Any:
             if not (isinstance(p, int) and isinstance(s, int) and isinstance(middle, str)
                     and 0 <= p and 0 <= s and p + s <= len(previous)):  # fmt: skip
                 raise ValueError("events: a reference to the previous event that does not fit")
-            event = {"t": event.get("t"), "raw": previous[:p] + middle + previous[len(previous) - s :]}
+            event = {**event, "raw": previous[:p] + middle + previous[len(previous) - s :]}
+            del event["p"], event["s"]
         out.append(event)
         previous = event.get("raw") if isinstance(event, dict) and isinstance(event.get("raw"), str) else ""
     return out

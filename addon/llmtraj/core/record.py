@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +20,12 @@ class StreamEvent(BaseModel):
 
     t: float = Field(description="seconds from the start of the call to its arrival")
     raw: str
+    raw_base64: str | None = Field(
+        None, description="the block's exact bytes when they are not UTF-8 (`raw` then shows them with replacement characters)")
+
+    def data(self) -> bytes:
+        """The block's bytes as the client received them."""
+        return base64.b64decode(self.raw_base64) if self.raw_base64 is not None else self.raw.encode()
 
 
 class CallError(BaseModel):
@@ -130,11 +137,15 @@ class CallRecord(BaseModel):
     request_headers: Headers
     request: Any = Field(None, description="the request body as JSON, secret fields redacted")
     request_raw: str | None = Field(None, description="the request body when it was not JSON")
+    request_raw_base64: str | None = Field(
+        None, description="the request body's exact bytes when it was neither JSON nor UTF-8 (`request_raw` then has replacement characters)")
     status: int | None = None
     response_headers: Headers = Field(default_factory=list)
     stream: bool = False
     response: Any = Field(None, description="the final object: the JSON body or the aggregated stream")
     response_raw: str | None = Field(None, description="the response body when it was not JSON")
+    response_raw_base64: str | None = Field(
+        None, description="the response body's exact bytes when it was neither JSON nor UTF-8 (`response_raw` then has replacement characters)")
     events: list[StreamEvent] | None = Field(None, description="the SSE blocks of a streamed response")
     complete: bool = True
     error: CallError | None = None

@@ -1,12 +1,21 @@
 """Keeps secrets out of trajectories: secret headers and body fields are
-replaced by a marker, and the values of secret headers are scrubbed from
-anything else the record holds."""
+replaced by a marker, and the values of secret headers, and strings shaped like
+credentials (`sk-...`, `Bearer ...`, `AIza...`), are scrubbed from anything else
+the record holds.
+
+Scrubbing works on values, never on serialised text: a string value is
+rewritten, a key, a number or the JSON around it never is, so a record stays
+valid JSON with the same keys and types whatever the secret (a common word,
+JSON punctuation, a field name)."""
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from typing import Any
+
+from pydantic_core import to_json
 
 REDACTED = "[REDACTED]"
 
@@ -78,8 +87,133 @@ def redact_fields(value: Any, secrets: set[str] | None = None) -> Any:
     return value
 
 
-def scrub(text: str, secrets: set[str]) -> str:
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+def looks_like_credential(value: str) -> bool:
+    """Whether a secret header's value is worth hunting for in the rest of the
+    record: a key has digits or is long. A short word (`Bearer assistant`) is
+    redacted in its header only; scrubbing it everywhere would rewrite every
+    `"role": "assistant"`."""
+    return (
+        len(value) >= _MIN_SCRUB_LEN and value.isascii() and value.isprintable()
+        and (len(value) >= 20 or any(c.isdigit() for c in value))
+    )  # fmt: skip
+
+
+# In JSON from elsewhere, an escape that spells a printable ASCII character
+# (what secrets and shapes are made of) where `to_json` would write it as is.
+_ESCAPED_ASCII = re.compile(rb"\\u00[2-7][0-9a-fA-F]|\\/")
+
+
+# Credential shapes scrubbed wherever they occur, whatever the headers said:
+# provider keys, and bearer tokens written out in text. Each needs a digit (real
+# keys have them; hyphenated words do not).
+_TOKEN = r"(?=[A-Za-z_-]*[0-9])"
+_SHAPE_SOURCE = (
+    r"(?<![A-Za-z0-9_-])(?:sk-" + _TOKEN + r"[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|AKIA[0-9A-Z]{16}"
+    r"|gh[pousr]_[A-Za-z0-9]{36,}|hf_" + _TOKEN + r"[A-Za-z0-9]{30,}|xox[abprs]-[A-Za-z0-9-]{10,})"
+    r"|(?<![A-Za-z0-9])(?:[Bb]earer|BEARER) +((?=[A-Za-z._~+/=-]*[0-9])[A-Za-z0-9._~+/=-]{16,})"
+)
+_SHAPES = re.compile(_SHAPE_SOURCE)
+# In serialised JSON a character before a shape may be escaped (`\nsk-...`):
+# searched there without the lookbehinds, so that it finds at least as much.
+_SHAPES_BYTES = re.compile(re.sub(r"\(\?<!\[A-Za-z0-9_?-?\]\)", "", _SHAPE_SOURCE).encode())
+# Every shape starts with one of these: a text without any is not searched.
+_SHAPE_LITERALS = ("sk-", "AIza", "AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "hf_", "xox", "earer ", "EARER ")
+_SHAPE_LITERALS_BYTES = tuple(literal.encode() for literal in _SHAPE_LITERALS)
+
+
+def _redact_shape(match: re.Match) -> str:
+    if match.start(1) < 0:
+        return REDACTED
+    return match.group(0)[: match.start(1) - match.start(0)] + REDACTED  # keep "Bearer "
+
+
+# A secret-named field in a body the JSON parser could not read (too deep,
+# lone surrogates, not JSON at all), and secret-named query or form parameters.
+_RAW_SECRET_FIELD = re.compile(r'("' + _SECRET_NAME + r'"\s*:\s*")((?:[^"\\]|\\.)*)"', re.IGNORECASE)
+_SECRET_PARAM = re.compile(
+    r"((?:^|[?&;])(?:" + _SECRET_NAME + r"|key|token|sig|signature)=)([^&#;\s]+)", re.IGNORECASE
+)
+
+
+def redact_url(url: str) -> str:
+    """The URL with the values of secret-named query parameters (`?key=`,
+    `?api_key=`, `&access_token=`) replaced."""
+    if "?" not in url:
+        return url
+    base, _, query = url.partition("?")
+    return base + "?" + _SECRET_PARAM.sub(lambda m: m.group(1) + REDACTED, query)
+
+
+def redact_raw_body(text: str) -> str:
+    """A body kept as text (not parsed as JSON) with the values of
+    secret-named JSON fields and form parameters replaced."""
+    text = _RAW_SECRET_FIELD.sub(lambda m: m.group(1) + REDACTED + '"', text)
+    if "=" in text:
+        text = _SECRET_PARAM.sub(lambda m: m.group(1) + REDACTED, text)
     return text
+
+
+class Scrubber:
+    """Scrubs one call's secrets (the values of its secret headers and fields
+    that look like credentials) and credential shapes out of string values,
+    and says cheaply whether a JSON text can hold any at all."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # longest first: a secret that contains another goes whole
+        self.secrets = tuple(sorted({s for s in secrets if looks_like_credential(s)}, key=len, reverse=True))
+        # as each appears inside a JSON string serialised by `to_json`
+        self._needles = tuple(to_json(s)[1:-1] for s in self.secrets)
+
+    def may_hold(self, data: bytes, foreign: bool = False) -> bool:
+        """False only if no string in the JSON text `data` holds anything to
+        scrub. `data` written by `to_json` escapes each character alone, so a
+        secret shows as its own escaped form; `foreign` JSON (an agent's body
+        as received) may spell an ASCII character as an escape, and then
+        anything goes (secrets and shapes are printable ASCII)."""
+        if any(needle in data for needle in self._needles):
+            return True
+        if foreign and _ESCAPED_ASCII.search(data):
+            return True
+        return any(literal in data for literal in _SHAPE_LITERALS_BYTES) and _SHAPES_BYTES.search(data) is not None
+
+    def may_hold_text(self, text: str) -> bool:
+        """Whether `text` holds anything to scrub (exactly, unlike `may_hold`)."""
+        return any(secret in text for secret in self.secrets) or (
+            any(literal in text for literal in _SHAPE_LITERALS) and _SHAPES.search(text) is not None
+        )
+
+    def text(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+                if secret in text:  # formed again around the marker: nothing of it is kept
+                    return REDACTED
+        if any(literal in text for literal in _SHAPE_LITERALS):
+            text = _SHAPES.sub(_redact_shape, text)
+        return text
+
+    def value(self, value: Any) -> Any:
+        """A copy of a JSON value with every string scrubbed: same keys (a key
+        holding a secret is scrubbed too, kept apart from its siblings), same
+        types, same lengths of lists."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            out: dict[Any, Any] = {}
+            for key, item in value.items():
+                if isinstance(key, str) and (clean := self.text(key)) != key:
+                    unique, number = clean, 1
+                    while unique in out or unique in value:
+                        number += 1
+                        unique = f"{clean}#{number}"
+                    key = unique
+                out[key] = self.value(item)
+            return out
+        if isinstance(value, (list, tuple)):
+            return [self.value(item) for item in value]
+        return value
+
+
+@functools.lru_cache(maxsize=64)  # an agent sends the same key on every call
+def scrubber_for(secrets: frozenset[str]) -> Scrubber:
+    return Scrubber(secrets)

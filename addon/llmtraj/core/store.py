@@ -4,13 +4,15 @@ for every session.
 Each record is appended as one complete line in a single unbuffered write to a
 file opened with O_APPEND, so concurrent sessions never interleave within a line
 and a killed process leaves only whole lines behind (barring a torn write of the
-very last line, which the reader reports and skips). Version 2 lines store the
+very last line, which the reader reports and skips; the next writer starts on
+a fresh line after it). Version 2 lines store the
 request as a reference to an earlier line of the session plus what is new
 (`core.chain`); the reader gives every record whole, reading a file as a stream.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import tempfile
@@ -25,11 +27,15 @@ from pydantic_core import from_json, to_json
 
 from .chain import RequestChains, SessionRequests, decode_events, encode_events
 from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
-from .redact import REDACTED
+from .redact import Scrubber, redact_raw_body, redact_url, scrubber_for
 from .session import validate_session
 
 _MAX_OPEN_FILES = 128
-REDACTED_BYTES = REDACTED.encode()
+# Fields of fixed vocabulary (numbers, names the proxy chose): never scrubbed,
+# so that a secret that happens to be `chat.completions` cannot rewrite `api`.
+_NOT_SCRUBBED = frozenset(
+    {"schema_version", "session", "index", "api", "mode", "method", "status", "stream", "complete", "timings", "tokens"}
+)
 # Stands for the request in the serialised line until the body is spliced in;
 # NULs occur nowhere else in a record line.
 _RAW_REQUEST = "\x00llm-traj:request\x00"
@@ -48,10 +54,8 @@ class TrajectoryWriter:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.single_file = is_single_file(self.path)
-        if self.single_file:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
+        # conversations are private: a directory made here is the owner's alone (files are 0600)
+        os.makedirs(self.path.parent if self.single_file else self.path, mode=0o700, exist_ok=True)
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._last_index: dict[str, int] = {}
         self._files: dict[str, Path] = {}  # by session, validated
@@ -88,35 +92,49 @@ class TrajectoryWriter:
         """Append one record: a `CallRecord`, or a dict of its fields (the
         recorder's hot path, which skips validating twice). `request_json`, if
         given, is the dict's `request` as JSON text, written as is when the
-        request is not stored as a reference."""
+        request is not stored as a reference and holds nothing to scrub.
+
+        `secrets` (the call's secret header values) and credential shapes are
+        scrubbed from the string values of what the line writes: a request
+        stored as a reference is scrubbed only in what is new (what it refers
+        to was scrubbed when its own line was written)."""
         if isinstance(record, CallRecord):
             fields = {**record.model_dump(mode="json"), "schema_version": SCHEMA_VERSION}
+            if fields["events"]:  # an event's exact bytes only where they are not its text
+                fields["events"] = [{k: v for k, v in e.items() if v is not None or k != "raw_base64"} for e in fields["events"]]
         else:
             fields = record
+        scrubber = scrubber_for(frozenset(secrets))
         session = fields["session"]
         file = self.file_for(session)
         fd = self._fd(file)
         chains = self._chains_of(file, fd)
         request = fields["request"]
+        line_fields = {**fields, **_redacted_places(fields, scrubber)}
         base = None
         if isinstance(request, dict):
-            stored, base = chains.encode(session, request)
-        if fields.get("events"):
-            fields = {**fields, "events": encode_events(fields["events"])}
+            line_fields["request"], base = chains.encode(session, request)
+            if base is not None:
+                line_fields["request_base"] = base
+        if events := fields.get("events"):
+            if scrubber.may_hold_text("".join(event["raw"] for event in events)):
+                events = [{**event, "raw": scrubber.text(event["raw"])} for event in events]
+            if any(event.get("raw_base64") for event in events):
+                events = [{**event, "raw_base64": _scrubbed_base64(event["raw_base64"], scrubber)}
+                          if event.get("raw_base64") else event for event in events]  # fmt: skip
+            line_fields["events"] = encode_events(events)  # of scrubbed events: nothing left to scrub
         bridge = fields.get("bridge")
         bridge_request = bridge.get("request") if isinstance(bridge, dict) else None
         if isinstance(bridge_request, dict):
             stored_bridge, bridge_base = chains.encode(session + _BRIDGE_CHAIN, bridge_request)
             if bridge_base is not None:
-                fields = {**fields, "bridge": {**bridge, "request": stored_bridge, "request_base": bridge_base}}
-        if base is not None:
-            line = to_json({**fields, "request": stored, "request_base": base})
-        elif request_json is not None:
-            line = to_json({**fields, "request": _RAW_REQUEST}).replace(_RAW_REQUEST_JSON, request_json, 1)
+                line_fields["bridge"] = {**bridge, "request": stored_bridge, "request_base": bridge_base}
+        if request_json is not None and base is None:
+            line = to_json({**line_fields, "request": _RAW_REQUEST}).replace(_RAW_REQUEST_JSON, request_json, 1)
         else:
-            line = to_json(fields)
-        for secret in secrets:  # scrubbed in the serialised line: secrets echoed anywhere go too
-            line = line.replace(secret.encode(), REDACTED_BYTES)
+            line = to_json(line_fields)
+        if scrubber.may_hold(line, foreign=request_json is not None and base is None):
+            line = to_json(_scrubbed(line_fields, scrubber))
         data = line + b"\n"
         written = os.write(fd, data)
         while written < len(data):  # only on a full disk or a signal; finish the line
@@ -149,13 +167,66 @@ class TrajectoryWriter:
         if len(self._fds) >= _MAX_OPEN_FILES:
             _, old = self._fds.popitem(last=False)
             os.close(old)
-        fd = self._fds[file] = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = self._fds[file] = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # read: `_end_torn_line`
+        _end_torn_line(fd)
         return fd
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _redacted_places(fields: Mapping[str, Any], scrubber: Scrubber) -> dict[str, Any]:
+    """The fields where secrets have a known place, with them replaced: the
+    query of a URL (`?key=`), secret-named fields of a body kept as text; and
+    the exact bytes of a body that is not UTF-8, scrubbed (out of sight of the
+    check on the line's text)."""
+    out: dict[str, Any] = {}
+    if isinstance(url := fields.get("url"), str):
+        out["url"] = redact_url(url)
+    if isinstance(upstream := fields.get("upstream"), dict) and isinstance(upstream.get("url"), str):
+        out["upstream"] = {**upstream, "url": redact_url(upstream["url"])}
+    for name in ("request_raw", "response_raw"):
+        if isinstance(text := fields.get(name), str):
+            out[name] = redact_raw_body(text)
+        if isinstance(data := fields.get(f"{name}_base64"), str):
+            out[f"{name}_base64"] = _scrubbed_base64(data, scrubber, body=True)
+    return out
+
+
+def _scrubbed_base64(data: str, scrubber: Scrubber, body: bool = False) -> str:
+    # as Latin-1 each byte is one character: secrets and shapes (ASCII) match byte for byte
+    text = base64.b64decode(data).decode("latin-1")
+    clean = scrubber.text(redact_raw_body(text) if body else text)
+    return data if clean == text else base64.b64encode(clean.encode("latin-1")).decode("ascii")
+
+
+def _scrubbed(line_fields: dict[str, Any], scrubber) -> dict[str, Any]:
+    """The line's fields with every string scrubbed but those of fixed
+    vocabulary and the events (scrubbed before they were encoded: their
+    stored middles are not whole strings)."""
+    out = {}
+    for key, value in line_fields.items():
+        if key in _NOT_SCRUBBED or key == "events":
+            out[key] = value
+        elif key == "request_base":  # names the request's keys, scrubbed alike
+            out[key] = {
+                "index": value["index"],
+                "same": [scrubber.text(name) for name in value["same"]],
+                "prefix": {scrubber.text(name): n for name, n in value["prefix"].items()},
+            }
+        else:
+            out[key] = scrubber.value(value)
+    return out
+
+
+def _end_torn_line(fd: int) -> None:
+    """Start on a fresh line after a torn last line (a writer killed in the
+    middle of one): the reader then skips that one line and reads the rest."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        os.write(fd, b"\n")
 
 
 class TrajectoryError(ValueError):
@@ -196,7 +267,9 @@ def read_records(
     they repeat (the same message objects): copy one before changing it.
 
     A last line without its newline that does not parse is the torn write of a
-    crash: it is skipped (and listed in `skipped`). Any other bad line raises
+    crash, and so is a line that is only the beginning of a record (the next
+    writer started on a new line after it): each is skipped (and listed in
+    `skipped`). Any other bad line raises
     `TrajectoryError`, unless `tolerate_corrupt`, which skips it too.
     """
     for file in trajectory_files(path):
@@ -242,11 +315,7 @@ def trajectory_sessions(
             if not isinstance(session, str):
                 raise ValueError("invalid record: session: missing or not a string")
         except ValueError as exc:
-            torn = not raw.endswith(b"\n")
-            if not (torn or tolerate_corrupt):
-                raise TrajectoryError(path, number, str(exc)) from None
-            if skipped is not None:
-                skipped.append(SkippedLine(path, number, "truncated last line (torn write), skipped" if torn else f"{exc}, skipped"))
+            _skip(path, number, raw, exc, tolerate_corrupt, skipped)
             continue
         where.setdefault(session, []).append((number, offset))
     return {session: SessionFile(session, path, tuple(lines)) for session, lines in where.items()}
@@ -295,14 +364,39 @@ def _records(
         try:
             record = _resolve(_parse_line(raw), chains)
         except ValueError as exc:
-            torn = not raw.endswith(b"\n")
-            if not (torn or tolerate_corrupt):
-                raise TrajectoryError(file, number, str(exc)) from None
-            if skipped is not None:
-                why = "truncated last line (torn write), skipped" if torn else f"{exc}, skipped"
-                skipped.append(SkippedLine(file, number, why))
+            _skip(file, number, raw, exc, tolerate_corrupt, skipped)
             continue
         yield (offset, len(raw)), record
+
+
+def _skip(
+    file: Path, number: int, raw: bytes, exc: ValueError, tolerate_corrupt: bool, skipped: list[SkippedLine] | None
+) -> None:
+    """Skip a line that cannot be read, noting it in `skipped`: a torn line
+    always, any other only if `tolerate_corrupt` (else TrajectoryError)."""
+    if not raw.endswith(b"\n"):
+        why = "truncated last line (torn write), skipped"
+    elif _is_torn(raw):
+        why = "truncated line (torn write; a later writer started on the next line), skipped"
+    elif tolerate_corrupt:
+        why = f"{exc}, skipped"
+    else:
+        raise TrajectoryError(file, number, str(exc)) from None
+    if skipped is not None:
+        skipped.append(SkippedLine(file, number, why))
+
+
+def _is_torn(raw: bytes) -> bool:
+    """A whole line that is the beginning of a JSON object and nothing else:
+    cut short by a killed writer, and the next writer started on a fresh line."""
+    text = raw.rstrip(b"\r\n")
+    if not text.startswith(b"{"):
+        return False
+    try:
+        from_json(text)
+    except ValueError as exc:
+        return str(exc).startswith("EOF while parsing")
+    return False
 
 
 class LineReader:
@@ -345,11 +439,28 @@ def last_indexes(file: Path) -> dict[str, int]:
     return last
 
 
+def written_calls(file: Path) -> set[tuple[str, int, float]]:
+    """(session, index, start time) of every call in a file (bad lines
+    skipped), without resolving or validating records: what a restarted
+    writer checks a call it is sent again against."""
+    calls: set[tuple[str, int, float]] = set()
+    for _, _, raw in _lines(file):
+        try:
+            obj = from_json(raw)
+            calls.add((obj["session"], obj["index"], obj["timings"]["started_at"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return calls
+
+
 def _lines(file: Path) -> Iterator[tuple[int, int, bytes]]:
     """(1-based line number, offset, bytes with the newline) of each line."""
     with open(file, "rb") as fh:
-        offset = 0
-        for number, raw in enumerate(fh, start=1):
+        offset = number = 0
+        while raw := fh.readline():
+            while not raw.endswith(b"\n") and (more := fh.readline()):
+                raw += more  # the file grew as it was read: the same line, being written
+            number += 1
             yield number, offset, raw
             offset += len(raw)
 

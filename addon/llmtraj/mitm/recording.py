@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from ..core.store import TrajectoryWriter
@@ -23,12 +24,24 @@ logger = logging.getLogger("llm_traj")
 
 
 def error_kind(flow: http.HTTPFlow) -> str:
+    """Which side ended the call, from the connections (the message alone
+    cannot tell: "peer closed connection without sending complete message
+    body" is what HTTP/1 says of either side). mitmproxy marks a connection
+    whose peer closed it as no longer readable before the error hook runs."""
     message = flow.error.msg.lower() if flow.error else ""
-    if "client" in message:
+    if "client" in message or not flow.client_conn.state & ConnectionState.CAN_READ:
         return "client_disconnected"
     if flow.response is None and not flow.server_conn.timestamp_tcp_setup:
         return "upstream_unreachable"
     return "upstream_disconnected"
+
+
+def _content_length(response: http.Response) -> int | None:
+    """The length of a body framed by its Content-Length (not chunked), if valid."""
+    value = response.headers.get("content-length")
+    if value is None or "transfer-encoding" in response.headers or not value.strip().isdigit():
+        return None
+    return int(value)
 
 
 RECORDING_MODES = ("record", "anticall")
@@ -154,19 +167,34 @@ class Recorder:
         capture.response_headers = list(response.headers.fields)
         capture.response_headers_at = response.timestamp_start
         chunks, times = capture.chunks, capture.chunk_times
+        length = _content_length(response)
+        received = 0
+        held: list[bytes] = []
 
         # Every response streams, JSON too: nothing is held back from the agent,
         # and mitmproxy's streaming path costs less than buffering the body.
-        def capture_chunk(data: bytes) -> bytes:
+        # The capture goes into the writer's pipe at the end of the body (b""),
+        # before the agent can tell the response is over: for a chunked body or
+        # HTTP/2 that is the end marker sent after this; for a body of known
+        # length it is its last byte, held back until then.
+        def capture_chunk(data: bytes) -> bytes | list[bytes]:
+            nonlocal received
             if data:
                 chunks.append(data)
                 times.append(time.time())
-            return data
+                if length is not None:
+                    received += len(data)
+                    if received >= length:
+                        held.append(data[-1:])
+                        return [data[:-1]] if len(data) > 1 else []  # (b"" would end a chunked body)
+                return data
+            self._send(flow, None)
+            return held
 
         response.stream = capture_chunk
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._send(flow, None)
+        self._send(flow, None)  # (sent at the end of the body already, unless it had none)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.id in self._captures:

@@ -4,6 +4,7 @@ makes the `CallRecord`'s fields. Knows nothing of mitmproxy."""
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -25,6 +26,16 @@ def parse_json_body(body: bytes) -> tuple[Any, str | None]:
         return from_json(body), None
     except ValueError:
         return None, body.decode("utf-8", errors="replace")
+
+
+def base64_unless_utf8(data: bytes) -> str | None:
+    """The bytes in base64 when they are not UTF-8 text (kept exactly beside
+    their text with replacement characters), else None."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii")
+    return None
 
 
 RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
@@ -74,11 +85,13 @@ class RecordBuilder:
             "request_headers": headers,
             "request": request,
             "request_raw": request_raw,
+            "request_raw_base64": base64_unless_utf8(request_body) if request_raw is not None else None,
             "status": None,
             "response_headers": [],
             "stream": False,
             "response": None,
             "response_raw": None,
+            "response_raw_base64": None,
             "events": None,
             "complete": True,
             "error": None,
@@ -144,7 +157,10 @@ class RecordBuilder:
         t = round((now or time.time()) - self.started_at, 6)
         events, add = self._events, self._aggregator.add
         for block in blocks:
-            events.append({"t": t, "raw": block.text})
+            if "\ufffd" in block.text and block.text.encode() != block.raw:  # not UTF-8: kept exactly
+                events.append({"t": t, "raw": block.text, "raw_base64": base64.b64encode(block.raw).decode("ascii")})
+            else:  # (replay sends the bytes the agent got)
+                events.append({"t": t, "raw": block.text})
             add(block)
 
     def finish(self, now: float | None = None) -> RecordFields:
@@ -183,6 +199,8 @@ class RecordBuilder:
         except Exception as exc:
             self.fields["problems"].append(f"cannot decode body: {exc}: recorded undecoded")
         self.fields["response"], self.fields["response_raw"] = parse_json_body(body)
+        if self.fields["response_raw"] is not None:
+            self.fields["response_raw_base64"] = base64_unless_utf8(body)
 
     def _bad_stream(self, message: str) -> None:
         self.fields["problems"].append(message)

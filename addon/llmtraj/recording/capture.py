@@ -10,7 +10,10 @@ from typing import Any
 
 from ..core.headers import RawHeaders
 
-FRAME_LENGTH = struct.Struct("!I")
+# A frame on the writer pipe: this head, then the capture's marshal data.
+FRAME_HEAD = struct.Struct("!IQB")  # length of the data, sequence number, flags
+RESENT = 1  # flag: sent before to a writer that died, so it may be on disk already
+ACK = struct.Struct("!Q")  # the writer's acknowledgement: a frame's sequence number, its line written
 
 
 @dataclass(slots=True)
@@ -39,11 +42,11 @@ class CallCapture:
     token_capture: dict[str, Any] | None = None  # the plan of token capture: `tokens.capture.CapturePlan.note`
     bridge: dict[str, Any] | None = None  # the upstream side of a bridged call: `bridge.BridgedCall.note`
 
-    def frame(self) -> bytes:
+    def frame(self, seq: int = 0, flags: int = 0) -> bytes:
         # marshal: the fastest stdlib serialiser for plain values, and both
         # ends run the same Python (the child is started with sys.executable)
         data = marshal.dumps([getattr(self, name) for name in _CAPTURE_FIELDS])
-        return FRAME_LENGTH.pack(len(data)) + data
+        return FRAME_HEAD.pack(len(data), seq, flags) + data
 
     @classmethod
     def unframe(cls, data: bytes) -> CallCapture:

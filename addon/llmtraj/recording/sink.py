@@ -1,5 +1,14 @@
-"""The proxy's end of the writer pipe: starts the writer process and hands it captures
-without ever blocking the event loop."""
+"""The proxy's end of the writer pipe: starts the writer process, hands it
+captures without ever blocking the event loop, and keeps each one until the
+writer confirms it is on disk.
+
+Every frame carries a sequence number; the writer acknowledges each one once
+its line is written (on its stdout). A frame not yet acknowledged when the
+writer dies is sent again, marked, to the writer started in its place, which
+skips a call already on disk. A capture is written into the pipe at once, in
+the hook that ends the call, which mitmproxy runs before the client gets the
+end of the response: once an agent has its answer the call is in the pipe, and
+the writer (in its own session) writes it even if the proxy is killed."""
 
 from __future__ import annotations
 
@@ -7,105 +16,239 @@ import asyncio
 import fcntl
 import logging
 import os
+import select
 import subprocess
 import sys
+import time
 
-from .capture import CallCapture
+from .capture import ACK, FRAME_HEAD, RESENT, CallCapture
 
 _PIPE_SIZE = 1 << 20  # room for bursts before our own buffer is used
+_MAX_TRIES = 3  # writers that may die with a call pending before it is given up
 logger = logging.getLogger("llm_traj")
 
 
 class RecordSink:
     """The proxy's end: starts the child and sends it captures without ever
     blocking the event loop (what the pipe cannot take at once is buffered and
-    written when it can)."""
+    written when it can). `sent` counts the calls handed over, `acked` those
+    the writer confirmed written, `restarts` the writers started in place of
+    one that died."""
 
     def __init__(self, path: os.PathLike | str, prompts: os.PathLike | str | None = None) -> None:
         self.path = path
         self.prompts = prompts  # the prompt registry the writer tags calls from
+        self.sent = self.acked = self.restarts = 0
         self._proc: subprocess.Popen | None = None
-        self._pending = bytearray()
-        self._fd = -1
-        self._flush_scheduled = False
+        self._fd = self._ack_fd = -1
+        self._next_seq = 1
+        # frames not yet confirmed, by sequence number in order sent: (frame, writers it was sent to)
+        self._unacked: dict[int, tuple[bytes, int]] = {}
+        self._pending = bytearray()  # bytes of frames not yet in the pipe
+        self._acks = bytearray()  # a partial acknowledgement read so far
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop watching the pipes
         self._waiting_writable = False
+        self._started_at = 0.0
+        self._restart_delay = 0.0
+        self._restart_scheduled = False
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "llmtraj.recording.writer", str(self.path),
              *(["--prompts", str(self.prompts)] if self.prompts else [])],
             stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,  # the acknowledgements
             start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))},
         )
-        self._fd = self._proc.stdin.fileno()
+        self._started_at = time.monotonic()
+        self._fd, self._ack_fd = self._proc.stdin.fileno(), self._proc.stdout.fileno()
         os.set_blocking(self._fd, False)
+        os.set_blocking(self._ack_fd, False)
         try:
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         except (AttributeError, OSError):
             pass  # not Linux, or over the limit: the default size works too
+        self._watch()
+
+    def _watch(self) -> None:
+        """Read acknowledgements on the running loop, if there is one (a sink
+        started from a hook outside it is watched from its first `send`)."""
+        if self._loop is not None or self._proc is None:
+            return
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._loop.add_reader(self._ack_fd, self._read_acks)
+
+    def _unwatch(self) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self._ack_fd)
+                if self._waiting_writable:
+                    self._loop.remove_writer(self._fd)
+            except RuntimeError:
+                pass  # the loop is closed already
+        self._loop, self._waiting_writable = None, False
 
     def send(self, capture: CallCapture) -> None:
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        frame = capture.frame(seq)
+        self._unacked[seq] = (frame, 1)
+        self.sent += 1
+        self._pending += frame
+        if self._restart_scheduled:
+            return  # the restart to come sends it with the others
         if self._proc is None:
             self.start()
-        self._pending += capture.frame()
-        if not (self._flush_scheduled or self._waiting_writable):
-            # Written once per loop iteration: under load many calls end in one,
-            # and one write (one wake-up of the child) carries them all.
-            asyncio.get_running_loop().call_soon(self._flush)
-            self._flush_scheduled = True
+        self._watch()
+        self._write()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._proc is None:  # closed meanwhile: close() wrote what was pending
+    def _write(self) -> None:
+        if self._proc is None or not self._pending:
             return
         try:
             written = os.write(self._fd, self._pending)
         except BlockingIOError:
             written = 0
-        except OSError as exc:  # the child is gone: say so, start another
-            logger.error(f"llm-traj: the record writer stopped ({exc}); {len(self._pending)} bytes of calls lost")
-            self._forget_writer()
-            self._pending.clear()
-            self._proc.poll()  # reap it if it is already gone
-            self._proc = None
+        except OSError:  # the writer is gone
+            self._writer_died()
             return
         del self._pending[:written]
-        if self._pending and not self._waiting_writable:
-            asyncio.get_running_loop().add_writer(self._fd, self._flush)
+        if self._pending and not self._waiting_writable and self._loop is not None:
+            self._loop.add_writer(self._fd, self._write)
             self._waiting_writable = True
-        elif not self._pending:
-            self._forget_writer()
-
-    def _forget_writer(self) -> None:
-        if self._waiting_writable:
-            asyncio.get_running_loop().remove_writer(self._fd)
+        elif not self._pending and self._waiting_writable:
+            self._loop.remove_writer(self._fd)
             self._waiting_writable = False
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Hand over what is pending and wait until it is written."""
-        if self._proc is None and not self._pending:
+    def _read_acks(self) -> None:
+        try:
+            data = os.read(self._ack_fd, 1 << 16)
+        except BlockingIOError:
             return
-        try:
-            self._forget_writer()
-        except RuntimeError:
-            pass  # no loop running
-        if self._proc is None or self._proc.poll() is not None:
-            self.start()  # the writer is gone: a new one writes what is pending
+        except OSError:
+            data = b""
+        if not data:  # the writer closed its end: it exited or died
+            self._writer_died()
+            return
+        self._take_acks(data)
+
+    def _take_acks(self, data: bytes) -> None:
+        self._acks += data
+        whole = len(self._acks) - len(self._acks) % ACK.size
+        for (seq,) in ACK.iter_unpack(self._acks[:whole]):
+            if self._unacked.pop(seq, None) is not None:
+                self.acked += 1
+        del self._acks[:whole]
+
+    def _writer_died(self) -> None:
+        """Start another writer and send it what the dead one did not confirm
+        (a writer dying over and over is restarted at a growing interval)."""
+        status = self._stop_watching_and_reap()
+        self.restarts += 1
+        lived = time.monotonic() - self._started_at
+        self._restart_delay = 0.0 if lived > 10 else min(30.0, max(0.5, self._restart_delay * 2))
+        logger.error(
+            f"llm-traj: the record writer stopped ({status}); starting another"
+            f"{f' in {self._restart_delay:g} s' if self._restart_delay else ''},"
+            f" which writes the {len(self._unacked)} calls not confirmed written"
+        )
+        if self._restart_delay and self._loop is not None:
+            self._restart_scheduled = True
+            self._loop.call_later(self._restart_delay, self._restart)
+        else:
+            self._restart()
+
+    def _restart(self) -> None:
+        self._restart_scheduled = False
+        self._pending = bytearray(self._resend_frames())
+        self.start()
+        self._write()
+
+    def _resend_frames(self) -> bytes:
+        """The unconfirmed frames marked as sent before (the new writer skips
+        a call already on disk); a call whose writer died `_MAX_TRIES` times is
+        given up, with an error."""
+        frames = []
+        for seq, (frame, tries) in list(self._unacked.items()):
+            if tries >= _MAX_TRIES:
+                del self._unacked[seq]
+                logger.error(f"llm-traj: a call was not recorded: {tries} record writers died with it pending")
+                continue
+            self._unacked[seq] = (frame, tries + 1)
+            length, _, _ = FRAME_HEAD.unpack_from(frame)
+            frames.append(FRAME_HEAD.pack(length, seq, RESENT) + frame[FRAME_HEAD.size :])
+        return b"".join(frames)
+
+    def _stop_watching_and_reap(self) -> str:
         proc, self._proc = self._proc, None
-        os.set_blocking(self._fd, True)
-        try:
-            proc.stdin.write(bytes(self._pending))
-            proc.stdin.close()
-        except OSError as exc:
-            logger.error(f"llm-traj: could not hand the last calls to the record writer: {exc}")
-        self._pending.clear()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.error("llm-traj: the record writer did not finish in time; stopping it")
+        self._unwatch()
+        self._acks.clear()
+        if proc is None:
+            return "not running"
+        if proc.poll() is None:  # closed its pipes but lives on: not a writer we can use
             proc.kill()
-            proc.wait()
+        status = proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        return f"exit status {status}" if status >= 0 else f"killed by signal {-status}"
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Hand over what is pending and wait until the writer has written it
+        all (a writer that dies meanwhile is replaced, as on the loop)."""
+        self._unwatch()
+        deadline = time.monotonic() + timeout
+        for _ in range(_MAX_TRIES):
+            if self._proc is None:
+                if not self._unacked:
+                    return
+                self._pending = bytearray(self._resend_frames())
+                self.start()
+            if self._drain(deadline):
+                break
+            status = self._stop_watching_and_reap()
+            if time.monotonic() >= deadline:
+                break
+            logger.error(f"llm-traj: the record writer stopped ({status}) with {len(self._unacked)} calls to write; starting another")
+        if self._proc is not None:
+            self._stop_watching_and_reap()
+        if self._unacked:
+            logger.error(f"llm-traj: {len(self._unacked)} calls were not recorded: the record writer did not write them in time")
+
+    def _drain(self, deadline: float) -> bool:
+        """Write what is pending, close the pipe and read acknowledgements
+        until the writer exits; True if it exited normally."""
+        proc = self._proc
+        closed = False
+        while True:
+            if not self._pending and not closed:
+                proc.stdin.close()
+                closed = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                logger.error("llm-traj: the record writer did not finish in time; stopping it")
+                return False
+            readable, writable, _ = select.select([self._ack_fd], [] if closed else [self._fd], [], remaining)
+            if writable:
+                try:
+                    del self._pending[: os.write(self._fd, self._pending)]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return False  # died: its acknowledgements so far are read below, next time round
+            if readable:
+                try:
+                    data = os.read(self._ack_fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    return proc.wait() == 0 and not self._unacked
+                self._take_acks(data)
 
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

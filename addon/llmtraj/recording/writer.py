@@ -4,27 +4,31 @@ The proxy's event loop is the hot path of every agent step, and on it only the
 capture happens (`capture.CallCapture`: references to the bytes as they pass,
 and when). Parsing, decoding, SSE aggregation, redaction, serialising and
 writing run here, in `python -m llmtraj.recording.writer PATH`, on the
-machine's other core. Captures arrive on stdin as length-prefixed marshal data
-(both ends are this package, on the same Python). The process runs in its own
-session, so a Ctrl-C meant for the proxy does not reach it, and ends at end of
-input, once whatever arrived is written: a proxy killed with `kill -9` loses no
-call it had finished.
+machine's other core. Captures arrive on stdin as framed marshal data (both
+ends are this package, on the same Python; `capture.FRAME_HEAD`), and each
+frame's sequence number goes back on stdout once its line is written. A frame
+marked as sent before (to a writer that died) is skipped if its call is on disk
+already. The process runs in its own session, so a Ctrl-C meant for the proxy
+does not reach it, and ends at end of input, once whatever arrived is written:
+a proxy killed with `kill -9` loses no call it had finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..apis import API_BY_NAME
 from ..bridge.recording import add_bridge
 from ..core.headers import text_headers
-from ..core.store import TrajectoryWriter
+from ..core.store import TrajectoryWriter, written_calls
 from ..prompts.tagging import PromptTagger
 from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
 from .builder import RecordBuilder
-from .capture import FRAME_LENGTH, CallCapture
+from .capture import ACK, FRAME_HEAD, RESENT, CallCapture
 
 
 def record_of(capture: CallCapture, tagger: PromptTagger | None = None) -> tuple[dict[str, Any], set[str], bytes | None]:
@@ -68,25 +72,40 @@ def record_of(capture: CallCapture, tagger: PromptTagger | None = None) -> tuple
     return fields, tee.secrets, tee.request_json
 
 
-def serve(path: str, source=None, prompts: str | None = None) -> None:
+def serve(path: str, source=None, prompts: str | None = None, acks: int | None = None) -> None:
     """Write every capture read from `source` (stdin) to the trajectory at `path`,
-    each tagged with its system prompt's version in the registry at `prompts`."""
+    each tagged with its system prompt's version in the registry at `prompts`,
+    and acknowledge each on the file descriptor `acks` once written."""
     source = source or sys.stdin.buffer
     tagger = PromptTagger(prompts) if prompts else None
     writer = TrajectoryWriter(path)
+    on_disk: dict[Path, set[tuple[str, int, float]]] = {}  # calls in a file, read when a resent frame asks
+
+    def already_written(capture: CallCapture) -> bool:
+        file = writer.file_for(capture.session)
+        if file not in on_disk:
+            on_disk[file] = written_calls(file) if file.exists() else set()
+        return (capture.session, capture.index, capture.started_at) in on_disk[file]
+
     try:
-        while header := source.read(FRAME_LENGTH.size):
-            if len(header) < FRAME_LENGTH.size:
+        while head := source.read(FRAME_HEAD.size):
+            if len(head) < FRAME_HEAD.size:
                 break  # the proxy died mid-frame: that call was not finished
-            length = FRAME_LENGTH.unpack(header)[0]
+            length, seq, flags = FRAME_HEAD.unpack(head)
             data = source.read(length)
             if len(data) < length:
                 break  # likewise
             try:
                 capture = CallCapture.unframe(data)
-                writer.append(*record_of(capture, tagger))
+                if not (flags & RESENT and already_written(capture)):
+                    writer.append(*record_of(capture, tagger))
             except Exception as exc:  # one bad call must not cost the others
                 print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
+            if acks is not None:
+                try:
+                    os.write(acks, ACK.pack(seq))
+                except OSError:  # the proxy is gone: go on writing what it sent
+                    acks = None
     finally:
         writer.close()
 
@@ -96,4 +115,4 @@ if __name__ == "__main__":
     arguments.add_argument("path")
     arguments.add_argument("--prompts", help="the prompt registry to tag calls from")
     parsed = arguments.parse_args()
-    serve(parsed.path, prompts=parsed.prompts)
+    serve(parsed.path, prompts=parsed.prompts, acks=sys.stdout.fileno())

@@ -13,7 +13,7 @@ from pydantic_core import from_json
 
 from ..apis import ApiShape
 from ..core.jsontext import describe, first_difference
-from ..core.redact import may_have_secret_fields, redact_fields, redact_headers, scrub
+from ..core.redact import may_have_secret_fields, redact_fields, redact_headers, redact_raw_body, scrubber_for
 
 # Fields that change from run to run without changing the answer: how it is
 # delivered (a stream recording is replayed to a non-stream request and back)
@@ -46,17 +46,18 @@ class Canonical:
 def canonical(
     api: ApiShape, body: Any, raw: str | None, ignore: frozenset[str], secrets: set[str] = frozenset()
 ) -> Canonical:
+    scrubber = scrubber_for(frozenset(secrets))
     if raw is not None:
-        text = scrub(raw, secrets)
+        text = scrubber.text(redact_raw_body(raw))
         return Canonical(api.name, f"{api.name}\nraw\n{text}", text, raw=True)
     wants_stream = api.wants_stream(body)
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k not in ignore}
     text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    scrubbed = scrub(text, secrets)
-    if scrubbed is not text:  # a header secret in the body: a difference must not show it
-        body = json.loads(scrubbed)
-    return Canonical(api.name, f"{api.name}\njson\n{scrubbed}", body, wants_stream)
+    if scrubber.may_hold(text.encode()):  # a secret in the body: scrubbed as the recorder did, and a difference must not show it
+        body = scrubber.value(body)
+        text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return Canonical(api.name, f"{api.name}\njson\n{text}", body, wants_stream)
 
 
 def canonical_request(

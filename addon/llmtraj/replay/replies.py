@@ -5,6 +5,7 @@ body as written at the recorded pace."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -121,12 +122,13 @@ class Step:
         headers = _headers(record.response_headers, self._step_header())
         if record.events is not None:
             first = record.events[0].t if record.events else 0.0
-            events = tuple((e.t - first, e.raw.encode()) for e in record.events)
+            events = tuple((e.t - first, e.data()) for e in record.events)
             body = b"".join(raw for _, raw in events)
         else:
             events = ()
             body = (
-                record.response_raw.encode() if record.response_raw is not None
+                base64.b64decode(record.response_raw_base64) if record.response_raw_base64 is not None
+                else record.response_raw.encode() if record.response_raw is not None
                 else compact_json(record.response).encode() if record.response is not None
                 else b""
             )  # fmt: skip

@@ -1,0 +1,159 @@
+"""Properties of redaction (issue 15), with hypothesis: whatever the record and
+whatever the secret (JSON punctuation, quotes, escapes, a field's name), every
+line written is valid JSON, no secret survives anywhere in it (in the bytes or
+in any string read back), and the record keeps its structure: the same keys,
+types and list lengths, each string that held no secret unchanged. Bodies come
+as the agent spelled them too (`\\u` escapes, `\\/`), and calls chain
+(later requests stored as references to earlier ones).
+
+The quick profile runs in the default suite; `scripts/properties` runs the
+long one (LLM_TRAJ_PROPERTIES=long)."""
+
+from __future__ import annotations
+
+import json
+import string
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from llmtraj.core.redact import REDACTED, Scrubber, looks_like_credential
+from llmtraj.core.store import TrajectoryWriter, read_records
+
+SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+# Secrets: printable ASCII with a digit, JSON punctuation and escapes welcome.
+SECRET = st.text(alphabet=string.ascii_letters + string.digits + '"\\{}[]:,/-_.= ', min_size=8, max_size=24).filter(
+    looks_like_credential)
+PLAIN = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+KEYS = st.sampled_from(["model", "messages", "content", "role", "index", "api", "x", "tools", "n"])
+
+
+def strings_with(secrets: list[str]):
+    """Text that holds a secret (or a piece of one) somewhere, or none."""
+    piece = st.one_of(PLAIN, st.sampled_from(secrets), st.sampled_from(secrets).map(lambda s: s[: len(s) // 2]))
+    return st.lists(piece, max_size=4).map("".join)
+
+
+def json_values(secrets: list[str]):
+    leaves = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
+                       strings_with(secrets))
+    return st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                        st.dictionaries(KEYS, inner, max_size=4)), max_leaves=20)
+
+
+def spelled(value: Any, escape: bool) -> str:
+    """JSON as an agent might spell it: every character of every string as a
+    `\\u` escape, and `/` as `\\/`."""
+    if not escape:
+        return json.dumps(value)
+    if isinstance(value, str):
+        return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x10000 else json.dumps(c)[1:-1] for c in value) + '"'
+    if isinstance(value, list):
+        return "[" + ",".join(spelled(v, escape) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{spelled(k, escape)}:{spelled(v, escape)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+def record_fields(index: int, request: Any, response: Any, events: list[str], text: str) -> dict[str, Any]:
+    return {
+        "schema_version": 2, "session": "s", "index": index, "api": "chat.completions", "mode": "record",
+        "method": "POST", "url": "http://u/v1/chat/completions?key=" + text.replace("&", ""),
+        "request_headers": [["authorization", REDACTED], ["x-note", text]], "request": request, "request_raw": None,
+        "status": 200, "response_headers": [["content-type", "text/event-stream"]], "stream": bool(events),
+        "response": response, "response_raw": None, "events": [{"t": 0.1 * i, "raw": e} for i, e in enumerate(events)] or None,
+        "complete": True, "error": None, "problems": [text], "timings": {"started_at": 1.0, "ended_at": 2.0},
+        "upstream": None, "prompt": None, "extra": {"note": text}, "tokens": None, "capture": None,
+    }  # fmt: skip
+
+
+def shape(value: Any) -> Any:
+    """The structure of a JSON value: keys, types, lengths; strings as `str`."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [shape(v) for v in value]
+    return "str" if isinstance(value, str) else type(value).__name__
+
+
+def strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from strings(v)
+
+
+def unchanged_where_clean(before: Any, after: Any, secrets: list[str]) -> None:
+    if isinstance(before, str):
+        if not any(s in before for s in secrets) and not Scrubber().may_hold_text(before):
+            assert after == before
+    elif isinstance(before, dict):
+        for k in before:
+            unchanged_where_clean(before[k], after[k], secrets)
+    elif isinstance(before, list):
+        for b, a in zip(before, after, strict=True):
+            unchanged_where_clean(b, a, secrets)
+
+
+@st.composite
+def calls(draw):
+    secrets = draw(st.lists(SECRET, min_size=1, max_size=2, unique=True))
+    values = json_values(secrets)
+    conversation: list[Any] = []
+    out = []
+    for index in range(1, draw(st.integers(1, 3)) + 1):
+        conversation = conversation + draw(st.lists(values, min_size=1, max_size=2))
+        request = {"model": draw(strings_with(secrets)), "messages": conversation, "extra": draw(values)}
+        events = draw(st.lists(strings_with(secrets).map(lambda t: f"data: {json.dumps({'d': t})}\n\n"), max_size=3))
+        out.append((index, request, draw(values), events, draw(strings_with(secrets)), draw(st.booleans())))
+    return secrets, out
+
+
+@SETTINGS
+@given(case=calls())
+def test_no_secret_survives_and_the_structure_is_kept(tmp_path_factory, case):
+    secrets, written = case
+    file = tmp_path_factory.mktemp("redaction") / "t.jsonl"
+    writer = TrajectoryWriter(file)
+    for index, request, response, events, text, escape in written:
+        body = spelled(request, escape).encode()
+        writer.append(record_fields(index, request, response, events, text), set(secrets), body)
+    writer.close()
+    raw = file.read_bytes()
+    for line in raw.splitlines():
+        json.loads(line)  # every line valid JSON
+    for secret in secrets:
+        assert json.dumps(secret)[1:-1].encode() not in raw
+    records = list(read_records(file))
+    assert len(records) == len(written)
+    for record, (index, request, response, events, text, _) in zip(records, written):
+        back = record.model_dump(mode="json")
+        for s in strings(back):
+            assert not any(secret in s for secret in secrets), s
+        assert (record.session, record.index, record.api, record.method, record.status) == ("s", index, "chat.completions", "POST", 200)
+        assert shape(record.request) == shape(request) and shape(record.response) == shape(response)
+        assert [shape(e.raw) for e in record.events or []] == ["str"] * len(events)
+        unchanged_where_clean(request, record.request, secrets)
+        unchanged_where_clean(response, record.response, secrets)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_scrubbing_a_value_keeps_its_shape_and_removes_every_secret(data):
+    secrets = data.draw(st.lists(SECRET, min_size=1, max_size=3, unique=True))
+    value = data.draw(json_values(secrets))
+    scrubber = Scrubber(secrets)
+    clean = scrubber.value(value)
+    assert shape(clean) == shape(value)
+    assert not any(secret in s for s in strings(clean) for secret in secrets)
+    unchanged_where_clean(value, clean, secrets)
+    # the cheap check never misses what the exact one finds
+    for s in strings(value):
+        if scrubber.may_hold_text(s):
+            assert scrubber.may_hold(json.dumps(s, ensure_ascii=False).encode())
