@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams|capture]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams|zstd|capture]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -88,6 +88,9 @@ Long streams of every API against bare streaming mitmdump, their own run
 (bench/long_streams.py, `--only streams`): requests/s and CPU (proxy + record
 writer) per request and per event, the writer's CPU per event up to 20,000
 events, small calls, the first event's delay.
+
+And what zstd compression of finished session files pays (bench/compression.py;
+alone with `--only zstd`).
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ from llmtraj.cli.proxy_process import (
 )
 from llmtraj.replay.report import REPORT_PATH
 import anticall  # bench/anticall.py, beside this script (bench/ is sys.path[0])
+import compression  # bench/compression.py
 import long_streams
 import prompt_tagging  # bench/prompt_tagging.py, beside this script (bench/ is sys.path[0])
 from growth import run_growth  # bench/growth.py, beside this script
@@ -1203,14 +1207,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams", "capture"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams", "zstd", "capture"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
                         "(replay normalisation; each a few seconds), anticall (the round trip through a real "
                         "mitmdump and what the control API adds to it), bridge (its streams against recording "
                         "them unbridged), streams (long streams of every API against bare streaming mitmdump, "
-                        "bench/long_streams.py; a few minutes) or capture (token capture's streams against the same "
-                        "engine bytes recorded without it, bare mitmdump beside them)")
+                        "bench/long_streams.py; a few minutes), zstd (compressed session files: size, compaction, "
+                        "reading, replay) or capture (token capture's streams against the same engine bytes recorded "
+                        "without it, bare mitmdump beside them)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1239,6 +1244,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.driver:
         asyncio.run(drive(args.driver))  # until stopped
+        return 0
+    if args.only == "zstd":
+        result = compression.measure(quick=args.quick)
+        print("\n".join(compression.report(result)))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
     if args.only == "bridge":
         return bridge_only(settings_from(args))
@@ -1282,6 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.write_text(json.dumps(growth, indent=2, ensure_ascii=False) + "\n")
             return 0
         results = run(settings)
+        compressed = compression.measure(quick=args.quick)
     except KeyboardInterrupt:
         print("bench: interrupted; all processes stopped", file=sys.stderr)
         return 130
@@ -1297,11 +1309,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, settings))
     print("\n" + growth_text)
     print("\n" + "\n".join(anticall.report(control_api)))
+    print("\n" + "\n".join(compression.report(compressed)))
     print("\n" + "\n".join(prompt_tagging.report(tagging)))
     print("\n" + "\n".join(normalize_report(normalisation)))
     if args.json:
         args.json.write_text(json.dumps({**to_json(results, settings), "growth": growth, "prompt_tagging": tagging,
-                                         "normalize": normalisation, "control_api": control_api}, indent=2, ensure_ascii=False) + "\n")
+                                         "normalize": normalisation, "control_api": control_api, "zstd": compressed}, indent=2, ensure_ascii=False) + "\n")
         print(f"\nresults: {args.json}")
     return 0
 
