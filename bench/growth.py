@@ -9,6 +9,11 @@ the work, measured through the proxy.
              (`llm-traj cat`'s, every request whole), the format before this one
   CPU        proxy and writer CPU per call over the 1000-turn session, per
              100 turns (the writer's CPU read once it has written the bucket)
+  writer     the record writer's CPU per call in process (`record_of` and the
+             store's append, as the writer process runs them) along a
+             1000-turn conversation of the same turns, per 100 turns; with
+             the secret-field scan of each whole body (as before it covered
+             only what a body adds to the session's previous one) beside it
   export     `export --format openai-chat` of the longest session, in process,
              per call (each sample holds the conversation so far: the output
              grows with the square of the length) and per session
@@ -30,8 +35,11 @@ from pathlib import Path
 
 import httpx
 from llmtraj.cli.proxy_process import ProxyProcess, standin_process
-from llmtraj.core.store import TrajectoryReader, read_records
+from llmtraj.core.store import TrajectoryReader, TrajectoryWriter, read_records
 from llmtraj.inspect.export import export
+from llmtraj.recording.capture import CallCapture
+from llmtraj.recording.secret_scan import SecretFieldScan
+from llmtraj.recording.writer import record_of
 from llmtraj.replay import load
 
 LENGTHS = (10, 50, 200, 1000)
@@ -119,6 +127,38 @@ def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path, session: str
             })  # fmt: skip
     _wait_lines(traj / f"{session}.jsonl", turns)
     return len(json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def measure_writer_cpu(workdir: Path, turns: int = 1000) -> list[dict]:
+    """CPU per call of making and writing each call's record, in process, per CPU_BUCKET turns."""
+    bodies, messages = [], [{"role": "system", "content": "You are a coding agent. Answer briefly."}]
+    for turn in range(1, turns + 1):
+        messages.append({"role": "user", "content": (f"turn {turn}: the command printed " + "output line of the tool, " * 80)[: TURN_BYTES - 80]})
+        bodies.append(json.dumps({"model": "standin-text", "messages": messages, "stream": False}).encode())
+        messages.append({"role": "assistant", "content": "Done. " * 20})
+    answer = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Done. " * 20}, "finish_reason": "stop"}]}).encode()
+    per_way = {}
+    for way, scan in (("scan of what is new", SecretFieldScan()), ("scan of the whole body", None)):
+        writer, cpu = TrajectoryWriter(workdir / f"writer-{scan is None}"), []
+        for index, body in enumerate(bodies, start=1):
+            capture = CallCapture(
+                api="chat.completions", session="w", index=index, mode="record", method="POST", url="http://up/v1/chat/completions",
+                request_headers=[(b"content-type", b"application/json"), (b"authorization", b"Bearer sk-bench-0123456789")],
+                request_body=body, started_at=1.0, status=200, response_headers=[(b"content-type", b"application/json")],
+                response_headers_at=1.1, chunks=[answer], chunk_times=[1.2], ended_at=1.3)  # fmt: skip
+            started = time.process_time()
+            writer.append(*record_of(capture, None, scan))
+            cpu.append(time.process_time() - started)
+        writer.close()
+        per_way[way] = cpu
+    rows = []
+    for first in range(0, turns, CPU_BUCKET):
+        row = {"turns": f"{first + 1}-{first + CPU_BUCKET}", "request KB": round(len(bodies[first]) / 1024, 1)}
+        for way, cpu in per_way.items():
+            row[f"writer µs/call, {way}"] = round(sum(cpu[first : first + CPU_BUCKET]) / CPU_BUCKET * 1e6)
+        rows.append(row)
+    return rows
 
 
 def _v1_bytes(file: Path) -> int:
@@ -216,6 +256,8 @@ def run_growth(quick: bool = False) -> tuple[str, dict]:
         workdir = Path(tmp)
         print(f"bench growth: sessions of {', '.join(map(str, lengths))} turns through the proxy...", file=sys.stderr)
         sizes, buckets, exported = measure_size_and_cpu(workdir, lengths)
+        print("bench growth: the record writer along 1000 turns, in process...", file=sys.stderr)
+        writer = measure_writer_cpu(workdir)
         print(f"bench growth: replay of {sessions} sessions of {REPLAY_TURNS} turns...", file=sys.stderr)
         replay = measure_replay(workdir, workdir / "growth" / f"g{REPLAY_TURNS}.jsonl", sessions)
     worst = max(row["disk / conversation"] for row in sizes)
@@ -231,7 +273,8 @@ def run_growth(quick: bool = False) -> tuple[str, dict]:
     text = "\n\n".join(filter(None, [
         "Growth: bytes on disk per session length (turns of ~2 KB, streamed)", table(sizes),
         "Proxy and writer CPU per call along the 1000-turn session" if buckets else "", table(buckets) if buckets else "",
+        "The record writer's CPU per call along 1000 turns, in process", table(writer),
         "Export (openai-chat, in process; per_call repeats the conversation in every sample)", table(exported),
         "Replay of many sessions", table([replay]), "\n".join(checks),
     ]))  # fmt: skip
-    return text, {"sizes": sizes, "cpu": buckets, "export": exported, "replay": replay, "checks": checks}
+    return text, {"sizes": sizes, "cpu": buckets, "writer": writer, "export": exported, "replay": replay, "checks": checks}

@@ -188,3 +188,65 @@ def test_a_version_1_recording_and_its_rewrite_replay_as_recorded(recorded_v1):
                 assert reply.body == "".join(e.raw for e in rec.events).encode()
             else:
                 assert json.loads(reply.body) == rec.response
+
+
+# --- zstd ------------------------------------------------------------------------------
+
+
+def test_compact_zstd_is_read_by_every_reader_as_the_plain_file(v1, v2, tmp_path):
+    plain = {args[0] + " ".join(args[1:]): runner.invoke(app, [args[0], str(v2), *args[1:]]).stdout
+             for args in READERS}  # fmt: skip
+    before = whole(read_records(v2))
+    size = sum(f.stat().st_size for f in v1.glob("*.jsonl"))
+    result = runner.invoke(app, ["compact", "--zstd", str(v1)])
+    assert result.exit_code == 0 and f"compacted {v1}: {size} bytes -> " in result.stdout, result.output
+    assert sorted(p.name for p in v1.iterdir()) == ["alpha.jsonl.zst", "beta.jsonl.zst"]  # replaced, no work files
+    assert oct((v1 / "alpha.jsonl.zst").stat().st_mode & 0o777) == "0o600"
+    assert sum(f.stat().st_size for f in v1.iterdir()) < sum(f.stat().st_size for f in v2.iterdir()) / 2
+    assert whole(read_records(v1)) == before
+    for args in READERS:
+        result = runner.invoke(app, [args[0], str(v1), *args[1:]])
+        assert result.exit_code == 0 and result.stdout == plain[args[0] + " ".join(args[1:])], args
+    assert cat(v1, "--session", "beta") == cat(v2, "--session", "beta")
+    test_version_1_replays_as_its_version_2_rewrite(v1, v2)  # replay reads it too, served as from the plain one
+    # compacting again keeps it compressed; a single file too, named either way once compressed
+    assert runner.invoke(app, ["compact", str(v1)]).exit_code == 0 and whole(read_records(v1)) == before
+    single = tmp_path / "all.jsonl"
+    writer = TrajectoryWriter(single)
+    for rec in conversations():
+        writer.append(rec)
+    writer.close()
+    assert runner.invoke(app, ["compact", "--zstd", str(single)]).exit_code == 0
+    assert not single.exists() and single.with_name("all.jsonl.zst").exists()
+    for path in (single, single.with_name("all.jsonl.zst")):
+        assert whole(read_records(path)) == before
+        assert cat(path, "--session", "beta") == cat(v2, "--session", "beta")
+    test_version_1_replays_as_its_version_2_rewrite(single, v2)
+
+
+READERS = [["export", "--format", "openai-chat"], ["export", "--format", "atif"], ["export", "--format", "har"],
+           ["export", "--format", "tokens"], ["stats", "--json"], ["show"], ["cat"]]  # fmt: skip
+
+
+def test_a_compressed_session_continued_is_decompressed_and_numbered_on(v2):
+    assert runner.invoke(app, ["compact", "--zstd", str(v2)]).exit_code == 0
+    writer = TrajectoryWriter(v2)
+    assert writer.next_index("alpha") == 7  # numbered after the compressed file's calls
+    extra = turn_record("alpha", 7, [{"role": "user", "content": "later"}], "later answer")
+    writer.append(extra)
+    writer.close()
+    assert sorted(p.name for p in v2.iterdir()) == ["alpha.jsonl", "beta.jsonl.zst"]
+    assert [r.index for r in read_records(v2 / "alpha.jsonl")] == [1, 2, 3, 4, 5, 6, 7]
+    assert whole(read_records(v2)) == whole([*conversations()[:6], extra, *conversations()[6:]])
+
+
+def test_a_torn_line_in_a_compressed_file_is_skipped_as_in_a_plain_one(v2):
+    import zstandard
+
+    file = v2 / "alpha.jsonl"
+    torn = file.read_bytes() + b'{"schema_version": 2, "sess'
+    (v2 / "alpha.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(torn))
+    file.unlink()
+    skipped = []
+    assert [r.index for r in read_records(v2 / "alpha.jsonl.zst", skipped=skipped)] == [1, 2, 3, 4, 5, 6]
+    assert [s.line for s in skipped] == [7]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from llmtraj.prompts.registry import PromptRegistry
 
 
 def llm_traj(registry, *args: str) -> subprocess.CompletedProcess:
@@ -82,3 +83,19 @@ def test_export_import_round_trip(tmp_path, files):
     assert llm_traj(second, "import", str(folder)).stdout.startswith("imported 0 new versions")
     for ref in ("helper/1", "helper@staging", "chatty"):
         assert llm_traj(first, "show", ref).stdout == llm_traj(second, "show", ref).stdout.replace(str(second), str(first))
+    # every version keeps when it was made, not when it was imported
+    with PromptRegistry(first) as a, PromptRegistry(second) as b:
+        assert [(v.name, v.version, v.created_at) for v in a.all_versions()] == [(v.name, v.version, v.created_at) for v in b.all_versions()]
+    meta = folder / "helper" / "1.meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "created_at": "yesterday"}))
+    bad = llm_traj(tmp_path / "c.sqlite", "import", str(folder))
+    assert bad.returncode == 2 and "created_at 'yesterday'" in bad.stderr and "Unix time" in bad.stderr
+
+
+def test_run_passes_a_registry_file_resolved_and_an_mlflow_uri_as_is(tmp_path, monkeypatch):
+    from llmtraj.cli.app import _prompt_sets
+
+    monkeypatch.chdir(tmp_path)
+    assert _prompt_sets("greet@staging", "reg.sqlite") == ["llm_traj_prompt_override=greet@staging",
+                                                          f"llm_traj_prompts={tmp_path / 'reg.sqlite'}"]  # fmt: skip
+    assert _prompt_sets(None, "mlflow:sqlite:///m.db") == ["llm_traj_prompts=mlflow:sqlite:///m.db"]

@@ -50,3 +50,29 @@ def test_http2_agent_is_recorded_and_replayed(tmp_path, stream):
     with ProxyProcess(options={**options, "llm_traj_mode": "replay"}) as proxy:
         status, replayed = curl_h2(proxy, ca, url, stream)  # the named host is gone: replay answers
     assert status == "2 200" and replayed == recorded
+
+
+def test_http2_agent_through_the_bridge(tmp_path):
+    """An HTTP/2 agent (as Codex through HTTPS_PROXY) calling the Responses API of a named host whose
+    route speaks chat completions: its events stream back over HTTP/2, the record is bridged."""
+    confdir, traj = tmp_path / "mitm", tmp_path / "traj"
+    with StandinUpstream() as engine:
+        config = tmp_path / "upstreams.toml"
+        config.write_text(f'default_route = "engine"\n[providers.engine]\nbase_url = "{engine.url}/v1"\n'
+                          'upstream_api = "chat.completions"\n')  # fmt: skip
+        options = {"llm_traj_path": traj, "confdir": confdir, "connection_strategy": "lazy", "llm_traj_config": config}
+        with ProxyProcess(options=options) as proxy:
+            body = json.dumps({"model": "standin-tools", "stream": True, "input": "weather?"})
+            out = subprocess.run(
+                ["curl", "-sS", "-N", "--http2", "-x", proxy.url, "--cacert", str(confdir / "mitmproxy-ca-cert.pem"),
+                 "-H", "content-type: application/json", "--data-binary", body, "-w", "\n%{http_version} %{http_code}",
+                 "https://api.openai.com/v1/responses"],
+                capture_output=True, timeout=30,
+            )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    content, _, status = out.stdout.rpartition(b"\n")
+    assert status == b"2 200" and b"event: response.function_call_arguments.delta" in content
+    assert content.rstrip().splitlines()[-2] == b"event: response.completed"
+    [record] = wait_records(traj / "default.jsonl", 1)
+    assert record.api == "responses" and record.complete and record.bridge.url == f"{engine.url}/v1/chat/completions"
+    assert [item["name"] for item in record.response["output"]] == ["get_weather", "get_time"]

@@ -194,6 +194,20 @@ def test_override_record_replay_and_ab(upstream, registry, tmp_path):
         assert all(r.prompt.override == f"{arm.ref} (A/B {ab})" for r in records)
         versions.add(want)
     assert versions == {1, 2}  # 8 sessions, both arms used (fixed ids: deterministic)
+    # replay with the same split: each session gets its arm again, so its calls match as recorded
+    proxy = proxy_for("http://127.0.0.1:9", tmp_path / "ab", registry, llm_traj_mode="replay", llm_traj_prompt_override=ab)
+    try:
+        assert_replayed_exactly(proxy, sessions, calls=2)
+    finally:
+        proxy.stop()
+
+
+def assert_replayed_exactly(proxy: ProxyProcess, sessions: list[str], calls: int) -> None:
+    """Each session's calls, made with the agent's own prompt, are served from the recording by an exact match."""
+    for session in sessions:
+        for _ in range(calls):
+            reply = chat(proxy, session, AGENT_PROMPT)
+            assert reply.status_code == 200 and reply.headers["x-llm-traj-match"] == "exact", session
 
 
 def put(url: str, body: dict) -> tuple[int, dict]:
@@ -205,30 +219,53 @@ def put(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+async def drive_one(proxy: ProxyProcess, control_file: Path, session: str) -> tuple[str, object]:
+    """One anti-call chat call of `session` with the agent's prompt: (the system prompt the driver saw, the reply)."""
+    agent = AsyncOpenAI(base_url=f"{proxy.url}/s/{session}/v1", api_key=KEY, max_retries=0)
+    call = asyncio.create_task(agent.chat.completions.create(
+        model="m", messages=[{"role": "system", "content": AGENT_PROMPT}, *USER]))  # fmt: skip
+    async with AntiCallClient.from_control_file(control_file) as driver:
+        event = await driver.get_request(session, 10)
+        seen = event.request["messages"][0]["content"]
+        await driver.send_response(event, text="ok")
+    reply = await call
+    await agent.close()
+    return seen, reply
+
+
 def test_override_in_anticall(registry, tmp_path):
     proxy = proxy_for("http://127.0.0.1:9", tmp_path, registry, llm_traj_mode="anticall",
                       llm_traj_prompt_override="greet/2")  # fmt: skip
-
-    async def drive():
-        agent = AsyncOpenAI(base_url=f"{proxy.url}/s/held/v1", api_key=KEY, max_retries=0)
-        call = asyncio.create_task(agent.chat.completions.create(
-            model="m", messages=[{"role": "system", "content": AGENT_PROMPT}, *USER]))
-        async with AntiCallClient.from_control_file(tmp_path / "control.json") as driver:
-            event = await driver.get_request("held", 10)
-            seen = event.request["messages"][0]["content"]
-            await driver.send_response(event, text="ok")
-        reply = await call
-        await agent.close()
-        return seen, reply
-
     try:
-        seen, reply = asyncio.run(asyncio.wait_for(drive(), 60))
+        seen, reply = asyncio.run(asyncio.wait_for(drive_one(proxy, tmp_path / "control.json", "held"), 60))
     finally:
         proxy.stop()
     assert seen == SENT_TERSE and reply.choices[0].message.content == "ok"
     [record] = wait_records(tmp_path / "held.jsonl", 1)
     assert (record.mode, record.prompt.name, record.prompt.version, record.prompt.override) == ("anticall", "greet", 2, "greet/2")
     assert record.prompt.original_hash == text_hash(AGENT_PROMPT)
+
+
+def test_ab_split_in_anticall(registry, tmp_path):
+    """The driver is handed each session's calls with its arm's version, by the same hash as in record and replay."""
+    ab = "greet@production=1,greet/2=1"
+    sessions = [f"ab-{i}" for i in range(8)]  # both arms among them (fixed ids: deterministic)
+    proxy = proxy_for("http://127.0.0.1:9", tmp_path, registry, llm_traj_mode="anticall", llm_traj_prompt_override=ab)
+
+    async def drive_all():
+        return [await drive_one(proxy, tmp_path / "control.json", session) for session in sessions]
+
+    try:
+        seen = [text for text, _ in asyncio.run(asyncio.wait_for(drive_all(), 120))]
+    finally:
+        proxy.stop()
+    assignment = parse_assignment(ab)
+    wanted = [1 if str(assignment.arm_for(s).ref) == "greet@production" else 2 for s in sessions]
+    assert set(wanted) == {1, 2}
+    assert seen == [AGENT_PROMPT if want == 1 else SENT_TERSE for want in wanted]
+    for session, want in zip(sessions, wanted):
+        [record] = wait_records(tmp_path / f"{session}.jsonl", 1)
+        assert (record.prompt.name, record.prompt.version, record.prompt.override) == ("greet", want, f"{assignment.arm_for(session).ref} (A/B {ab})")
 
 
 @pytest.mark.parametrize("options, message", [

@@ -86,9 +86,9 @@ def engine():
     )  # fmt: skip
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     started = time.monotonic()
-    process.start(timeout=START_TIMEOUT)
-    _wait_healthy(process, started)
-    try:
+    try:  # stopped however the setup ends too (a test timeout while the engine starts left it running)
+        process.start(timeout=START_TIMEOUT)
+        _wait_healthy(process, started)
         yield Engine(process, model_dir)
     finally:
         process.stop(timeout=30)

@@ -107,8 +107,9 @@ def run(
     config: Path = CONFIG_OPTION,
     prompt: str = typer.Option(None, "--prompt", help="Send the agent's calls with this registered system prompt: "
                                "NAME@LABEL, NAME/VERSION or an A/B split REF=W,REF=W (llm_traj_prompt_override)."),
-    prompts: Path = typer.Option(None, "--prompts", envvar="LLM_TRAJ_PROMPTS",
-                                 help="The prompt registry calls are tagged from (llm_traj_prompts)."),
+    prompts: str = typer.Option(None, "--prompts", envvar="LLM_TRAJ_PROMPTS",
+                                help="The prompt registry calls are tagged from (llm_traj_prompts): a file, or "
+                                     "mlflow:TRACKING_URI."),
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Run an agent (after --) with its LLM calls going through the proxy; exit with the agent's code."""
@@ -175,9 +176,13 @@ def _end_anticall_session(plan):
 STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Where service state lives (default ~/.llm-traj).")
 
 
-def _prompt_sets(prompt: str | None, prompts: Path | None) -> list[str]:
+def _prompt_sets(prompt: str | None, prompts: str | None) -> list[str]:
+    from ..prompts.registry import MLFLOW_SCHEME
+
+    if prompts is not None and not prompts.startswith(MLFLOW_SCHEME):
+        prompts = str(Path(prompts).expanduser().resolve())  # the proxy runs elsewhere
     return ([f"llm_traj_prompt_override={prompt}"] if prompt else []) + \
-        ([f"llm_traj_prompts={prompts.resolve()}"] if prompts is not None else [])  # fmt: skip
+        ([f"llm_traj_prompts={prompts}"] if prompts is not None else [])  # fmt: skip
 
 
 def _config_set(config: Path | None) -> list[str]:
@@ -307,9 +312,9 @@ def watch_agent(
 
 def _reader(path: Path):
     """A trajectory to read one session at a time, or a one-line exit."""
-    from ..core.store import TrajectoryReader
+    from ..core.store import TrajectoryReader, trajectory_files
 
-    if not path.exists():
+    if not path.exists() and not trajectory_files(path):  # (FILE.jsonl compressed since: FILE.jsonl.zst is read)
         fail(f"{path} does not exist")
     with _reading():
         return TrajectoryReader(path)
@@ -345,18 +350,23 @@ def cat(
 
 
 @app.command()
-def compact(path: Path = typer.Argument(..., help=TRAJ_HELP)) -> None:
+def compact(
+    path: Path = typer.Argument(..., help=TRAJ_HELP),
+    zstd: bool = typer.Option(False, "--zstd", help="Also compress each file with zstd (FILE.jsonl.zst, replacing "
+                              "FILE.jsonl); every command and replay read it as they read the plain file."),
+) -> None:
     """Rewrite a trajectory in the current format (version 1 files become version 2), file by file.
     Stop recording to it first."""
     from ..core.store import CompactionError, compact_file, trajectory_files
 
-    if not path.exists():
+    files = trajectory_files(path)
+    if not files and not path.exists():
         fail(f"{path} does not exist")
     before = after = 0
-    for file in trajectory_files(path):
+    for file in files:
         with _reading():
             try:
-                old, new, skipped = compact_file(file)
+                _, old, new, skipped = compact_file(file, compress=zstd)
             except CompactionError as exc:
                 fail(str(exc))
         before, after = before + old, after + new

@@ -2,7 +2,7 @@
 
 Every command takes `--prompts PATH`, the same registry the proxy's
 `llm_traj_prompts` names, with the same default ($LLM_TRAJ_PROMPTS, else the
-state directory). Mistakes (unknown name, label or version, a template that
+state directory); `--prompts mlflow:TRACKING_URI` reads MLflow's. Mistakes (unknown name, label or version, a template that
 does not parse, a file that cannot be read) are one line and exit code 2."""
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..prompts.registry import LATEST, PromptError, PromptRegistry, parse_ref
+from ..prompts.registry import LATEST, PromptError, PromptRegistry, open_registry, parse_ref
 
 app = typer.Typer(help="The prompt registry: versioned system prompts, labels, import/export.", no_args_is_help=True)
 
-PromptsPath = Annotated[Optional[Path], typer.Option(
+PromptsPath = Annotated[Optional[str], typer.Option(
     "--prompts", envvar="LLM_TRAJ_PROMPTS",
-    help="The registry file (default ~/.llm-traj/prompts.sqlite; the proxy's llm_traj_prompts).")]
+    help="The registry file (default ~/.llm-traj/prompts.sqlite; the proxy's llm_traj_prompts), or "
+         "mlflow:TRACKING_URI for MLflow's prompt registry (read-only here).")]
 META_SUFFIX = ".meta.json"
 
 
@@ -34,12 +35,12 @@ def fail(message: str, code: int) -> None:
 
 
 @contextmanager
-def _registry(path: Path | None, *, create: bool = False) -> Iterator[PromptRegistry]:
+def _registry(location: str | None, *, create: bool = False) -> Iterator[PromptRegistry]:
     """The registry, for a `with` block whose PromptError ends the command with one line."""
     from ..prompts.registry import default_registry_path
 
     try:
-        with PromptRegistry(path or default_registry_path(), create=create) as registry:
+        with open_registry(location or default_registry_path(), create=create) as registry:
             yield registry
     except PromptError as exc:
         fail(str(exc), 2)
@@ -210,10 +211,17 @@ def import_(
                 text, messages = _read_prompt(file)
                 added += registry.add_numbered(file.parent.name, int(file.stem), text, messages=messages,
                                                message=meta.get("message", ""), tags=meta.get("tags"),
-                                               labels=meta.get("labels"))  # fmt: skip
+                                               labels=meta.get("labels"), created_at=_created_at(meta))  # fmt: skip
             except (PromptError, ValueError) as exc:
                 fail(f"{file}: {exc}", 2)
     typer.echo(f"imported {added} new versions from {len(files)} files in {folder}")
+
+
+def _created_at(meta: dict) -> float | None:
+    when = meta.get("created_at")
+    if when is not None and (isinstance(when, bool) or not isinstance(when, (int, float))):
+        raise PromptError(f"created_at {when!r} in its {META_SUFFIX} is not a Unix time in seconds")
+    return when
 
 
 @app.command("import-mlflow")

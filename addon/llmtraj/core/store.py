@@ -8,11 +8,17 @@ very last line, which the reader reports and skips; the next writer starts on
 a fresh line after it). Version 2 lines store the
 request as a reference to an earlier line of the session plus what is new
 (`core.chain`); the reader gives every record whole, reading a file as a stream.
+
+A finished session file may be compressed with zstd (`<session>.jsonl.zst`,
+`llm-traj compact --zstd`): every reader reads it as the plain file; a writer
+that continues such a session decompresses it back to `.jsonl` first, and a
+plain file beside a compressed one is the one read (it has everything).
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import os
 import shutil
 import tempfile
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zstandard
 from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
@@ -51,13 +58,32 @@ def private_opener(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+ZSTD = ".zst"  # appended to a compressed trajectory file's name
+ZSTD_LEVEL = 9  # compact --zstd (a one-off rewrite of finished files: ratio over speed; scripts/bench --only zstd)
+
+
 def is_single_file(path: Path) -> bool:
     return path.suffix == ".jsonl"
+
+
+def is_compressed(file: Path) -> bool:
+    return file.name.endswith(".jsonl" + ZSTD)
+
+
+def _compressed_twin(file: Path) -> Path:
+    return file.with_name(file.name + ZSTD)
+
+
+def session_of_file(file: Path) -> str:
+    """The session a directory's file holds (its name without `.jsonl` or `.jsonl.zst`)."""
+    return file.name.removesuffix(ZSTD).removesuffix(".jsonl")
 
 
 class TrajectoryWriter:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        if is_compressed(self.path):
+            raise ValueError(f"{self.path} is compressed (read-only); record to {self.path.name.removesuffix(ZSTD)}")
         self.single_file = is_single_file(self.path)
         # conversations are private: a directory made here is the owner's alone (files are 0600)
         os.makedirs(self.path.parent if self.single_file else self.path, mode=0o700, exist_ok=True)
@@ -67,8 +93,8 @@ class TrajectoryWriter:
         # What this writer wrote per file, for version 2 references; bounded
         # like the open files (a file dropped here starts a fresh chain).
         self._chains: OrderedDict[Path, RequestChains] = OrderedDict()
-        if self.single_file and self.path.exists():
-            self._last_index = last_indexes(self.path)
+        if self.single_file and (existing := _existing(self.path)) is not None:
+            self._last_index = last_indexes(existing)
 
     def file_for(self, session: str) -> Path:
         file = self._files.get(session)
@@ -82,9 +108,9 @@ class TrajectoryWriter:
         last = self._last_index.get(session)
         if last is None:
             last = 0
-            file = self.file_for(session)
-            if not self.single_file and file.exists():
-                last = last_indexes(file).get(session, 0)
+            existing = _existing(self.file_for(session))
+            if not self.single_file and existing is not None:
+                last = last_indexes(existing).get(session, 0)
         self._last_index[session] = last + 1
         return last + 1
 
@@ -172,6 +198,8 @@ class TrajectoryWriter:
         if len(self._fds) >= _MAX_OPEN_FILES:
             _, old = self._fds.popitem(last=False)
             os.close(old)
+        if not file.exists() and _compressed_twin(file).exists():
+            _decompress(_compressed_twin(file), file)  # a compressed session continued
         fd = self._fds[file] = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # read: `_end_torn_line`
         _end_torn_line(fd)
         return fd
@@ -253,12 +281,27 @@ class SkippedLine:
 
 
 def trajectory_files(path: Path | str) -> list[Path]:
+    """The files of a trajectory: a single file (FILE.jsonl, or FILE.jsonl.zst
+    once compressed), or a directory's session files, plain or compressed."""
     path = Path(path)
-    if is_single_file(path):
-        return [path] if path.exists() else []
+    if is_single_file(path) or is_compressed(path):
+        existing = _existing(path)
+        return [existing] if existing is not None else []
     if not path.is_dir():
         return []
-    return [path / name for name in sorted(os.listdir(path)) if name.endswith(".jsonl")]  # listdir: ~15x glob's speed
+    names = set(os.listdir(path))  # listdir: ~15x glob's speed
+    return [
+        path / name for name in sorted(names)
+        if name.endswith(".jsonl") or (name.endswith(".jsonl" + ZSTD) and name.removesuffix(ZSTD) not in names)
+    ]  # fmt: skip
+
+
+def _existing(file: Path) -> Path | None:
+    """The file, else its compressed twin, if either exists."""
+    if file.exists():
+        return file
+    twin = _compressed_twin(file)
+    return twin if not is_compressed(file) and twin.exists() else None
 
 
 def read_records(
@@ -307,10 +350,12 @@ def trajectory_sessions(
     last line is skipped (and listed in `skipped`), a line of no session
     raises `TrajectoryError` (unless `tolerate_corrupt`: skipped too)."""
     path = Path(path)
-    if not is_single_file(path):
-        return {file.stem: SessionFile(file.stem, file) for file in trajectory_files(path)}
-    if not path.exists():
+    if not (is_single_file(path) or is_compressed(path)):
+        return {session_of_file(file): SessionFile(session_of_file(file), file) for file in trajectory_files(path)}
+    files = trajectory_files(path)
+    if not files:
         return {}
+    path = files[0]
     where: dict[str, list[tuple[int, int]]] = {}
     for number, offset, raw in _lines(path):
         if not raw.strip():
@@ -408,13 +453,18 @@ class LineReader:
     """Reads the record of one line again, by where it is, keeping the files
     it read last open (replay reads a line per call it serves)."""
 
-    def __init__(self, max_open: int = 64) -> None:
+    def __init__(self, max_open: int = 64, max_decompressed: int = 4) -> None:
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._max_open = max_open
+        # compressed files read last, decompressed (no reading at an offset in them)
+        self._decompressed: OrderedDict[Path, bytes] = OrderedDict()
+        self._max_decompressed = max_decompressed
 
     def record(self, file: Path, span: tuple[int, int]) -> CallRecord:
         """The record of the line at `span` (offset, length), with the request
         as stored (for what does not need it whole: the response)."""
+        if is_compressed(file):
+            return _resolve(_parse_line(self._decompressed_bytes(file)[span[0] : span[0] + span[1]]), None)
         fd = self._fds.get(file)
         if fd is None:
             fd = self._fds[file] = os.open(file, os.O_RDONLY)
@@ -423,10 +473,21 @@ class LineReader:
         self._fds.move_to_end(file)
         return _resolve(_parse_line(os.pread(fd, span[1], span[0])), None)
 
+    def _decompressed_bytes(self, file: Path) -> bytes:
+        data = self._decompressed.get(file)
+        if data is None:
+            with _open_lines(file) as fh:
+                data = self._decompressed[file] = fh.read()
+            if len(self._decompressed) > self._max_decompressed:
+                self._decompressed.popitem(last=False)
+        self._decompressed.move_to_end(file)
+        return data
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._decompressed.clear()
 
 
 def last_indexes(file: Path) -> dict[str, int]:
@@ -458,9 +519,17 @@ def written_calls(file: Path) -> set[tuple[str, int, float]]:
     return calls
 
 
+def _open_lines(file: Path) -> io.BufferedReader:
+    """A file for reading, decompressed as it is read if it is compressed."""
+    if is_compressed(file):
+        return io.BufferedReader(zstandard.open(file, "rb"), 1 << 16)
+    return open(file, "rb")
+
+
 def _lines(file: Path) -> Iterator[tuple[int, int, bytes]]:
-    """(1-based line number, offset, bytes with the newline) of each line."""
-    with open(file, "rb") as fh:
+    """(1-based line number, offset, bytes with the newline) of each line
+    (offsets in the decompressed text of a compressed file)."""
+    with _open_lines(file) as fh:
         offset = number = 0
         while raw := fh.readline():
             while not raw.endswith(b"\n") and (more := fh.readline()):
@@ -471,10 +540,30 @@ def _lines(file: Path) -> Iterator[tuple[int, int, bytes]]:
 
 
 def _lines_at(file: Path, where: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
+    """The lines at (number, offset) `where`, in file order."""
+    if is_compressed(file):  # no seeking: read through, keeping the lines asked for
+        wanted = dict(where)
+        yield from ((n, offset, raw) for n, offset, raw in _lines(file) if wanted.get(n) == offset)
+        return
     with open(file, "rb") as fh:
         for number, offset in where:
             fh.seek(offset)
             yield number, offset, fh.readline()
+
+
+def _compress(source: Path, target: Path) -> None:
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        zstandard.ZstdCompressor(level=ZSTD_LEVEL).copy_stream(src, dst)
+
+
+def _decompress(source: Path, target: Path) -> None:
+    """Writes `target` whole (renamed into place), then removes `source`."""
+    work = target.with_name(f".{target.name}.decompressing")
+    with _open_lines(source) as src, open(work, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.chmod(work, 0o600)
+    os.replace(work, target)
+    source.unlink()
 
 
 def _parse_line(raw: bytes) -> dict[str, Any]:
@@ -527,12 +616,16 @@ class CompactionError(ValueError):
     """A file that could not be rewritten, in one line."""
 
 
-def compact_file(file: Path) -> tuple[int, int, list[SkippedLine]]:
+def compact_file(file: Path, compress: bool = False) -> tuple[Path, int, int, list[SkippedLine]]:
     """Rewrite one trajectory file in the current format, in place (a new file
-    renamed over it): (bytes before, bytes after, torn last line skipped). A
-    bad line raises `TrajectoryError` and leaves the file as it was; so does a
-    file that grew meanwhile (a recorder still writing to it)."""
+    renamed over it), compressed with zstd if `compress` or if it was:
+    (the file now, bytes before, bytes after, torn last line skipped). A
+    compressed file replaces the plain one. A bad line raises
+    `TrajectoryError` and leaves the file as it was; so does a file that grew
+    meanwhile (a recorder still writing to it)."""
     before = file.stat().st_size
+    compress = compress or is_compressed(file)
+    target = _compressed_twin(file) if compress and not is_compressed(file) else file
     skipped: list[SkippedLine] = []
     work = Path(tempfile.mkdtemp(prefix=".llm-traj-compact-", dir=file.parent))
     try:
@@ -545,11 +638,16 @@ def compact_file(file: Path) -> tuple[int, int, list[SkippedLine]]:
             writer.close()
         if file.stat().st_size != before:
             raise CompactionError(f"{file} changed while it was compacted (still being recorded?); left as it was")
-        after = new.stat().st_size if new.exists() else 0
-        if new.exists():
-            os.replace(new, file)
-        else:
-            file.write_bytes(b"")  # nothing readable in it: only a torn line
+        if not new.exists():
+            new.write_bytes(b"")  # nothing readable in it: only a torn line
+        if compress:
+            _compress(new, new.with_name(new.name + ZSTD))
+            new = new.with_name(new.name + ZSTD)
+        os.chmod(new, 0o600)
+        after = new.stat().st_size
+        os.replace(new, target)
+        if target != file:
+            file.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return before, after, skipped
+    return target, before, after, skipped

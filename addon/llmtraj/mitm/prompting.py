@@ -19,7 +19,7 @@ from ..apis import API_BY_NAME
 from ..core.session import InvalidSession, validate_session
 from ..prompts.matching import APIS_WITH_SYSTEM_PROMPT, PromptIndex
 from ..prompts.override import Assignment, Override, check_assignment, parse_assignment, rewrite_request
-from ..prompts.registry import PromptError, PromptRegistry, default_registry_path
+from ..prompts.registry import MLFLOW_SCHEME, PromptError, PromptRegistry, default_registry_path, open_registry, registry_exists
 from .recording import Recorder
 from .routing import CALL_KEY, error_response
 
@@ -29,10 +29,13 @@ PROMPT_PATH = "/llm-traj/prompt"
 REGISTRY_ENV = "LLM_TRAJ_PROMPTS"
 
 
-def chosen_registry(option: str) -> Path:
-    """llm_traj_prompts, else $LLM_TRAJ_PROMPTS, else prompts.sqlite in the state directory (as the CLI's)."""
-    chosen = option or os.environ.get(REGISTRY_ENV)
-    return Path(chosen).expanduser() if chosen else default_registry_path()
+def chosen_registry(option: str) -> str:
+    """llm_traj_prompts, else $LLM_TRAJ_PROMPTS, else prompts.sqlite in the state directory (as the CLI's):
+    a file, or mlflow:TRACKING_URI."""
+    chosen = (option or os.environ.get(REGISTRY_ENV) or "").strip()
+    if chosen.startswith(MLFLOW_SCHEME):
+        return chosen
+    return str(Path(chosen).expanduser() if chosen else default_registry_path())
 
 
 def _json(status: int, obj: object) -> http.Response:
@@ -54,7 +57,8 @@ class Prompting:
         loader.add_option(
             "llm_traj_prompts", str, "",
             f"The prompt registry (SQLite) calls are tagged from and overrides come from "
-            f"(default: ${REGISTRY_ENV}, else ~/.llm-traj/{default_registry_path().name}).",
+            f"(default: ${REGISTRY_ENV}, else ~/.llm-traj/{default_registry_path().name}); "
+            f"mlflow:TRACKING_URI reads MLflow's prompt registry live (llm-traj[mlflow]).",
         )
         loader.add_option(
             "llm_traj_prompt_override", str, "",
@@ -70,8 +74,8 @@ class Prompting:
         try:
             assignment = parse_assignment(override) if override else None
             registry = None
-            if assignment is not None or ctx.options.llm_traj_prompts or path.exists():
-                registry = PromptRegistry(path, create=assignment is None)
+            if assignment is not None or ctx.options.llm_traj_prompts or registry_exists(path):
+                registry = open_registry(path, create=assignment is None)
                 if assignment is not None:
                     check_assignment(assignment, registry)
         except PromptError as exc:
@@ -87,7 +91,7 @@ class Prompting:
             logger.info(f"llm-traj: prompt override {assignment} from {path}")
 
     @staticmethod
-    def registry_path() -> Path:
+    def registry_path() -> str:
         """Where the record writer finds the registry to tag calls from (once it exists)."""
         return chosen_registry(ctx.options.llm_traj_prompts)
 

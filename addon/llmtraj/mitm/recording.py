@@ -89,7 +89,7 @@ class Recorder:
         self.marked_path: Path | None = None
         # The registry calls are tagged from (set by `Prompting`), asked when the
         # writer starts: a configure can run inside another one, before `Prompting`'s.
-        self.prompts_path: Callable[[], Path | None] = lambda: None
+        self.prompts_path: Callable[[], str | None] = lambda: None  # a file, or mlflow:TRACKING_URI
         # The upstream side of a bridged call (set by `UpstreamForwarding`), taken when the call ends.
         self.bridged: Callable[[str], dict | None] = lambda flow_id: None
 

@@ -138,6 +138,23 @@ def system_text_of_messages(messages: Any) -> str:
     return "\n\n".join(texts)
 
 
+MLFLOW_SCHEME = "mlflow:"  # llm_traj_prompts=mlflow:TRACKING_URI: MLflow's prompt registry, read live
+
+
+def open_registry(location: os.PathLike | str, *, create: bool = True) -> PromptRegistry:
+    """The registry at `location`: a SQLite file (made if `create`), or
+    `mlflow:TRACKING_URI`, MLflow's prompt registry read live (`from_mlflow.MlflowRegistry`)."""
+    if str(location).startswith(MLFLOW_SCHEME):
+        from .from_mlflow import MlflowRegistry
+
+        return MlflowRegistry(str(location).removeprefix(MLFLOW_SCHEME))
+    return PromptRegistry(location, create=create)
+
+
+def registry_exists(location: os.PathLike | str) -> bool:
+    return str(location).startswith(MLFLOW_SCHEME) or Path(location).expanduser().exists()
+
+
 class PromptRegistry:
     def __init__(self, path: os.PathLike | str, *, create: bool = True) -> None:
         self.path = Path(path).expanduser()
@@ -145,10 +162,24 @@ class PromptRegistry:
             raise PromptError(f"no prompt registry at {self.path}; add a prompt first (llm-traj prompts add)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        except OSError as exc:
+            raise PromptError(f"cannot open the prompt registry {self.path}: {exc}") from None
+        self._open(self.path)
+
+    @classmethod
+    def in_memory(cls, where: str) -> PromptRegistry:
+        """An empty registry in memory (a copy of one kept elsewhere, which `where` names in messages)."""
+        registry = cls.__new__(cls)
+        registry.path = where
+        registry._open(":memory:")
+        return registry
+
+    def _open(self, target: Path | str) -> None:
+        try:
+            self._db = sqlite3.connect(target, timeout=10, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
             raise PromptError(f"cannot open the prompt registry {self.path}: {exc}") from None
 
     def close(self) -> None:
@@ -167,9 +198,11 @@ class PromptRegistry:
     # ------------------------------------------------------------ writing
 
     def add(self, name: str, text: str | None = None, *, messages: list[dict[str, Any]] | None = None,
-            message: str = "", tags: list[str] | None = None, labels: list[str] | None = None) -> tuple[PromptVersion, bool]:
+            message: str = "", tags: list[str] | None = None, labels: list[str] | None = None,
+            created_at: float | None = None) -> tuple[PromptVersion, bool]:
         """A new version of `name` (version 1 for a new name), or the latest
-        one if its content is the same (False); then `labels` point at it."""
+        one if its content is the same (False); then `labels` point at it.
+        `created_at` (default now) is for a version made elsewhere first."""
         check_name(name)
         for label in labels or ():
             check_label(label)
@@ -191,7 +224,8 @@ class PromptRegistry:
                 version = 1 if row is None else row[0] + 1
                 self._db.execute(
                     "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, version, text, messages_json, message, json.dumps(sorted(set(tags or ()))), time.time()),
+                    (name, version, text, messages_json, message, json.dumps(sorted(set(tags or ()))),
+                     time.time() if created_at is None else created_at),
                 )
                 self._set_label(name, LATEST, version)
             else:
@@ -202,17 +236,17 @@ class PromptRegistry:
 
     def add_numbered(self, name: str, number: int, text: str | None = None, *,
                      messages: list[dict[str, Any]] | None = None, message: str = "", tags: list[str] | None = None,
-                     labels: list[str] | None = None) -> bool:
+                     labels: list[str] | None = None, created_at: float | None = None) -> bool:
         """Version `number` of `name` as it is elsewhere (an exported folder,
         MLflow): added if new (False if it is here already with the same
-        content); PromptError if it is here with other content or would get
-        another number. Then `labels` point at it."""
+        content), keeping when it was made there; PromptError if it is here
+        with other content or would get another number. Then `labels` point at it."""
         try:
             ours = self.get(PromptRef(name, version=number))
         except PromptError:
             ours = None
         if ours is None:
-            made, _ = self.add(name, text, messages=messages, message=message, tags=tags)
+            made, _ = self.add(name, text, messages=messages, message=message, tags=tags, created_at=created_at)
             if made.version != number:
                 raise PromptError(f"{name}/{number} would be version {made.version} here (versions missing before "
                                   f"it, or this registry has its own {name!r}); use another registry")  # fmt: skip

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from .matching import PromptIndex, prompt_tag, system_segments
-from .registry import PromptError, PromptRegistry
+from .registry import PromptError, PromptRegistry, open_registry, registry_exists
 
 _RECHECK = 1.0  # seconds between looks for a registry that does not exist yet
 
 
 class PromptTagger:
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
+    def __init__(self, location: Path | str) -> None:
+        self.location = str(location)  # a file, or mlflow:TRACKING_URI
         self._registry: PromptRegistry | None = None
         self._index: PromptIndex | None = None
         self._data_version: int | None = None
@@ -29,15 +29,15 @@ class PromptTagger:
                 if time.monotonic() < self._next_look:
                     return None
                 self._next_look = time.monotonic() + _RECHECK
-                if not self.path.exists():
+                if not registry_exists(self.location):
                     return None
-                self._registry = PromptRegistry(self.path, create=False)
+                self._registry = open_registry(self.location, create=False)
             data_version = self._registry.data_version()
             if data_version != self._data_version:
                 self._index = PromptIndex(self._registry.all_versions())
                 self._data_version = data_version
         except (sqlite3.Error, PromptError) as exc:  # calls are still recorded, untagged
-            print(f"llm-traj: prompt registry {self.path}: {exc}", file=sys.stderr, flush=True)
+            print(f"llm-traj: prompt registry {self.location}: {exc}", file=sys.stderr, flush=True)
             self._registry = None
         return self._index
 

@@ -16,6 +16,7 @@ from ..core.headers import header
 from ..core.record import SCHEMA_VERSION, Headers
 from ..core.redact import may_have_secret_fields, redact_fields, redact_headers
 from ..core.sse import SSEBlock, SSEParser
+from .secret_scan import SecretFieldScan
 
 
 def parse_json_body(body: bytes) -> tuple[Any, str | None]:
@@ -60,6 +61,7 @@ class RecordBuilder:
         request_headers: Headers,
         request_body: bytes,
         started_at: float | None = None,
+        secret_scan: SecretFieldScan | None = None,
     ) -> None:
         self.api = api
         headers, self.secrets = redact_headers(request_headers)
@@ -69,7 +71,8 @@ class RecordBuilder:
         # a long conversation again on every call costs more than parsing it did.
         self.request_json: bytes | None = None
         if request is not None:
-            if may_have_secret_fields(request_body):
+            if (secret_scan.may_have_secret_fields(session, request_body) if secret_scan is not None
+                    else may_have_secret_fields(request_body)):  # fmt: skip
                 request = redact_fields(request, self.secrets)
             elif b"\n" not in request_body and b"\r" not in request_body:
                 self.request_json = request_body

@@ -1,0 +1,52 @@
+"""The secret-field scan of request bodies in the record writer, per session.
+
+An agent sends its whole conversation with every call, so the body of a call
+mostly repeats the one before it. When that one held no secret-named field,
+the part the new body repeats holds none either (the same bytes): only what
+follows is scanned, and the writer's CPU per call does not grow with the
+conversation."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ..core.chain import shared_prefix
+from ..core.redact import may_have_secret_fields
+
+_KEY_REACH = 66  # a quote, up to 64 characters of a key's name, a quote (then blanks, then its colon)
+_BLANKS = b" \t\r\n"
+
+
+class SecretFieldScan:
+    """Remembers the last body of each session that held no secret-named field
+    (the sessions written to last, within a memory budget)."""
+
+    def __init__(self, sessions: int = 128, budget: int = 256 << 20) -> None:
+        self._clean: OrderedDict[str, bytes] = OrderedDict()
+        self._sessions, self._budget, self._held = sessions, budget, 0
+
+    def may_have_secret_fields(self, session: str, body: bytes) -> bool:
+        """As `core.redact.may_have_secret_fields(body)`, scanning only what
+        follows the part of `body` that repeats the session's previous body."""
+        previous = self._clean.pop(session, None)
+        start = 0
+        if previous is not None:
+            self._held -= len(previous)
+            start = scan_start(body, shared_prefix(previous, body))
+        found = may_have_secret_fields(memoryview(body)[start:] if start else body)
+        if not found:
+            self._clean[session] = body
+            self._held += len(body)
+            while self._clean and (len(self._clean) > self._sessions or self._held > self._budget):
+                self._held -= len(self._clean.popitem(last=False)[1])
+        return found
+
+
+def scan_start(body: bytes, repeated: int) -> int:
+    """Where to scan `body` when its first `repeated` bytes repeat a body with
+    no secret-named key: far enough back that a key whose colon comes after
+    them is seen whole (a key ending before them was in the other body)."""
+    start = repeated
+    while start > 0 and body[start - 1] in _BLANKS:
+        start -= 1
+    return max(0, start - _KEY_REACH)
