@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams|zstd|pool]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams|zstd|capture|pool]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -56,9 +56,10 @@ And the bridge, on the streams only:
                      adds (`--only bridge`: just these two)
 
 And, in this process: what replay's normalisation costs per call on a 200 KB
-request shaped like a coding agent's (tools, system prompt, history): once the
-recorded calls are loaded (they are normalised at load, which caches their
-strings), and for a request none of whose strings was seen (cold).
+request shaped like a coding agent's (tools, system prompt, history), the first
+time that live request is seen: once the recorded call is loaded (loading
+normalises it, which remembers its list items and strings; the live one differs
+in its date and home), and with nothing loaded (cold).
 `--only normalize` measures just that.
 
 Targets checked: recording keeps >= 90% of mitmdump-sb1's requests/s and adds
@@ -915,15 +916,7 @@ def checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
             f"replay.{key}", ratio, f">= {REPLAY_RPS_TARGET:.2f}x", ratio is not None and ratio >= REPLAY_RPS_TARGET,
             f"{label}: {REPLAY.name} {_fmt(ratio, '{:.2f}x')} of {BASELINE.name}, {_fmt(buffered, '{:.2f}x')} of "
             f"{BUFFERED.name} (target >= {REPLAY_RPS_TARGET:.2f}x of {BASELINE.name})"))  # fmt: skip
-    for stream, how in (("stream", "paced, an event per chunk"), ("burst", "back to back, many events per chunk")):
-        record_cpu, capture_cpu = (results[t.name].metrics.get(f"{stream}.cpu_us") for t in (RECORD_TOKENS, CAPTURE))
-        added = capture_cpu / record_cpu - 1 if record_cpu and capture_cpu is not None else None
-        per_event = (capture_cpu - record_cpu) / settings.chunks if added is not None else None
-        out.append(_check(
-            f"capture.{stream}.cpu_added", added, f"<= +{CAPTURE_COST_TARGET:.0%}",
-            added is not None and added <= CAPTURE_COST_TARGET,
-            f"token capture ({how}): {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs "
-            f"{RECORD_TOKENS.name} ({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})"))  # fmt: skip
+    out += capture_checks(results, settings)
     out.append(anticall_check(results))
     out.append(bridge_check(results))
     return out
@@ -993,7 +986,21 @@ CAPTURE_COLUMNS = [
 ]  # fmt: skip
 
 
-def capture_report(results: dict[str, TargetResult]) -> list[str]:
+def capture_checks(results: dict[str, TargetResult], settings: Settings) -> list[dict]:
+    out = []
+    for stream, how in (("stream", "paced, an event per chunk"), ("burst", "back to back, many events per chunk")):
+        record_cpu, capture_cpu = (results[t.name].metrics.get(f"{stream}.cpu_us") for t in (RECORD_TOKENS, CAPTURE))
+        added = capture_cpu / record_cpu - 1 if record_cpu and capture_cpu is not None else None
+        per_event = (capture_cpu - record_cpu) / settings.chunks if added is not None else None
+        out.append(_check(
+            f"capture.{stream}.cpu_added", added, f"<= +{CAPTURE_COST_TARGET:.0%}",
+            added is not None and added <= CAPTURE_COST_TARGET,
+            f"token capture ({how}): {CAPTURE.name} {_fmt(added, '{:+.1%}')} proxy CPU per streamed event vs "
+            f"{RECORD_TOKENS.name} ({_fmt(per_event, '{:+.1f} µs')} per event; target <= +{CAPTURE_COST_TARGET:.0%})"))  # fmt: skip
+    return out
+
+
+def capture_report(results: dict[str, TargetResult], with_bare: bool = False) -> list[str]:
     capture = results[CAPTURE.name]
     return [
         f"token capture: {CAPTURE.label}; {capture.records} records for {capture.requests} requests, "
@@ -1001,8 +1008,33 @@ def capture_report(results: dict[str, TargetResult]) -> list[str]:
         "",
         f"against: {RECORD_TOKENS.label} (the same engine bytes, nothing rewritten)",
         "",
-        absolute_table(results, [RECORD, RECORD_TOKENS, CAPTURE], CAPTURE_COLUMNS),
+        absolute_table(results, [*([BARE, BARE_SB1] if with_bare else []), RECORD, RECORD_TOKENS, CAPTURE], CAPTURE_COLUMNS),
     ]
+
+
+CAPTURE_TARGETS = [BARE, BARE_SB1, RECORD, RECORD_TOKENS, CAPTURE]  # --only capture
+
+
+def capture_only(settings: Settings) -> int:
+    """`--only capture`: token capture's streams against the same engine bytes recorded without it."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results = run(settings, CAPTURE_TARGETS, [m for m in MEASUREMENTS if CAPTURE.takes(m)])
+    except (KeyboardInterrupt, ProxyStartError, BadResponse) as exc:
+        print(f"bench: {exc or 'interrupted'}", file=sys.stderr)
+        return 2
+    print("\n".join([
+        f"llm-traj benchmark, token capture only: {environment()}",
+        f"stream: {settings.chunks} SSE events {settings.delay_ms} ms apart, burst: the same without delay "
+        f"({settings.stream_requests * BURST_FACTOR} sequential requests); proxy CPU: mitmdump user+system time "
+        f"per stream; every figure is the median of {settings.rounds} round(s) taken in turn across the targets",
+        "",
+        *capture_report(results, with_bare=True),
+        "",
+        *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in capture_checks(results, settings)),
+    ]))
+    return 0
 
 
 def bridge_report(results: dict[str, TargetResult]) -> list[str]:
@@ -1123,8 +1155,10 @@ def agent_like_request(day: str, home: str, size: int = 200_000) -> dict:
 
 
 def normalize_cost(rounds: int = 30) -> dict:
-    """ms per call, median of `rounds`: normalising a live 200 KB request after
-    the recording was loaded (warm), and one of strings never seen (cold)."""
+    """ms per call, median of `rounds`: normalising a live 200 KB request the
+    first time it is seen, once the recording was loaded (warm: a fresh rule
+    set normalised the recorded request first, as loading does), and with
+    nothing loaded (cold)."""
     from pydantic_core import from_json
 
     from llmtraj.replay.normalize import Normalizer
@@ -1132,18 +1166,18 @@ def normalize_cost(rounds: int = 30) -> dict:
     headers = [("user-agent", "claude-cli/1.0")]
     recorded = json.dumps(agent_like_request("2026-01-01", "/home/ann")).encode()
     live = json.dumps(agent_like_request("2026-01-02", "/home/bob")).encode()
-    normalizer = Normalizer.builtin()
-    rules = normalizer.rule_set(normalizer.preset_for(headers))
-    assert rules.normalize("x", from_json(recorded)).key == rules.normalize("x", from_json(live)).key
+    preset = Normalizer.builtin().preset_for(headers)
     gc.freeze()  # as the replaying proxy does once the recording is loaded
     warm, cold = [], []
     for _ in range(rounds):
+        rules = Normalizer.builtin().rule_set(preset)
+        loaded = rules.normalize("x", from_json(recorded))
         body = from_json(live)  # fresh objects, as a live request's are
         start = time.perf_counter()
-        rules.normalize("x", body)
+        normalized = rules.normalize("x", body)
         warm.append((time.perf_counter() - start) * 1000)
-    for _ in range(rounds):
-        fresh = Normalizer.builtin().rule_set(rules.preset)
+        assert normalized.key == loaded.key
+        fresh = Normalizer.builtin().rule_set(preset)
         body = from_json(live)
         start = time.perf_counter()
         fresh.normalize("x", body)
@@ -1173,15 +1207,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams", "zstd", "pool"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams", "zstd", "capture", "pool"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
                         "(replay normalisation; each a few seconds), pool (anti-call calls/s through llmtraj.ray.ProxyPool "
                         "of 1 and 4 proxies against one proxy alone; needs the scale extra), anticall (the round trip through a real "
                         "mitmdump and what the control API adds to it), bridge (its streams against recording "
                         "them unbridged), streams (long streams of every API against bare streaming mitmdump, "
-                        "bench/long_streams.py; a few minutes) or zstd (compressed session files: size, compaction, "
-                        "reading, replay)")
+                        "bench/long_streams.py; a few minutes), zstd (compressed session files: size, compaction, "
+                        "reading, replay) or capture (token capture's streams against the same engine bytes recorded "
+                        "without it, bare mitmdump beside them)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
     return parser.parse_args(argv)
 
@@ -1227,6 +1262,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.only == "bridge":
         return bridge_only(settings_from(args))
+    if args.only == "capture":
+        return capture_only(settings_from(args))
     if args.only == "streams":
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)

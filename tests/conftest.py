@@ -14,9 +14,10 @@ from llmtraj.core.record import CallRecord
 from llmtraj.core.store import read_records
 from llmtraj.testing.standin import StandinUpstream
 
-# Property tests (hypothesis): a quick profile in the default run, the long one
-# (>= 10,000 examples a property) from scripts/properties.
+# Property tests (hypothesis): a quick profile in the default run, `ci` (1,000
+# examples a property) in .ci/run, the long one (10,000) from scripts/properties.
 settings.register_profile("quick", max_examples=50, deadline=None)
+settings.register_profile("ci", max_examples=1_000, deadline=None)
 settings.register_profile("long", max_examples=10_000, deadline=None)
 settings.load_profile(os.environ.get("LLM_TRAJ_PROPERTIES", "quick"))
 

@@ -5,6 +5,7 @@ another's) and may have its clock moved (libfaketime)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -28,14 +29,13 @@ class Agent:
     command: tuple[str, ...]  # the agent, after `llm-traj run ... --`
     env: dict[str, str]  # besides HOME
     https_proxy_env: dict[str, str] = field(default_factory=dict)  # only through HTTPS_PROXY
-    faketime_works: bool = True  # a statically linked binary ignores LD_PRELOAD
     home_files: dict[str, str] = field(default_factory=dict)  # written under $HOME before each run
 
     def argv(self, faketime: str | None) -> list[str]:
         if faketime is None:
             return list(self.command)
-        if self.name == "codex":  # the wrapper runs the prefix before `codex exec`
-            return [self.command[0], "faketime", "-f", faketime, "--", *self.command[1:]]
+        if self.name == "codex":  # a static binary: the wrapper moves its clock (under qemu-user)
+            return [self.command[0], "--faketime", faketime, *self.command[1:]]
         return ["faketime", "-f", faketime, *self.command]
 
 
@@ -47,7 +47,7 @@ CLAUDE = Agent(
     # to api.anthropic.com (other traffic, which replay leaves alone).
     https_proxy_env={"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"},
 )
-CODEX = Agent("codex", (str(HERE / "run-codex"), TASK), {}, faketime_works=False)
+CODEX = Agent("codex", (str(HERE / "run-codex"), TASK), {})
 QWEN = Agent(
     "qwen-code",
     ("qwen", "-p", TASK, "--yolo", "--auth-type", "openai"),
@@ -56,6 +56,20 @@ QWEN = Agent(
     # usage statistics would go to another host (other traffic, which replay leaves alone)
     home_files={".qwen/settings.json": '{"privacy": {"usageStatisticsEnabled": false}, "telemetry": {"enabled": false}}'},
 )
+OPENCODE = Agent(
+    "opencode",
+    ("opencode", "run", TASK),
+    {"OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1"},
+    # it fetches its plugin packages' metadata from npm itself: not through the proxy
+    https_proxy_env={"OPENAI_BASE_URL": "https://api.openai.com/v1", "NO_PROXY": "registry.npmjs.org"},
+    # an OpenAI-compatible provider at the base URL llm-traj run gives it
+    home_files={".config/opencode/opencode.json": json.dumps({
+        "autoupdate": False, "share": "disabled", "model": "replayable/gpt-4.1",
+        "provider": {"replayable": {"npm": "@ai-sdk/openai-compatible", "name": "replayable",
+                                    "options": {"baseURL": "{env:OPENAI_BASE_URL}", "apiKey": "{env:OPENAI_API_KEY}"},
+                                    "models": {"gpt-4.1": {"name": "gpt-4.1"}}}},
+    })},
+)  # fmt: skip
 
 
 @dataclass
@@ -126,19 +140,22 @@ def run_agent(
     via: str = "base-url",
     faketime: str | None = None,
     upstream: str | None = None,
+    sets: tuple[str, ...] = (),
     config: Path | None = None,
     scratch: Path,
     timeout: float = 240,
 ) -> Run:
-    """One run of the agent under `llm-traj run`; in anti-call mode the
-    scripted policy answers (started first, stopped by the session's end)."""
+    """One run of the agent under `llm-traj run` (`sets`: its proxy's options,
+    NAME=VALUE); in anti-call mode the scripted policy answers (started first,
+    stopped by the session's end)."""
     scratch.mkdir(parents=True, exist_ok=True)
     (place.work / OUT_FILE).unlink(missing_ok=True)
     for name, text in agent.home_files.items():
         (place.home / name).parent.mkdir(parents=True, exist_ok=True)
         (place.home / name).write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_", "CODEX_"))}
-    env.update(agent.env, HOME=str(place.home), TMPDIR=str(scratch))  # TMPDIR: where llm-traj run keeps proxy.log
+    # TMPDIR: where llm-traj run keeps proxy.log; PWD: opencode takes its working directory from it
+    env.update(agent.env, HOME=str(place.home), TMPDIR=str(scratch), PWD=str(place.work))
     if agent.name == "codex":
         env["CODEX_HOME"] = str(place.home / ".codex")
     if via == "https-proxy":
@@ -152,6 +169,8 @@ def run_agent(
     argv = [llm_traj(), "run", "--mode", mode, "--traj", str(traj), "--session", SESSION, "--via", via]
     if upstream is not None:
         argv += ["--upstream", upstream]
+    for option in sets:
+        argv += ["--set", option]
     if config is not None:
         argv += ["--config", str(config)]
     try:

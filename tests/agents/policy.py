@@ -33,6 +33,7 @@ SHELL_TOOLS = {
     "shell_command": lambda cmd: {"command": cmd},  # Codex
     "exec_command": lambda cmd: {"cmd": cmd},  # Codex (unified exec)
     "run_shell_command": lambda cmd: {"command": cmd, "description": "Write the file"},  # Qwen Code, Gemini CLI
+    "bash": lambda cmd: {"command": cmd, "description": "Write the file"},  # opencode
 }
 
 

@@ -1,4 +1,4 @@
-"""Replay that survives real agents: Claude Code, Codex and Qwen Code (the real
+"""Replay that survives real agents: Claude Code, Codex, Qwen Code and opencode (the real
 CLIs from npm, installed by scripts/agents-setup) are driven through `llm-traj run
 --mode anticall` by a scripted policy (a tool call that writes a file, then a
 final answer; side calls such as titles get a short text), then replayed with
@@ -6,7 +6,9 @@ no upstream and no `position` rung:
 
   - in the same $HOME and working directory,
   - under another $HOME and working directory,
-  - with the clock one day ahead (libfaketime),
+  - with the clock one day ahead (libfaketime; Codex, a statically linked
+    binary, runs under qemu-user with libfaketime in qemu), checked in what the
+    agent sent: the next day's date,
   - through HTTPS_PROXY (a recording made through HTTPS_PROXY: the agents send
     other requests to their own hosts than to a base URL).
 
@@ -19,15 +21,17 @@ Run by scripts/test-agents, not by scripts/test.
 
 from __future__ import annotations
 
+import json
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
 
 from llmtraj.core.store import read_records
 
-from .harness import CLAUDE, CODEX, FILE_TEXT, QWEN, SESSION, Agent, Place, Tripwire, run_agent
+from .harness import CLAUDE, CODEX, FILE_TEXT, OPENCODE, QWEN, SESSION, Agent, Place, Tripwire, run_agent
 
-AGENTS = {agent.name: agent for agent in (CLAUDE, CODEX, QWEN)}
+AGENTS = {agent.name: agent for agent in (CLAUDE, CODEX, QWEN, OPENCODE)}
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -65,11 +69,11 @@ def test_the_recording_finishes_the_task(recordings, via):
 
 
 def replay(recording: Recording, tmp_path: Path, *, place: Place | None = None, faketime: str | None = None,
-           via: str | None = None):  # fmt: skip
+           via: str | None = None, sets: tuple[str, ...] = ()):  # fmt: skip
     tripwire = Tripwire()
     try:
         run = run_agent(recording.agent, place or recording.place, recording.traj, mode="replay",
-                        via=via or recording.via, faketime=faketime, scratch=tmp_path / "scratch",
+                        via=via or recording.via, faketime=faketime, scratch=tmp_path / "scratch", sets=sets,
                         upstream=f"http://127.0.0.1:{tripwire.port}" if (via or recording.via) == "base-url" else None)  # fmt: skip
     finally:
         tripwire.close()
@@ -100,11 +104,25 @@ def test_replay_under_another_home_and_working_directory(recordings, tmp_path, a
     assert f"{agent.name}:abs-path" in rules, run.describe()
 
 
+def _written(day: date) -> set[str]:
+    """A day as agents write it into their prompts."""
+    return {day.isoformat(), f"{day:%B} {day.day}, {day.year}", f"{day:%a %b %d %Y}"}
+
+
 def test_replay_one_day_later(recordings, tmp_path, agent):
-    if not agent.faketime_works:
-        pytest.skip(f"{agent.name} is a statically linked binary: libfaketime (LD_PRELOAD) cannot move its clock")
-    run = replay(recordings["base-url"], tmp_path, faketime="+1d")
-    assert "normalized" in _rungs(run.stderr), run.describe()
+    recording = recordings["base-url"]
+    # flow_detail=4: the proxy's log shows each request the agent sent in full
+    run = replay(recording, tmp_path, faketime="+1d", sets=("flow_detail=4",))
+    rungs = _rungs(run.stderr)
+    assert "normalized" in rungs, run.describe()
+    # The agent's clock really moved (for Codex, a static binary, under qemu-user):
+    # it sent the next day's date, which the recording never holds, and a date
+    # rule of its preset made the calls match.
+    tomorrow = _written(date.today() + timedelta(days=1))
+    recorded = json.dumps([r.request for r in recording.records], ensure_ascii=False)
+    assert not any(form in recorded for form in tomorrow)
+    assert any(form in run.proxy_log for form in tomorrow), run.proxy_log[-3000:]
+    assert f"{agent.name}:iso-date" in rungs or f"{agent.name}:written-date" in rungs, rungs
 
 
 def test_replay_through_https_proxy_under_another_home(recordings, tmp_path):

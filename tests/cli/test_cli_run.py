@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -235,6 +236,7 @@ def test_stats_diff_export_commands(demo_traj, tmp_path):
         out = tmp_path / f"out.{fmt}"
         r = llm_traj("export", str(demo_traj), "--format", fmt, "-o", str(out))
         assert r.returncode == 0, r.stderr
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600  # conversations: the owner's only
         text = out.read_text()
         if fmt == "har":
             assert json.loads(text)["log"]["version"] == "1.2"

@@ -24,7 +24,12 @@ MESSAGES = [{"role": "user", "content": "Say hello"}]
 
 
 def writer_pid(path, proxy) -> int:
-    (pid,) = set(processes_mentioning("llmtraj.recording.writer")) & set(processes_mentioning(str(path))) - {proxy.pid}
+    """The record writer's pid, once one runs (after a death the next one may start a moment later)."""
+    deadline = time.monotonic() + 15
+    while len(pids := set(processes_mentioning("llmtraj.recording.writer")) & set(processes_mentioning(str(path))) - {proxy.pid}) != 1:
+        assert time.monotonic() < deadline, f"record writers running: {pids}"
+        time.sleep(0.05)
+    (pid,) = pids
     return pid
 
 

@@ -10,6 +10,9 @@ import json
 import time
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from pydantic_core import to_json
 
 from llmtraj.replay.normalize import (
     ANY_INDEX,
@@ -334,3 +337,80 @@ def test_a_200kb_request_seen_before_normalises_fast():
         rules.normalize("x", b)
     per_call = (time.perf_counter() - start) / len(live)
     assert per_call < 0.02  # loose for a shared CI machine; scripts/bench measures it properly
+
+
+# -------------------------------------------- what is remembered changes nothing
+
+# Strings each rule family rewrites, and some none does, JSON's awkward characters included.
+_WORDS = ["2026-01-05", "2026-01-05T10:11:12Z", "Jan 5, 2026", "10:11:12", "/home/ann/work", "pid 123",
+          "msg_0123456789abcdef0123", "123e4567-e89b-12d3-a456-426614174000", "cch=abc12;", "Chunk ID: 9f3a",
+          "Wall time: 1.25 seconds", "took 3.25 s", "hello", "é ✓", 'a"b\\c', "\n", ""]  # fmt: skip
+_KEYS = st.sampled_from(["id", "text", "output", "type", "input", "messages", "content", "system", "metadata",
+                         "client_metadata", "user_id", "cache_control", "role", "a"])  # fmt: skip
+_SCALARS = st.one_of(st.lists(st.sampled_from(_WORDS), max_size=3).map(" ".join), st.integers(-5, 2**70),
+                     st.floats(allow_nan=False), st.booleans(), st.none())  # fmt: skip
+_TREES = st.recursive(_SCALARS, lambda c: st.lists(c, max_size=4) | st.dictionaries(_KEYS, c, max_size=5),
+                      max_leaves=30)  # fmt: skip
+_BODIES = st.dictionaries(_KEYS, _TREES, max_size=6)
+_WITH_USER_RULES_TABLE = {"rules": [
+    {"name": "first-content", "drop": "messages[0].content"},  # an index: items are told apart
+    {"name": "second-system", "pattern": "hello", "placeholder": "<hi>", "under": "system[1]"},
+    {"name": "deep", "drop": "input[*].content[*].cache_control"},  # a list inside followed items
+    {"name": "texts", "pattern": "o", "placeholder": "0", "under": "*.text"},
+]}  # fmt: skip
+_WARM = {"builtin": BUILTIN, "user": normalizer_from_table(_WITH_USER_RULES_TABLE)}
+
+
+def _plainly(rules, body):
+    """What normalisation means, written as plainly as possible: the oracle
+    the engine (paths followed as states, remembered items and strings,
+    quick pre-checks) must agree with."""
+    fired = set()
+
+    def at(tokens, path):  # whether a rule's path names this place
+        return len(tokens) == len(path) and all(
+            t == p if type(t) in (str, int) else (type(p) is str) == (t is ANY_KEY) for t, p in zip(tokens, path)
+        )
+
+    def dropped(path):
+        names = [r.name for r in rules if r.drop is not None and at(r.drop, path)]
+        fired.update(names)
+        return bool(names)
+
+    def visit(node, path):
+        if isinstance(node, dict):
+            return {k: visit(node[k], (*path, k)) for k in sorted(node) if not dropped((*path, k))}
+        if isinstance(node, list):
+            return [visit(item, (*path, i)) for i, item in enumerate(node) if not dropped((*path, i))]
+        if not isinstance(node, str):
+            return node
+        scoped = sorted((r for r in rules if r.under is not None and at(r.under, path[: len(r.under)])),
+                        key=lambda r: len(r.under))  # fmt: skip
+        for rule in [r for r in rules if r.pattern is not None and r.under is None] + scoped:
+            node, n = rule.pattern.subn(rule.placeholder, node)
+            if n:
+                fired.add(rule.name)
+        return node
+
+    out = visit(body, ())
+    return out, tuple(sorted(fired))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_BODIES, st.sampled_from([GENERIC, "claude-code", "codex", "qwen-code", "aider"]),
+       st.sampled_from(sorted(_WARM)), st.lists(_BODIES, max_size=3))  # fmt: skip
+@example({"id": "a", "text": "/home/ann/x"}, "codex", "builtin", [])  # one item, dropped from under input only
+def test_a_warm_rule_set_normalises_as_a_plain_walk_does(body, preset, which, before):
+    """List items and strings are remembered across calls; whatever was seen
+    before, a body normalises as the plain definition says, and the key
+    (joined from remembered items' JSON) is the normalised body's JSON."""
+    rules = _WARM[which].rule_set(preset)
+    for other in before:
+        rules.normalize("x", other)
+    for shape in (body, {"messages": [body, body], "input": [body, {"id": 1}, body]}):
+        expected_body, expected_fired = _plainly(rules.rules, shape)
+        for _ in range(2):  # the second time from what the first remembered, on fresh objects
+            got = rules.normalize("x", json.loads(json.dumps(shape)))
+            assert got.key == "x\njson\n" + to_json(expected_body).decode()
+            assert got.fired == expected_fired and got.preset == preset
+            assert json.dumps(got.body) == json.dumps(expected_body)

@@ -468,9 +468,11 @@ def export(
         except ImportError as exc:
             fail(str(exc), 2)
     else:
+        from ..core.store import private_opener
+
         # Written as it is made (a session at a time), to a file only renamed to `out` once whole.
         partial = None if out is None else out.with_name(out.name + ".partial")
-        with _reading(), (contextlib.nullcontext(sys.stdout) if partial is None else open(partial, "w")) as sink:
+        with _reading(), (contextlib.nullcontext(sys.stdout) if partial is None else open(partial, "w", opener=private_opener)) as sink:
             result = convert(_reader(path), fmt, granularity=granularity, agent_name=agent_name,
                              agent_version=agent_version, skipped=skipped)
             for text in [result] if isinstance(result, str) else (line + "\n" for line in result):

@@ -71,7 +71,8 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._offset = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as sink:
+        # 0600: the proxy's log may quote calls
+        with open(self.log, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)) as sink:
             self._proc = subprocess.Popen(
                 self.args,
                 stdin=subprocess.DEVNULL,

@@ -57,7 +57,7 @@ def start_service(state_dir: Path, name: str, proxy: ProxyProcess, mode: str, tr
     requested = int(proxy.args[proxy.args.index("-p") + 1])
     if requested and not port_free(proxy.host, requested):
         raise RunError(f"port {requested} on {proxy.host} is busy; choose another with --port")
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     proxy.start()
     state = ServiceState(name, proxy.pid, proxy.url, mode, str(traj), str(proxy.log), time.time())
     state_file(state_dir, name).write_text(json.dumps(asdict(state)))

@@ -54,6 +54,11 @@ _RAW_REQUEST_JSON = to_json(_RAW_REQUEST)
 _BRIDGE_CHAIN = "\x00bridge"
 
 
+def private_opener(path: str, flags: int) -> int:
+    """For `open(..., opener=private_opener)`: a file made 0600, for what holds conversations."""
+    return os.open(path, flags, 0o600)
+
+
 ZSTD = ".zst"  # appended to a compressed trajectory file's name
 ZSTD_LEVEL = 9  # compact --zstd (a one-off rewrite of finished files: ratio over speed; scripts/bench --only zstd)
 

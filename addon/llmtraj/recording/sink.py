@@ -26,7 +26,7 @@ import time
 from .capture import ACK, FRAME_HEAD, RESENT, CallCapture
 
 _PIPE_SIZE = 1 << 20  # room for bursts before our own buffer is used
-_MAX_TRIES = 3  # writers that may die with a call pending before it is given up
+_MAX_TRIES = 8  # writers that may die with a call pending before it is given up (a writer killed while starting counts too)
 logger = logging.getLogger("llm_traj")
 
 
@@ -52,7 +52,7 @@ class RecordSink:
         self._waiting_writable = False
         self._started_at = 0.0
         self._restart_delay = 0.0
-        self._restart_scheduled = False
+        self._restart_scheduled: asyncio.TimerHandle | None = None
         # The frames of each session not yet confirmed (or given up), for `wait_written`.
         self._unwritten: dict[str, set[int]] = {}
         self._session_of: dict[int, str] = {}
@@ -106,7 +106,7 @@ class RecordSink:
         self._session_of[seq] = capture.session
         self.sent += 1
         self._pending += frame
-        if self._restart_scheduled:
+        if self._restart_scheduled is not None:
             return  # the restart to come sends it with the others
         if self._proc is None:
             self.start()
@@ -189,6 +189,7 @@ class RecordSink:
     def _writer_died(self) -> None:
         """Start another writer and send it what the dead one did not confirm
         (a writer dying over and over is restarted at a growing interval)."""
+        loop = self._loop
         status = self._stop_watching_and_reap()
         self.restarts += 1
         lived = time.monotonic() - self._started_at
@@ -198,14 +199,13 @@ class RecordSink:
             f"{f' in {self._restart_delay:g} s' if self._restart_delay else ''},"
             f" which writes the {len(self._unacked)} calls not confirmed written"
         )
-        if self._restart_delay and self._loop is not None:
-            self._restart_scheduled = True
-            self._loop.call_later(self._restart_delay, self._restart)
+        if self._restart_delay and loop is not None:
+            self._restart_scheduled = loop.call_later(self._restart_delay, self._restart)
         else:
             self._restart()
 
     def _restart(self) -> None:
-        self._restart_scheduled = False
+        self._restart_scheduled = None
         self._pending = bytearray(self._resend_frames())
         self.start()
         self._write()
@@ -246,6 +246,9 @@ class RecordSink:
         """Hand over what is pending and wait until the writer has written it
         all (a writer that dies meanwhile is replaced, as on the loop)."""
         self._unwatch()
+        if self._restart_scheduled is not None:  # replaced here instead
+            self._restart_scheduled.cancel()
+            self._restart_scheduled = None
         deadline = time.monotonic() + timeout
         for _ in range(_MAX_TRIES):
             if self._proc is None:

@@ -15,15 +15,17 @@ words of its prompt); the `generic` rules apply to every call. A user file
 (`llm_traj_replay_rules`, TOML or YAML) adds rules, overrides built-in ones by
 name, switches them off, and declares agents of its own.
 
-Rules are compiled once per preset. Normalising a body walks it once; strings
-are cached per rule set, so the prompt, tools and history an agent sends
-again on every call cost a dict lookup, not a regex pass.
+Rules are compiled once per preset. Normalising a body walks it once, and
+what an agent sends again on every call (the prompt, the tools, the history)
+is not walked again: the items of its outermost lists are remembered by their
+JSON text, so each costs a serialisation in C and a dict lookup; strings are
+remembered too, so a string seen before costs a lookup, not a regex pass.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from pydantic_core import to_json
 
 GENERIC = "generic"  # the rules every call gets, and the name of calls of no known agent
 _CACHE_LIMIT = 50_000  # distinct strings remembered per rule set before it starts afresh
+_ITEMS_LIMIT = 8_000_000  # bytes of list items' JSON remembered per rule set before it starts afresh
 
 
 class RuleError(ValueError):
@@ -290,23 +293,27 @@ class RuleSet:
         # (rule, position in its path) pairs still being followed at the root
         self._roots = tuple((r, 0) for r in self.rules if r.path is not None)
         self._caches: dict[tuple[Rule, ...], dict[str, Any]] = {}  # per rule tuple: string -> _rewrite's entry
+        # per (states, rules) a list item is normalised under: its JSON -> (normalised, its JSON, rules fired)
+        self._items: dict[tuple, dict[bytes, tuple[Any, bytes, tuple[str, ...]]]] = {}
+        self._items_bytes = 0
         self._steps: dict[tuple, dict[Any, tuple]] = {}  # _step's answers, by states and key
         self._index_free: dict[tuple, bool] = {}
 
     def normalize(self, api: str, body: Any, raw: str | None = None) -> Normalized:
         fired: set[str] = set()
         if raw is not None:
-            text = self._plain(raw, self._global, fired)
+            text = self._rewritten(raw, self._global, fired)
             return Normalized(f"{api}\nraw\n{text}", text, tuple(sorted(fired)), self.preset)
-        out = self._walk(body, self._roots, self._global, fired)
-        key = f"{api}\njson\n" + to_json(out).decode()
+        texts: _Texts = {}
+        out = self._walk(body, self._roots, self._global, fired, texts)
+        key = f"{api}\njson\n" + _json(out, texts).decode()
         return Normalized(key, out, tuple(sorted(fired)), self.preset)
 
-    def _walk(self, node: Any, states: tuple, scoped: tuple[Rule, ...], fired: set[str]) -> Any:
+    def _walk(self, node: Any, states: tuple, scoped: tuple[Rule, ...], fired: set[str], texts: _Texts) -> Any:
         """A normalised copy of a node (keys sorted), while path rules are
         still being followed (`states`)."""
         if not states:
-            return self._plain(node, scoped, fired)
+            return self._plain(node, scoped, fired, texts)
         if isinstance(node, dict):
             out = {}
             for key in sorted(node):
@@ -314,7 +321,7 @@ class RuleSet:
                 if dropped:
                     fired.update(dropped)
                     continue
-                out[key] = self._walk(node[key], following, _with(scoped, added), fired)
+                out[key] = self._walk(node[key], following, _with(scoped, added), fired, texts)
             return out
         if isinstance(node, list):
             if self._any_index(states):
@@ -323,17 +330,18 @@ class RuleSet:
                     fired.update(dropped)
                     return []
                 child = _with(scoped, added)
-                return [self._walk(item, following, child, fired) for item in node]
+                return self._list(node, (following, child), fired, texts,
+                                  lambda item, into: self._walk(item, following, child, into, texts))  # fmt: skip
             out_list = []
             for i, item in enumerate(node):
                 following, added, dropped = self._step(states, i)
                 if dropped:
                     fired.update(dropped)
                     continue
-                out_list.append(self._walk(item, following, _with(scoped, added), fired))
+                out_list.append(self._walk(item, following, _with(scoped, added), fired, texts))
             return out_list
         if isinstance(node, str):
-            return self._plain(node, scoped, fired)
+            return self._plain(node, scoped, fired, texts)
         return node
 
     def _step(self, states: tuple, key: Any) -> tuple[tuple, tuple[Rule, ...], tuple[str, ...]]:
@@ -372,14 +380,77 @@ class RuleSet:
             found = self._index_free[states] = all(type(rule.path[position]) is not int for rule, position in states)
         return found
 
-    def _plain(self, node: Any, rules: tuple[Rule, ...], fired: set[str]) -> Any:
-        """A subtree no path rule reaches: its strings rewritten by `rules`."""
+    def _plain(self, node: Any, rules: tuple[Rule, ...], fired: set[str], texts: _Texts) -> Any:
+        """A subtree no path rule reaches: its strings rewritten by `rules`,
+        the items of its outermost lists remembered."""
+        kind = type(node)
+        if kind is dict:
+            return {key: self._plain(node[key], rules, fired, texts) for key in sorted(node)}
+        if kind is list:
+            return self._list(node, ((), rules), fired, texts, lambda item, into: self._rewritten(item, rules, into))
+        return self._rewritten(node, rules, fired)
+
+    def _rewritten(self, node: Any, rules: tuple[Rule, ...], fired: set[str]) -> Any:
         if not rules:
             return _sorted_copy(node)
         cache = self._caches.get(rules)
         if cache is None:
             cache = self._caches[rules] = {}
         return _rewrite_tree(node, rules, cache, fired)
+
+    def _list(
+        self, items: list, where: tuple, fired: set[str], texts: _Texts, normalize: Callable[[Any, set[str]], Any]
+    ) -> list:
+        """A list's items normalised by `normalize`, and their JSON noted in
+        `texts` for the key. An object or list item whose JSON was normalised
+        before at an equal place (`where`: the states and rules it is
+        normalised under) is taken from then: JSON keeps key order and
+        number types, so equal text is an equal item."""
+        known = self._items.get(where)
+        if known is None:
+            known = self._items[where] = {}
+        out, parts = [], []
+        for item in items:
+            if type(item) is not dict and type(item) is not list:
+                done = normalize(item, fired)
+                out.append(done)
+                parts.append(to_json(done))
+                continue
+            text = to_json(item)
+            entry = known.get(text)
+            if entry is None:
+                own: set[str] = set()
+                lists = len(texts)
+                done = normalize(item, own)
+                entry = (done, to_json(done) if len(texts) == lists else _json(done, texts), tuple(own))
+                if self._items_bytes + len(text) > _ITEMS_LIMIT:
+                    for remembered in self._items.values():
+                        remembered.clear()
+                    self._items_bytes = 0
+                known[text] = entry
+                self._items_bytes += len(text)
+            out.append(entry[0])
+            parts.append(entry[1])
+            if entry[2]:
+                fired.update(entry[2])
+        texts[id(out)] = (out, parts)
+        return out
+
+
+# Per normalisation: the lists _list made (by id; kept so the id stays theirs)
+# and their items' JSON, from which the key is joined instead of serialised again.
+_Texts = dict[int, tuple[list, list[bytes]]]
+
+
+def _json(node: Any, texts: _Texts) -> bytes:
+    """`to_json(node)`, with the lists in `texts` joined from their items' JSON."""
+    kind = type(node)
+    if kind is list:
+        made = texts.get(id(node))
+        return to_json(node) if made is None else b"[" + b",".join(made[1]) + b"]"
+    if kind is dict:
+        return b"{" + b",".join(to_json(key) + b":" + _json(value, texts) for key, value in node.items()) + b"}"
+    return to_json(node)
 
 
 def _with(scoped: tuple[Rule, ...], added: tuple[Rule, ...]) -> tuple[Rule, ...]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.record import CallRecord
+from ...core.store import private_opener
 from ...tokens.continuity import chains
 from .common import Skipped
 
@@ -64,5 +65,6 @@ def write_parquet(rows: Iterable[dict[str, Any]], path: Path) -> int:
     except ImportError:
         raise ImportError("writing Parquet needs pyarrow: pip install pyarrow (or export to .jsonl)") from None
     table = pa.Table.from_pylist(list(rows))
-    pq.write_table(table, path)
+    with open(path, "wb", opener=private_opener) as sink:  # conversations: the owner's only
+        pq.write_table(table, sink)
     return table.num_rows
