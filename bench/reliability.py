@@ -47,6 +47,7 @@ import httpx
 
 from llmtraj.cli.proxy_process import ProxyProcess, standin_process
 from llmtraj.core.store import SkippedLine, read_records
+from bench import vm_rss  # bench/bench.py, beside this script (bench/ is sys.path[0])
 
 FLAT_BYTES = 5 * 1024 * 1024
 CALL_KINDS = [  # (scenario, stream, encoding)
@@ -77,17 +78,6 @@ def writer_of(proxy_pid: int) -> int | None:
                 return pid
         except OSError:
             pass
-    return None
-
-
-def rss(pid: int | None) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, TypeError):
-        pass
     return None
 
 
@@ -231,8 +221,8 @@ def soak(args: argparse.Namespace) -> dict:
             sample = {
                 "t": round(time.monotonic() - start, 1), "answered": len(clients.tally.answered),
                 "errors": sum(clients.tally.errors.values()),
-                "proxy_rss": rss(proxy.pid), "proxy_fds": open_files(proxy.pid),
-                "writer_rss": rss(writer), "writer_fds": open_files(writer), "load": load_average()[0],
+                "proxy_rss": vm_rss(proxy.pid), "proxy_fds": open_files(proxy.pid),
+                "writer_rss": vm_rss(writer), "writer_fds": open_files(writer), "load": load_average()[0],
             }  # fmt: skip
             samples.append(sample)
             if not args.quiet:
