@@ -5,6 +5,7 @@ by folding them with the real SDKs' accumulators."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -227,8 +228,10 @@ def translated(api, request, chunks, chat_request=None):
 def anthropic_fold(stream: bytes) -> Message:
     snapshot = None
     adapter = TypeAdapter(RawMessageStreamEvent)
+    # newer SDKs (anthropic 2.x) keep each tool input's partial JSON in buffers the caller owns
+    buffers = {"json_bufs": {}} if "json_bufs" in inspect.signature(accumulate_event).parameters else {}
     for block in SSEParser().feed(stream):
-        snapshot = accumulate_event(event=adapter.validate_json(block.data), current_snapshot=snapshot)
+        snapshot = accumulate_event(event=adapter.validate_json(block.data), current_snapshot=snapshot, **buffers)
     return snapshot
 
 

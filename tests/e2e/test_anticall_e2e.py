@@ -279,7 +279,8 @@ def rock_driver_step(log: Path, index: int, response_text: str | None, timeout: 
             fh.write(f"LLM_RESPONSE_START{response_text}LLM_RESPONSE_END{meta}\n")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        lines = log.read_text().splitlines() if log.exists() else []
+        text = log.read_text() if log.exists() else ""
+        lines = text[: text.rfind("\n") + 1].splitlines()  # whole lines only: the proxy may be mid-write
         last = next((line for line in reversed(lines) if "LLM_REQUEST_START" in line or "SESSION_END" in line), None)
         if last is not None:
             if "SESSION_END" in last:

@@ -95,7 +95,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_sent(control):
 @pytest.mark.parametrize("data, why", [
     (b"GARBAGE\r\n\r\n", "Malformed HTTP request line"),
     (b"GET /v1/sessions HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", "no colon in header line"),
-    (b"GET /v1/sessions HTTP/9.9\r\nHost: x\r\n\r\n", "Malformed HTTP version"),
+    (b"GET /v1/sessions HTTP/9.9\r\nHost: x\r\n\r\n", "HTTP version"),  # tornado 6.4: "Malformed ...", 6.5: "Unexpected ..."
 ])  # fmt: skip
 def test_a_malformed_head_is_400_in_our_shape(control, data, why):
     error = error_of(*exchange(control[0], data))
