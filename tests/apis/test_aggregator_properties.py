@@ -83,6 +83,21 @@ def fold_chunks(aggregator: StreamAggregator, data: bytes, cuts: list[float]) ->
     return aggregator
 
 
+def named(events: list[dict[str, Any]], framing) -> bytes:
+    """SSE bytes of events each named by its type (`event:` lines, as Anthropic and Responses send them)."""
+    return framed([(e["type"], json.dumps(e, ensure_ascii=False)) for e in events], framing)
+
+
+def folded_to(aggregator: StreamAggregator, events: list[dict[str, Any]], final: dict[str, Any], framing, cuts) -> bytes:
+    """Feeds the named events to `aggregator` in the chunks `cuts` make and
+    checks it ends with `final`, cleanly; returns the stream's bytes."""
+    data = named(events, framing)
+    fold_chunks(aggregator, data, cuts)
+    assert aggregator.problems == [] and aggregator.done
+    assert aggregator.result() == final
+    return data
+
+
 def events_of(blocks: list[SSEBlock]) -> list[SSEBlock]:
     return [block for block in blocks if block.data is not None]
 
@@ -220,19 +235,12 @@ def anthropic_streams(draw) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return events, final
 
 
-def anthropic_bytes(events: list[dict[str, Any]], framing) -> bytes:
-    return framed([(e["type"], json.dumps(e, ensure_ascii=False)) for e in events], framing)
-
-
 @SETTINGS
 @given(anthropic_streams(), FRAMING, CUTS)
 def test_anthropic_aggregate_is_the_anthropic_sdk_accumulation(stream, framing, cuts):
     events, final = stream
-    data = anthropic_bytes(events, framing)
-    ours = fold_chunks(AnthropicMessageAggregator(), data, cuts)
-    assert ours.problems == [] and ours.done
-    assert ours.result() == final
-    assert same_as_sdk(ours.result(), anthropic_sdk(blocks_of(data)))
+    data = folded_to(AnthropicMessageAggregator(), events, final, framing, cuts)
+    assert same_as_sdk(final, anthropic_sdk(blocks_of(data)))
 
 
 @SETTINGS
@@ -240,7 +248,7 @@ def test_anthropic_aggregate_is_the_anthropic_sdk_accumulation(stream, framing, 
 def test_anthropic_stream_cut_after_any_event_is_what_the_sdk_has_then(stream, data):
     events, _ = stream
     cut = data.draw(st.integers(1, len(events)), label="events kept")
-    blocks = blocks_of(anthropic_bytes(events[:cut], ("\n", [])))
+    blocks = blocks_of(named(events[:cut], ("\n", [])))
     ours = fold_chunks(AnthropicMessageAggregator(), b"".join(b.raw for b in blocks), [])
     assert same_as_sdk(ours.result(), anthropic_sdk(blocks))
 
@@ -313,10 +321,6 @@ def responses_streams(draw) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return events, final
 
 
-def responses_bytes(events: list[dict[str, Any]], framing) -> bytes:
-    return framed([(e["type"], json.dumps(e, ensure_ascii=False)) for e in events], framing)
-
-
 def sdk_state(blocks: list[SSEBlock]) -> ResponseStreamState:
     """openai's ResponseStreamState (what `client.responses.stream()` folds
     with) after the events of `blocks`, built as the SDK builds them."""
@@ -342,10 +346,7 @@ def sdk_view(item: dict[str, Any]) -> dict[str, Any]:
 @given(responses_streams(), FRAMING, CUTS)
 def test_responses_aggregate_is_the_openai_sdk_final_response(stream, framing, cuts):
     events, final = stream
-    data = responses_bytes(events, framing)
-    ours = fold_chunks(ResponsesAggregator(), data, cuts)
-    assert ours.problems == [] and ours.done
-    assert ours.result() == final
+    data = folded_to(ResponsesAggregator(), events, final, framing, cuts)
     completed = sdk_state(blocks_of(data))._completed_response
     assert completed is not None and without_parsed(completed.to_dict()) == final
 
@@ -355,7 +356,7 @@ def test_responses_aggregate_is_the_openai_sdk_final_response(stream, framing, c
 def test_responses_stream_cut_before_its_end_is_what_the_sdk_snapshot_has(stream, data):
     events, _ = stream
     cut = data.draw(st.integers(1, len(events) - 1), label="events kept")
-    blocks = blocks_of(responses_bytes(events[:cut], ("\n", [])))
+    blocks = blocks_of(named(events[:cut], ("\n", [])))
     ours = fold_chunks(ResponsesAggregator(), b"".join(b.raw for b in blocks), []).result()
     snapshot = sdk_state(blocks)._ResponseStreamState__current_snapshot  # what its events' `snapshot`s come from
     # item by item: the whole snapshot's to_dict() warns of its own generic item types
