@@ -265,7 +265,7 @@ def responses_item(draw, index: int) -> tuple[list[dict[str, Any]], dict[str, An
     events: list[dict[str, Any]] = []
     if kind == "function_call":
         arguments = json.dumps(draw(TOOL_INPUT))
-        item = {"type": "function_call", "id": item_id, "call_id": "call_" + draw(IDS), "name": draw(st.sampled_from(["shell", "é"])),
+        item = {"type": "function_call", "id": item_id, "call_id": f"call_{index}_" + draw(IDS), "name": draw(st.sampled_from(["shell", "é"])),
                 "arguments": arguments, "status": "completed"}  # fmt: skip
         events.append({"type": "response.output_item.added", "output_index": index, "item": {**item, "arguments": "", "status": "in_progress"}})
         events += [{"type": "response.function_call_arguments.delta", **at, "delta": piece} for piece in draw(pieces(arguments))]

@@ -45,9 +45,15 @@ PRESETS = {
     "claude-code": ([("User-Agent", "claude-cli/2.0.1 (external, cli)")], ()),
     "codex": ([("User-Agent", "codex_cli_rs/0.50.0")], ("client_metadata",)),
 }
-ANYTHING = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                        lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
-                        max_leaves=5)  # fmt: skip
+
+
+def nested(keys: st.SearchStrategy[str], size: int):
+    """Lists and objects of what `inner` makes, for st.recursive."""
+    return lambda inner: st.lists(inner, max_size=size) | st.dictionaries(keys, inner, max_size=size)
+
+
+ANYTHING = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8), nested(st.text(max_size=4), 2),
+                        max_leaves=5)
 
 
 class Volatile:
@@ -62,8 +68,7 @@ class Volatile:
 
 STABLE_LEAF = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | STABLE_TEXT
 LEAF = STABLE_LEAF | st.builds(Volatile, STABLE_TEXT, st.sampled_from(sorted(set(VOLATILE) - {"billing-hash"})), STABLE_TEXT)
-TREE = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(STABLE_KEYS, inner, max_size=3),
-                    max_leaves=12)  # fmt: skip
+TREE = st.recursive(LEAF, nested(STABLE_KEYS, 3), max_leaves=12)
 
 
 @st.composite
