@@ -159,7 +159,7 @@ class LlmTrajOptions:
 
     def configure(self, updated: set[str]) -> None:
         if any(name.startswith("llm_traj_") for name in updated):
-            self.settings = self._validate()  # on an OptionsError the old settings stay, as mitmproxy rolls back
+            self.settings = self._validate(self.settings)  # on an OptionsError the old settings stay, as mitmproxy rolls back
             self._lazy_connections(user_set=False)
         elif "connection_strategy" in updated:
             self._lazy_connections(user_set=True)
@@ -196,7 +196,7 @@ class LlmTrajOptions:
         logger.info(f"llm-traj: ready, mode {self.settings.mode}, listening on {addrs}, path {self.settings.path}")
 
     @staticmethod
-    def _validate() -> Settings:
+    def _validate(previous: Settings | None) -> Settings:
         """The settings of the current options; OptionsError (one line saying what to do) if they do not work."""
         opts = ctx.options
         mode = opts.llm_traj_mode.strip().lower()
@@ -213,7 +213,9 @@ class LlmTrajOptions:
             remote = opts.llm_traj_path.rstrip("/")
             try:
                 check_url(remote)
-                if mode == "replay":
+                if mode == "replay" and previous is not None and (previous.mode, previous.remote) == (mode, remote):
+                    path = previous.path  # the copy fetched at startup: another option changing keeps the replay's place
+                elif mode == "replay":
                     path = local_trajectory(remote)
                 else:
                     path = Path(opts.llm_traj_stage).expanduser() if opts.llm_traj_stage else default_stage(remote)
