@@ -15,7 +15,7 @@ from pydantic_core import from_json
 
 from ..anticall.respond import JSON_HEADERS, SSE_HEADERS
 from ..anticall.respond import Answer as AgentAnswer  # an answer made by the addon, as anti-call makes them
-from ..apis import ApiShape
+from ..apis import ApiShape, no_response_answer
 from ..core.encoding import decoder_for
 from ..core.headers import header
 from .errors import Untranslatable, agent_error
@@ -53,6 +53,7 @@ class BridgedCall:
         self.status: int | None = None
         self.headers: list[tuple[str, str]] = []
         self.chunks: list[bytes] = []  # the upstream's body as it came (decoded)
+        self.chunk_times: list[float] = []  # when each of them came
         self.first_byte_at: float | None = None
         self.ended_at: float | None = None
         self.error: tuple[str, str] | None = None  # (record error kind, message) when the upstream failed
@@ -65,15 +66,17 @@ class BridgedCall:
         """Plain values for the record writer (`recording.capture.CallCapture.bridge`)."""
         return {
             "upstream_api": UPSTREAM_API, "url": self.url, "request": self.body(), "status": self.status,
-            "headers": self.headers, "stream": self.stream, "chunks": self.chunks, "first_byte_at": self.first_byte_at,
+            "headers": self.headers, "stream": self.stream, "chunks": self.chunks, "chunk_times": self.chunk_times,
+            "first_byte_at": self.first_byte_at,
             "ended_at": self.ended_at, "error": self.error, "capture": self.capture,
         }  # fmt: skip
 
-    def unreachable(self, status: int, message: str, code: str) -> AgentAnswer:
-        """No response came from the upstream: the agent gets the proxy's error in its shape."""
-        self.error = ("upstream_unreachable", message)
+    def unreachable(self, kind: str, message: str) -> AgentAnswer:
+        """No response came from the upstream (`kind`: the record's error kind):
+        the agent gets the proxy's error in its shape."""
+        self.error = (kind, message)
         self.ended_at = time.time()
-        return json_answer(status, self.api.error_body(f"llm-traj: {message}", "proxy_error", code))
+        return json_answer(*no_response_answer(self.api, kind, message))
 
     async def answer(self, status: int, headers: list[tuple[str, str]], body: AsyncIterator[bytes]) -> AgentAnswer:
         """The agent's answer to the upstream's response: an error body in its
@@ -84,8 +87,8 @@ class BridgedCall:
         if status < 400 and self.stream and content_type.startswith("text/event-stream"):
             return AgentAnswer(200, list(SSE_HEADERS), self._events(body, decoder))
         whole = b"".join([decoder.decode(piece) async for piece in self._pieces(body)]) + decoder.flush()
-        self.chunks = [whole]
         self.ended_at = time.time()
+        self.chunks, self.chunk_times = [whole], [self.ended_at]
         try:
             parsed = from_json(whole) if whole else None
         except ValueError:
@@ -122,11 +125,12 @@ class BridgedCall:
                     data = decoder.decode(piece)
                     if data:
                         self.chunks.append(data)
+                        self.chunk_times.append(time.time())
                         out = translator.feed(data)
                         if out:
                             yield out
             except ConnectionError as exc:  # the upstream broke off or went idle: the agent gets an error event
-                self.error = ("upstream_disconnected", str(exc))
+                self.error = (getattr(exc, "kind", "upstream_disconnected"), str(exc))
                 yield translator.fail(str(exc))
                 return
             out = translator.close()

@@ -32,11 +32,18 @@ class CallError(BaseModel):
     kind: Literal[
         "upstream_unreachable",
         "upstream_disconnected",
+        "upstream_timeout",
         "client_disconnected",
         "bad_stream",
         "proxy",
     ]
     message: str
+
+
+# The status an agent gets when its upstream failed before answering, by the
+# record's error kind: the same whichever side forwarded the call (mitmproxy,
+# or llm-traj's own client) and in replay.
+NO_RESPONSE_STATUS = {"upstream_unreachable": 502, "upstream_disconnected": 502, "upstream_timeout": 504}
 
 
 class Timings(BaseModel):
@@ -106,6 +113,8 @@ class Bridge(BaseModel):
     stream: bool = False
     response: Any = Field(None, description="the upstream's final object: its JSON body, or its stream folded")
     events: int = Field(0, description="how many SSE blocks the upstream's stream had")
+    event_times: list[float] = Field(
+        default_factory=list, description="seconds from `first_byte_at` to the arrival of each of those blocks")
     first_byte_at: float | None = None
     ended_at: float | None = None
     problems: list[str] = Field(default_factory=list, description="upstream events that could not be aggregated")
