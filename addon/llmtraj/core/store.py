@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,8 @@ from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
 from .redact import Scrubber, redact_raw_body, redact_url, scrubber_for
 from .remote import local_trajectory
 from .session import validate_session
+
+logger = logging.getLogger("llm_traj")
 
 _MAX_OPEN_FILES = 128
 # Fields of fixed vocabulary (numbers, names the proxy chose): never scrubbed,
@@ -139,8 +142,8 @@ class TrajectoryWriter:
         scrubber = scrubber_for(frozenset(secrets))
         session = fields["session"]
         file = self.file_for(session)
-        fd = self._fd(file)
-        chains = self._chains_of(file, fd)
+        fd, st = self._fd(file)
+        chains = self._chains_of(file, st)
         request = fields["request"]
         line_fields = {**fields, **_redacted_places(fields, scrubber)}
         base = None
@@ -177,10 +180,10 @@ class TrajectoryWriter:
         if isinstance(bridge_request, dict):
             chains.written(session + _BRIDGE_CHAIN, fields["index"], bridge_request, bridge_base and bridge_base["index"])
 
-    def _chains_of(self, file: Path, fd: int) -> RequestChains:
-        """The chains of `file`, fresh if the file is not the one they were
-        written to (replaced, or truncated below what we wrote)."""
-        st = os.fstat(fd)
+    def _chains_of(self, file: Path, st: os.stat_result) -> RequestChains:
+        """The chains of `file` (whose open file's status is `st`), fresh if
+        the file is not the one they were written to (replaced, or truncated
+        below what we wrote)."""
         identity = (st.st_dev, st.st_ino)
         chains = self._chains.get(file)
         if chains is None or chains.identity != identity or st.st_size < chains.end:
@@ -191,19 +194,41 @@ class TrajectoryWriter:
         chains.end = st.st_size
         return chains
 
-    def _fd(self, file: Path) -> int:
+    def _fd(self, file: Path) -> tuple[int, os.stat_result]:
+        """The open file of `file` and its status. A file deleted, moved away
+        or replaced since it was opened (rotated by hand or by logrotate) is
+        noticed here, two stats a record, and a new one opened at the path:
+        the lines never go on into a file nobody can find."""
         fd = self._fds.get(file)
         if fd is not None:
-            self._fds.move_to_end(file)
-            return fd
+            st = os.fstat(fd)
+            try:
+                now = os.stat(file)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                self._fds.move_to_end(file)
+                return fd, st
+            del self._fds[file]
+            os.close(fd)
+            # Its chains refer to lines of the old file (whose inode number the new one may even get): the first
+            # line of the new file is whole.
+            self._chains.pop(file, None)
+            what = "replaced" if now is not None else "moved away" if st.st_nlink else "deleted"
+            logger.warning(f"llm-traj: {file} was {what} while recording; the next calls go to a new file there")
         if len(self._fds) >= _MAX_OPEN_FILES:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         if not file.exists() and _compressed_twin(file).exists():
             _decompress(_compressed_twin(file), file)  # a compressed session continued
-        fd = self._fds[file] = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # read: `_end_torn_line`
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # read: `_end_torn_line`
+        except FileNotFoundError:  # the directory was removed too: made again, the owner's alone
+            os.makedirs(file.parent, mode=0o700, exist_ok=True)
+            fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fds[file] = fd
         _end_torn_line(fd)
-        return fd
+        return fd, os.fstat(fd)
 
     def close(self) -> None:
         for fd in self._fds.values():
