@@ -50,7 +50,7 @@ from pathlib import Path
 from llmtraj.apis import API_BY_NAME, chat_view
 from llmtraj.cli.proxy_process import ServerProcess
 from llmtraj.core.store import TrajectoryWriter
-from llmtraj.recording.capture import CallCapture
+from llmtraj.recording.capture import FRAME_HEAD, CallCapture
 from llmtraj.recording.writer import record_of
 
 APIS = ("chat.completions", "anthropic.messages", "responses")
@@ -167,7 +167,7 @@ def writer_cost(api: str, events: int, delta: int, repeat: int = 3) -> dict:
     `repeat`: the machine is shared), split into making the record and writing
     its line, with the line's size."""
     blocks = stream_blocks(api, events, delta)
-    frame = capture_of(api, blocks).frame()[4:]
+    frame = capture_of(api, blocks).frame()[FRAME_HEAD.size :]
     best_make = best_write = float("inf")
     size = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,7 +192,7 @@ def writer_cost(api: str, events: int, delta: int, repeat: int = 3) -> dict:
 def writer_memory(api: str, events: int, delta: int) -> dict:
     """Peak Python memory the writer allocates for one call, against the record's size."""
     blocks = stream_blocks(api, events, delta)
-    frame = capture_of(api, blocks).frame()[4:]
+    frame = capture_of(api, blocks).frame()[FRAME_HEAD.size :]
     with tempfile.TemporaryDirectory() as tmp:
         writer = TrajectoryWriter(Path(tmp))
         gc.collect()
