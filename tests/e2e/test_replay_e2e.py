@@ -261,7 +261,7 @@ def test_instant_stream_and_report_on_request(replayer, recording):
     full = httpx.get(f"{replayer.url}/llm-traj/replay-report").json()
     report = full["sessions"]
     assert report["paced-0"] == {"recorded": 1, "served": 1, "unserved": 0, "rungs": {"exact": 1}, "rules": {},
-                                 "nearest": [], "misses": 0, "first_divergence": None}  # fmt: skip
+                                 "nearest": [], "misses": 0, "first_divergence": None, "unreadable": None}  # fmt: skip
     # sessions never asked for are never read: counted, not listed
     assert "paced-1" not in report and full["sessions_not_asked"] >= 1 and report["nobody"]["misses"] >= 1
 
