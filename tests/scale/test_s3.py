@@ -7,60 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import boto3
 import openai
-import pytest
 
 from llmtraj import read_records
 from llmtraj.anticall import AntiCallClient
-from llmtraj.cli.proxy_process import ProxyProcess, ServerProcess
+from llmtraj.cli.proxy_process import ProxyProcess
 
-BUCKET = "traj"
-LLM_TRAJ = str(Path(sys.executable).with_name("llm-traj"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def moto_server(port: int) -> ServerProcess:
-    return ServerProcess([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                         re.compile(r"Running on (http)://127\.0\.0\.1:(\d+)"))  # fmt: skip
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    server = moto_server(port).start()
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket=BUCKET)
-    state = {"server": server, "client": client, "port": port}
-    yield state
-    state["server"].stop()
-
-
-def wait_object(client, key: str, timeout: float = 30.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+from .conftest import BUCKET, LLM_TRAJ, moto_server, wait_object
 
 
 async def one_call(proxy: ProxyProcess, driver: AntiCallClient, session: str, text: str) -> None:

@@ -14,10 +14,12 @@ fsspec and the filesystem's package (s3fs for `s3://`: `pip install
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -111,12 +113,14 @@ class Uploader:
 
 def local_trajectory(path: str | os.PathLike) -> Path:
     """A local path to read the trajectory at `path` from: `path` itself, or
-    for a URL a fresh local copy of its `.jsonl` files (RemoteError if it cannot be had)."""
+    for a URL a fresh local copy of its `.jsonl` files, removed when the
+    process exits (RemoteError if it cannot be had)."""
     if not is_url(path):
         return Path(path)
     url = str(path).rstrip("/")
     fs, root = _filesystem(url)
     copy = Path(tempfile.mkdtemp(prefix="llm-traj-remote-"))
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)  # read lazily (a session at a time) until then
     try:
         if root.endswith(".jsonl"):
             target = copy / Path(root).name

@@ -11,6 +11,7 @@ mitmdump exit.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,10 @@ MODES = ("record", "replay", "anticall")
 
 
 MAX_RETRIES = 20
+# Seconds an upstream may send nothing before its call is given up (504): as
+# long as mitmproxy's own connection idle limit (TCP_TIMEOUT in mitmproxy 11),
+# which this replaces while a call is in flight.
+DEFAULT_UPSTREAM_IDLE_TIMEOUT = "600"
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Settings:
     registry: Registry | None = None  # the upstream config's providers and models
     capture_tokens: bool = False  # llm_traj_capture_tokens: routes of the config may say otherwise
     remote: str | None = None  # llm_traj_path as an fsspec URL; `path` is then the local stage (replay: a copy)
+    upstream_idle_timeout: float | None = None  # llm_traj_upstream_idle_timeout; None: no limit
 
     @property
     def routes_calls(self) -> bool:
@@ -65,6 +71,18 @@ class Settings:
     def needs_whole_request(self) -> bool:
         """Whether a request body is needed whole before it goes upstream (to route or add to it)."""
         return self.routes_calls or self.may_capture_tokens
+
+
+def seconds_option(name: str) -> float:
+    """The value of a (string) option of seconds, >= 0 (0: no limit); OptionsError if it is not one."""
+    value = getattr(ctx.options, name)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise exceptions.OptionsError(f"{name}={value!r} is not a number of seconds >= 0 (0: no limit)")
+    return seconds
 
 
 def startup_error(message: str) -> None:
@@ -132,10 +150,16 @@ class LlmTrajOptions:
             "record them as `tokens`, and pass the agent only what it asked for. "
             "capture_tokens in llm_traj_config sets it per provider or model.",
         )
+        loader.add_option(
+            "llm_traj_upstream_idle_timeout", str, DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            "Seconds an upstream may send nothing (before its response head, or between two pieces of its body) "
+            "before the call is given up: the agent gets a 504 (or its connection is closed mid-stream) and the "
+            "record says upstream_timeout. 0: no limit. A route's timeouts in llm_traj_config take precedence.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if any(name.startswith("llm_traj_") for name in updated):
-            self.settings = self._validate()  # on an OptionsError the old settings stay, as mitmproxy rolls back
+            self.settings = self._validate(self.settings)  # on an OptionsError the old settings stay, as mitmproxy rolls back
             self._lazy_connections(user_set=False)
         elif "connection_strategy" in updated:
             self._lazy_connections(user_set=True)
@@ -172,7 +196,7 @@ class LlmTrajOptions:
         logger.info(f"llm-traj: ready, mode {self.settings.mode}, listening on {addrs}, path {self.settings.path}")
 
     @staticmethod
-    def _validate() -> Settings:
+    def _validate(previous: Settings | None) -> Settings:
         """The settings of the current options; OptionsError (one line saying what to do) if they do not work."""
         opts = ctx.options
         mode = opts.llm_traj_mode.strip().lower()
@@ -189,7 +213,9 @@ class LlmTrajOptions:
             remote = opts.llm_traj_path.rstrip("/")
             try:
                 check_url(remote)
-                if mode == "replay":
+                if mode == "replay" and previous is not None and (previous.mode, previous.remote) == (mode, remote):
+                    path = previous.path  # the copy fetched at startup: another option changing keeps the replay's place
+                elif mode == "replay":
                     path = local_trajectory(remote)
                 else:
                     path = Path(opts.llm_traj_stage).expanduser() if opts.llm_traj_stage else default_stage(remote)
@@ -208,6 +234,7 @@ class LlmTrajOptions:
             raise exceptions.OptionsError(f"llm_traj_session: {exc}") from None
         if not 0 <= opts.llm_traj_retries <= MAX_RETRIES:
             raise exceptions.OptionsError(f"llm_traj_retries={opts.llm_traj_retries} must be between 0 and {MAX_RETRIES}")
+        idle = seconds_option("llm_traj_upstream_idle_timeout")
         registry = None
         if opts.llm_traj_config:
             try:
@@ -218,4 +245,5 @@ class LlmTrajOptions:
                 logger.info(f"llm-traj: config: left out {skipped}")
         return Settings(mode=mode, path=path, default_session=opts.llm_traj_session, retries=opts.llm_traj_retries,
                         config_path=opts.llm_traj_config or None, registry=registry,
-                        capture_tokens=opts.llm_traj_capture_tokens, remote=remote)  # fmt: skip
+                        capture_tokens=opts.llm_traj_capture_tokens, remote=remote,
+                        upstream_idle_timeout=idle or None)  # fmt: skip

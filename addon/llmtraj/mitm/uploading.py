@@ -43,7 +43,8 @@ class Uploading:
 
     def configure(self, updated: set[str]) -> None:
         settings = self._options.settings
-        remote = settings.remote if settings is not None else None
+        # replay reads the URL (from a local copy) and never writes to it
+        remote = settings.remote if settings is not None and settings.mode != "replay" else None
         if self._uploader is not None and (remote, settings.path if settings else None) == (self._uploader.url, self._uploader.stage):
             return
         self._uploader = Uploader(remote, settings.path) if remote is not None else None
