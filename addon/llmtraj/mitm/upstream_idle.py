@@ -55,16 +55,15 @@ class UpstreamIdleTimeout:
         self._options = options
         self._watches: dict[str, _Watch] = {}  # by flow id, while the call waits for its upstream
 
-    def serves_flows(self) -> bool:
-        settings = self._options.settings
-        return settings is not None and settings.upstream_idle_timeout is not None
+    # (It serves every flow, whatever the limit: a call watched when the limit is
+    # set to 0 at runtime must still have its watch ended.)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # A request body that streams upstream (record mode) is on its way while
         # mitmproxy connects and sends it: the `request` hook comes only once it
         # is sent, so the watch starts here, and each piece of it counts.
-        if callable(flow.request.stream) and llm_call(flow) is not None:
-            watch = self._watch(flow)
+        if callable(flow.request.stream) and (limit := self._limit()) is not None and llm_call(flow) is not None:
+            watch = self._watch(flow, limit)
             flow.request.stream = _touching(watch, flow.request.stream)
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -72,11 +71,18 @@ class UpstreamIdleTimeout:
         # gave it to the loopback server, whose producers apply their own limits)
         if (watch := self._watches.get(flow.id)) is not None:
             watch.last = time.monotonic()
-        elif flow.response is None and ORIGINAL_URL_KEY not in flow.metadata and llm_call(flow) is not None:
-            self._watch(flow)
+        elif (
+            flow.response is None and ORIGINAL_URL_KEY not in flow.metadata and (limit := self._limit()) is not None
+            and llm_call(flow) is not None
+        ):  # fmt: skip
+            self._watch(flow, limit)
 
-    def _watch(self, flow: http.HTTPFlow) -> _Watch:
-        watch = self._watches[flow.id] = _Watch(flow, self._options.settings.upstream_idle_timeout, disarm_idle_timeout(flow))
+    def _limit(self) -> float | None:
+        settings = self._options.settings
+        return settings.upstream_idle_timeout if settings is not None else None
+
+    def _watch(self, flow: http.HTTPFlow, limit: float) -> _Watch:
+        watch = self._watches[flow.id] = _Watch(flow, limit, disarm_idle_timeout(flow))
         self._check_later(watch, watch.limit)
         return watch
 
