@@ -8,7 +8,10 @@ the work, measured through the proxy.
              compact JSON), and what the same calls take as version 1 lines
              (`llm-traj cat`'s, every request whole), the format before this one
   CPU        proxy and writer CPU per call over the 1000-turn session, per
-             100 turns (the writer's CPU read once it has written the bucket)
+             100 turns (the writer's CPU read once it has written the bucket),
+             and bare mitmdump's (streaming) for the same calls: the proxy's
+             own cost of forwarding requests that grow to 1.8 MB, which the
+             addon's share is told apart from
   writer     the record writer's CPU per call in process (`record_of` and the
              store's append, as the writer process runs them) along a
              1000-turn conversation of the same turns, per 100 turns; with
@@ -60,6 +63,8 @@ def _children(pid: int) -> list[int]:
 
 
 def _cpu(pid: int | None) -> float:
+    if pid is None:  # (bare mitmdump has no writer)
+        return 0.0
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -98,9 +103,10 @@ def _answer(body: bytes) -> str:
     return "".join(text)
 
 
-def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path, session: str, turns: int,
+def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path | None, session: str, turns: int,
              buckets: list[dict] | None) -> int:
-    """Runs one conversation; returns its final conversation's bytes."""
+    """Runs one conversation; returns its final conversation's bytes. `traj`
+    None: the proxy is bare mitmdump (no writer, nothing written)."""
     url = f"{proxy.url}/s/{session}/v1/chat/completions"
     messages: list[dict] = [{"role": "system", "content": "You are a coding agent. Answer briefly."}]
     writer = None
@@ -116,7 +122,8 @@ def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path, session: str
             raise RuntimeError(f"bench growth: turn {turn} got {r.status_code}: {r.text[:200]}")
         messages.append({"role": "assistant", "content": _answer(r.content)})
         if buckets is not None and turn % CPU_BUCKET == 0:
-            _wait_lines(traj / f"{session}.jsonl", turn)
+            if traj is not None:
+                _wait_lines(traj / f"{session}.jsonl", turn)
             first, proxy_cpu, writer_cpu, request_bytes = mark
             calls = turn - first + 1
             buckets.append({
@@ -125,7 +132,8 @@ def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path, session: str
                 "proxy µs/call": round((_cpu(proxy.pid) - proxy_cpu) / calls * 1e6),
                 "writer µs/call": round((_cpu(writer) - writer_cpu) / calls * 1e6),
             })  # fmt: skip
-    _wait_lines(traj / f"{session}.jsonl", turns)
+    if traj is not None:
+        _wait_lines(traj / f"{session}.jsonl", turns)
     return len(json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode())
 
 
@@ -159,6 +167,18 @@ def measure_writer_cpu(workdir: Path, turns: int = 1000) -> list[dict]:
             row[f"writer µs/call, {way}"] = round(sum(cpu[first : first + CPU_BUCKET]) / CPU_BUCKET * 1e6)
         rows.append(row)
     return rows
+
+
+def measure_bare_cpu(turns: int = max(LENGTHS)) -> list[int]:
+    """Bare mitmdump's CPU per call (streaming, `stream_large_bodies=1`) along
+    the same conversation, per CPU_BUCKET turns: what forwarding the growing
+    requests costs mitmproxy itself, which the proxy's column includes."""
+    buckets: list[dict] = []
+    with standin_process() as upstream, ProxyProcess(
+        upstream=upstream.url, addon=False, extra_args=["--set", "flow_detail=0", "--set", "stream_large_bodies=1"],
+    ) as proxy, httpx.Client(timeout=120) as client:  # fmt: skip
+        _session(client, proxy, None, "bare", turns, buckets)
+    return [bucket["proxy µs/call"] for bucket in buckets]
 
 
 def _v1_bytes(file: Path) -> int:
@@ -256,6 +276,12 @@ def run_growth(quick: bool = False) -> tuple[str, dict]:
         workdir = Path(tmp)
         print(f"bench growth: sessions of {', '.join(map(str, lengths))} turns through the proxy...", file=sys.stderr)
         sizes, buckets, exported = measure_size_and_cpu(workdir, lengths)
+        if buckets:
+            print("bench growth: the same 1000 turns through bare mitmdump...", file=sys.stderr)
+            for bucket, bare in zip(buckets, measure_bare_cpu(), strict=True):
+                proxy_cpu, writer_cpu = bucket.pop("proxy µs/call"), bucket.pop("writer µs/call")
+                bucket.update({"bare mitmdump µs/call": bare, "proxy µs/call": proxy_cpu,
+                               "added by llm-traj µs/call": proxy_cpu - bare, "writer µs/call": writer_cpu})  # fmt: skip
         print("bench growth: the record writer along 1000 turns, in process...", file=sys.stderr)
         writer = measure_writer_cpu(workdir)
         print(f"bench growth: replay of {sessions} sessions of {REPLAY_TURNS} turns...", file=sys.stderr)
@@ -272,7 +298,7 @@ def run_growth(quick: bool = False) -> tuple[str, dict]:
     ]
     text = "\n\n".join(filter(None, [
         "Growth: bytes on disk per session length (turns of ~2 KB, streamed)", table(sizes),
-        "Proxy and writer CPU per call along the 1000-turn session" if buckets else "", table(buckets) if buckets else "",
+        "Proxy and writer CPU per call along the 1000-turn session (bare mitmdump forwarding the same calls beside it)" if buckets else "", table(buckets) if buckets else "",
         "The record writer's CPU per call along 1000 turns, in process", table(writer),
         "Export (openai-chat, in process; per_call repeats the conversation in every sample)", table(exported),
         "Replay of many sessions", table([replay]), "\n".join(checks),

@@ -7,6 +7,7 @@
 #   LLM_TRAJ_EXTRAS the extras installed (default dev; scripts/test-scale: scale)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/_pip.sh"
 venv="${LLM_TRAJ_VENV:-.venv}"
 [[ "$venv" = /* ]] || venv="$root/$venv"
 stamp="$venv/.llm-traj-installed"
@@ -23,7 +24,7 @@ want="$(cat "$root/pyproject.toml" <(echo "$extras") | sha256sum | cut -d' ' -f1
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setting up $venv (once)..." >&2
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[$extras]" >&2
-  "$venv/bin/python" -m pip check >&2
+  quiet_pip "$venv/bin/python" install --quiet --disable-pip-version-check -e "$root[$extras]"
+  quiet_pip "$venv/bin/python" check
   echo "$want" > "$stamp"
 fi

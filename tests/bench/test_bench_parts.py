@@ -19,3 +19,10 @@ def test_long_stream_writer_cost_and_memory(api):
     assert cost["events"] > 40 and cost["record_bytes"] > cost["events"] * long_streams.SHORT_DELTA
     memory = long_streams.writer_memory(api, 50, long_streams.SHORT_DELTA)
     assert memory  # the writer made the record; the figures themselves are the benchmark's business
+
+
+def test_growth_bare_mitmdump_and_writer_columns(tmp_path):
+    growth = pytest.importorskip("growth")
+    assert len(growth.measure_bare_cpu(turns=growth.CPU_BUCKET)) == 1
+    [row] = growth.measure_writer_cpu(tmp_path, turns=growth.CPU_BUCKET)
+    assert row["request KB"] > 0

@@ -221,6 +221,10 @@ def test_first_event_arrives_while_the_upstream_still_streams(bridged, session):
     assert first is not None and first < total - 0.2
     [record] = wait_records(traj / f"{session}.jsonl", 1)
     assert record.bridge.events >= 12 and record.bridge.ended_at > record.timings.first_byte_at
+    # when each upstream event came: paced 50 ms apart, in order, within the upstream's stream
+    times = record.bridge.event_times
+    assert len(times) == record.bridge.events and times == sorted(times)
+    assert times[-1] - times[0] >= 0.4 and times[-1] <= record.bridge.ended_at - record.bridge.first_byte_at
 
 
 def test_replay_serves_the_agent_what_it_saw(bridged, tmp_path, session):

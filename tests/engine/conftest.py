@@ -19,7 +19,7 @@ import pytest
 
 from llmtraj.cli.proxy_process import ServerProcess
 
-from .tinymodel import fingerprint  # stdlib only at import time
+from .tinymodel import CONTEXT, fingerprint  # stdlib only at import time
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
@@ -77,7 +77,7 @@ def engine():
         [
             str(ENGINE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", MODEL_NAME, "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-            "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--max-model-len", "2048",
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--max-model-len", str(CONTEXT),
             # A prompt served from the prefix cache takes other float paths; the tiny random model's
             # logits are nearly level, so that can flip a greedy choice between two runs of one request.
             "--no-enable-prefix-caching",

@@ -18,6 +18,9 @@ import sysconfig
 from pathlib import Path
 
 VOCAB_SIZE = 2048  # BPE merges on top of the 256 bytes, specials included
+# Room for a real agent's whole prompt (Claude Code's and Codex's system prompts
+# and tool lists run to tens of thousands of this tokenizer's tokens).
+CONTEXT = 65536
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Not special: vLLM decodes with skip_special_tokens, and the hermes parser must see these in the text.
 TOOL_MARKS = ["<tool_call>", "</tool_call>"]
@@ -110,7 +113,7 @@ def build_model(tokenizer, seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=2,  # head size 32: vLLM's CPU attention needs at least that
         num_key_value_heads=1,
-        max_position_embeddings=4096,
+        max_position_embeddings=CONTEXT,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.eos_token_id,

@@ -53,6 +53,7 @@ class BridgedCall:
         self.status: int | None = None
         self.headers: list[tuple[str, str]] = []
         self.chunks: list[bytes] = []  # the upstream's body as it came (decoded)
+        self.chunk_times: list[float] = []  # when each of them came
         self.first_byte_at: float | None = None
         self.ended_at: float | None = None
         self.error: tuple[str, str] | None = None  # (record error kind, message) when the upstream failed
@@ -65,7 +66,8 @@ class BridgedCall:
         """Plain values for the record writer (`recording.capture.CallCapture.bridge`)."""
         return {
             "upstream_api": UPSTREAM_API, "url": self.url, "request": self.body(), "status": self.status,
-            "headers": self.headers, "stream": self.stream, "chunks": self.chunks, "first_byte_at": self.first_byte_at,
+            "headers": self.headers, "stream": self.stream, "chunks": self.chunks, "chunk_times": self.chunk_times,
+            "first_byte_at": self.first_byte_at,
             "ended_at": self.ended_at, "error": self.error, "capture": self.capture,
         }  # fmt: skip
 
@@ -84,8 +86,8 @@ class BridgedCall:
         if status < 400 and self.stream and content_type.startswith("text/event-stream"):
             return AgentAnswer(200, list(SSE_HEADERS), self._events(body, decoder))
         whole = b"".join([decoder.decode(piece) async for piece in self._pieces(body)]) + decoder.flush()
-        self.chunks = [whole]
         self.ended_at = time.time()
+        self.chunks, self.chunk_times = [whole], [self.ended_at]
         try:
             parsed = from_json(whole) if whole else None
         except ValueError:
@@ -122,6 +124,7 @@ class BridgedCall:
                     data = decoder.decode(piece)
                     if data:
                         self.chunks.append(data)
+                        self.chunk_times.append(time.time())
                         out = translator.feed(data)
                         if out:
                             yield out

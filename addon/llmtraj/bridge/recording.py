@@ -13,21 +13,24 @@ from ..recording.builder import RecordFields, parse_json_body
 from ..tokens.recording import tokens_of
 
 
-def _upstream_final(chunks: list[bytes], stream: bool) -> tuple[Any, int, list[str]]:
-    """(the upstream's final object, how many SSE blocks it sent, problems)."""
+def _upstream_final(note: dict[str, Any], stream: bool) -> tuple[Any, list[float], list[str]]:
+    """(the upstream's final object, when each of its SSE blocks came (seconds
+    from its first byte), problems)."""
+    chunks = note["chunks"]
     if not stream:
         parsed, raw = parse_json_body(b"".join(chunks))
-        return (parsed if raw is None else raw), 0, []
+        return (parsed if raw is None else raw), [], []
     parser, aggregator = SSEParser(), API_BY_NAME["chat.completions"].new_aggregator()
-    count = 0
-    for chunk in chunks:
+    times: list[float] = []
+    start = note["first_byte_at"] or 0.0
+    for chunk, at in zip(chunks, note["chunk_times"], strict=True):
         for block in parser.feed(chunk):
-            count += 1
+            times.append(round(at - start, 6))
             aggregator.add(block)
     for block in parser.finish():
-        count += 1
+        times.append(round((note["ended_at"] or start) - start, 6))
         aggregator.add(block)
-    return aggregator.result(), count, aggregator.problems
+    return aggregator.result(), times, aggregator.problems
 
 
 def add_bridge(fields: RecordFields, note: dict[str, Any], secrets: set[str]) -> None:
@@ -36,12 +39,12 @@ def add_bridge(fields: RecordFields, note: dict[str, Any], secrets: set[str]) ->
     error in its shape: a call the upstream never answered is recorded without
     a response, as one mitmproxy could not forward)."""
     stream = note["stream"] and note["status"] is not None and note["status"] < 400
-    final, events, problems = _upstream_final(note["chunks"], stream) if note["status"] is not None else (None, 0, [])
+    final, times, problems = _upstream_final(note, stream) if note["status"] is not None else (None, [], [])
     request, _ = parse_json_body(note["request"])
     fields["bridge"] = {
         "upstream_api": note["upstream_api"], "url": note["url"], "request": redact_fields(request, secrets),
-        "status": note["status"], "stream": stream, "response": final, "events": events,
-        "first_byte_at": note["first_byte_at"], "ended_at": note["ended_at"], "problems": problems,
+        "status": note["status"], "stream": stream, "response": final, "events": len(times),
+        "event_times": times, "first_byte_at": note["first_byte_at"], "ended_at": note["ended_at"], "problems": problems,
     }  # fmt: skip
     capture = note["capture"]
     fields["tokens"] = tokens_of(API_BY_NAME["chat.completions"], final, fields["extra"], capture["engine"] if capture else None)

@@ -106,6 +106,8 @@ class Bridge(BaseModel):
     stream: bool = False
     response: Any = Field(None, description="the upstream's final object: its JSON body, or its stream folded")
     events: int = Field(0, description="how many SSE blocks the upstream's stream had")
+    event_times: list[float] = Field(
+        default_factory=list, description="seconds from `first_byte_at` to the arrival of each of those blocks")
     first_byte_at: float | None = None
     ended_at: float | None = None
     problems: list[str] = Field(default_factory=list, description="upstream events that could not be aggregated")
