@@ -332,7 +332,7 @@ def test_dead_upstream_gives_502_and_a_record(tmp_path):
             OpenAI(base_url=f"{p.url}/v1", api_key="x", max_retries=0).chat.completions.create(
                 model="m", messages=MESSAGES)
         assert err.value.status_code == 502
-        assert err.value.body["code"] == "proxy_502" and "llm-traj proxy" in err.value.message
+        assert err.value.body["code"] == "upstream_unreachable" and "llm-traj: " in err.value.message
         (record,) = wait_records(tmp_path / "default.jsonl", 1)
     assert record.complete is False and record.error.kind == "upstream_unreachable"
     assert record.status is None

@@ -241,6 +241,8 @@ def test_a_bad_value_at_runtime_is_refused_and_recording_goes_on(tmp_path):
                 ("llm_traj_mode", "fast", "llm_traj_mode='fast' is not a mode"),
                 ("llm_traj_control_port", "70000", "llm_traj_control_port is only used with llm_traj_mode=anticall"),
                 ("llm_traj_control_port", "x", "(?i)not an integer"),
+                ("llm_traj_upstream_idle_timeout", "-1", r"llm_traj_upstream_idle_timeout='-1' is not a number of seconds >= 0 \(0: no limit\)"),
+                ("llm_traj_upstream_idle_timeout", "soon", "llm_traj_upstream_idle_timeout='soon' is not a number of seconds"),
             ]:
                 with pytest.raises(exceptions.CommandError, match=message):
                     tctx.master.commands.call("set", name, value)  # what `:set` runs in the console

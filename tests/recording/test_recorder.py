@@ -450,6 +450,39 @@ def test_record_sink_writes_what_the_proxy_captured(tmp_path):
     serve(str(tmp_path), io.BytesIO(capture(2).frame(2, RESENT) + capture(3).frame(3, RESENT) + capture(2).frame(4)))
     assert [r.index for r in read_records(tmp_path)] == [1, 2, 3, 2]  # (a frame not marked is written as sent)
 
+def test_a_body_short_of_its_content_length_is_recorded_incomplete_by_the_writer():
+    """Whatever ended the response (a proxy that saw no error), the writer counts
+    the upstream's bytes against their Content-Length."""
+    from llmtraj.recording.capture import CallCapture
+    from llmtraj.recording.writer import record_of
+
+    body = b'{"id": "c1", "object": "chat.completion", "choices": []}'
+
+    def fields(length: int) -> dict[str, Any]:
+        capture = CallCapture(
+            api="chat.completions", session="s", index=1, mode="record", method="POST", url="http://u/v1/chat/completions",
+            request_headers=[], request_body=b"{}", started_at=T0, status=200,
+            response_headers=[(b"content-type", b"application/json"), (b"content-length", str(length).encode())],
+            response_headers_at=T0 + 0.1, chunks=[body[:10], body[10:]], chunk_times=[T0 + 0.2, T0 + 0.3], ended_at=T0 + 0.4,
+        )  # fmt: skip
+        return validated(record_of(capture)[0])
+
+    whole, short = fields(len(body)), fields(len(body) + 7)
+    assert whole.complete and whole.error is None
+    assert not short.complete and short.error.kind == "upstream_disconnected" and short.response["id"] == "c1"
+    assert short.error.message == f"the body ended after {len(body)} of its {len(body) + 7} bytes (Content-Length)"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_compressed_data_cut_short_is_recorded_incomplete(encoding):
+    decoded = (STREAMS / "openai_chat_basic.sse").read_bytes()
+    body = compress(decoded, encoding)
+    whole = run(new_tee(), SSE_HEADERS + [("content-encoding", encoding)], chunkings(body, 3))
+    cut = run(new_tee(), SSE_HEADERS + [("content-encoding", encoding)], [body[: len(body) - 4]])
+    assert whole.complete and whole.error is None
+    assert not cut.complete and cut.error.kind == "bad_stream" and "ended before its compressed data did" in cut.error.message
+
+
 # Every fixture of every API, with the API that reads it.
 ALL_STREAMS = [(path, API_BY_NAME["chat.completions"]) for path in FIXTURES] + [
     (path, API_BY_NAME[api])

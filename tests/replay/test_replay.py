@@ -358,7 +358,15 @@ def test_no_answer_recorded_replays_the_proxys_502():
     reply = serve(Replay([rec]), "s", chat("q")).reply
     assert reply.status == 502 and not reply.cut
     assert json.loads(reply.body)["error"] == {
-        "message": "llm-traj proxy: connection refused", "type": "proxy_error", "param": None, "code": "proxy_502"}
+        "message": "llm-traj: connection refused", "type": "proxy_error", "param": None, "code": "upstream_unreachable"}
+
+
+def test_a_timeout_recorded_replays_as_the_proxys_504():
+    rec = record("s", 1, chat("q"), None, status=None, response_headers=[], complete=False,
+                 error=CallError(kind="upstream_timeout", message="upstream sent nothing for 600 s (idle timeout)"))  # fmt: skip
+    rec.response = None
+    reply = serve(Replay([rec]), "s", chat("q")).reply
+    assert reply.status == 504 and json.loads(reply.body)["error"]["code"] == "upstream_timeout"
 
 
 # -------------------------------------------------------------------- pacing

@@ -181,15 +181,15 @@ def test_failures_without_a_response_say_what_happened():
     from llmtraj.upstreams.client import _failure
 
     policy = RetryPolicy(connect_timeout=2, first_byte_timeout=30)
-    cases = [
-        (httpx.ConnectTimeout("timed out"), 504, "connection not made within 2 s (connect timeout)", "upstream_timeout"),
-        (TimeoutError(), 504, "no response within 30 s (first_byte timeout)", "upstream_timeout"),
-        (httpx.ConnectError("[Errno 111] Connection refused"), 502, "unreachable: [Errno 111] Connection refused", "upstream_unreachable"),
-        (httpx.RemoteProtocolError("Server disconnected"), 502, "failed before responding: Server disconnected", "upstream_failed"),
+    cases = [  # (the record's error kind, also the agent's error code)
+        (httpx.ConnectTimeout("timed out"), "connection not made within 2 s (connect timeout)", "upstream_timeout"),
+        (TimeoutError(), "no response within 30 s (first_byte timeout)", "upstream_timeout"),
+        (httpx.ConnectError("[Errno 111] Connection refused"), "unreachable: [Errno 111] Connection refused", "upstream_unreachable"),
+        (httpx.RemoteProtocolError("Server disconnected"), "failed before responding: Server disconnected", "upstream_disconnected"),
     ]
-    for exc, status, message, code in cases:
+    for exc, message, kind in cases:
         failure = _failure(exc, policy)
-        assert (failure.status, failure.code) == (status, code) and message in failure.message
+        assert failure.kind == kind and message in failure.message
 
 
 def test_capture_and_sampling_layer_model_over_provider():

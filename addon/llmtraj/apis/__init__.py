@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.record import NO_RESPONSE_STATUS
 from .anthropic_messages import AnthropicMessages
 from .base import ApiShape, StreamAggregator
 from .chat_completions import ChatCompletions
@@ -12,6 +13,12 @@ from .responses import Responses
 
 API_SHAPES: tuple[ApiShape, ...] = (ChatCompletions(), AnthropicMessages(), Responses(), Completions())
 API_BY_NAME: dict[str, ApiShape] = {shape.name: shape for shape in API_SHAPES}
+
+
+def no_response_answer(api: ApiShape, kind: str, message: str) -> tuple[int, dict[str, Any]]:
+    """(status, error body in the API's shape) for an agent whose upstream failed
+    before answering (`kind`: the record's error kind, also the error's `code`)."""
+    return NO_RESPONSE_STATUS[kind], api.error_body(f"llm-traj: {message}", "proxy_error", kind)
 
 
 def api_for(method: str, path: str) -> ApiShape | None:

@@ -15,7 +15,7 @@ from pydantic_core import from_json
 
 from ..anticall.respond import JSON_HEADERS, SSE_HEADERS
 from ..anticall.respond import Answer as AgentAnswer  # an answer made by the addon, as anti-call makes them
-from ..apis import ApiShape
+from ..apis import ApiShape, no_response_answer
 from ..core.encoding import decoder_for
 from ..core.headers import header
 from .errors import Untranslatable, agent_error
@@ -71,11 +71,12 @@ class BridgedCall:
             "ended_at": self.ended_at, "error": self.error, "capture": self.capture,
         }  # fmt: skip
 
-    def unreachable(self, status: int, message: str, code: str) -> AgentAnswer:
-        """No response came from the upstream: the agent gets the proxy's error in its shape."""
-        self.error = ("upstream_unreachable", message)
+    def unreachable(self, kind: str, message: str) -> AgentAnswer:
+        """No response came from the upstream (`kind`: the record's error kind):
+        the agent gets the proxy's error in its shape."""
+        self.error = (kind, message)
         self.ended_at = time.time()
-        return json_answer(status, self.api.error_body(f"llm-traj: {message}", "proxy_error", code))
+        return json_answer(*no_response_answer(self.api, kind, message))
 
     async def answer(self, status: int, headers: list[tuple[str, str]], body: AsyncIterator[bytes]) -> AgentAnswer:
         """The agent's answer to the upstream's response: an error body in its
@@ -129,7 +130,7 @@ class BridgedCall:
                         if out:
                             yield out
             except ConnectionError as exc:  # the upstream broke off or went idle: the agent gets an error event
-                self.error = ("upstream_disconnected", str(exc))
+                self.error = (getattr(exc, "kind", "upstream_disconnected"), str(exc))
                 yield translator.fail(str(exc))
                 return
             out = translator.close()

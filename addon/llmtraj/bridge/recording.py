@@ -55,5 +55,5 @@ def add_bridge(fields: RecordFields, note: dict[str, Any], secrets: set[str]) ->
     kind, message = error
     fields["complete"] = False
     fields["error"] = {"kind": kind, "message": message}
-    if kind == "upstream_unreachable":
+    if note["status"] is None:
         fields.update(status=None, response_headers=[], response=None, response_raw=None, events=None, stream=False)

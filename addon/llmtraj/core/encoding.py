@@ -14,8 +14,15 @@ class Decoder(Protocol):
     def decode(self, chunk: bytes) -> bytes: ...
     def flush(self) -> bytes: ...
 
+    @property
+    def ended(self) -> bool:
+        """Whether the encoded data reached its end marker (False: the body was cut short)."""
+        ...
+
 
 class IdentityDecoder:
+    ended = True  # (no end marker: the framing alone says where the body ends)
+
     def decode(self, chunk: bytes) -> bytes:
         return chunk
 
@@ -33,6 +40,10 @@ class _Zlib:
     def flush(self) -> bytes:
         return self._d.flush()
 
+    @property
+    def ended(self) -> bool:
+        return self._d.eof
+
 
 class _Brotli:
     def __init__(self) -> None:
@@ -44,6 +55,10 @@ class _Brotli:
     def flush(self) -> bytes:
         return b""
 
+    @property
+    def ended(self) -> bool:
+        return self._d.is_finished()
+
 
 class _Zstd:
     def __init__(self) -> None:
@@ -54,6 +69,10 @@ class _Zstd:
 
     def flush(self) -> bytes:
         return b""
+
+    @property
+    def ended(self) -> bool:
+        return self._d.eof
 
 
 class UnsupportedEncoding(ValueError):

@@ -21,3 +21,11 @@ HOP_BY_HOP = frozenset({
 def text_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     """Raw header pairs as text (as mitmproxy's `items(multi=True)` gives them, several times faster)."""
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+
+
+def content_length(headers: Headers) -> int | None:
+    """The length of a body framed by its Content-Length (not chunked), if valid."""
+    value = header(headers, "content-length")
+    if value is None or header(headers, "transfer-encoding") is not None or not value.strip().isdigit():
+        return None
+    return int(value)

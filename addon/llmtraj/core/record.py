@@ -32,11 +32,18 @@ class CallError(BaseModel):
     kind: Literal[
         "upstream_unreachable",
         "upstream_disconnected",
+        "upstream_timeout",
         "client_disconnected",
         "bad_stream",
         "proxy",
     ]
     message: str
+
+
+# The status an agent gets when its upstream failed before answering, by the
+# record's error kind: the same whichever side forwarded the call (mitmproxy,
+# or llm-traj's own client) and in replay.
+NO_RESPONSE_STATUS = {"upstream_unreachable": 502, "upstream_disconnected": 502, "upstream_timeout": 504}
 
 
 class Timings(BaseModel):

@@ -33,6 +33,7 @@ from .recording import Recorder
 from .replaying import Replayer
 from .routing import Routing
 from .token_capture import TokenCapture
+from .upstream_idle import UpstreamIdleTimeout
 from .training import TrainerControls
 from .uploading import Uploading
 from .upstreaming import UpstreamForwarding, UpstreamRouting
@@ -169,5 +170,6 @@ def make_addons() -> list[object]:
         prompting, ProxyEndpoints(options, replayer, recorder), replayer, OfflineReplay(options, replayer), upstream_routing,
         recorder, ModelListKeeper(options), anticalling, access, TokenCapture(options, upstream_routing),
         forwarding, uploading, WebAnnotations(options), WebChatView(),
+        UpstreamIdleTimeout(options),  # last: it watches the calls no part answered, with the body's stream set
     ]
     return [LlmTraj(parts)]

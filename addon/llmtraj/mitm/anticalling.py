@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +26,9 @@ from ..anticall.respond import Answer, answer, error_answer
 from ..anticall.rockfile import RockFileChannel
 from ..core.redact import redact_fields
 from ..core.session import InvalidSession, validate_session
+from .connections import disarm_idle_timeout
 from .loopback import Loopback, ProducedResponse
-from .options import LlmTrajOptions, Settings
+from .options import LlmTrajOptions, Settings, seconds_option
 from .routing import CALL_KEY, CallMetadata, llm_call
 
 logger = logging.getLogger("llm_traj")
@@ -146,7 +145,7 @@ class AntiCalling:
         info["extra"] = held.extra  # filled by the drivers, written by the recorder at the end
 
         async def produce() -> ProducedResponse:
-            hold = self._disarm_idle_timeout(flow)
+            hold = disarm_idle_timeout(flow)
             try:
                 result = await answer(broker, held)
             except BaseException:
@@ -202,16 +201,6 @@ class AntiCalling:
 
         self._loopback.serve(flow, produce)
 
-    @staticmethod
-    def _disarm_idle_timeout(flow: http.HTTPFlow) -> ExitStack:
-        """Keep mitmproxy from closing the agent's connection as idle while its
-        call is held; closing the returned stack re-arms it."""
-        hold = ExitStack()
-        handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
-        if handler is not None:
-            hold.enter_context(handler.timeout_watchdog.disarm())
-        return hold
-
     def _stop_broker(self) -> None:
         if self.broker is not None:
             self.broker.shutdown()
@@ -236,12 +225,7 @@ def _read_settings(settings: Settings) -> AntiCallSettings | None:
     port = opts.llm_traj_control_port
     if not 0 <= port <= 65535:
         raise exceptions.OptionsError(f"llm_traj_control_port={port} is not a port (0-65535; 0: any free port)")
-    try:
-        hold = float(opts.llm_traj_hold_timeout)
-    except ValueError:
-        hold = math.nan
-    if not (math.isfinite(hold) and hold >= 0):
-        raise exceptions.OptionsError(f"llm_traj_hold_timeout={opts.llm_traj_hold_timeout!r} is not a number of seconds >= 0 (0: no limit)")
+    hold = seconds_option("llm_traj_hold_timeout")
     rock = opts.llm_traj_rock_file.strip()
     if rock and Path(rock.replace("{session}", "default")).expanduser().is_dir():
         raise exceptions.OptionsError(f"llm_traj_rock_file={rock!r} is a directory; give a file path (with {{session}} for one per session)")

@@ -11,6 +11,7 @@ mitmdump exit.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,10 @@ MODES = ("record", "replay", "anticall")
 
 
 MAX_RETRIES = 20
+# Seconds an upstream may send nothing before its call is given up (504): as
+# long as mitmproxy's own connection idle limit (TCP_TIMEOUT in mitmproxy 11),
+# which this replaces while a call is in flight.
+DEFAULT_UPSTREAM_IDLE_TIMEOUT = "600"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Settings:
     capture_tokens: bool = False  # llm_traj_capture_tokens: routes of the config may say otherwise
     remote: str | None = None  # llm_traj_path as an fsspec URL; `path` is then the local stage (replay: a copy)
     stage: Path | None = None  # with a URL: the local stage (replay: where its control file goes; `path` is a copy)
+    upstream_idle_timeout: float | None = None  # llm_traj_upstream_idle_timeout; None: no limit
 
     @property
     def control_dir(self) -> Path:
@@ -71,6 +77,18 @@ class Settings:
     def needs_whole_request(self) -> bool:
         """Whether a request body is needed whole before it goes upstream (to route or add to it)."""
         return self.routes_calls or self.may_capture_tokens
+
+
+def seconds_option(name: str) -> float:
+    """The value of a (string) option of seconds, >= 0 (0: no limit); OptionsError if it is not one."""
+    value = getattr(ctx.options, name)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise exceptions.OptionsError(f"{name}={value!r} is not a number of seconds >= 0 (0: no limit)")
+    return seconds
 
 
 def startup_error(message: str) -> None:
@@ -137,6 +155,12 @@ class LlmTrajOptions:
             "Record mode: ask the engine (vLLM, SGLang) for token ids and logprobs where the agent did not, "
             "record them as `tokens`, and pass the agent only what it asked for. "
             "capture_tokens in llm_traj_config sets it per provider or model.",
+        )
+        loader.add_option(
+            "llm_traj_upstream_idle_timeout", str, DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            "Seconds an upstream may send nothing (before its response head, or between two pieces of its body) "
+            "before the call is given up: the agent gets a 504 (or its connection is closed mid-stream) and the "
+            "record says upstream_timeout. 0: no limit. A route's timeouts in llm_traj_config take precedence.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -217,6 +241,7 @@ class LlmTrajOptions:
             raise exceptions.OptionsError(f"llm_traj_session: {exc}") from None
         if not 0 <= opts.llm_traj_retries <= MAX_RETRIES:
             raise exceptions.OptionsError(f"llm_traj_retries={opts.llm_traj_retries} must be between 0 and {MAX_RETRIES}")
+        idle = seconds_option("llm_traj_upstream_idle_timeout")
         registry = None
         if opts.llm_traj_config:
             try:
@@ -227,4 +252,5 @@ class LlmTrajOptions:
                 logger.info(f"llm-traj: config: left out {skipped}")
         return Settings(mode=mode, path=path, default_session=opts.llm_traj_session, retries=opts.llm_traj_retries,
                         config_path=opts.llm_traj_config or None, registry=registry,
-                        capture_tokens=opts.llm_traj_capture_tokens, remote=remote, stage=stage)  # fmt: skip
+                        capture_tokens=opts.llm_traj_capture_tokens, remote=remote, stage=stage,
+                        upstream_idle_timeout=idle or None)  # fmt: skip

@@ -13,6 +13,7 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from ..core.headers import content_length
 from ..core.store import TrajectoryWriter
 from ..recording.capture import CallCapture
 from ..recording.sink import RecordSink
@@ -36,12 +37,14 @@ def error_kind(flow: http.HTTPFlow) -> str:
     return "upstream_disconnected"
 
 
-def _content_length(response: http.Response) -> int | None:
-    """The length of a body framed by its Content-Length (not chunked), if valid."""
-    value = response.headers.get("content-length")
-    if value is None or "transfer-encoding" in response.headers or not value.strip().isdigit():
-        return None
-    return int(value)
+def flow_failure(flow: http.HTTPFlow) -> tuple[str, str]:
+    """(the record's error kind, message) of an LLM call that ended with an
+    error: the upstream failure a part noted (a timeout it applied), else told
+    from the connections."""
+    noted = flow.metadata[CALL_KEY].get("upstream_failure")
+    if noted is not None:
+        return noted["kind"], noted["message"]
+    return error_kind(flow), flow.error.msg if flow.error else "unknown error"
 
 
 RECORDING_MODES = ("record", "anticall")
@@ -167,7 +170,7 @@ class Recorder:
         capture.response_headers = list(response.headers.fields)
         capture.response_headers_at = response.timestamp_start
         chunks, times = capture.chunks, capture.chunk_times
-        length = _content_length(response)
+        length = content_length(response.headers.items(multi=True))
         received = 0
         held: list[bytes] = []
 
@@ -198,7 +201,7 @@ class Recorder:
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.id in self._captures:
-            self._send(flow, (error_kind(flow), flow.error.msg if flow.error else "unknown error"))
+            self._send(flow, flow_failure(flow))
 
     def _send(self, flow: http.HTTPFlow, error: tuple[str, str] | None) -> None:
         capture = self._captures.pop(flow.id, None)
@@ -207,8 +210,15 @@ class Recorder:
         if (parts := self._request_parts.pop(flow.id, None)) is not None:
             capture.request_body = b"".join(parts)  # ended before the whole request was sent
         capture.ended_at = time.time()
-        capture.error = error
         info: CallMetadata = flow.metadata[CALL_KEY]
+        if (noted := info.get("upstream_failure")) is not None:
+            # llm-traj's own client gave up on the upstream (the flow itself ended
+            # normally, with the proxy's error), or a timeout the addon applied
+            error = noted["kind"], noted["message"]
+            if not noted["answered"]:  # no response came: what the agent got was the proxy's error
+                capture.status, capture.response_headers, capture.response_headers_at = None, [], None
+                capture.chunks, capture.chunk_times = [], []
+        capture.error = error
         capture.extra = info.get("extra") or {}
         capture.upstream = info.get("upstream")
         capture.prompt = info.get("prompt")

@@ -42,6 +42,9 @@ class CallMetadata(TypedDict, total=False):
     capture: dict[str, Any]  # TokenCapture: the plan (fields added upstream), for the record
     sampling: dict[str, Any]  # TokenCapture: what the route's sampling control changed, for the record
     bridge: dict[str, Any]  # UpstreamForwarding: the call is bridged to an upstream of another API (`upstream_api`)
+    # UpstreamForwarding, UpstreamIdleTimeout: why the upstream failed, for the record and the agent's error:
+    # {"kind": the record's error kind, "message", "answered": whether the upstream's response head came}
+    upstream_failure: dict[str, Any]
 
 
 @dataclass(frozen=True)

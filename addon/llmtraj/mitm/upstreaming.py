@@ -14,18 +14,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import ExitStack
+from dataclasses import replace
 
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 from pydantic_core import from_json
 
-from ..apis import API_BY_NAME, ApiShape
+from ..apis import API_BY_NAME, ApiShape, no_response_answer
 from ..bridge import UPSTREAM_API, AgentAnswer, BridgedCall, Untranslatable, json_answer, to_chat
 from ..tokens.capture import ENGINES, plan_capture
-from ..upstreams.client import Attempt, UpstreamClient, UpstreamFailure, forward_headers
+from ..upstreams.client import Attempt, UpstreamClient, UpstreamFailure, UpstreamResponse, forward_headers
 from ..upstreams.config import AUTH_HEADERS
 from ..upstreams.registry import Registry, RetryPolicy, Route, Target, UnknownModel
 from .endpoints import json_response
+from .connections import disarm_idle_timeout
 from .loopback import ORIGINAL_URL_KEY, Loopback, ProducedResponse
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, llm_call
@@ -127,22 +130,47 @@ class UpstreamForwarding:
         if flow.id in self._agent_auth:  # the key only goes to the client, never stays on the flow
             _set_auth(request.headers, self._agent_auth.pop(flow.id))
         body = request.raw_content or b""
-        method, policy = request.method, route.policy
+        method, policy = request.method, self._with_idle_limit(route.policy)
         api = call.api if call is not None else API_BY_NAME["chat.completions"]  # OpenAI's error shape for the rest
+        info = flow.metadata[CALL_KEY] if call is not None else {}  # (what is noted of other requests is not kept)
 
         async def produce() -> ProducedResponse:
+            hold = _our_idle_limit(flow, policy)
             try:
-                response = await self._get_client().send(method, url, headers, body, policy, attempts)
-            except UpstreamFailure as exc:
-                upstream["error"] = exc.message
-                logger.warning(f"llm-traj: {route.name}: {exc.message} ({len(attempts)} attempt(s))")
-                payload = json.dumps(api.error_body(f"llm-traj: {exc.message}", "proxy_error", exc.code))
-                return ProducedResponse(exc.status, [("content-type", "application/json")], payload.encode())
-            if len(attempts) > 1:
-                logger.info(f"llm-traj: {route.name}: {response.status} after {len(attempts)} attempts")
-            return ProducedResponse(response.status, response.headers, _noting_failure(response.body, upstream))
+                response = await self._send(route, upstream, policy, attempts, method, url, headers, body)
+            except BaseException:
+                hold.close()
+                raise
+            if isinstance(response, UpstreamFailure):
+                hold.close()
+                info["upstream_failure"] = {"kind": response.kind, "message": response.message, "answered": False}
+                status, payload = no_response_answer(api, response.kind, response.message)
+                return ProducedResponse(status, [("content-type", "application/json")], json.dumps(payload).encode())
+            return ProducedResponse(response.status, response.headers, _noting_failure(response.body, upstream, info),
+                                    on_done=lambda completed: hold.close())  # fmt: skip
 
         self._loopback.serve(flow, produce)
+
+    async def _send(self, route: Route, upstream: dict, policy: RetryPolicy, attempts: list[Attempt], method: str,
+                    url: str, headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse | UpstreamFailure:
+        """The upstream's response, or why none came (noted in the record's `upstream`, and logged)."""
+        try:
+            response = await self._get_client().send(method, url, headers, body, policy, attempts)
+        except UpstreamFailure as exc:
+            upstream["error"] = exc.message
+            logger.warning(f"llm-traj: {route.name}: {exc.message} ({len(attempts)} attempt(s))")
+            return exc
+        if len(attempts) > 1:
+            logger.info(f"llm-traj: {route.name}: {response.status} after {len(attempts)} attempts")
+        return response
+
+    def _with_idle_limit(self, policy: RetryPolicy) -> RetryPolicy:
+        """The route's policy with `llm_traj_upstream_idle_timeout` as its
+        first-byte and idle timeouts where it sets none."""
+        limit = self._options.settings.upstream_idle_timeout
+        if limit is None or (policy.first_byte_timeout is not None and policy.idle_timeout is not None):
+            return policy
+        return replace(policy, first_byte_timeout=policy.first_byte_timeout or limit, idle_timeout=policy.idle_timeout or limit)
 
     def _bridge(self, flow: http.HTTPFlow, api: ApiShape, route: Route, upstream: dict) -> None:
         """Sends a call to an upstream of another API (`llmtraj.bridge`): the
@@ -182,18 +210,20 @@ class UpstreamForwarding:
         if route.policy.needs_client:
             upstream["attempts"] = attempts
         headers = _bridge_headers(request.headers, route, bridged.stream)
-        policy, body = route.policy, bridged.body()
+        policy, body = self._with_idle_limit(route.policy), bridged.body()
 
         async def produce() -> ProducedResponse:
+            hold = _our_idle_limit(flow, policy)
             try:
-                response = await self._get_client().send("POST", url, headers, body, policy, attempts)
-            except UpstreamFailure as exc:
-                upstream["error"] = exc.message
-                logger.warning(f"llm-traj: {route.name}: {exc.message} ({len(attempts)} attempt(s))")
-                answer = bridged.unreachable(exc.status, exc.message, exc.code)
-            else:
-                answer = await bridged.answer(response.status, response.headers, response.body)
-            return ProducedResponse(answer.status, answer.headers, answer.body)
+                response = await self._send(route, upstream, policy, attempts, "POST", url, headers, body)
+                if isinstance(response, UpstreamFailure):
+                    answer = bridged.unreachable(response.kind, response.message)
+                else:
+                    answer = await bridged.answer(response.status, response.headers, response.body)
+            except BaseException:
+                hold.close()
+                raise
+            return ProducedResponse(answer.status, answer.headers, answer.body, on_done=lambda completed: hold.close())
 
         self._loopback.serve(flow, produce)
 
@@ -276,6 +306,13 @@ def _bridge_headers(agent: http.Headers, route: Route, stream: bool) -> list[tup
     return headers + [("authorization", key)] if key else headers
 
 
+def _our_idle_limit(flow: http.HTTPFlow, policy: RetryPolicy) -> ExitStack:
+    """While the client waits for the upstream with an idle timeout of its own,
+    mitmproxy's idle limit of the agent's connection is disarmed: the client's
+    applies, and gives the agent a truthful answer (closing the returned stack re-arms it)."""
+    return disarm_idle_timeout(flow) if policy.idle_timeout is not None else ExitStack()
+
+
 def _answering(answer: AgentAnswer):
     async def produce() -> ProducedResponse:
         return ProducedResponse(answer.status, answer.headers, answer.body)
@@ -283,12 +320,13 @@ def _answering(answer: AgentAnswer):
     return produce
 
 
-async def _noting_failure(body, upstream: dict):
+async def _noting_failure(body, upstream: dict, info: dict):
     """The body, with why it stopped (idle timeout, upstream hang-up) noted for the record."""
     try:
         async for piece in body:
             yield piece
     except ConnectionError as exc:
         upstream["error"] = str(exc)
+        info["upstream_failure"] = {"kind": getattr(exc, "kind", "upstream_disconnected"), "message": str(exc), "answered": True}
         logger.warning(f"llm-traj: {upstream['route']}: {exc}")
         raise

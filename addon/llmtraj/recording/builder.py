@@ -117,6 +117,8 @@ class RecordBuilder:
         self._events: list[dict[str, Any]] = []
         self._body: list[bytes] = []
         self._undecodable = False  # a corrupt compressed stream is still forwarded, not parsed
+        self._received = False  # whether any body bytes came
+        self._data_seen = False  # whether the event stream had a data event
 
     def response_started(self, status: int, headers: Headers, now: float | None = None) -> None:
         fields = self.fields
@@ -139,6 +141,7 @@ class RecordBuilder:
         """Feed body bytes as received (still content-encoded)."""
         if not data:
             return
+        self._received = True
         if self.first_byte_at is None:
             self.first_byte_at = now or time.time()
         if self._parser is None:
@@ -165,6 +168,8 @@ class RecordBuilder:
                 events.append({"t": t, "raw": block.text, "raw_base64": base64.b64encode(block.raw).decode("ascii")})
             else:  # (replay sends the bytes the agent got)
                 events.append({"t": t, "raw": block.text})
+            if block.data is not None:
+                self._data_seen = True
             add(block)
 
     def finish(self, now: float | None = None) -> RecordFields:
@@ -178,7 +183,22 @@ class RecordBuilder:
             self._take(self._parser.finish(), now)
         elif self._decoder is not None:
             self._finish_body()
+        if (broken := self._cut_short()) is not None:
+            self.fields["complete"] = False
+            self.fields["error"] = {"kind": broken[0], "message": broken[1]}
         return self._close(now)
+
+    def _cut_short(self) -> tuple[str, str] | None:
+        """(error kind, message) when a response the upstream ended normally is
+        not whole: compressed data without its end, or an event stream without
+        a single data event (the agent got these very bytes, and its SDK fails
+        on them or sees an empty answer)."""
+        if self._encoded and self._received and not self._undecodable and not self._decoder.ended:
+            encoding = header(self.fields["response_headers"], "content-encoding")
+            return "bad_stream", f"the {encoding} body ended before its compressed data did (truncated)"
+        if self._parser is not None and not self._undecodable and not self._data_seen:
+            return "bad_stream", "the event stream ended without a data event"
+        return None
 
     def fail(self, kind: str, message: str, now: float | None = None) -> RecordFields:
         """The call ended without a complete response: keep what arrived and why."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..apis import API_BY_NAME
 from ..bridge.recording import add_bridge
-from ..core.headers import text_headers
+from ..core.headers import content_length, text_headers
 from ..core.store import TrajectoryWriter, written_calls
 from ..prompts.tagging import PromptTagger
 from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
@@ -60,10 +60,10 @@ def record_of(
             times = [*times, capture.ended_at or (times[-1] if times else None)]
         for data, at in zip(chunks, times):
             tee.chunk(data, now=at)
-    if capture.error is None:
-        fields = tee.finish(now=capture.ended_at)
-    else:
-        fields = tee.fail(*capture.error, now=capture.ended_at)
+    error = capture.error
+    if error is None and (short := _short_body(capture)) is not None:
+        error = ("upstream_disconnected", short)
+    fields = tee.finish(now=capture.ended_at) if error is None else tee.fail(*error, now=capture.ended_at)
     fields["extra"].update(capture.extra)
     fields["upstream"] = capture.upstream
     final = engine_final(api, capture.chunks, fields["stream"]) if rewriting is not None else fields["response"]
@@ -75,6 +75,15 @@ def record_of(
     if tagger is not None:
         fields["prompt"] = tagger.tag(capture.api, fields["request"], capture.prompt)
     return fields, tee.secrets, tee.request_json
+
+
+def _short_body(capture: CallCapture) -> str | None:
+    """Why a response that ended normally is short of its Content-Length, if it is
+    (counted on the upstream's bytes as captured, before any rewriting for the agent)."""
+    if capture.status is None or (length := content_length(text_headers(capture.response_headers))) is None:
+        return None
+    received = sum(map(len, capture.chunks))
+    return f"the body ended after {received} of its {length} bytes (Content-Length)" if received < length else None
 
 
 def serve(path: str, source=None, prompts: str | None = None, acks: int | None = None) -> None:

@@ -11,10 +11,10 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
-from ..apis import ApiShape
+from ..apis import ApiShape, no_response_answer
 from ..core.headers import HOP_BY_HOP
 from ..core.jsontext import compact_json
-from ..core.record import CallRecord
+from ..core.record import NO_RESPONSE_STATUS, CallRecord
 from ..core.redact import REDACTED
 from .matching import Canonical, canonical
 
@@ -114,11 +114,12 @@ class Step:
 
     def _as_recorded(self, record: CallRecord) -> Reply:
         if record.status is None:
-            # No answer came: the agent got the proxy's 502, written as
-            # mitm/proxy_errors.py writes it.
-            message = f"llm-traj proxy: {record.error.message if record.error else 'no response'}"
-            body = json.dumps(self._api.error_body(message, "proxy_error", "proxy_502")).encode()
-            return Reply(502, _headers((), self._step_header(), _JSON), body)
+            # No answer came: the agent got the proxy's error (502, or 504 for a
+            # timeout), as mitm/proxy_errors.py and the upstream client make it.
+            error = record.error
+            kind = error.kind if error is not None and error.kind in NO_RESPONSE_STATUS else "upstream_unreachable"
+            status, body = no_response_answer(self._api, kind, error.message if error is not None else "no response")
+            return Reply(status, _headers((), self._step_header(), _JSON), json.dumps(body).encode())
         headers = _headers(record.response_headers, self._step_header())
         if record.events is not None:
             first = record.events[0].t if record.events else 0.0

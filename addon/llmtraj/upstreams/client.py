@@ -40,13 +40,12 @@ class Attempt(TypedDict):
 
 
 class UpstreamFailure(Exception):
-    """No response after the last attempt."""
+    """No response after the last attempt; `kind` is the record's error kind."""
 
-    def __init__(self, status: int, message: str, code: str) -> None:
+    def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
+        self.kind = kind
         self.message = message
-        self.code = code
 
 
 @dataclass
@@ -151,18 +150,21 @@ class UpstreamClient:
 
 def _failure(exc: BaseException, policy: RetryPolicy) -> UpstreamFailure:
     if isinstance(exc, TimeoutError):
-        return UpstreamFailure(504, f"upstream sent no response within {policy.first_byte_timeout:g} s (first_byte timeout)",
-                               "upstream_timeout")
+        return UpstreamFailure("upstream_timeout", f"upstream sent no response within {policy.first_byte_timeout:g} s (first_byte timeout)")
     if isinstance(exc, httpx.ConnectTimeout):
-        return UpstreamFailure(504, f"upstream connection not made within {policy.connect_timeout:g} s (connect timeout)",
-                               "upstream_timeout")
+        return UpstreamFailure("upstream_timeout", f"upstream connection not made within {policy.connect_timeout:g} s (connect timeout)")
     if isinstance(exc, httpx.ConnectError):
-        return UpstreamFailure(502, f"upstream unreachable: {exc or type(exc).__name__}", "upstream_unreachable")
-    return UpstreamFailure(502, f"upstream failed before responding: {exc or type(exc).__name__}", "upstream_failed")
+        return UpstreamFailure("upstream_unreachable", f"upstream unreachable: {exc or type(exc).__name__}")
+    return UpstreamFailure("upstream_disconnected", f"upstream failed before responding: {exc or type(exc).__name__}")
 
 
 class UpstreamStalled(ConnectionError):
-    """The body stopped: the agent's connection is closed, as the upstream's would be."""
+    """The body stopped: the agent's connection is closed, as the upstream's would be.
+    `kind` is the record's error kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 async def _body(response: httpx.Response, idle: float | None) -> AsyncIterator[bytes]:
@@ -174,9 +176,9 @@ async def _body(response: httpx.Response, idle: float | None) -> AsyncIterator[b
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise UpstreamStalled(f"upstream sent nothing for {idle:g} s (idle timeout)") from None
+                raise UpstreamStalled("upstream_timeout", f"upstream sent nothing for {idle:g} s (idle timeout)") from None
             except httpx.TransportError as exc:
-                raise UpstreamStalled(f"upstream broke off the response: {exc or type(exc).__name__}") from None
+                raise UpstreamStalled("upstream_disconnected", f"upstream broke off the response: {exc or type(exc).__name__}") from None
             yield piece
     finally:
         await response.aclose()

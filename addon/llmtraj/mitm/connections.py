@@ -1,0 +1,31 @@
+"""What the addon does to a flow's connections through mitmproxy's connection
+handlers (the `proxyserver` addon's), which no hook offers."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+from mitmproxy import ctx, http
+
+
+def disarm_idle_timeout(flow: http.HTTPFlow) -> ExitStack:
+    """Keep mitmproxy from closing the agent's connection as idle (600 s:
+    TCP_TIMEOUT in mitmproxy 11, `tcp_timeout` in 12) while the addon itself
+    watches over its call, as mitmproxy does during hooks; closing the returned
+    stack re-arms it."""
+    hold = ExitStack()
+    handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+    if handler is not None:
+        hold.enter_context(handler.timeout_watchdog.disarm())
+    return hold
+
+
+def close_server_connection(flow: http.HTTPFlow, why: str) -> bool:
+    """Close the flow's upstream connection as if the upstream had (mitmproxy
+    then ends the flow with an error); False if it is not open."""
+    handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+    io = handler.transports.get(flow.server_conn) if handler is not None else None
+    if io is None or io.handler is None:
+        return False
+    io.handler.cancel(why)
+    return True

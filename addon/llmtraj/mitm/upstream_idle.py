@@ -1,0 +1,117 @@
+"""The upstream idle limit (`llm_traj_upstream_idle_timeout`) for the calls
+mitmproxy forwards itself (llm-traj's own client applies it to the others, as a
+route's first-byte and idle timeouts).
+
+mitmproxy 11 offers no such limit per request: only its connection idle limit
+(600 s; `tcp_timeout` in 12), which closes the agent's connection without an
+answer and leaves a record blaming the agent. So while a call waits for its
+upstream, that limit is disarmed for the agent's connection and this one
+applies: a call whose upstream sent nothing for the limit (no response head,
+or no body piece) has its upstream connection closed; the agent gets a 504 in
+its API's shape (or, mid-stream, its connection closed as the upstream's would
+be) and the record says `upstream_timeout`. Per body piece only a time is
+stored; one timer per call checks it when the limit could have passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from mitmproxy import http
+
+from .connections import close_server_connection, disarm_idle_timeout
+from .loopback import ORIGINAL_URL_KEY
+from .options import LlmTrajOptions
+from .routing import CALL_KEY, llm_call
+
+logger = logging.getLogger("llm_traj")
+
+
+@dataclass
+class _Watch:
+    flow: http.HTTPFlow
+    limit: float
+    hold: ExitStack  # mitmproxy's own idle limit, disarmed until the call ends
+    last: float = field(default_factory=time.monotonic)  # when the upstream last sent something
+    timer: asyncio.TimerHandle | None = None
+
+
+class UpstreamIdleTimeout:
+    def __init__(self, options: LlmTrajOptions) -> None:
+        self._options = options
+        self._watches: dict[str, _Watch] = {}  # by flow id, while the call waits for its upstream
+
+    def serves_flows(self) -> bool:
+        settings = self._options.settings
+        return settings is not None and settings.upstream_idle_timeout is not None
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        # (last of the parts: the call goes upstream unless one answered it or
+        # gave it to the loopback server, whose producers apply their own limits)
+        if flow.response is not None or ORIGINAL_URL_KEY in flow.metadata or llm_call(flow) is None:
+            return
+        watch = _Watch(flow, self._options.settings.upstream_idle_timeout, disarm_idle_timeout(flow))
+        self._watches[flow.id] = watch
+        self._check_later(watch, watch.limit)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        watch = self._watches.get(flow.id)
+        if watch is None:
+            return
+        watch.last = time.monotonic()
+        response = flow.response
+        passing = response.stream
+        if not callable(passing):  # a buffered body (not recorded): the limit applies up to its head
+            self._end(flow)
+            return
+
+        def touch(data: bytes) -> bytes | list[bytes]:
+            watch.last = time.monotonic()
+            return passing(data)
+
+        response.stream = touch
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._end(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._end(flow)
+
+    def done(self) -> None:
+        for flow_id in list(self._watches):
+            self._end_watch(self._watches.pop(flow_id))
+
+    def _end(self, flow: http.HTTPFlow) -> None:
+        watch = self._watches.pop(flow.id, None)
+        if watch is not None:
+            self._end_watch(watch)
+
+    @staticmethod
+    def _end_watch(watch: _Watch) -> None:
+        if watch.timer is not None:
+            watch.timer.cancel()
+        watch.hold.close()
+
+    def _check_later(self, watch: _Watch, delay: float) -> None:
+        watch.timer = asyncio.get_running_loop().call_later(delay, self._check, watch)
+
+    def _check(self, watch: _Watch) -> None:
+        flow = watch.flow
+        if self._watches.get(flow.id) is not watch:
+            return
+        idle = time.monotonic() - watch.last
+        if idle < watch.limit:
+            self._check_later(watch, watch.limit - idle)
+            return
+        message = f"upstream sent nothing for {watch.limit:g} s (idle timeout)"
+        flow.metadata[CALL_KEY]["upstream_failure"] = {"kind": "upstream_timeout", "message": message,
+                                                       "answered": flow.response is not None}  # fmt: skip
+        if close_server_connection(flow, "idle timeout"):
+            logger.warning(f"llm-traj: {flow.request.pretty_url}: {message}")
+        else:  # still connecting: the connect attempt's own timeout applies
+            del flow.metadata[CALL_KEY]["upstream_failure"]
+            self._check_later(watch, watch.limit)
