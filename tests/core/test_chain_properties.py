@@ -171,7 +171,7 @@ def _naive_shared(a: str, b: str, limit: int, suffix: bool) -> int:
     return n
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=max(500, settings.default.max_examples), deadline=None)
 @given(st.text(alphabet="ab", max_size=12), st.text(alphabet="ab", max_size=12), st.integers(0, 14), st.integers(0, 14))
 def test_shared_prefix_and_suffix_are_maximal_whatever_the_guess(a, b, guess, cut):
     # Each event is stored against the previous one by the longest shared

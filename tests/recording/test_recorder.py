@@ -501,7 +501,7 @@ def _recorded(api: ApiShape, chunks: list[bytes]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("fixture", "api"), ALL_STREAMS, ids=lambda p: getattr(p, "name", None) or p.name)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=max(40, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cuts=st.lists(st.floats(0, 1), max_size=40))
 def test_chunking_at_any_boundary_gives_the_same_record(fixture, api, cuts):
     data = fixture.read_bytes()

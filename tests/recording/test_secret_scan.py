@@ -20,7 +20,7 @@ def body(messages: list[dict], blanks: str = "") -> bytes:
     return text.replace('":', f'"{blanks}:').encode()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=max(200, settings.default.max_examples), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(KEYS), st.text(max_size=30), st.sampled_from(["", " ", "\n  "])),
                 min_size=1, max_size=12), st.randoms())  # fmt: skip
 def test_the_scan_of_a_growing_conversation_finds_what_a_whole_scan_finds(turns, rnd):

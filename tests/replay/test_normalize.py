@@ -396,7 +396,7 @@ def _plainly(rules, body):
     return out, tuple(sorted(fired))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=max(300, settings.default.max_examples), deadline=None, suppress_health_check=list(HealthCheck))
 @given(_BODIES, st.sampled_from([GENERIC, "claude-code", "codex", "qwen-code", "aider"]),
        st.sampled_from(sorted(_WARM)), st.lists(_BODIES, max_size=3))  # fmt: skip
 @example({"id": "a", "text": "/home/ann/x"}, "codex", "builtin", [])  # one item, dropped from under input only

@@ -174,7 +174,7 @@ class SSEParser:
                 if "\0" not in value:
                     id_ = value
             elif name == "retry":
-                if value.isdigit():
+                if value.isascii() and value.isdigit():  # ASCII digits only: int() refuses '²', which isdigit() takes
                     retry = int(value)
         return SSEBlock(raw=raw, data="\n".join(data) if data else None, event=event, id=id_, retry=retry,
                         terminated=terminated, text=text)

@@ -65,6 +65,7 @@ def plan_capture(api: str, request: Any, engine: str = "vllm") -> CapturePlan | 
 
 
 _DROP = object()
+_LF = ord("\n")
 
 
 def _hide(obj: dict[str, Any], plan: CapturePlan) -> Any:
@@ -122,62 +123,25 @@ def hide_in_body(body: bytes, plan: CapturePlan) -> bytes:
     return engine_json(obj)
 
 
-# The fast way through a compact event (what vLLM and SGLang send): the spans
-# to hide are found with `bytes.find` (a regex costs ten times more per event).
-# A key's closing quote cannot match inside a JSON string (it would be escaped
-# there), and in both engines' choices `logprobs` is followed by `finish_reason`.
-# Anything else is parsed and written anew.
-_IDS = b'token_ids":['  # the end of "token_ids" and of "prompt_token_ids"
-_LOGPROBS, _AFTER_LOGPROBS = b'"logprobs":{', b',"finish_reason":'
+# The fast way through one compact data line (what vLLM and SGLang send): the
+# spans to hide are found with `bytes.find` from each key, the byte after the
+# key's colon saying what follows (a regex costs ten times more per event). A
+# key's closing quote cannot match inside a JSON string (it would be escaped
+# there), and in both engines' choices `logprobs` is followed by
+# `finish_reason`. Anything else (a spaced key, spans that overlap) is parsed
+# and written anew.
+_IDS = b'token_ids":'  # the end of "token_ids" and of "prompt_token_ids"
+_LOGPROBS, _AFTER_LOGPROBS = b'"logprobs":', b',"finish_reason":'
+_USAGE, _NO_CHOICES = b'"usage":', b'"choices":[]'
+_FINISHING = b'"finish_reason":"'
+_LIST, _OBJECT, _NULL = ord("["), ord("{"), ord("n")  # what may follow a key's colon
 _FINGERPRINT = re.compile(rb',"system_fingerprint":("(?:[^"\\]|\\.)*")')
-
-
-def _hide_compact(event: bytes, plan: CapturePlan) -> bytes | object | None:
-    """`event` (an event's bytes) without what the agent did not ask for: the
-    same object when nothing changes, _DROP for an event the agent would not
-    have got at all, None when this cannot tell without parsing."""
-    if b'": ' in event:
-        return None  # spaced JSON (or such text in a string): parse it
-    hidden = plan.hidden
-    if USAGE in hidden and b'"usage":{' in event:
-        return _DROP if b'"choices":[]' in event else None
-    pieces, at = [], 0
-    if TOKEN_IDS in hidden:
-        remove = plan.engine == "sglang"
-        while (start := event.find(_IDS, at)) != -1:
-            end = event.find(b"]", start) + 1
-            if remove:  # SGLang leaves the key out: it goes with the comma before it
-                start = event.rfind(b',"', at, start)
-                if start == -1 or end == 0:
-                    return None
-                pieces.append(event[at:start])
-            else:  # vLLM: "token_ids":null
-                if end == 0:
-                    return None
-                pieces += [event[at : start + len(_IDS) - 1], b"null"]
-            at = end
-    if at:
-        event = b"".join(pieces) + event[at:]
-        pieces, at = [], 0
-    if LOGPROBS in hidden:
-        while (start := event.find(_LOGPROBS, at)) != -1:
-            end = event.find(_AFTER_LOGPROBS, start)
-            if end == -1:
-                return None
-            pieces += [event[at : start + len(_LOGPROBS) - 1], b"null"]
-            at = end
-    return b"".join(pieces) + event[at:] if at else event
-
-
 _DATA = re.compile(rb"data: ?(\{.*\})(\r?\n\r?\n)\Z", re.S)
 
 
-def _shown_event(raw: bytes, plan: CapturePlan) -> bytes | object:
-    """An SSE event as the agent gets it (the same object when unchanged), or _DROP."""
-    if raw.startswith(b"data: {") and raw.find(b"\n") >= len(raw) - 4:  # one compact data line: the fast way
-        fast = _hide_compact(raw, plan)
-        if fast is not None:
-            return fast
+def _shown_parsed(raw: bytes, plan: CapturePlan) -> bytes | object:
+    """An SSE event as the agent gets it, parsed and written anew when it
+    changes (the same object when unchanged), or _DROP."""
     match = _DATA.match(raw)
     if match is None:  # [DONE], comments, multi-line data: nothing of ours
         return raw
@@ -197,11 +161,17 @@ class StreamHider:
     When the proxy asked for the usage event, a choice's last event (its
     finish_reason) waits for the next event: vLLM then puts its
     `system_fingerprint` on the usage event instead, and the agent, which did
-    not ask for usage, gets it where vLLM would have put it."""
+    not ask for usage, gets it where vLLM would have put it.
+
+    It runs on the proxy's loop for every event of a captured stream, so the
+    usual chunk (one whole compact event, as engines send them token by token)
+    takes the shortest way: no buffer, a few `bytes.find`, one join."""
 
     def __init__(self, plan: CapturePlan) -> None:
         self._plan = plan
-        self._hold_finishing = USAGE in plan.hidden
+        hidden = plan.hidden
+        self._ids, self._logprobs, self._usage = TOKEN_IDS in hidden, LOGPROBS in hidden, USAGE in hidden
+        self._remove_ids = plan.engine == "sglang"  # SGLang leaves the key out; vLLM sends null
         self._tail = b""
         self._held: tuple[bytes, bool] | None = None  # a finishing event as shown, and whether rewritten
         self._position = 0
@@ -210,6 +180,8 @@ class StreamHider:
 
     def feed(self, data: bytes) -> bytes:
         """Bytes in; bytes for the agent out (b"" at the end of the stream flushes what waits)."""
+        if not self._tail and data.find(b"\n") == len(data) - 2 and data[-1] == _LF:
+            return self._event(data, True)  # the usual chunk: one whole event on one line
         if not data:
             tail, self._tail = self._tail, b""
             return self._release() + tail  # a cut-off last event goes as it came
@@ -224,7 +196,8 @@ class StreamHider:
                 stop = other + 3
             if stop == -1:
                 break
-            out.append(self._event(buf[start:stop]))
+            raw = buf[start:stop]
+            out.append(self._event(raw, raw.find(b"\n") >= len(raw) - 4))
             start = stop
         self._tail = buf[start:]
         return b"".join(out)
@@ -240,18 +213,83 @@ class StreamHider:
                 self.rewritten.append(self._position - 1)
         return event
 
-    def _event(self, raw: bytes) -> bytes:
-        shown = _shown_event(raw, self._plan)
+    def _event(self, raw: bytes, one_line: bool) -> bytes:
+        shown = None
+        if one_line and raw.startswith(b"data: {"):
+            shown = self._hide_compact(raw)
+        if shown is None:
+            shown = _shown_parsed(raw, self._plan)
         if shown is _DROP:
             self.dropped += 1
             fingerprint = _FINGERPRINT.search(raw)
             return self._release(fingerprint.group(1) if fingerprint else None)
+        return self._pass(raw, shown, self._usage and shown.find(_FINISHING) != -1)
+
+    def _pass(self, raw: bytes, shown: bytes, finishing: bool) -> bytes:
+        """The agent's bytes for an event shown as `shown` (`raw` if unchanged)."""
         released = self._release() if self._held is not None else b""
         changed = shown is not raw
         if changed:
             self.rewritten.append(self._position)
         self._position += 1
-        if self._hold_finishing and b'"finish_reason":"' in shown:
+        if finishing:  # (only when the usage event is hidden)
             self._held = (shown, changed)
             return released
         return released + shown if released else shown
+
+    def _hide_compact(self, event: bytes) -> bytes | object | None:
+        """`event` (one compact data line) without what the agent did not ask
+        for: the same object when nothing changes, _DROP for an event the agent
+        would not have got at all, None when this cannot tell without parsing."""
+        if self._usage and (usage := event.rfind(_USAGE)) != -1:  # a top-level key, after the choices
+            follows = event[usage + len(_USAGE)]
+            if follows == _OBJECT:
+                return _DROP if event.find(_NO_CHOICES) != -1 else None
+            if follows != _NULL:
+                return None
+        ids = event.find(_IDS) if self._ids else -1
+        logprobs = event.find(_LOGPROBS) if self._logprobs else -1
+        if ids == -1 and logprobs == -1:
+            return event
+        # both families' spans, in the order they come
+        pieces: list[bytes] = []
+        at = 0
+        while ids != -1 or logprobs != -1:
+            if ids != -1 and (logprobs == -1 or ids < logprobs):
+                if ids < at:
+                    return None
+                value = ids + len(_IDS)
+                follows = event[value]
+                if follows == _LIST:
+                    end = event.find(b"]", value) + 1
+                    if end == 0:
+                        return None
+                    if self._remove_ids:  # the key goes with the comma before it
+                        start = event.rfind(b',"', at, ids)
+                        if start == -1:
+                            return None
+                        pieces.append(event[at:start])
+                    else:
+                        pieces += (event[at:value], b"null")
+                    at = value = end
+                elif follows != _NULL:
+                    return None
+                ids = event.find(_IDS, value)
+            else:
+                if logprobs < at:
+                    return None
+                value = logprobs + len(_LOGPROBS)
+                follows = event[value]
+                if follows == _OBJECT:
+                    end = event.find(_AFTER_LOGPROBS, value)
+                    if end == -1:
+                        return None
+                    pieces += (event[at:value], b"null")
+                    at = value = end
+                elif follows != _NULL:
+                    return None
+                logprobs = event.find(_LOGPROBS, value)
+        if not at:
+            return event
+        pieces.append(event[at:])
+        return b"".join(pieces)

@@ -1,0 +1,99 @@
+"""Properties of taking the captured fields out of a stream: the quick way
+through a compact event (spans found by their keys, cut out of the bytes)
+gives the very bytes that parsing the event and writing it anew gives, for
+whatever the model wrote (quotes, backslashes, text that spells the keys);
+and however the network cuts the stream, the agent gets the same bytes and
+the record the same account of what was rewritten."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from llmtraj.tokens.capture import _DROP, StreamHider, _shown_parsed, engine_json, plan_capture
+
+TEXT = st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12),
+    st.sampled_from(['"logprobs":{"a":1},"finish_reason":"stop"', 'x": [1]', '\\"token_ids\\":[', '"usage":{',
+                     "}],", "\n\n", "a\\", '"choices":[]']),  # fmt: skip
+)
+IDS = st.lists(st.integers(0, 200_000), max_size=3)
+LOGPROB = st.fixed_dictionaries({"token": TEXT, "logprob": st.floats(-50, 0), "bytes": st.lists(st.integers(0, 255), max_size=3),
+                                 "top_logprobs": st.just([])})  # fmt: skip
+LOGPROBS = st.none() | st.fixed_dictionaries({"content": st.lists(LOGPROB, max_size=2)})
+FINISH = st.sampled_from([None, "stop", "length", "tool_calls"])
+
+
+@st.composite
+def choice(draw: st.DrawFn, index: int) -> dict[str, Any]:
+    delta = draw(st.sampled_from([{}, {"content": draw(TEXT)}, {"role": "assistant", "content": ""},
+                                  {"reasoning_content": draw(TEXT)}]))  # fmt: skip
+    out: dict[str, Any] = {"index": index, "delta": delta, "logprobs": draw(LOGPROBS), "finish_reason": draw(FINISH)}
+    if draw(st.booleans()):
+        out["stop_reason"] = None
+    if draw(st.booleans()):
+        out["token_ids"] = draw(IDS | st.none())
+    if draw(st.booleans()):  # SGLang's per-choice prompt ids
+        out["prompt_token_ids"] = draw(IDS)
+    return out
+
+
+@st.composite
+def chunk(draw: st.DrawFn) -> dict[str, Any]:
+    """A chat stream chunk as vLLM or SGLang writes it (keys in their order)."""
+    out: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": draw(TEXT)}
+    choices = [draw(choice(i)) for i in range(draw(st.integers(0, 2)))]
+    out["choices"] = choices
+    if draw(st.booleans()):
+        out["usage"] = draw(st.none() | st.just({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}))
+    if draw(st.booleans()):
+        out["prompt_token_ids"] = draw(IDS | st.none())
+    if draw(st.booleans()):
+        out["system_fingerprint"] = draw(TEXT)
+    return out
+
+
+PLAN = st.builds(
+    lambda engine, asked: plan_capture("chat.completions", {"model": "m", "stream": True, **asked}, engine),
+    st.sampled_from(["vllm", "sglang"]),
+    st.fixed_dictionaries({}, optional={"logprobs": st.just(True), "return_token_ids": st.just(True),
+                                        "stream_options": st.just({"include_usage": True})}),  # fmt: skip
+).filter(lambda plan: plan is not None)
+
+
+def event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + engine_json(obj) + b"\n\n"
+
+
+@given(PLAN, chunk())
+def test_the_quick_way_gives_what_parsing_gives(plan, obj):
+    raw = event(obj)
+    quick = StreamHider(plan)._hide_compact(raw)
+    if quick is not None:  # None: it leaves the event to the parser
+        parsed = _shown_parsed(raw, plan)
+        assert quick is _DROP if parsed is _DROP else quick == parsed
+        assert (quick is raw) == (parsed is raw)  # an event that needs no change passes as the same bytes
+
+
+def _agent_bytes(plan, data: bytes, cuts: list[int]) -> tuple[bytes, list[int], int]:
+    hider = StreamHider(plan)
+    out, at = [], 0
+    for cut in sorted(set(cuts) - {0}) + [len(data)]:
+        if cut > at:  # (b"" is the end of the stream)
+            out.append(hider.feed(data[at:cut]))
+            at = cut
+    out.append(hider.feed(b""))
+    return b"".join(out), hider.rewritten, hider.dropped
+
+
+@given(PLAN, st.lists(chunk(), min_size=1, max_size=5), st.sampled_from([b"\n\n", b"\r\n\r\n"]), st.data())
+def test_any_chunking_gives_the_same_bytes_and_account(plan, chunks, end, data):
+    lines = [b"data: " + engine_json(c) + end for c in chunks]
+    lines.insert(data.draw(st.integers(0, len(lines))), b"data: " + json.dumps(chunks[0]).encode() + end)  # spaced
+    stream = b"".join(lines) + b"data: [DONE]" + end
+    whole = _agent_bytes(plan, stream, [])
+    per_event = _agent_bytes(plan, stream, [sum(map(len, lines[:i])) for i in range(1, len(lines) + 1)])
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
+    assert _agent_bytes(plan, stream, cuts) == whole == per_event
