@@ -12,6 +12,9 @@ and with the answer the stream was made from.
   (openai's ResponseStreamState: its final response, and its snapshot at any
   cut before the end).
 
+Legacy text completions, which the openai SDK does not accumulate, against
+the answer the stream was made from (1-3 choices, logprobs, usage).
+
 Streams are framed with LF, CRLF or CR line ends and keep-alive comments.
 """
 
@@ -25,6 +28,7 @@ from hypothesis import strategies as st
 from llmtraj.apis.anthropic_messages import AnthropicMessageAggregator
 from llmtraj.apis.base import StreamAggregator
 from llmtraj.apis.chat_completions import ChatCompletionAggregator
+from llmtraj.apis.completions import TextCompletionAggregator
 from llmtraj.apis.responses import ResponsesAggregator
 from llmtraj.core.sse import SSEBlock, SSEParser
 from openai import omit
@@ -102,6 +106,31 @@ def events_of(blocks: list[SSEBlock]) -> list[SSEBlock]:
     return [block for block in blocks if block.data is not None]
 
 
+def interleaved(draw, head: dict[str, Any], queues: list[list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], Any]:
+    """Chunks taking each choice's steps in order, the choices interleaved
+    (several in a chunk at times), then perhaps a usage chunk; and the usage."""
+    chunks = []
+    while any(queues):
+        live = [i for i in range(len(queues)) if queues[i]]
+        together = draw(st.lists(st.sampled_from(live), min_size=1, max_size=len(live), unique=True))
+        chunks.append({**head, "choices": [{"index": i, **queues[i].pop(0)} for i in sorted(together)]})
+    usage = None
+    if draw(st.booleans()):
+        prompt, completion = draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6))
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        chunks.append({**head, "choices": [], "usage": usage})
+    return chunks, usage
+
+
+def folded_chunks(aggregator: StreamAggregator, chunks: list[dict[str, Any]], framing, cuts) -> tuple[dict[str, Any], bytes]:
+    """Feeds the chunks, then [DONE], to `aggregator` in the pieces `cuts`
+    make; (its result, which came cleanly, and the stream's bytes)."""
+    data = framed([(None, json.dumps(chunk, ensure_ascii=False)) for chunk in chunks] + [(None, "[DONE]")], framing)
+    fold_chunks(aggregator, data, cuts)
+    assert aggregator.problems == [] and aggregator.done
+    return aggregator.result(), data
+
+
 # ----------------------------------------------------------- chat completions
 
 
@@ -141,17 +170,8 @@ def chat_streams(draw) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                       "tool_calls": calls, "finish_reason": finish, "logprobs": entries or None})  # fmt: skip
     # The first chunk opens every choice in order (the SDK appends choices as
     # they come), the rest interleave, several choices in a chunk at times.
-    chunks = [{**head, "choices": [{"index": i, **steps[i][0]} for i in range(n)]}]
-    queues = [s[1:] for s in steps]
-    while any(queues):
-        live = [i for i in range(n) if queues[i]]
-        together = draw(st.lists(st.sampled_from(live), min_size=1, max_size=len(live), unique=True))
-        chunks.append({**head, "choices": [{"index": i, **queues[i].pop(0)} for i in sorted(together)]})
-    usage = None
-    if draw(st.booleans()):
-        prompt, completion = draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6))
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        chunks.append({**head, "choices": [], "usage": usage})
+    rest, usage = interleaved(draw, head, [s[1:] for s in steps])
+    chunks = [{**head, "choices": [{"index": i, **steps[i][0]} for i in range(n)]}, *rest]
     return chunks, {"id": head["id"], "model": head["model"], "choices": truth, "usage": usage}
 
 
@@ -159,11 +179,48 @@ def chat_streams(draw) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 @given(chat_streams(), FRAMING, CUTS)
 def test_chat_aggregate_is_the_openai_sdk_accumulation(stream, framing, cuts):
     chunks, truth = stream
-    data = framed([(None, json.dumps(chunk, ensure_ascii=False)) for chunk in chunks] + [(None, "[DONE]")], framing)
-    ours = fold_chunks(ChatCompletionAggregator(), data, cuts)
-    assert ours.problems == [] and ours.done
-    assert canon(ours.result()) == truth
+    ours, data = folded_chunks(ChatCompletionAggregator(), chunks, framing, cuts)
+    assert canon(ours) == truth
     assert canon(chat_sdk(blocks_of(data))) == truth
+
+
+# ---------------------------------------------------------- text completions
+
+
+@st.composite
+def text_completion_streams(draw) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Chunks of a legacy completion stream, and the answer: per choice its
+    text joined, its logprobs lists extended, its last finish reason."""
+    n = draw(st.integers(1, 3))
+    head = {"id": "cmpl-" + draw(IDS), "object": "text_completion", "created": 1700000000, "model": "gen-1"}
+    steps, truth = [], []
+    for i in range(n):
+        text = draw(TEXT)
+        with_logprobs = draw(st.booleans())
+        logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} if with_logprobs else None
+        mine, offset = [], 0
+        for piece in draw(pieces(text)):
+            step = {"text": piece, "logprobs": None, "finish_reason": None}
+            if with_logprobs:
+                lp = -draw(st.floats(0, 20))
+                step["logprobs"] = {"tokens": [piece], "token_logprobs": [lp], "top_logprobs": [{piece: lp}], "text_offset": [offset]}
+                for key, values in step["logprobs"].items():
+                    logprobs[key] += values
+            offset += len(piece)
+            mine.append(step)
+        finish = draw(st.sampled_from(["stop", "length"]))
+        mine.append({"text": "", "logprobs": None, "finish_reason": finish})
+        steps.append(mine)
+        truth.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
+    chunks, usage = interleaved(draw, head, steps)
+    return chunks, {**head, "choices": truth, "usage": usage}
+
+
+@SETTINGS
+@given(text_completion_streams(), FRAMING, CUTS)
+def test_text_completion_aggregate_is_the_answer_streamed(stream, framing, cuts):
+    chunks, truth = stream
+    assert folded_chunks(TextCompletionAggregator(), chunks, framing, cuts)[0] == truth
 
 
 # -------------------------------------------------------- Anthropic Messages
