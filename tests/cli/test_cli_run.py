@@ -248,9 +248,11 @@ def test_inspect_commands_errors_are_one_line(tmp_path, demo_traj):
     corrupt = tmp_path / "corrupt.jsonl"
     corrupt.write_text(demo_traj.read_text().splitlines()[0] + "\n{not json\n" + demo_traj.read_text().splitlines()[0] + "\n")
     for args in (["stats", str(corrupt)], ["show", str(corrupt)], ["export", str(corrupt), "--format", "har"]):
-        r = llm_traj(*args)
-        assert r.returncode == 1 and r.stderr.startswith(f"llm-traj: {corrupt}:2: not valid JSON"), r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+        r = llm_traj(*args)  # the bad line is skipped with a warning, the rest read
+        assert r.returncode == 0 and r.stderr.startswith(f"llm-traj: warning: {corrupt}:2: not valid JSON"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stdout
+    r = llm_traj("compact", str(corrupt))  # would drop it: refused
+    assert r.returncode == 1 and r.stderr.startswith(f"llm-traj: {corrupt}:2: not valid JSON"), r.stderr
     r = llm_traj("export", str(demo_traj), "--format", "csv")
     assert r.returncode == 2 and r.stderr.strip() == "llm-traj: --format 'csv': use one of openai-chat, har, atif, tokens"
     r = llm_traj("stats", str(tmp_path / "missing"))

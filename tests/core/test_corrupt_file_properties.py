@@ -2,9 +2,10 @@
 hypothesis: whatever bytes are flipped and whatever garbage lines are put
 between the lines of a trajectory (one file for every session, or a file per
 session), reading it raises nothing but TrajectoryError; with
-`tolerate_corrupt` it raises nothing, every line is either a record or a
-reported skipped line, and each session none of whose lines was touched reads
-back whole, as written."""
+`tolerate_corrupt` it raises nothing, every line is either a record, a
+reported skipped line or one of the later lines of its session that a bad
+line cut (counted in its `left_out`), and each session none of whose lines
+was touched reads back whole, as written."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from llmtraj.core.store import SkippedLine, TrajectoryError, TrajectoryReader, read_records
+from llmtraj.core.store import SkippedLine, TrajectoryError, TrajectoryReader, _session_named_at_start, read_records
 
 from .test_chain_properties import CALL, as_sent, write
 
@@ -53,13 +54,14 @@ def lines_of(data: bytes) -> list[bytes]:
 
 
 def sessions_named(pieces: list[bytes]) -> set[str]:
-    """The sessions that damaged text claims, as far as it is JSON."""
+    """The sessions that damaged text claims: as JSON, or by the start of a line that is not JSON."""
     named = set()
     for piece in pieces:
         for part in lines_of(piece):
             try:
                 obj = json.loads(part)
             except ValueError:
+                named |= {_session_named_at_start(part)} - {None}
                 continue
             if isinstance(obj, dict) and isinstance(obj.get("session"), str):
                 named.add(obj["session"])
@@ -87,7 +89,7 @@ def check(path: Path, files: dict[Path, tuple[bytes, list[tuple]]]) -> None:
         pass
     skipped: list[SkippedLine] = []
     got = as_sent(read_records(path, tolerate_corrupt=True, skipped=skipped))
-    assert len(got) + len(skipped) == lines
+    assert len(got) + len(skipped) + sum(s.left_out for s in skipped) == lines
     assert len({(s.file, s.line) for s in skipped}) == len(skipped)
     intact = [r for r in whole if r["session"] not in affected]
     assert [r for r in got if r["session"] not in affected] == intact

@@ -18,6 +18,7 @@ from llmtraj.core.store import (
     TrajectoryWriter,
     read_records,
     trajectory_files,
+    trajectory_sessions,
 )
 
 
@@ -265,6 +266,71 @@ def test_tolerate_corrupt_skips_and_reports_bad_lines(tmp_path):
     skipped: list[SkippedLine] = []
     assert [r.index for r in read_records(file, tolerate_corrupt=True, skipped=skipped)] == [1, 4]
     assert [s.line for s in skipped] == [2, 3]
+
+
+def _conversations(path: Path, sessions: list[str], turns: int) -> None:
+    """Each session's calls repeating its conversation so far (stored chained), the sessions' calls interleaved."""
+    writer = TrajectoryWriter(path)
+    for k in range(1, turns + 1):
+        for session in sessions:
+            messages = [{"role": "user", "content": f"{session} turn {t} " * 10} for t in range(1, k + 1)]
+            record = make_record(session, k)
+            record.request = {"model": "m", "messages": messages}
+            writer.append(record)
+    writer.close()
+
+
+def test_a_bad_line_in_a_single_file_cuts_only_its_session_there(tmp_path):
+    file = tmp_path / "all.jsonl"
+    _conversations(file, ["a", "b"], 4)
+    lines = lines_of(file)
+    assert json.loads(lines[4])["request_base"]["index"] == 2  # a#3, chained to a#2
+    lines[2] = lines[2][:60] + b"\x01" + lines[2][60:]  # a#2: not JSON any more, but says whose it is
+    _write_lines(file, lines)
+    with pytest.raises(TrajectoryError) as info:
+        list(read_records(file))
+    assert info.value.line == 3
+    skipped: list[SkippedLine] = []
+    got = [(r.session, r.index) for r in read_records(file, tolerate_corrupt=True, skipped=skipped)]
+    assert got == [("a", 1), ("b", 1), ("b", 2), ("b", 3), ("b", 4)]  # a#3 and a#4 refer to it: a stops there
+    (bad,) = skipped
+    assert (bad.file, bad.line, bad.session, bad.left_out) == (file, 3, "a", 2)
+    assert str(bad).startswith(f"{file}:3: not valid JSON")
+    assert str(bad).endswith("skipped; session 'a' is unreadable past it (2 later calls left out)")
+    scanned: list[SkippedLine] = []
+    trajectory_sessions(file, scanned, tolerate_corrupt=True)  # reported by the scan too, the same
+    assert [str(line) for line in scanned] == [str(bad)]
+    sessions = trajectory_sessions(file)  # the scan finds whose the line is: it does not raise
+    assert [r.index for _, r in sessions["b"].records()] == [1, 2, 3, 4]
+    with pytest.raises(TrajectoryError):
+        list(sessions["a"].records())
+    assert [r.index for _, r in sessions["a"].records(tolerate_corrupt=True)] == [1]
+
+
+def test_a_line_of_no_session_is_skipped_alone_and_what_referred_to_it_is_cut(tmp_path):
+    file = tmp_path / "all.jsonl"
+    _conversations(file, ["a", "b"], 3)
+    lines = lines_of(file)
+    lines[3] = b"garbage"  # b#2
+    _write_lines(file, lines)
+    skipped: list[SkippedLine] = []
+    got = [(r.session, r.index) for r in read_records(file, tolerate_corrupt=True, skipped=skipped)]
+    assert got == [("a", 1), ("b", 1), ("a", 2), ("a", 3)]
+    assert [(s.line, s.session, s.left_out) for s in skipped] == [(4, None, 0), (6, "b", 0)]
+    assert "request_base: call 2 is not an earlier line" in skipped[1].message
+    with pytest.raises(TrajectoryError, match=r"all.jsonl:4: not valid JSON"):
+        trajectory_sessions(file)
+    assert list(trajectory_sessions(file, tolerate_corrupt=True)) == ["a", "b"]
+
+
+def test_a_bad_line_in_a_session_file_cuts_that_session_and_not_the_others(tmp_path):
+    _conversations(tmp_path, ["a", "b"], 3)
+    lines = lines_of(tmp_path / "a.jsonl")
+    _write_lines(tmp_path / "a.jsonl", [lines[0], b"[1, 2]", *lines[1:]])  # no session: the file's
+    skipped: list[SkippedLine] = []
+    got = [(r.session, r.index) for r in read_records(tmp_path, tolerate_corrupt=True, skipped=skipped)]
+    assert got == [("a", 1), ("b", 1), ("b", 2), ("b", 3)]
+    assert [(s.line, s.session, s.left_out) for s in skipped] == [(2, "a", 2)]
 
 
 def test_wrong_schema_version_raises_with_the_line(tmp_path):

@@ -261,7 +261,7 @@ def test_instant_stream_and_report_on_request(replayer, recording):
     full = httpx.get(f"{replayer.url}/llm-traj/replay-report").json()
     report = full["sessions"]
     assert report["paced-0"] == {"recorded": 1, "served": 1, "unserved": 0, "rungs": {"exact": 1}, "rules": {},
-                                 "nearest": [], "misses": 0, "first_divergence": None}  # fmt: skip
+                                 "nearest": [], "misses": 0, "first_divergence": None, "unreadable": None}  # fmt: skip
     # sessions never asked for are never read: counted, not listed
     assert "paced-1" not in report and full["sessions_not_asked"] >= 1 and report["nobody"]["misses"] >= 1
 
@@ -338,19 +338,22 @@ def replay_start_error(path: Path, **options: str) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda lines: [lines[0], b"{not json", *lines[1:]], "agent.jsonl:2: not valid JSON"),
+@pytest.mark.parametrize("damage,message,readable", [
+    (lambda lines: [lines[0], b"{not json", *lines[1:]], "agent.jsonl:2: not valid JSON", 1),
     (lambda lines: [lines[0].replace(b'"schema_version":2', b'"schema_version":9'), *lines[1:]],
-     "agent.jsonl:1: schema_version 9 is not supported"),
+     "agent.jsonl:1: schema_version 9 is not supported", 0),
 ])  # fmt: skip
-def test_corrupt_session_fails_its_calls_with_file_and_line(recording, tmp_path, damage, message):
+def test_corrupt_session_fails_its_calls_past_the_bad_line_with_file_and_line(recording, tmp_path, damage, message, readable):
     # Sessions are read when first asked for, so a damaged one is found then:
-    # its calls get a 500 saying where, the other sessions replay.
+    # its calls before the bad line replay, the next gets a 500 saying where,
+    # the other sessions replay.
     lines = (recording.path / "agent.jsonl").read_bytes().split(b"\n")[:-1]
     (tmp_path / "agent.jsonl").write_bytes(b"\n".join(damage(lines)) + b"\n")
     shutil.copy(recording.path / "pos.jsonl", tmp_path / "pos.jsonl")
     with ProxyProcess(upstream=dead_address(), options={"llm_traj_mode": "replay", "llm_traj_path": tmp_path}) as p:
-        r = agent_call(p, "agent", agent_steps(1)[0])
+        for step in agent_steps(readable):
+            assert agent_call(p, "agent", step).headers["x-llm-traj-match"] == "exact"
+        r = agent_call(p, "agent", agent_steps(readable + 1)[readable])
         assert r.status_code == 500 and r.json()["error"]["code"] == "replay_unreadable"
         assert str(tmp_path / message) in r.json()["error"]["message"]
         assert str(tmp_path / message) in wait_output(p, message)
@@ -358,10 +361,13 @@ def test_corrupt_session_fails_its_calls_with_file_and_line(recording, tmp_path,
         assert r.headers["x-llm-traj-match"] == "exact"
 
 
-def test_a_single_file_with_a_line_of_no_session_refuses_to_start(recording, tmp_path):
+def test_a_single_file_with_a_line_of_no_session_skips_it_with_a_warning(recording, tmp_path):
     lines = (recording.path / "agent.jsonl").read_bytes().split(b"\n")[:-1]
     (tmp_path / "all.jsonl").write_bytes(b"\n".join([lines[0], b"{not json", *lines[1:]]) + b"\n")
-    assert replay_start_error(tmp_path / "all.jsonl").startswith(f"{tmp_path / 'all.jsonl'}:2: not valid JSON")
+    with ProxyProcess(upstream=dead_address(), options={"llm_traj_mode": "replay", "llm_traj_path": tmp_path / "all.jsonl"}) as p:
+        assert f"llm-traj: {tmp_path / 'all.jsonl'}:2: not valid JSON" in wait_output(p, "all.jsonl:2")  # at startup
+        for step in agent_steps(5):  # no line of the session was lost: it replays whole
+            assert agent_call(p, "agent", step).headers["x-llm-traj-match"] == "exact"
 
 
 @pytest.mark.parametrize("options,message", [

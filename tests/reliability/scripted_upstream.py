@@ -6,6 +6,7 @@ seconds apart), then ends the connection as told: `close` (a FIN), `reset`
 from __future__ import annotations
 
 import socket
+from contextlib import ExitStack, contextmanager
 import struct
 import threading
 import time
@@ -63,6 +64,28 @@ class ScriptedUpstream:
 def http_response(body: bytes, headers: dict[str, str], status: str = "200 OK") -> bytes:
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return f"HTTP/1.1 {status}\r\n{head}\r\n".encode() + body
+
+
+@contextmanager
+def blackholed_url():
+    """The URL of a port whose connections are never set up (its listener's
+    backlog is full, so the kernel drops new SYNs), or None if this system
+    sets them up anyway."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as server, ExitStack() as stack:
+        address = server.getsockname()
+        for _ in range(4):
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(address)
+        time.sleep(0.1)
+        with socket.socket() as probe:
+            probe.settimeout(0.5)
+            try:
+                probe.connect(address)
+            except TimeoutError:
+                yield f"http://127.0.0.1:{address[1]}"
+                return
+        yield None
 
 
 def refused_url() -> str:

@@ -18,15 +18,16 @@ import pytest
 from llmtraj.cli.proxy_process import ProxyProcess
 
 from ..conftest import wait_records
-from .scripted_upstream import ScriptedUpstream, http_response, refused_url
+from .scripted_upstream import ScriptedUpstream, blackholed_url, http_response, refused_url
 
 IDLE = 0.6  # seconds: llm_traj_upstream_idle_timeout in these tests
 EVENT = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
 SSE_HEAD = http_response(b"", {"content-type": "text/event-stream", "transfer-encoding": "chunked"})
 TWO_EVENTS = SSE_HEAD + b"".join(b"%x\r\n%s\r\n" % (len(EVENT), EVENT) for _ in range(2))
 
-FAULTS = {  # name: (the upstream's answer, what it does then; None: nothing listens)
+FAULTS = {  # name: (the upstream's answer, what it does then; None: nothing listens; "blackholed": no connection is made)
     "refused": None,
+    "silent_while_connecting": "blackholed",
     "hangs_up_before_answering": (b"", "close"),
     "reset_mid_stream": (TWO_EVENTS, "reset"),
     "silent_before_answering": (b"", "hang"),
@@ -34,6 +35,7 @@ FAULTS = {  # name: (the upstream's answer, what it does then; None: nothing lis
 }
 EXPECTED = {  # name: (agent's status (None: its connection was cut mid-stream), record's error kind, record's status)
     "refused": (502, "upstream_unreachable", None),
+    "silent_while_connecting": (504, "upstream_timeout", None),
     "hangs_up_before_answering": (502, "upstream_disconnected", None),
     "reset_mid_stream": (None, "upstream_disconnected", 200),
     "silent_before_answering": (504, "upstream_timeout", None),
@@ -53,7 +55,7 @@ def proxy_for(path: str, upstream: str, tmp_path):
     if path == "client":
         tmp_path.mkdir(parents=True, exist_ok=True)
         config = tmp_path / "upstreams.toml"
-        config.write_text(f'default_route = "up"\n[providers.up]\nbase_url = "{upstream}/v1"\ntimeouts = {{connect = 5}}\n')
+        config.write_text(f'default_route = "up"\n[providers.up]\nbase_url = "{upstream}/v1"\ntimeouts = {{connect = 30}}\n')
         options["llm_traj_config"] = config
     with ProxyProcess(upstream=upstream, options=options) as proxy:
         yield proxy
@@ -63,7 +65,12 @@ def outcome(fault: str, path: str, call: str, tmp_path) -> dict:
     """What the agent saw and what was recorded, for one fault on one path."""
     with ExitStack() as stack:
         scripted = FAULTS[fault]
-        url = refused_url() if scripted is None else stack.enter_context(ScriptedUpstream(*scripted)).url
+        if scripted == "blackholed":
+            url = stack.enter_context(blackholed_url())
+            if url is None:
+                pytest.skip("this system sets up connections to a listener whose backlog is full")
+        else:
+            url = refused_url() if scripted is None else stack.enter_context(ScriptedUpstream(*scripted)).url
         proxy = stack.enter_context(proxy_for(path, url, tmp_path))
         endpoint, body = CALLS[call]
         started = time.monotonic()

@@ -424,15 +424,23 @@ def test_load_reads_a_session_when_first_asked_and_skips_a_torn_last_line(tmp_pa
     assert replay.report()["sessions_not_asked"] == 1
 
 
-def test_a_bad_line_fails_only_its_session_with_file_and_line(tmp_path):
+def test_a_bad_line_cuts_only_its_session_there_with_file_and_line(tmp_path, caplog):
     file = two_sessions(tmp_path, "ok", "fine")
     lines = file.read_bytes().split(b"\n")
     file.write_bytes(b"\n".join([lines[0], b"{oops", lines[1], b""]))
     replay = load(tmp_path)
-    miss = serve(replay, "s", chat("q1"))
+    with caplog.at_level("WARNING", logger="llm_traj"):
+        assert isinstance(serve(replay, "s", chat("q1")), Served)  # before the bad line
+    skipped = f"{file}:2: not valid JSON (key must be a string at line 1 column 2), skipped; session 's' is unreadable past it (1 later calls left out)"
+    assert caplog.messages == [f"llm-traj: {skipped}"]
+    miss = serve(replay, "s", chat("q2"))  # past it
     assert isinstance(miss, Miss) and (miss.status, miss.code) == (500, "replay_unreadable")
-    assert f"{file}:2: not valid JSON" in miss.message
+    assert miss.message == ("llm-traj replay: the request matches none of the 1 calls of session 's' not yet replayed"
+                            f" before its recording becomes unreadable: {skipped}")  # fmt: skip
     assert isinstance(serve(replay, "ok", chat("fine")), Served)
+    report = replay.report()
+    assert report["skipped_lines"] == [skipped] and report["sessions"]["s"]["unreadable"] == skipped
+    assert replay.report_lines()[-1] == f"  skipped {skipped}"
     file.write_bytes(lines[0].replace(b'"schema_version":2', b'"schema_version":3') + b"\n")
     miss = serve(load(tmp_path), "s", chat("q1"))
     assert f"{file}:1: schema_version 3 is not supported" in miss.message
@@ -462,12 +470,12 @@ def test_report_per_session():
         "a": {"recorded": 3, "served": 2, "unserved": 1, "rungs": {"later": 1, "exact": 1}, "rules": {}, "nearest": [],
               "misses": 1,
               "first_divergence": "the request diverges from the recording of session 'a' at step 3 (of 3): "
-                                  'messages[0].content: recorded "a3", request "oops"'},
+                                  'messages[0].content: recorded "a3", request "oops"', "unreadable": None},
         "b": {"recorded": 1, "served": 0, "unserved": 1, "rungs": {}, "rules": {}, "nearest": [], "misses": 0,
-              "first_divergence": None},
+              "first_divergence": None, "unreadable": None},
         "ghost": {"recorded": 0, "served": 0, "unserved": 0, "rungs": {}, "rules": {}, "nearest": [], "misses": 1,
-                  "first_divergence": "session 'ghost' is not in the recording (it has: a, b)"},
-    }, "sessions_not_asked": 0}  # fmt: skip
+                  "first_divergence": "session 'ghost' is not in the recording (it has: a, b)", "unreadable": None},
+    }, "sessions_not_asked": 0, "skipped_lines": []}  # fmt: skip
     lines = r.report_lines()
     assert lines[0] == "replay report: 2 of 4 recorded calls served, 2 misses, 3 sessions"
     assert lines[1].startswith("  a: 2/3 served (later 1, exact 1), 1 misses; first: the request diverges")

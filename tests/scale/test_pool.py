@@ -84,7 +84,10 @@ def test_many_agents_through_a_pool(ray_cluster, tmp_path):
             elapsed = time.monotonic() - started
             for handle, got in zip(handles, results):
                 assert got == [f"echo: {handle.session_id} turn 0", f"echo: {handle.session_id} turn 1"]
-            assert pool.stats()["held"] == 0
+            deadline = time.monotonic() + 30
+            while pool.stats()["held"]:  # the last answers' acknowledgements may come after their agents had them
+                assert time.monotonic() < deadline, pool.stats()
+                await asyncio.sleep(0.05)
             for handle in handles:
                 await pool.end_session(handle.session_id)
             records = await asyncio.gather(*(pool.records(h.session_id) for h in handles))
@@ -156,6 +159,90 @@ def test_a_killed_proxy_is_restarted_and_its_sessions_end_truthfully(ray_cluster
             records = await pool.records(spared[0].session_id)
             assert [(r.index, r.status) for r in records] == [(1, 200)]
             watcher.cancel()
+        finally:
+            await pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_restart_is_noticed_without_a_call_in_record_mode(ray_cluster, upstream, tmp_path):
+    """No call goes to the killed proxy, yet the pool sees its restart (its health
+    loop), ends its session, tells the new proxy the trainer's weight version and
+    places new sessions on its new port."""
+
+    async def ask(handle, text: str) -> str:
+        async with openai.AsyncOpenAI(base_url=handle.base_url, api_key="k", max_retries=0) as client:
+            completion = await client.chat.completions.create(model="standin-echo", messages=[{"role": "user", "content": text}])
+            return completion.choices[0].message.content
+
+    async def main():
+        pool = ProxyPool(1, mode="record", path=tmp_path / "traj", upstream=upstream.url, listen_host=LOOPBACK)
+        try:
+            old = await pool.open_session()
+            await ask(old, "before")
+            pool.set_weight_version(3)
+            ray_cluster.kill(pool._proxies[0].actor, no_restart=False)
+            started = time.monotonic()
+            while pool.stats()["proxies"][0]["restarts"] == 0:
+                assert time.monotonic() - started < 60, "the restart was not noticed"
+                await asyncio.sleep(0.1)
+            print(f"restart noticed after {time.monotonic() - started:.1f} s")
+            assert pool.stats()["lost_sessions"] == 1 and pool.stats()["sessions"] == 0
+            fresh = await pool.open_session()
+            assert fresh.base_url.split("/s/")[0] != old.base_url.split("/s/")[0]
+            await ask(fresh, "after")
+            (record,) = await pool.records(fresh.session_id)
+            assert record.status == 200 and record.weight_version == 3  # told again after the restart
+            assert [r.weight_version for r in await pool.records(old.session_id)] == [None]  # its file, read by the new proxy
+        finally:
+            await pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_calls_of_one_session(ray_cluster, tmp_path):
+    """`calls(session_id=S)`: S's calls only, which the other consumers do not
+    get; its iteration ends with the session."""
+
+    async def main():
+        pool = ProxyPool(2, mode="anticall", path=tmp_path / "traj", listen_host=LOOPBACK)
+        try:
+            mine, other = await pool.open_session(), await pool.open_session()
+            seen_mine, seen_others = [], []
+
+            async def answer(stream, seen):
+                async for event in stream:
+                    seen.append((event.session, event.type))
+                    if event.type == "request":
+                        if event.stream:
+                            await pool.delta(event, answer_for(event.request))
+                            await pool.finish(event)
+                        else:
+                            await pool.respond(event, answer_for(event.request))
+
+            own = asyncio.ensure_future(answer(pool.calls(session_id=mine.session_id, all_events=True), seen_mine))
+            rest = asyncio.ensure_future(answer(pool.calls(), seen_others))
+            await asyncio.sleep(0)  # both consumers are there
+            with pytest.raises(RuntimeError, match="has a consumer already"):
+                await anext(pool.calls(session_id=mine.session_id))
+            got = await asyncio.wait_for(asyncio.gather(scripted_agent(mine), scripted_agent(other)), 60)
+            assert got == [[f"echo: {h.session_id} turn {t}" for t in (0, 1)] for h in (mine, other)]
+            assert seen_others == [(other.session_id, "request")] * 2
+            await pool.end_session(mine.session_id)
+            await asyncio.wait_for(own, 30)  # ended with its session
+            assert seen_mine == [(mine.session_id, "request")] * 2 + [(mine.session_id, "session_end")]
+            # a session's calls that came before its consumer are its consumer's
+            rest.cancel()
+            late = await pool.open_session()
+            agent = asyncio.ensure_future(scripted_agent(late, turns=1))
+            while pool.stats()["held"] == 0:
+                await asyncio.sleep(0.05)
+            seen_late = []
+            consumer = asyncio.ensure_future(answer(pool.calls(session_id=late.session_id), seen_late))
+            assert await asyncio.wait_for(agent, 60) == [f"echo: {late.session_id} turn 0"]
+            assert seen_late == [(late.session_id, "request")]
+            await pool.end_session(late.session_id)
+            await asyncio.wait_for(consumer, 30)
         finally:
             await pool.shutdown()
 

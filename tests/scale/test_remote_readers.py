@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from llmtraj import read_records
+from llmtraj.anticall.control_file import read_control_file
 from llmtraj.cli.proxy_process import ProxyProcess, ProxyStartError
 from llmtraj.core.record import CallRecord, Timings
 from llmtraj.core.remote import RemoteError, Uploader
@@ -52,7 +53,10 @@ def test_record_to_s3_then_replay_and_read_from_s3(s3, upstream, tmp_path):
     with ProxyProcess(upstream=upstream.url, options={"llm_traj_mode": "record", "llm_traj_path": url,
                                                       "llm_traj_stage": stage}) as recorder:  # fmt: skip
         recorded = {session: agent_calls(recorder, session) for session in ("first", "second")}
-        ended = httpx.post(f"{recorder.url}/llm-traj/upload", params={"session": "first"})
+        assert httpx.post(f"{recorder.url}/llm-traj/upload", params={"session": "first"}).status_code == 401  # no token
+        token = read_control_file(stage / "control.json").token
+        ended = httpx.post(f"{recorder.url}/llm-traj/upload", params={"session": "first"},
+                           headers={"Authorization": f"Bearer {token}"})  # fmt: skip
         assert ended.status_code == 202, ended.text
         wait_object(s3["client"], "rec/first.jsonl")
     # "second" went up at shutdown

@@ -55,6 +55,8 @@ class AntiCallClient:
             info = read_control_file(path)
         except ControlFileError as exc:
             raise AntiCallError(0, exc.code, str(exc)) from None
+        if info.url is None:
+            raise AntiCallError(0, "no_control_api", f"{path}: the proxy is not in anti-call mode; it has no control API")
         return cls(info.url, info.token)
 
     async def __aenter__(self) -> AntiCallClient:

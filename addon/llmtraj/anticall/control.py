@@ -177,7 +177,7 @@ class ControlServer(HTTPServerConnectionDelegate):
                 return ControlError(400, f"bad Content-Length {length!r}", "bad_request")
             if int(length) > MAX_BODY:
                 return ControlError(413, f"body larger than {MAX_BODY >> 20} MiB", "body_too_large")
-        if not _authorized(headers.get("Authorization", ""), self.token):
+        if not authorized(headers.get("Authorization", ""), self.token):
             return ControlError(401, "missing or wrong token: send Authorization: Bearer <token> (see the control file)",
                                 "unauthorized")  # fmt: skip
         return None
@@ -419,7 +419,8 @@ class _Exchange(HTTPMessageDelegate):
 # --- helpers -----------------------------------------------------------------------
 
 
-def _authorized(header: str, token: str) -> bool:
+def authorized(header: str, token: str) -> bool:
+    """Whether an Authorization header is `Bearer <token>` (compared in constant time)."""
     scheme, _, value = header.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 

@@ -1,6 +1,7 @@
 """The control file: how a driver finds the control API (its URL and token) of
-the proxy working on a trajectory path. The proxy writes it when its control
-API listens and removes it when it stops; drivers read it.
+the proxy working on a trajectory path, and a trainer the token of the proxy's
+own endpoints (in every mode). The proxy writes it when it starts (and its
+control API listens) and removes it when it stops; drivers read it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def read_control_file(path: Path | str) -> ControlInfo:
     try:
         return ControlInfo.model_validate_json(path.read_bytes())
     except FileNotFoundError:
-        raise ControlFileError("no_control_file", f"{path} does not exist: is the proxy running in anti-call mode?") from None
+        raise ControlFileError("no_control_file", f"{path} does not exist: is the proxy running?") from None
     except (OSError, ValidationError) as exc:
         raise ControlFileError("bad_control_file", f"cannot read the control file {path}: {exc}") from None
 

@@ -138,9 +138,10 @@ class ApiError(BaseModel):
 
 
 class ControlInfo(BaseModel):
-    """The control file (`<llm_traj_path>/control.json`): where the control
-    API listens and its token."""
+    """The control file (`<llm_traj_path>/control.json`): the proxy's control
+    token (for its control API and its trainer endpoints) and where the control
+    API listens (`url`; None outside anti-call mode, which has none)."""
 
-    url: str
+    url: str | None = None
     token: str
     pid: int | None = None

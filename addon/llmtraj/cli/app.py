@@ -154,7 +154,7 @@ def _print_replay_report(report: dict, code: int) -> int:
         typer.echo("llm-traj: the replay report could not be had from the proxy", err=True)
         return code or 1
     calls = sum(s["recorded"] for s in sessions.values())
-    for line in report_lines(sessions, calls):
+    for line in report_lines(sessions, calls, skipped=report.get("skipped_lines")):
         typer.echo(f"llm-traj: {line}", err=True)
     missed = sum(s["misses"] for s in sessions.values())
     return 1 if missed and code == 0 else code
@@ -311,9 +311,15 @@ def watch_agent(
 
 
 
+# Lines the reading commands skipped (a bad line: with the rest of its session in its file), warned about by `_reading`.
+_skipped_lines: list = []
+_warned: set = set()  # (file, line) of those warned about: a single file's scan and the reading of its session both list one
+
+
 def _reader(path: str):
     """A trajectory (a path, or an fsspec URL such as s3://bucket/prefix) to
-    read one session at a time, or a one-line exit."""
+    read one session at a time, or a one-line exit. A bad line is skipped
+    with the rest of its session in its file, and warned about."""
     from ..core.remote import RemoteError, local_trajectory
     from ..core.store import TrajectoryReader, trajectory_files
 
@@ -324,18 +330,25 @@ def _reader(path: str):
     if not local.exists() and not trajectory_files(local):  # (FILE.jsonl compressed since: FILE.jsonl.zst is read)
         fail(f"{path} does not exist")
     with _reading():
-        return TrajectoryReader(local)
+        return TrajectoryReader(local, tolerate_corrupt=True, skipped=_skipped_lines)
 
 
 @contextlib.contextmanager
 def _reading():
-    """A bad line found while reading is a one-line exit."""
+    """A line skipped while reading is a one-line warning; a bad line where
+    none is tolerated (compact) a one-line exit."""
     from ..core.store import TrajectoryError
 
     try:
         yield
     except TrajectoryError as exc:
         fail(f"{exc} (fix or remove that line)")
+    finally:
+        for line in _skipped_lines:
+            if (line.file, line.line) not in _warned:
+                _warned.add((line.file, line.line))
+                typer.echo(f"llm-traj: warning: {line}", err=True)
+        _skipped_lines.clear()
 
 
 @app.command()

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -37,6 +39,8 @@ from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
 from .redact import Scrubber, redact_raw_body, redact_url, scrubber_for
 from .remote import local_trajectory
 from .session import validate_session
+
+logger = logging.getLogger("llm_traj")
 
 _MAX_OPEN_FILES = 128
 # Fields of fixed vocabulary (numbers, names the proxy chose): never scrubbed,
@@ -139,8 +143,8 @@ class TrajectoryWriter:
         scrubber = scrubber_for(frozenset(secrets))
         session = fields["session"]
         file = self.file_for(session)
-        fd = self._fd(file)
-        chains = self._chains_of(file, fd)
+        fd, st = self._fd(file)
+        chains = self._chains_of(file, st)
         request = fields["request"]
         line_fields = {**fields, **_redacted_places(fields, scrubber)}
         base = None
@@ -177,10 +181,10 @@ class TrajectoryWriter:
         if isinstance(bridge_request, dict):
             chains.written(session + _BRIDGE_CHAIN, fields["index"], bridge_request, bridge_base and bridge_base["index"])
 
-    def _chains_of(self, file: Path, fd: int) -> RequestChains:
-        """The chains of `file`, fresh if the file is not the one they were
-        written to (replaced, or truncated below what we wrote)."""
-        st = os.fstat(fd)
+    def _chains_of(self, file: Path, st: os.stat_result) -> RequestChains:
+        """The chains of `file` (whose open file's status is `st`), fresh if
+        the file is not the one they were written to (replaced, or truncated
+        below what we wrote)."""
         identity = (st.st_dev, st.st_ino)
         chains = self._chains.get(file)
         if chains is None or chains.identity != identity or st.st_size < chains.end:
@@ -191,19 +195,41 @@ class TrajectoryWriter:
         chains.end = st.st_size
         return chains
 
-    def _fd(self, file: Path) -> int:
+    def _fd(self, file: Path) -> tuple[int, os.stat_result]:
+        """The open file of `file` and its status. A file deleted, moved away
+        or replaced since it was opened (rotated by hand or by logrotate) is
+        noticed here, two stats a record, and a new one opened at the path:
+        the lines never go on into a file nobody can find."""
         fd = self._fds.get(file)
         if fd is not None:
-            self._fds.move_to_end(file)
-            return fd
+            st = os.fstat(fd)
+            try:
+                now = os.stat(file)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                self._fds.move_to_end(file)
+                return fd, st
+            del self._fds[file]
+            os.close(fd)
+            # Its chains refer to lines of the old file (whose inode number the new one may even get): the first
+            # line of the new file is whole.
+            self._chains.pop(file, None)
+            what = "replaced" if now is not None else "moved away" if st.st_nlink else "deleted"
+            logger.warning(f"llm-traj: {file} was {what} while recording; the next calls go to a new file there")
         if len(self._fds) >= _MAX_OPEN_FILES:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         if not file.exists() and _compressed_twin(file).exists():
             _decompress(_compressed_twin(file), file)  # a compressed session continued
-        fd = self._fds[file] = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # read: `_end_torn_line`
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # read: `_end_torn_line`
+        except FileNotFoundError:  # the directory was removed too: made again, the owner's alone
+            os.makedirs(file.parent, mode=0o700, exist_ok=True)
+            fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fds[file] = fd
         _end_torn_line(fd)
-        return fd
+        return fd, os.fstat(fd)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -273,12 +299,22 @@ class TrajectoryError(ValueError):
 
 @dataclass
 class SkippedLine:
+    """A line a reader skipped, and why. A bad line (not a torn one) of a
+    known `session` also costs that session's later lines in its file
+    (`left_out`: they may refer to it, and a replay with a gap would answer
+    the wrong calls)."""
+
     file: Path
     line: int
     message: str
+    session: str | None = None
+    left_out: int = 0
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
+        where = f"{self.file}:{self.line}: {self.message}"
+        if self.session is None or self.left_out == 0:
+            return where
+        return f"{where}; session {self.session!r} is unreadable past it ({self.left_out} later calls left out)"
 
 
 def trajectory_files(path: Path | str) -> list[Path]:
@@ -319,11 +355,19 @@ def read_records(
     crash, and so is a line that is only the beginning of a record (the next
     writer started on a new line after it): each is skipped (and listed in
     `skipped`). Any other bad line raises
-    `TrajectoryError`, unless `tolerate_corrupt`, which skips it too. `path`
-    may be an fsspec URL (s3://bucket/prefix), read from a local copy.
+    `TrajectoryError`, unless `tolerate_corrupt`, which skips it and the later
+    lines of its session in that file (listed as one `SkippedLine`): the
+    other sessions and files are read whole. A line's session is the file's
+    in a directory; in a single file, its `session` field, read from the
+    start of the line if the line does not parse (a line of no session is
+    skipped alone). `path` may be an fsspec URL (s3://bucket/prefix), read
+    from a local copy.
     """
-    for file in trajectory_files(local_trajectory(path)):
-        yield from (record for _, record in _records(file, _lines(file), tolerate_corrupt, skipped))
+    local = local_trajectory(path)
+    single = is_single_file(local) or is_compressed(local)
+    for file in trajectory_files(local):
+        session = None if single else session_of_file(file)
+        yield from (record for _, record in _records(file, _lines(file), tolerate_corrupt, skipped, session))
 
 
 @dataclass(frozen=True)
@@ -340,7 +384,7 @@ class SessionFile:
     ) -> Iterator[tuple[int, CallRecord]]:
         """((offset, length) of the line, whole record) of each call, in file order."""
         lines = _lines(self.file) if self.lines is None else _lines_at(self.file, self.lines)
-        return _records(self.file, lines, tolerate_corrupt, skipped)
+        return _records(self.file, lines, tolerate_corrupt, skipped, self.session)
 
 
 def trajectory_sessions(
@@ -348,9 +392,12 @@ def trajectory_sessions(
 ) -> dict[str, SessionFile]:
     """The sessions of a trajectory in the order they first appear, found
     without reading a directory's files (a file per session, named after it).
-    A single file is scanned once for where each session's lines are: a torn
-    last line is skipped (and listed in `skipped`), a line of no session
-    raises `TrajectoryError` (unless `tolerate_corrupt`: skipped too)."""
+    A single file is scanned once for where each session's lines are: a line
+    that does not parse is its session's still if the start of the line names
+    it (and, if `tolerate_corrupt`, listed in `skipped` now, as reading that
+    session lists it again); a torn last line is skipped (and listed in
+    `skipped`), a line of no session raises `TrajectoryError` (unless
+    `tolerate_corrupt`: skipped too)."""
     path = Path(path)
     if not (is_single_file(path) or is_compressed(path)):
         return {session_of_file(file): SessionFile(session_of_file(file), file) for file in trajectory_files(path)}
@@ -359,6 +406,7 @@ def trajectory_sessions(
         return {}
     path = files[0]
     where: dict[str, list[tuple[int, int]]] = {}
+    cuts: dict[str, tuple[SkippedLine, int]] = {}  # a session's first bad line, and its lines up to it
     for number, offset, raw in _lines(path):
         if not raw.strip():
             continue
@@ -367,9 +415,16 @@ def trajectory_sessions(
             if not isinstance(session, str):
                 raise ValueError("invalid record: session: missing or not a string")
         except ValueError as exc:
-            _skip(path, number, raw, exc, tolerate_corrupt, skipped)
-            continue
+            session = _session_named_at_start(raw)
+            if session is None:
+                _skip(path, number, raw, exc, tolerate_corrupt, skipped)
+                continue
+            if tolerate_corrupt and session not in cuts and (bad := _skip(path, number, raw, exc, True, skipped)):
+                bad.session = session
+                cuts[session] = bad, len(where.get(session, ())) + 1
         where.setdefault(session, []).append((number, offset))
+    for session, (bad, upto) in cuts.items():
+        bad.left_out = len(where[session]) - upto
     return {session: SessionFile(session, path, tuple(lines)) for session, lines in where.items()}
 
 
@@ -409,34 +464,64 @@ def _records(
     lines: Iterable[tuple[int, int, bytes]],
     tolerate_corrupt: bool,
     skipped: list[SkippedLine] | None,
+    session: str | None = None,
 ) -> Iterator[tuple[int, CallRecord]]:
+    """The records of `lines` of `file`, whose lines are all of `session` if
+    given (a directory's file), else each of the session it names. A bad line
+    (tolerated) cuts its session there: its later lines are left out."""
     chains: dict[str, SessionRequests] = {}
+    cut: dict[str, SkippedLine] = {}  # sessions unreadable past a bad line, by that line
     for number, offset, raw in lines:
         if not raw.strip():
             continue
+        owner = session
         try:
-            record = _resolve(_parse_line(raw), chains)
+            obj = _parse_line(raw)
+            if owner is None and isinstance(obj.get("session"), str):
+                owner = obj["session"]
+            if owner in cut:
+                cut[owner].left_out += 1
+                continue
+            record = _resolve(obj, chains)
         except ValueError as exc:
-            _skip(file, number, raw, exc, tolerate_corrupt, skipped)
+            owner = owner or _session_named_at_start(raw)
+            if owner in cut:
+                cut[owner].left_out += 1
+            elif (bad := _skip(file, number, raw, exc, tolerate_corrupt, skipped)) is not None and owner is not None:
+                bad.session, cut[owner] = owner, bad
             continue
         yield (offset, len(raw)), record
 
 
 def _skip(
     file: Path, number: int, raw: bytes, exc: ValueError, tolerate_corrupt: bool, skipped: list[SkippedLine] | None
-) -> None:
+) -> SkippedLine | None:
     """Skip a line that cannot be read, noting it in `skipped`: a torn line
-    always, any other only if `tolerate_corrupt` (else TrajectoryError)."""
+    always, any other only if `tolerate_corrupt` (else TrajectoryError).
+    The note of a bad line that is not a torn one is returned."""
+    torn = True
     if not raw.endswith(b"\n"):
         why = "truncated last line (torn write), skipped"
     elif _is_torn(raw):
         why = "truncated line (torn write; a later writer started on the next line), skipped"
     elif tolerate_corrupt:
-        why = f"{exc}, skipped"
+        why, torn = f"{exc}, skipped", False
     else:
         raise TrajectoryError(file, number, str(exc)) from None
+    note = SkippedLine(file, number, why)
     if skipped is not None:
-        skipped.append(SkippedLine(file, number, why))
+        skipped.append(note)
+    return None if torn else note
+
+
+# How every writer starts a line; a line that does not parse may still say whose it is.
+_LINE_START = re.compile(rb'\{\s*"schema_version"\s*:\s*\d+\s*,\s*"session"\s*:\s*"([A-Za-z0-9][A-Za-z0-9._-]{0,127})"')
+
+
+def _session_named_at_start(raw: bytes) -> str | None:
+    """The session named at the start of a line that does not parse, if it is written as the writers write it."""
+    m = _LINE_START.match(raw)
+    return m.group(1).decode("ascii") if m else None
 
 
 def _is_torn(raw: bytes) -> bool:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 
 from mitmproxy import exceptions
 
+from .access import ControlAccess
 from .anticalling import AntiCalling
 from .endpoints import ProxyEndpoints
 from .loopback import Loopback
@@ -149,7 +151,9 @@ def make_addons() -> list[object]:
     loopback = Loopback()
     recorder = Recorder(options)
     replayer = Replayer(options, loopback, recorder)  # configures before the recorder: see Recorder.marked_path
-    anticalling = AntiCalling(options, loopback)  # after the recorder, which tees the call's original URL
+    token = secrets.token_urlsafe(32)  # the control API's and the proxy's own state-changing endpoints'
+    anticalling = AntiCalling(options, loopback, token)  # after the recorder, which tees the call's original URL
+    access = ControlAccess(options, anticalling, token)  # configures after anticalling: writes its address
     # The upstream route is chosen before the recorder captures the call as the
     # agent made it, and applied (token capture's fields, model rewrite, key,
     # retries) after.
@@ -159,12 +163,12 @@ def make_addons() -> list[object]:
     prompting = Prompting(recorder)
     forwarding = UpstreamForwarding(options, upstream_routing, loopback)
     recorder.bridged = forwarding.take_bridged
-    uploading = Uploading(options, recorder)  # after the recorder: at shutdown it uploads what the writer wrote
+    uploading = Uploading(options, recorder, access)  # after the recorder: at shutdown it uploads what the writer wrote
     anticalling.listeners.append(uploading)  # a session that ends goes up
     parts = [
-        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), TrainerControls(options), prompting,
-        ProxyEndpoints(options, replayer, recorder), replayer, OfflineReplay(options, replayer), upstream_routing,
-        recorder, ModelListKeeper(options), anticalling, TokenCapture(options, upstream_routing),
+        options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), TrainerControls(options, access),
+        prompting, ProxyEndpoints(options, replayer, recorder), replayer, OfflineReplay(options, replayer), upstream_routing,
+        recorder, ModelListKeeper(options), anticalling, access, TokenCapture(options, upstream_routing),
         forwarding, uploading, WebAnnotations(options), WebChatView(),
         UpstreamIdleTimeout(options),  # last: it watches the calls no part answered, with the body's stream set
     ]

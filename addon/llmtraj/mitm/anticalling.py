@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ from mitmproxy import command, ctx, exceptions, http
 
 from ..anticall.broker import Broker, BrokerError, Failure, Listener
 from ..anticall.control import ControlServer
-from ..anticall.control_file import control_file_for, remove_control_file, write_control_file
-from ..anticall.models import ControlInfo
+from ..anticall.control_file import control_file_for
 from ..anticall.respond import Answer, answer, error_answer
 from ..anticall.rockfile import RockFileChannel
 from ..core.redact import redact_fields
@@ -50,9 +48,10 @@ class AntiCallSettings:
 
 
 class AntiCalling:
-    def __init__(self, options: LlmTrajOptions, loopback: Loopback) -> None:
+    def __init__(self, options: LlmTrajOptions, loopback: Loopback, token: str) -> None:
         self._options = options
         self._loopback = loopback
+        self._token = token  # the control API's; `mitm.access` writes it to the control file
         self._settings: AntiCallSettings | None = None
         self.broker: Broker | None = None
         self._control: ControlServer | None = None
@@ -93,20 +92,24 @@ class AntiCalling:
         if new is None:
             return
         broker = Broker(new.hold_timeout)
-        control = ControlServer(broker)
+        control = ControlServer(broker, self._token)
         try:
             control.bind(new.control_port, new.control_host)
-            write_control_file(new.control_file, ControlInfo(url=control.url, token=control.token, pid=os.getpid()))
         except OSError as exc:  # (on a rollback the old settings start afresh)
             control.close()
-            raise exceptions.OptionsError(f"anti-call control API: cannot listen on {new.control_host}:{new.control_port} or "
-                                          f"write {new.control_file}: {exc}") from None  # fmt: skip
+            raise exceptions.OptionsError(f"anti-call control API: cannot listen on {new.control_host}:{new.control_port}: "
+                                          f"{exc}") from None  # fmt: skip
         broker.listeners.extend(self.listeners)
         self._settings, self.broker, self._control = new, broker, control
         asyncio.ensure_future(control.start())
         if new.rock_file:
             self._rock = RockFileChannel(broker, new.rock_file, settings.default_session)
             self._rock.start()
+
+    @property
+    def control_url(self) -> str | None:
+        """Where the control API listens (None outside anti-call mode)."""
+        return self._control.url if self._control is not None else None
 
     def serves_flows(self) -> bool:
         return self.broker is not None
@@ -209,7 +212,6 @@ class AntiCalling:
             self._rock.close()
         if self._control is not None:
             self._control.close()
-            remove_control_file(self._settings.control_file, self._control.token)
         self._settings = self.broker = self._control = self._rock = None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 from mitmproxy import ctx, http
+from mitmproxy.connection import Server
 
 
 def disarm_idle_timeout(flow: http.HTTPFlow) -> ExitStack:
@@ -21,10 +22,19 @@ def disarm_idle_timeout(flow: http.HTTPFlow) -> ExitStack:
 
 
 def close_server_connection(flow: http.HTTPFlow, why: str) -> bool:
-    """Close the flow's upstream connection as if the upstream had (mitmproxy
-    then ends the flow with an error); False if it is not open."""
+    """Close the flow's upstream connection as if the upstream had, also one
+    still being made (mitmproxy then ends the flow with an error); False if
+    there is none."""
     handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
-    io = handler.transports.get(flow.server_conn) if handler is not None else None
+    if handler is None:
+        return False
+    io = handler.transports.get(flow.server_conn)
+    if io is None:
+        # Still connecting: the flow has not been given its connection yet, the
+        # one being made to its address is it (one request at a time on HTTP/1).
+        connecting = [io for conn, io in handler.transports.items()
+                      if isinstance(conn, Server) and io.writer is None and conn.address == flow.server_conn.address]  # fmt: skip
+        io = connecting[0] if len(connecting) == 1 else None
     if io is None or io.handler is None:
         return False
     io.handler.cancel(why)

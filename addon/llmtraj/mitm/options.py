@@ -44,7 +44,13 @@ class Settings:
     registry: Registry | None = None  # the upstream config's providers and models
     capture_tokens: bool = False  # llm_traj_capture_tokens: routes of the config may say otherwise
     remote: str | None = None  # llm_traj_path as an fsspec URL; `path` is then the local stage (replay: a copy)
+    stage: Path | None = None  # with a URL: the local stage (replay: where its control file goes; `path` is a copy)
     upstream_idle_timeout: float | None = None  # llm_traj_upstream_idle_timeout; None: no limit
+
+    @property
+    def control_dir(self) -> Path:
+        """Where the control file goes (`control_file_for`): the trajectory path, or a URL's stage."""
+        return self.stage if self.stage is not None else self.path
 
     @property
     def routes_calls(self) -> bool:
@@ -127,7 +133,7 @@ class LlmTrajOptions:
         loader.add_option(
             "llm_traj_stage", str, "",
             "With an fsspec URL as llm_traj_path (s3://bucket/prefix): the local directory calls are written to "
-            "before each session's file is uploaded (default: ~/.llm-traj/stage/<hash of the URL>).",
+            "before each session's file is uploaded, and its control file (default: ~/.llm-traj/stage/<hash of the URL>).",
         )
         loader.add_option(
             "llm_traj_session", str, "default",
@@ -208,17 +214,18 @@ class LlmTrajOptions:
             raise exceptions.OptionsError(
                 "llm_traj_path is not set; add --set llm_traj_path=DIR (or FILE.jsonl) for the trajectory"
             )
-        remote = None
+        remote = stage = None
         if is_url(opts.llm_traj_path):
             remote = opts.llm_traj_path.rstrip("/")
             try:
                 check_url(remote)
+                stage = Path(opts.llm_traj_stage).expanduser() if opts.llm_traj_stage else default_stage(remote)
                 if mode == "replay" and previous is not None and (previous.mode, previous.remote) == (mode, remote):
                     path = previous.path  # the copy fetched at startup: another option changing keeps the replay's place
                 elif mode == "replay":
                     path = local_trajectory(remote)
                 else:
-                    path = Path(opts.llm_traj_stage).expanduser() if opts.llm_traj_stage else default_stage(remote)
+                    path = stage
             except RemoteError as exc:
                 raise exceptions.OptionsError(f"llm_traj_path: {exc}") from None
         elif opts.llm_traj_stage:
@@ -245,5 +252,5 @@ class LlmTrajOptions:
                 logger.info(f"llm-traj: config: left out {skipped}")
         return Settings(mode=mode, path=path, default_session=opts.llm_traj_session, retries=opts.llm_traj_retries,
                         config_path=opts.llm_traj_config or None, registry=registry,
-                        capture_tokens=opts.llm_traj_capture_tokens, remote=remote,
+                        capture_tokens=opts.llm_traj_capture_tokens, remote=remote, stage=stage,
                         upstream_idle_timeout=idle or None)  # fmt: skip

@@ -22,7 +22,6 @@ from pathlib import Path
 from mitmproxy import command, ctx, exceptions, http
 
 from ..core.headers import text_headers
-from ..core.store import TrajectoryError
 from ..replay import Miss, Replay, ReplayLoadError, load
 from ..replay.matching import DEFAULT_IGNORE, EXACT, LATER, NEAREST, NORMALIZED, POSITION
 from ..replay.normalize import Normalizer, RuleError, load_rules
@@ -123,7 +122,7 @@ class Replayer:
                 logger.info(
                     f"llm-traj: replaying {replay.sessions} sessions from {settings.path} (each read when first asked for)"
                 )
-        except (OSError, TrajectoryError, ReplayLoadError, exceptions.OptionsError) as exc:
+        except (OSError, ReplayLoadError, exceptions.OptionsError) as exc:
             # A replay already loaded goes on as mitmproxy rolls the options back;
             # with none, LLM calls are refused, never forwarded.
             self._broken = self._replay is None

@@ -84,7 +84,8 @@ class Routing:
         header_session = next((v.decode("latin-1") for k, v in request.headers.fields if k.lower() == _SESSION_HEADER), None)
         if header_session is not None:
             del request.headers[SESSION_HEADER]
-        session = session or header_session or settings.default_session
+        if session is None:  # (an empty `/s//` is a session given, and refused below)
+            session = header_session or settings.default_session
         api = api_for(request.method, path.split("?", 1)[0])
         if api is None:
             return

@@ -9,6 +9,9 @@
   `Retry-After: S`, in the API's error shape;
 - `POST /llm-traj/resume`: calls flow again; the held ones go on.
 
+The `PUT` and `POST`s need the proxy's control token (`mitm.access`; 401
+without it): an agent reaching the proxy must not pause it or change the version.
+
 `llmtraj.ray.ProxyPool.set_weight_version`, `pause` and `resume` call these
 on every proxy of a pool.
 """
@@ -22,6 +25,7 @@ import math
 
 from mitmproxy import http
 
+from .access import ControlAccess
 from .endpoints import json_response
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, error_response, llm_call
@@ -41,8 +45,9 @@ def _bad(message: str) -> http.Response:
 
 
 class TrainerControls:
-    def __init__(self, options: LlmTrajOptions) -> None:
+    def __init__(self, options: LlmTrajOptions, access: ControlAccess) -> None:
         self._options = options
+        self._access = access
         self.weight_version: str | int | None = None
         self._retry_after = DEFAULT_RETRY_AFTER
         self._resumed: asyncio.Event | None = None  # set while calls flow; None: never paused
@@ -89,7 +94,8 @@ class TrainerControls:
             flow.response = error_response(405, f"llm-traj: {method} {path}: use {'PUT' if path == WEIGHT_VERSION_PATH else 'POST'}",
                                            "invalid_request_error", "method_not_allowed")  # fmt: skip
             return
-        flow.metadata[_ENDPOINT_KEY] = path  # answered in `request`, with the body
+        if self._access.check(flow):
+            flow.metadata[_ENDPOINT_KEY] = path  # answered in `request`, with the body
 
     def _answer(self, flow: http.HTTPFlow, path: str) -> None:
         try:

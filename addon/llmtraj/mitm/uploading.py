@@ -1,7 +1,7 @@
 """Trajectories to object storage (`llm_traj_path` an fsspec URL): the recorder
 writes to the stage directory as ever; each session's file goes up when the
 session ends (anti-call: however it is ended; any mode: `POST
-/llm-traj/upload?session=S`) and at shutdown, once its calls are written. An
+/llm-traj/upload?session=S`, with the control token) and at shutdown, once its calls are written. An
 upload that fails is logged and retried (with backoff, and at the next start
 over the same stage directory); the file stays on disk meanwhile.
 
@@ -18,6 +18,7 @@ from mitmproxy import http
 
 from ..core.remote import Uploader
 from ..core.session import InvalidSession, validate_session
+from .access import ControlAccess
 from .endpoints import json_response
 from .options import LlmTrajOptions
 from .recording import Recorder
@@ -33,8 +34,9 @@ SHUTDOWN_BUDGET = 8.0  # seconds spent uploading at shutdown (within a stopping 
 
 
 class Uploading:
-    def __init__(self, options: LlmTrajOptions, recorder: Recorder) -> None:
+    def __init__(self, options: LlmTrajOptions, recorder: Recorder, access: ControlAccess) -> None:
         self._options = options
+        self._access = access
         self._recorder = recorder
         self._uploader: Uploader | None = None
         self._failed: dict[str, float] = {}  # session -> retry delay
@@ -64,7 +66,7 @@ class Uploading:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not flow.request.path.startswith(UPLOAD_PATH):
             return
-        if flow.request.path.split("?", 1)[0] != UPLOAD_PATH:
+        if flow.request.path.split("?", 1)[0] != UPLOAD_PATH or not self._access.check(flow):
             return
         session = flow.request.query.get("session", "")
         try:

@@ -40,23 +40,51 @@ class _Watch:
     timer: asyncio.TimerHandle | None = None
 
 
+def _touching(watch: _Watch, passing):
+    """A body's stream function that also notes when each piece passed."""
+
+    def touch(data: bytes) -> bytes | list[bytes]:
+        watch.last = time.monotonic()
+        return passing(data)
+
+    return touch
+
+
 class UpstreamIdleTimeout:
     def __init__(self, options: LlmTrajOptions) -> None:
         self._options = options
         self._watches: dict[str, _Watch] = {}  # by flow id, while the call waits for its upstream
 
-    def serves_flows(self) -> bool:
-        settings = self._options.settings
-        return settings is not None and settings.upstream_idle_timeout is not None
+    # (It serves every flow, whatever the limit: a call watched when the limit is
+    # set to 0 at runtime must still have its watch ended.)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # A request body that streams upstream (record mode) is on its way while
+        # mitmproxy connects and sends it: the `request` hook comes only once it
+        # is sent, so the watch starts here, and each piece of it counts.
+        if callable(flow.request.stream) and (limit := self._limit()) is not None and llm_call(flow) is not None:
+            watch = self._watch(flow, limit)
+            flow.request.stream = _touching(watch, flow.request.stream)
 
     def request(self, flow: http.HTTPFlow) -> None:
         # (last of the parts: the call goes upstream unless one answered it or
         # gave it to the loopback server, whose producers apply their own limits)
-        if flow.response is not None or ORIGINAL_URL_KEY in flow.metadata or llm_call(flow) is None:
-            return
-        watch = _Watch(flow, self._options.settings.upstream_idle_timeout, disarm_idle_timeout(flow))
-        self._watches[flow.id] = watch
+        if (watch := self._watches.get(flow.id)) is not None:
+            watch.last = time.monotonic()
+        elif (
+            flow.response is None and ORIGINAL_URL_KEY not in flow.metadata and (limit := self._limit()) is not None
+            and llm_call(flow) is not None
+        ):  # fmt: skip
+            self._watch(flow, limit)
+
+    def _limit(self) -> float | None:
+        settings = self._options.settings
+        return settings.upstream_idle_timeout if settings is not None else None
+
+    def _watch(self, flow: http.HTTPFlow, limit: float) -> _Watch:
+        watch = self._watches[flow.id] = _Watch(flow, limit, disarm_idle_timeout(flow))
         self._check_later(watch, watch.limit)
+        return watch
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         watch = self._watches.get(flow.id)
@@ -64,16 +92,10 @@ class UpstreamIdleTimeout:
             return
         watch.last = time.monotonic()
         response = flow.response
-        passing = response.stream
-        if not callable(passing):  # a buffered body (not recorded): the limit applies up to its head
+        if not callable(response.stream):  # a buffered body (not recorded): the limit applies up to its head
             self._end(flow)
             return
-
-        def touch(data: bytes) -> bytes | list[bytes]:
-            watch.last = time.monotonic()
-            return passing(data)
-
-        response.stream = touch
+        response.stream = _touching(watch, response.stream)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._end(flow)
@@ -110,8 +132,8 @@ class UpstreamIdleTimeout:
         message = f"upstream sent nothing for {watch.limit:g} s (idle timeout)"
         flow.metadata[CALL_KEY]["upstream_failure"] = {"kind": "upstream_timeout", "message": message,
                                                        "answered": flow.response is not None}  # fmt: skip
-        if close_server_connection(flow, "idle timeout"):
+        if close_server_connection(flow, "idle timeout"):  # (also a connection still being made)
             logger.warning(f"llm-traj: {flow.request.pretty_url}: {message}")
-        else:  # still connecting: the connect attempt's own timeout applies
+        else:  # not asked for yet: the next check
             del flow.metadata[CALL_KEY]["upstream_failure"]
             self._check_later(watch, watch.limit)

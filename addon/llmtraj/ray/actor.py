@@ -68,10 +68,9 @@ class ProxyActor:
         )  # fmt: skip
         self._start_proxy()
         self.url = f"http://{self.host}:{self._proxy.port}"
-        self._control: AntiCallClient | None = None
-        if mode == "anticall":
-            info = read_control_file(control_file_for(self.directory))
-            self._control = AntiCallClient(info.url, info.token)
+        info = read_control_file(control_file_for(self.directory))
+        self._token = info.token  # for the proxy's trainer endpoints too
+        self._control = AntiCallClient(info.url, info.token) if mode == "anticall" else None
         self._events: asyncio.Queue[Event] | None = None
         self._pump: asyncio.Task | None = None
         self._http: httpx.AsyncClient | None = None
@@ -160,7 +159,8 @@ class ProxyActor:
 
     async def _proxy_request(self, method: str, path: str, timeout: float = 30.0, **kwargs) -> httpx.Response:
         if self._http is None:
-            self._http = httpx.AsyncClient(base_url=self.url, trust_env=False)
+            self._http = httpx.AsyncClient(base_url=self.url, trust_env=False,
+                                           headers={"Authorization": f"Bearer {self._token}"})  # fmt: skip
         return await self._http.request(method, path, timeout=timeout, **kwargs)
 
     async def shutdown(self) -> None:

@@ -14,7 +14,8 @@ same node if it can (soft affinity), with a new proxy over the same files;
 its sessions end with a truthful error: its agents' held calls got a 503 and
 their connections are gone, the trainer gets a `session_end` event saying so
 (with `all_events`), and answers to their calls raise `AntiCallError` 410
-`proxy_lost`.
+`proxy_lost`. The pool looks at every actor every HEALTH_EVERY seconds, so a
+restart is noticed though no call goes there (record mode has no event poll).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ logger = logging.getLogger("llm_traj")
 PLACEMENTS = ("spread", "pack")
 MODES = ("record", "replay", "anticall")
 POLL = 5.0  # seconds each proxy's event poll waits
+HEALTH_EVERY = 2.0  # seconds between two looks at each proxy's actor (a restart is noticed within that)
 REVIVE_WAIT = 120.0  # seconds a dead proxy's restart is waited for
 
 
@@ -146,7 +148,10 @@ class ProxyPool:
         self._proxies = [_Proxy(i, actor, info) for i, (actor, info) in enumerate(zip(handles, infos))]
         self._sessions: dict[str, _Session] = {}
         self._events: asyncio.Queue[Event] | None = None
+        self._session_events: dict[str, asyncio.Queue[Event]] = {}  # sessions that have a consumer of their own
         self._pumps: list[asyncio.Task] = []
+        self._health: list[asyncio.Task] = []
+        self._told: dict[str, dict[str, Any]] = {}  # the trainer's state as told to the proxies: path -> body
         self._closed = False
 
     # --- sessions ------------------------------------------------------------------
@@ -154,6 +159,7 @@ class ProxyPool:
     async def open_session(self, session_id: str | None = None, metadata: dict[str, Any] | None = None) -> SessionHandle:
         """A new session on the least-loaded proxy (fewest open sessions)."""
         self._check_open()
+        self._watch_health()
         session = session_id or f"s-{uuid.uuid4().hex[:16]}"
         validate_session(session)
         if session in self._sessions:
@@ -188,21 +194,50 @@ class ProxyPool:
 
     # --- anti-call -----------------------------------------------------------------
 
-    async def calls(self, *, all_events: bool = False, poll: float = POLL) -> AsyncIterator[Event]:
+    async def calls(
+        self, *, session_id: str | None = None, all_events: bool = False, poll: float = POLL
+    ) -> AsyncIterator[Event]:
         """The held calls of every proxy as they come (`Event`s of type
         `request`; with `all_events` also `cancelled` calls and `session_end`,
         including the end of sessions whose proxy died). Several consumers may
-        iterate at once: each call goes to one of them."""
+        iterate at once: each call goes to one of them.
+
+        With `session_id`, only that session's calls (one consumer a session),
+        which the other consumers then no longer get; the iteration ends with
+        the session (after its `session_end`, with `all_events`)."""
         self._check_open()
         if self.mode != "anticall":
             raise RuntimeError(f"pool.calls(): the pool is in {self.mode} mode; calls are held in anticall mode only")
+        state = self._session(session_id) if session_id is not None else None
+        self._watch_health()
         if self._events is None:
             self._events = asyncio.Queue()
             self._pumps = [asyncio.ensure_future(self._pump(proxy, poll)) for proxy in self._proxies]
-        while True:
-            event = await self._events.get()
-            if event.type == "request" or all_events:
-                yield event
+        if session_id is None:
+            while True:
+                event = await self._events.get()
+                if event.type == "request" or all_events:
+                    yield event
+        if session_id in self._session_events:
+            raise RuntimeError(f"pool.calls(session_id={session_id!r}): that session has a consumer already")
+        queue = self._session_events[session_id] = asyncio.Queue()
+        before = _take(self._events, lambda e: e.session == session_id)  # what came before this consumer
+        for event in before:
+            queue.put_nowait(event)
+        # a session that ended sends its session_end (the proxy's, or the pool's when the proxy was lost); one
+        # that ended before this consumer came may have sent it to another
+        over = (state.ended or state.lost) and not any(e.type == "session_end" for e in before)
+        try:
+            while not (over and queue.empty()):
+                event = await queue.get()
+                if event.type == "request" or all_events:
+                    yield event
+                if event.type == "session_end":
+                    return
+        finally:
+            del self._session_events[session_id]
+            while not queue.empty():  # (none but a late session_end) back to the other consumers
+                self._events.put_nowait(queue.get_nowait())
 
     async def respond(self, call: CallRef, response: str | dict[str, Any] | None = None, **kwargs) -> PushResult:
         """Answer a held call: text or a full response object, or `text=`,
@@ -250,6 +285,10 @@ class ProxyPool:
         import ray
 
         self._check_open()
+        if path == "/llm-traj/resume":
+            self._told.pop("/llm-traj/pause", None)
+        else:
+            self._told[path] = body  # what a restarted proxy is told again
         ray.get([proxy.actor.training.remote(path, body) for proxy in self._proxies])
 
     # --- the pool ------------------------------------------------------------------
@@ -276,8 +315,8 @@ class ProxyPool:
         if self._closed:
             return
         self._closed = True
-        for pump in self._pumps:
-            pump.cancel()
+        for task in self._pumps + self._health:
+            task.cancel()
         results = await asyncio.gather(*(p.actor.shutdown.remote() for p in self._proxies), return_exceptions=True)
         for proxy, result in zip(self._proxies, results):
             if isinstance(result, Exception):
@@ -329,41 +368,84 @@ class ProxyPool:
                     proxy.held.discard(event.id)
                 elif event.type == "session_end":
                     proxy.held = {c for c in proxy.held if c.rpartition(":")[0] != event.session}
-                self._events.put_nowait(event)
+                self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
+        """To the session's own consumer if it has one, else to the others."""
+        queue = self._session_events.get(event.session, self._events)
+        if queue is not None:
+            queue.put_nowait(event)
+
+    def _watch_health(self) -> None:
+        """Look at every proxy's actor every HEALTH_EVERY seconds, so a restart
+        is noticed (its sessions end, new ones go to the new proxy) though no
+        call went to it; started by the first coroutine that needs it."""
+        if not self._health:
+            self._health = [asyncio.ensure_future(self._look_after(proxy)) for proxy in self._proxies]
+
+    async def _look_after(self, proxy: _Proxy) -> None:
+        from ray.exceptions import RayActorError
+
+        while True:
+            await asyncio.sleep(HEALTH_EVERY)
+            try:
+                info = await proxy.actor.info.remote()
+            except RayActorError as exc:
+                why = type(exc).__name__
+            else:
+                if info["incarnation"] == proxy.incarnation:
+                    continue
+                why = "restarted"
+            try:
+                await self._revive(proxy, why)
+            except RayActorError:
+                logger.error(f"llm-traj: proxy {proxy.index} is gone for good; its sessions ended")
+                return
 
     async def _revive(self, proxy: _Proxy, why: str) -> None:
         """The proxy's actor died or restarted: end its sessions and wait for the new proxy."""
         import ray
         from ray.exceptions import RayActorError
 
-        old = proxy.incarnation
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REVIVE_WAIT
         while True:
             try:
                 info = await proxy.actor.info.remote()
+                if info["incarnation"] != proxy.incarnation:  # told before a session goes there: it starts afresh
+                    for path, body in list(self._told.items()):
+                        await proxy.actor.training.remote(path, body)
                 break
             except RayActorError as exc:
                 if loop.time() > deadline or isinstance(exc, ray.exceptions.ActorDiedError) and _gone_for_good(exc):
                     self._lose_sessions(proxy, f"died ({why}) and could not be restarted")
                     raise
                 await asyncio.sleep(0.5)
-        if info["incarnation"] != old:
+        if info["incarnation"] != proxy.incarnation:  # (not noticed meanwhile by another of our tasks)
             proxy.info = info
             proxy.restarts += 1
             logger.warning(f"llm-traj: proxy {proxy.index} restarted ({why}); now {info['url']}")
-            self._lose_sessions(proxy, f"died ({why}) and was restarted")
+            self._lose_sessions(proxy, f"died ({why}) and was restarted", survivor=proxy.incarnation)
 
-    def _lose_sessions(self, proxy: _Proxy, what: str) -> None:
+    def _lose_sessions(self, proxy: _Proxy, what: str, survivor: str | None = None) -> None:
+        """End the proxy's sessions but those of the `survivor` incarnation (a restarted proxy's own)."""
         for session in list(proxy.sessions):
             state = self._sessions[session]
-            if state.incarnation == proxy.incarnation or state.lost:
+            if state.incarnation == survivor or state.lost:
                 continue
             state.lost = f"session {session}: its proxy {proxy.index} {what}; its agent's calls failed"
             proxy.sessions.discard(session)
-            if self._events is not None:
-                self._events.put_nowait(Event(type="session_end", session=session, reason=state.lost))
+            self._deliver(Event(type="session_end", session=session, reason=state.lost))
         proxy.held.clear()
+
+
+def _take(queue: asyncio.Queue, which) -> list:
+    """Take the items `which` says out of the queue, leaving the others in order."""
+    items = [queue.get_nowait() for _ in range(queue.qsize())]
+    for item in items:
+        if not which(item):
+            queue.put_nowait(item)
+    return [item for item in items if which(item)]
 
 
 def _gone_for_good(exc: Exception) -> bool:

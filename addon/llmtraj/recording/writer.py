@@ -16,6 +16,7 @@ a proxy killed with `kill -9` loses no call it had finished.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -130,4 +131,5 @@ if __name__ == "__main__":
     arguments.add_argument("path")
     arguments.add_argument("--prompts", help="the prompt registry to tag calls from")
     parsed = arguments.parse_args()
+    logging.basicConfig(format="%(message)s")  # its warnings (a trajectory file rotated) on the proxy's stderr
     serve(parsed.path, prompts=parsed.prompts, acks=sys.stdout.fileno())

@@ -43,7 +43,7 @@ from ..apis import API_BY_NAME
 from ..apis.base import ApiShape
 from ..core.jsontext import describe, differences
 from ..core.record import CallRecord
-from ..core.store import LineReader, SessionFile, SkippedLine, TrajectoryError, trajectory_files, trajectory_sessions
+from ..core.store import LineReader, SessionFile, SkippedLine, trajectory_files, trajectory_sessions
 from . import nearest as near
 from .matching import (
     DEFAULT_IGNORE,
@@ -125,6 +125,7 @@ class Tape:
             self.by_normalized.setdefault(n.key, deque()).append(position)
         self._words: dict[int, Counter] = {}
         self.stats = SessionStats(recorded=len(steps))
+        self.unreadable: str | None = None  # the bad line the recording of the session stops at, if it does
 
     def take(
         self, request: Canonical, normalized: Callable[[], Normalized], allow_position: bool, allow_nearest: bool
@@ -198,6 +199,7 @@ class Replay:
         ignore: Iterable[str] = DEFAULT_IGNORE,
         normalizer: Normalizer | None = None,
         sessions: Mapping[str, SessionFile] | None = None,
+        skipped: Iterable[SkippedLine] = (),
     ) -> None:
         self.ignore = frozenset(ignore)
         self.normalizer = normalizer or Normalizer.builtin()
@@ -212,6 +214,8 @@ class Replay:
         self._unreadable: dict[str, str] = {}  # sessions whose recording could not be read, and why
         self._unknown: dict[str, SessionStats] = {}  # sessions asked for that were not recorded
         self._calls_seen: tuple[list[tuple[str, bool]], set[str]] | None = None
+        self._skipped: dict[tuple[Path, int], SkippedLine] = {}  # lines skipped so far (logged once each)
+        self._note_skipped(skipped)
 
     def _tape(self, session: str, records: Iterable[tuple[CallRecord, object]]) -> Tape:
         steps, normalized = [], []
@@ -243,18 +247,29 @@ class Replay:
         gc.disable()
         try:
             tape = self._tape(session, ((record, partial(_record_source, self._lines, where, span))
-                                        for span, record in where.records(skipped=skipped)))  # fmt: skip
-        except (OSError, TrajectoryError, ReplayLoadError) as exc:
+                                        for span, record in where.records(tolerate_corrupt=True, skipped=skipped)))  # fmt: skip
+        except (OSError, ReplayLoadError) as exc:
             self._unreadable[session] = f"session {session!r} cannot be replayed: {exc}"
             logger.error(f"llm-traj: {self._unreadable[session]}")
             return None
         finally:
             if collecting:
                 gc.enable()
-        for line in skipped:
-            logger.warning(f"llm-traj: {line}")
+        # A bad line cuts the session there: its calls before it replay, a call past them is told why it cannot.
+        cut = next((line for line in skipped if line.session == session), None)
+        if cut is not None:
+            tape.unreadable = tape.stats.unreadable = str(cut)
+        self._note_skipped(skipped)
         self._tapes[session] = tape
         return tape
+
+    def _note_skipped(self, lines: Iterable[SkippedLine]) -> None:
+        """Log each skipped line once (a single file's are found by the scan at
+        startup and again when their session is read) and keep it for the report."""
+        for line in lines:
+            if (line.file, line.line) not in self._skipped:
+                self._skipped[line.file, line.line] = line
+                logger.warning(f"llm-traj: {line}")
 
     def close(self) -> None:
         """Closes the files kept open to serve calls (a closed replay still serves, reopening them)."""
@@ -275,7 +290,7 @@ class Replay:
             try:
                 for _, record in where.records(tolerate_corrupt=True):
                     yield record
-            except (OSError, TrajectoryError):
+            except OSError:
                 continue  # that session's calls fail when asked for, saying why
 
     def _seen(self) -> tuple[list[tuple[str, bool]], set[str]]:
@@ -333,6 +348,10 @@ class Replay:
 
     def _miss(self, session: str, tape: Tape, request: Canonical, live: Normalized) -> Miss:
         total = len(tape.steps)
+        if tape.unreadable is not None:  # the request may be one of the calls past the bad line
+            what = (f"the request matches none of the {total} calls of session {session!r} not yet replayed before its"
+                    f" recording becomes unreadable: {tape.unreadable}")  # fmt: skip
+            return self._count_miss(tape.stats, "replay_unreadable", what, 500)
         if tape.cursor >= total:
             code = "replay_exhausted"
             what = f"session {session!r} is exhausted: all {total} recorded calls were replayed"
@@ -369,41 +388,41 @@ class Replay:
         return self._count_miss(stats, "replay_unknown_session", what)
 
     @staticmethod
-    def _count_miss(stats: SessionStats, code: str, what: str) -> Miss:
+    def _count_miss(stats: SessionStats, code: str, what: str, status: int = 400) -> Miss:
         stats.misses += 1
         if stats.first_divergence is None:
             stats.first_divergence = what
-        return Miss(code, f"llm-traj replay: {what}")
+        return Miss(code, f"llm-traj replay: {what}", status)
 
     def report(self) -> dict[str, Any]:
         """Per session read (or asked for): calls recorded and served, the
         rungs that matched, the rules that made calls match, the nearest
-        matches, the misses and the first of them; and how many recorded
-        sessions were never asked for. JSON-able."""
+        matches, the misses and the first of them, where its recording
+        became unreadable; how many recorded sessions were never asked for;
+        the lines skipped so far. JSON-able."""
         stats = {s: t.stats for s, t in self._tapes.items()} | self._unknown
         return {
             "sessions": {session: st.as_dict() for session, st in sorted(stats.items())},
             "sessions_not_asked": len(self._on_disk),
+            "skipped_lines": [str(line) for line in self._skipped.values()],
         }
 
     def report_lines(self) -> list[str]:
         report = self.report()
-        return report_lines(report["sessions"], self.calls, report["sessions_not_asked"])
+        return report_lines(report["sessions"], self.calls, report["sessions_not_asked"], report["skipped_lines"])
 
 
 def load(path: Path | str, ignore: Iterable[str] = DEFAULT_IGNORE, normalizer: Normalizer | None = None) -> Replay:
     """The replay of a trajectory, each session read when first asked for: a
-    torn last line is logged then, a bad line makes that session's calls
-    fail (500, `replay_unreadable`) and is logged with its file:line. A single
-    file is scanned at once for its sessions: a line of none raises
-    `core.store.TrajectoryError`."""
+    skipped line is logged then with its file:line; a bad line cuts its
+    session there (its calls before it replay, a request matching none of
+    them fails with a 500 `replay_unreadable` saying where). A single file is
+    scanned at once for its sessions: a line of none is logged and skipped."""
     skipped: list[SkippedLine] = []
-    sessions = trajectory_sessions(path, skipped)
+    sessions = trajectory_sessions(path, skipped, tolerate_corrupt=True)
     if not sessions and not trajectory_files(path):
         raise ReplayLoadError(f"{path}: no trajectory there (a directory of <session>.jsonl files, or a .jsonl file)")
-    for line in skipped:
-        logger.warning(f"llm-traj: {line}")
-    return Replay(ignore=ignore, normalizer=normalizer, sessions=sessions)
+    return Replay(ignore=ignore, normalizer=normalizer, sessions=sessions, skipped=skipped)
 
 
 def _record_source(lines: LineReader, where: SessionFile, span: tuple[int, int], whole: bool) -> CallRecord:

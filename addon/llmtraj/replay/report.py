@@ -19,6 +19,7 @@ class SessionStats:
     nearest: list[dict[str, Any]] = field(default_factory=list)  # {step, score, differences} per nearest match
     misses: int = 0
     first_divergence: str | None = None
+    unreadable: str | None = None  # the bad line its recording stops at (its calls past it cannot be replayed)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -30,11 +31,15 @@ class SessionStats:
             "nearest": self.nearest,
             "misses": self.misses,
             "first_divergence": self.first_divergence,
+            "unreadable": self.unreadable,
         }
 
 
-def report_lines(sessions: dict[str, dict[str, Any]], calls: int, not_asked: int = 0) -> list[str]:
-    """The report in words: a total, then a line per session (and one per nearest match)."""
+def report_lines(
+    sessions: dict[str, dict[str, Any]], calls: int, not_asked: int = 0, skipped: list[str] | None = None
+) -> list[str]:
+    """The report in words: a total, then a line per session (and one per
+    nearest match), then one per line of the recording skipped."""
     served = sum(s["served"] for s in sessions.values())
     misses = sum(s["misses"] for s in sessions.values())
     more = f" ({not_asked} more recorded, never asked for)" if not_asked else ""
@@ -47,8 +52,11 @@ def report_lines(sessions: dict[str, dict[str, Any]], calls: int, not_asked: int
             line += "; rules: " + ", ".join(f"{r} {n}" for r, n in sorted(s["rules"].items()))
         if s["first_divergence"]:
             line += f"; first: {s['first_divergence']}"
+        if s.get("unreadable") and s["unreadable"] not in (s["first_divergence"] or ""):
+            line += f"; unreadable from {s['unreadable']}"
         lines.append(line)
         for match in s["nearest"]:
             lines.append(f"    step {match['step']} served as nearest (similarity {match['score']:.3f}): "
                          + "; ".join(match["differences"]))  # fmt: skip
+    lines.extend(f"  skipped {line}" for line in skipped or ())
     return lines

@@ -135,6 +135,7 @@ _LOGPROBS, _AFTER_LOGPROBS = b'"logprobs":', b',"finish_reason":'
 _USAGE, _NO_CHOICES = b'"usage":', b'"choices":[]'
 _FINISHING = b'"finish_reason":"'
 _LIST, _OBJECT, _NULL = ord("["), ord("{"), ord("n")  # what may follow a key's colon
+_IDS_END, _LOGPROBS_END, _USAGE_END = len(_IDS), len(_LOGPROBS), len(_USAGE)
 _FINGERPRINT = re.compile(rb',"system_fingerprint":("(?:[^"\\]|\\.)*")')
 _DATA = re.compile(rb"data: ?(\{.*\})(\r?\n\r?\n)\Z", re.S)
 
@@ -223,16 +224,12 @@ class StreamHider:
             self.dropped += 1
             fingerprint = _FINGERPRINT.search(raw)
             return self._release(fingerprint.group(1) if fingerprint else None)
-        return self._pass(raw, shown, self._usage and shown.find(_FINISHING) != -1)
-
-    def _pass(self, raw: bytes, shown: bytes, finishing: bool) -> bytes:
-        """The agent's bytes for an event shown as `shown` (`raw` if unchanged)."""
         released = self._release() if self._held is not None else b""
         changed = shown is not raw
         if changed:
             self.rewritten.append(self._position)
         self._position += 1
-        if finishing:  # (only when the usage event is hidden)
+        if self._usage and shown.find(_FINISHING) != -1:
             self._held = (shown, changed)
             return released
         return released + shown if released else shown
@@ -242,7 +239,7 @@ class StreamHider:
         for: the same object when nothing changes, _DROP for an event the agent
         would not have got at all, None when this cannot tell without parsing."""
         if self._usage and (usage := event.rfind(_USAGE)) != -1:  # a top-level key, after the choices
-            follows = event[usage + len(_USAGE)]
+            follows = event[usage + _USAGE_END]
             if follows == _OBJECT:
                 return _DROP if event.find(_NO_CHOICES) != -1 else None
             if follows != _NULL:
@@ -258,7 +255,7 @@ class StreamHider:
             if ids != -1 and (logprobs == -1 or ids < logprobs):
                 if ids < at:
                     return None
-                value = ids + len(_IDS)
+                value = ids + _IDS_END
                 follows = event[value]
                 if follows == _LIST:
                     end = event.find(b"]", value) + 1
@@ -278,7 +275,7 @@ class StreamHider:
             else:
                 if logprobs < at:
                     return None
-                value = logprobs + len(_LOGPROBS)
+                value = logprobs + _LOGPROBS_END
                 follows = event[value]
                 if follows == _OBJECT:
                     end = event.find(_AFTER_LOGPROBS, value)
