@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 
+import httpx
 import pytest
 from llmtraj.cli.proxy_process import ProxyProcess
 from llmtraj.core.store import read_records
@@ -19,6 +20,7 @@ from openai import OpenAI
 
 from ..cli.test_cli_run import processes_mentioning
 from ..conftest import wait_records
+from .scripted_upstream import ScriptedUpstream
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -133,6 +135,53 @@ def test_killing_the_writer_under_load_loses_no_call(upstream, tmp_path):
     assert errors == []  # the agents never noticed
     assert sum(answered.values()) > 16 and on_disk(path) == answered
     assert output.count("the record writer stopped (killed by signal 9)") == 3
+
+
+CHAT_EVENTS = [
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+    b'"delta":{"role":"assistant","content":"Hi"},"finish_reason":null}]}\n\n',
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+    b'"delta":{},"finish_reason":"stop"}]}\n\n',
+    b"data: [DONE]\n\n",
+]
+ANTHROPIC_EVENTS = [
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant",'
+    b'"model":"m","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":0}}}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":1}}\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+]
+
+
+@pytest.mark.parametrize("path, events, final", [
+    ("/v1/chat/completions", CHAT_EVENTS, "data: [DONE]"),
+    ("/v1/messages", ANTHROPIC_EVENTS, "event: message_stop"),
+], ids=["chat", "anthropic"])  # fmt: skip
+def test_killing_mitmdump_once_the_agent_has_the_final_event_loses_nothing(tmp_path, path, events, final):
+    """SDKs stop reading at their API's final event (the openai SDKs return at
+    `data: [DONE]` and close), before the body's own end, which here comes 3 s
+    later. The agent reads to that event and, its connection still open,
+    mitmdump is killed: the capture went into the writer's pipe with the final
+    event, so the call is on disk, complete."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    answer = head + b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)
+    traj = tmp_path / "traj"
+    with ScriptedUpstream([answer, b"0\r\n\r\n"], gap=3.0) as upstream:
+        p = ProxyProcess(upstream=upstream.url, options={"llm_traj_path": traj}).start()
+        try:
+            with httpx.stream("POST", f"{p.url}/s/k{path}", json={"model": "m", "stream": True, "messages": MESSAGES},
+                              headers={"authorization": "Bearer x"}, timeout=10) as response:  # fmt: skip
+                for line in response.iter_lines():
+                    if line == final:
+                        os.kill(p.pid, signal.SIGKILL)
+                        break
+        finally:
+            p.stop()
+        [record] = wait_records(traj / "k.jsonl", 1)
+    assert record.complete and record.status == 200 and len(record.events) == len(events)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])

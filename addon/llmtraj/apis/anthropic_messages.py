@@ -438,6 +438,7 @@ def _start_block(block: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, 
 
 class AnthropicMessages:
     name = "anthropic.messages"
+    final_events = (b"event: message_stop",)
 
     def matches(self, method: str, path: str) -> bool:
         path = path.rstrip("/")

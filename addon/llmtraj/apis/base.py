@@ -52,6 +52,9 @@ class StreamBuilder(Protocol):
 
 class ApiShape(Protocol):
     name: str
+    # How this API's stream ends, as the final event's first line: SDKs stop reading there (openai's
+    # at `data: [DONE]`, without waiting for the body's own end), so the agent has its whole answer then.
+    final_events: tuple[bytes, ...]
 
     def matches(self, method: str, path: str) -> bool:
         """Whether a request (path without query and session prefix) is a call of this API."""

@@ -293,6 +293,7 @@ class ChatCompletionStream(ChoiceChunkStream):
 
 class ChatCompletions:
     name = "chat.completions"
+    final_events = (b"data: [DONE]",)
 
     def matches(self, method: str, path: str) -> bool:
         return method == "POST" and path.rstrip("/").endswith("/chat/completions")

@@ -100,6 +100,7 @@ class TextCompletionStream(ChoiceChunkStream):
 
 class Completions:
     name = "completions"
+    final_events = ChatCompletions.final_events
 
     # OpenAI's error shape and `stream` flag, as chat completions
     error_body = ChatCompletions.error_body

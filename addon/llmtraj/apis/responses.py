@@ -540,6 +540,7 @@ class ResponsesStream:
 
 class Responses:
     name = "responses"
+    final_events = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
 
     # OpenAI's error shape and `stream` flag, as chat completions
     error_body = ChatCompletions.error_body

@@ -18,6 +18,7 @@ from ..core.store import TrajectoryWriter
 from ..recording.capture import CallCapture
 from ..recording.sink import RecordSink
 from ..upstreams.config import NO_UPSTREAM
+from .loopback import ORIGINAL_URL_KEY
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, CallMetadata, LlmCall, llm_call
 
@@ -48,6 +49,30 @@ def flow_failure(flow: http.HTTPFlow) -> tuple[str, str]:
 
 
 RECORDING_MODES = ("record", "anticall")
+
+
+def _final_events(flow: http.HTTPFlow, response: http.Response) -> tuple[bytes, ...]:
+    """The events that end a call's stream for its agent, when mitmproxy forwards
+    the call to its upstream. (An answer the addon produces through the loopback
+    server is handed over at its end: parts of its record, such as a bridged
+    call's upstream side, are complete only then.)"""
+    call = llm_call(flow)
+    if call is None or ORIGINAL_URL_KEY in flow.metadata:
+        return ()
+    if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+        return ()
+    return call.api.final_events
+
+
+def _ends_with_final_event(data: bytes, final_events: tuple[bytes, ...]) -> bool:
+    """Whether a chunk ends with a whole final event (its first line at a line start)."""
+    if not data.endswith(b"\n\n"):
+        return False
+    for event in final_events:
+        at = data.rfind(event)
+        if at == 0 or (at > 0 and data[at - 1] == 10):  # (10: a line feed)
+            return True
+    return False
 
 
 _NO_UPSTREAM = urlsplit(NO_UPSTREAM)
@@ -173,13 +198,16 @@ class Recorder:
         length = content_length(response.headers.items(multi=True))
         received = 0
         held: list[bytes] = []
+        final_events = _final_events(flow, response)
 
         # Every response streams, JSON too: nothing is held back from the agent,
         # and mitmproxy's streaming path costs less than buffering the body.
-        # The capture goes into the writer's pipe at the end of the body (b""),
-        # before the agent can tell the response is over: for a chunked body or
-        # HTTP/2 that is the end marker sent after this; for a body of known
-        # length it is its last byte, held back until then.
+        # The capture goes into the writer's pipe before the agent can tell the
+        # response is over: for a chunked body or HTTP/2 at the end of the body
+        # (b""), whose end marker is sent after this; for a body of known length
+        # at its last byte, held back until then; for a stream, also as soon as
+        # a chunk ends with its API's final event, at which SDKs stop reading
+        # (whatever might follow that event is then not recorded).
         def capture_chunk(data: bytes) -> bytes | list[bytes]:
             nonlocal received
             if data:
@@ -190,6 +218,8 @@ class Recorder:
                     if received >= length:
                         held.append(data[-1:])
                         return [data[:-1]] if len(data) > 1 else []  # (b"" would end a chunked body)
+                elif final_events and _ends_with_final_event(data, final_events):
+                    self._send(flow, None)
                 return data
             self._send(flow, None)
             return held
