@@ -16,6 +16,7 @@ from llmtraj.core.store import (
     SkippedLine,
     TrajectoryError,
     TrajectoryWriter,
+    _lines,
     read_records,
     trajectory_files,
     trajectory_sessions,
@@ -467,3 +468,16 @@ def test_a_bridged_calls_translated_request_is_chained_like_the_request(tmp_path
     records = list(read_records(tmp_path))
     assert [len(r.bridge.request["messages"]) for r in records] == [2, 3, 4, 5, 6, 7]
     assert records[-1].bridge.request["messages"][1:] == turns
+
+
+def test_a_line_still_being_written_is_never_read_as_two(tmp_path):
+    """A reader that meets the end of the file inside a line stops there: the
+    rest of that line, written while it reads on, is not a line of its own
+    (a 5 MB record read while its write was under way gave a bad "line 2")."""
+    file = tmp_path / "s.jsonl"
+    file.write_bytes(b'{"schema_version": 2, "session": "s"')
+    lines = _lines(file)
+    assert next(lines) == (1, 0, b'{"schema_version": 2, "session": "s"')
+    with open(file, "ab") as fh:
+        fh.write(b', "index": 1}\n')
+    assert list(lines) == []

@@ -624,6 +624,8 @@ def _lines(file: Path) -> Iterator[tuple[int, int, bytes]]:
                 raw += more  # the file grew as it was read: the same line, being written
             number += 1
             yield number, offset, raw
+            if not raw.endswith(b"\n"):
+                return  # the file's end as read: what comes after is the rest of this line, not another
             offset += len(raw)
 
 
