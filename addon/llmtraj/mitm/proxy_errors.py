@@ -49,17 +49,23 @@ def openai_error_response(status_code: int, message: str = "") -> bytes:
 
 
 def _saying_which_request(send):
+    # Not a generator itself: every other event (each body chunk) gets the
+    # original `send`'s generator, with no layer of delegation added.
     def answering_send(self, event):
-        global _answering
         if not isinstance(event, ResponseProtocolError):
-            return (yield from send(self, event))
-        _answering = self.request
-        try:
-            return (yield from send(self, event))
-        finally:
-            _answering = None
+            return send(self, event)
+        return _answering_error(send, self, event)
 
     return answering_send
+
+
+def _answering_error(send, server, event):
+    global _answering
+    _answering = server.request
+    try:
+        return (yield from send(server, event))
+    finally:
+        _answering = None
 
 
 class OpenAIShapedProxyErrors:

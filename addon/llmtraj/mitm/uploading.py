@@ -32,7 +32,6 @@ RETRY_FIRST, RETRY_MAX = 1.0, 60.0
 SHUTDOWN_BUDGET = 8.0  # seconds spent uploading at shutdown (within a stopping proxy's 10 s); the rest at the next start
 
 
-
 class Uploading:
     def __init__(self, options: LlmTrajOptions, recorder: Recorder, access: ControlAccess) -> None:
         self._options = options
