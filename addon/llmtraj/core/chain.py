@@ -246,18 +246,27 @@ _MIN_SHARED = 8  # below this, `"p":..,"s":..` costs more than it saves
 def encode_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle."""
     out = []
+    append = out.append
     previous = ""
-    p = s = 0
+    p = s = m = 0
     for event in events:
         raw = event["raw"]
-        limit = min(len(raw), len(previous))
-        p = _shared_prefix(raw, previous, limit, p)
-        s = _shared_suffix(raw, previous, limit - p, s)
+        n = len(raw)
+        limit = n if n < m else m
+        # The previous pair's p and s first, without a call: most events differ from the one before in their delta alone.
+        if not (0 < p <= limit and raw.startswith(previous[:p]) and (p == limit or raw[p] != previous[p])):
+            p = _shared_prefix(raw, previous, limit, p)
+        rest = limit - p
+        if not (0 < s <= rest and raw.endswith(previous[m - s :]) and (s == rest or raw[n - s - 1] != previous[m - s - 1])):
+            s = _shared_suffix(raw, previous, rest, s)
         if p + s >= _MIN_SHARED:
-            out.append({**event, "p": p, "s": s, "raw": raw[p : len(raw) - s]})  # (and its raw_base64, if any)
+            stored = event.copy()  # (its raw_base64 too, if any)
+            stored["raw"] = raw[p : n - s]
+            stored["p"], stored["s"] = p, s
+            append(stored)
         else:
-            out.append(event)
-        previous = raw
+            append(event)
+        previous, m = raw, n
     return out
 
 
