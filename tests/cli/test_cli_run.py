@@ -206,7 +206,7 @@ def test_background_service_start_status_stop(upstream, tmp_path):
 
 def test_show_missing_file_is_one_line(tmp_path):
     r = llm_traj("show", str(tmp_path / "nope.jsonl"))
-    assert r.returncode == 1 and r.stderr.strip() == f"llm-traj: {tmp_path / 'nope.jsonl'} does not exist"
+    assert r.returncode == 2 and r.stderr.strip() == f"llm-traj: {tmp_path / 'nope.jsonl'} does not exist"
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +231,8 @@ def test_stats_diff_export_commands(demo_traj, tmp_path):
     changed.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     r = llm_traj("diff", str(demo_traj), str(changed))
     assert r.returncode == 1 and "something else entirely" in r.stdout
+    r = llm_traj("diff", str(demo_traj), str(tmp_path / "missing"))  # trouble is not a difference
+    assert r.returncode == 2 and r.stderr.strip() == f"llm-traj: {tmp_path / 'missing'} does not exist"
 
     for fmt in ("openai-chat", "har", "atif"):
         out = tmp_path / f"out.{fmt}"
@@ -252,11 +254,11 @@ def test_inspect_commands_errors_are_one_line(tmp_path, demo_traj):
         assert r.returncode == 0 and r.stderr.startswith(f"llm-traj: warning: {corrupt}:2: not valid JSON"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and r.stdout
     r = llm_traj("compact", str(corrupt))  # would drop it: refused
-    assert r.returncode == 1 and r.stderr.startswith(f"llm-traj: {corrupt}:2: not valid JSON"), r.stderr
+    assert r.returncode == 2 and r.stderr.startswith(f"llm-traj: {corrupt}:2: not valid JSON"), r.stderr
     r = llm_traj("export", str(demo_traj), "--format", "csv")
     assert r.returncode == 2 and r.stderr.strip() == "llm-traj: --format 'csv': use one of openai-chat, har, atif, tokens"
     r = llm_traj("stats", str(tmp_path / "missing"))
-    assert r.returncode == 1 and r.stderr.strip() == f"llm-traj: {tmp_path / 'missing'} does not exist"
+    assert r.returncode == 2 and r.stderr.strip() == f"llm-traj: {tmp_path / 'missing'} does not exist"
 
 
 def test_web_shows_annotated_llm_flows(upstream, tmp_path):

@@ -56,7 +56,7 @@ def show(
 
     reader = _reader(path)
     if session is not None and session not in reader.sessions:
-        fail(f"no calls of session {session!r} in {path}")
+        fail(f"no calls of session {session!r} in {path}", 2)
     with _reading():
         for name in [session] if session is not None else reader.sessions:
             typer.echo(render(reader.sessions[name]))
@@ -326,9 +326,9 @@ def _reader(path: str):
     try:
         local = local_trajectory(path)
     except RemoteError as exc:
-        fail(str(exc))
+        fail(str(exc), 2)
     if not local.exists() and not trajectory_files(local):  # (FILE.jsonl compressed since: FILE.jsonl.zst is read)
-        fail(f"{path} does not exist")
+        fail(f"{path} does not exist", 2)
     with _reading():
         return TrajectoryReader(local, tolerate_corrupt=True, skipped=_skipped_lines)
 
@@ -342,7 +342,7 @@ def _reading():
     try:
         yield
     except TrajectoryError as exc:
-        fail(f"{exc} (fix or remove that line)")
+        fail(f"{exc} (fix or remove that line)", 2)
     finally:
         for line in _skipped_lines:
             if (line.file, line.line) not in _warned:
@@ -359,7 +359,7 @@ def cat(
     """Print the trajectory as schema_version 1 lines, every request whole (for jq and other tools)."""
     reader = _reader(path)
     if session is not None and session not in reader.sessions:
-        fail(f"no calls of session {session!r} in {path}")
+        fail(f"no calls of session {session!r} in {path}", 2)
     out = sys.stdout.buffer
     with _reading():
         for name in [session] if session is not None else reader.sessions:
@@ -381,7 +381,7 @@ def compact(
 
     files = trajectory_files(path)
     if not files and not path.exists():
-        fail(f"{path} does not exist")
+        fail(f"{path} does not exist", 2)
     before = after = 0
     for file in files:
         with _reading():
@@ -442,7 +442,8 @@ def diff(
     raw: bool = typer.Option(False, "--raw", help="Compare requests as recorded, not normalised as replay matches them."),
     rules: Path = RULES_OPTION,
 ) -> None:
-    """Where two trajectories of the same task diverge (requests normalised as replay matches them). Exit 1 if they do."""
+    """Where two trajectories of the same task diverge (requests normalised as replay matches them). Exit 1 if they
+    do, 2 if one cannot be read."""
     from ..inspect.diff import diff as compute
     from ..inspect.diff import render_diff
     from ..replay.matching import DEFAULT_IGNORE
