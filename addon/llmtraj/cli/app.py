@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import sys
 import tempfile
 import time
@@ -118,16 +119,18 @@ def run(
     from .run import RunError, plan_run
     from .run import run as run_plan
 
+    run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))  # the proxy's log and CA: gone with the run
     try:
         plan = plan_run(mode=mode, traj=traj, session=session, via=via, upstream=upstream, command=ctx.args,
                         sets=[*set_, *_config_set(config), *_prompt_sets(prompt, prompts)])
-        run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))
         report: dict = {}
         on_exit = (_end_anticall_session(plan) if plan.mode == "anticall"
                    else _keep_replay_report(plan, report) if plan.mode == "replay" else None)  # fmt: skip
         code, started = run_plan(plan, run_dir, on_exit)
     except (RunError, ProxyStartError) as exc:
         fail(str(exc), 2)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     typer.echo(_summary(traj, session, started, code, started), err=True)
     if plan.mode == "replay":
         code = _print_replay_report(report, code)
