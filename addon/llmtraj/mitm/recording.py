@@ -158,7 +158,7 @@ class Recorder:
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.id in self._request_parts:
-            self._captures[flow.id].request_body = b"".join(self._request_parts.pop(flow.id))
+            self._captures[flow.id].request_body = self._request_parts.pop(flow.id)  # (not joined: a copy)
             return
         call = llm_call(flow)
         if self._sink is None or call is None or flow.response is not None:
@@ -238,7 +238,7 @@ class Recorder:
         if capture is None:
             return
         if (parts := self._request_parts.pop(flow.id, None)) is not None:
-            capture.request_body = b"".join(parts)  # ended before the whole request was sent
+            capture.request_body = parts  # ended before the whole request was sent
         capture.ended_at = time.time()
         info: CallMetadata = flow.metadata[CALL_KEY]
         if (noted := info.get("upstream_failure")) is not None:
