@@ -65,7 +65,6 @@ def plan_capture(api: str, request: Any, engine: str = "vllm") -> CapturePlan | 
 
 
 _DROP = object()
-_LF = ord("\n")
 
 
 def _hide(obj: dict[str, Any], plan: CapturePlan) -> Any:
