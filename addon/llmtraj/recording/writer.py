@@ -63,8 +63,7 @@ def record_of(
             # the record's events are the agent's: the engine's bytes as the proxy rewrote them
             chunks, rewriting = agent_chunks(chunks, plan_of(note), tee.fields["stream"])
             times = [*times, capture.ended_at or (times[-1] if times else None)]
-        for data, at in zip(chunks, times):
-            tee.chunk(data, now=at)
+        tee.chunks(chunks, times)
     error = capture.error
     if error is None and (short := _short_body(capture)) is not None:
         error = ("upstream_disconnected", short)
