@@ -115,6 +115,8 @@ def _reuse(earlier: _Parsed, body: bytes, shared: int) -> _Parsed | None:
     if not isinstance(value, dict) or not isinstance(value.get(key), list):
         return None
     value[key] = earlier.value[key][:kept] + value[key]
+    if (longest := _longest_array(value)) != key:  # (the conversation outgrew the tools, say): scanned when reused
+        return _Parsed(body, value, longest)
     parsed = _Parsed(body, value, key, earlier.start, commas[:kept])
     if earlier.close < shared:
         parsed.commas, parsed.close = commas, earlier.close
