@@ -81,7 +81,7 @@ def record_of(
 def _short_body(capture: CallCapture) -> str | None:
     """Why a response that ended normally is short of its Content-Length, if it is
     (counted on the upstream's bytes as captured, before any rewriting for the agent)."""
-    if capture.status is None or (length := content_length(text_headers(capture.response_headers))) is None:
+    if capture.status is None or (length := content_length(capture.response_headers)) is None:
         return None
     received = sum(map(len, capture.chunks))
     return f"the body ended after {received} of its {length} bytes (Content-Length)" if received < length else None
