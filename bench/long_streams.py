@@ -167,7 +167,8 @@ def writer_cost(api: str, events: int, delta: int, repeat: int = 3) -> dict:
     `repeat`: the machine is shared), split into making the record and writing
     its line, with the line's size."""
     blocks = stream_blocks(api, events, delta)
-    frame = capture_of(api, blocks).frame()[FRAME_HEAD.size :]
+    head, *body = capture_of(api, blocks).frame()
+    frame, body = head[FRAME_HEAD.size :], b"".join(body)
     best_make = best_write = float("inf")
     size = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +176,7 @@ def writer_cost(api: str, events: int, delta: int, repeat: int = 3) -> dict:
         for _ in range(repeat):
             gc.collect()
             t0 = time.process_time()
-            capture = CallCapture.unframe(frame)
+            capture = CallCapture.unframe(frame, body)
             record = record_of(capture)
             t1 = time.process_time()
             writer.append(*record)
@@ -192,12 +193,13 @@ def writer_cost(api: str, events: int, delta: int, repeat: int = 3) -> dict:
 def writer_memory(api: str, events: int, delta: int) -> dict:
     """Peak Python memory the writer allocates for one call, against the record's size."""
     blocks = stream_blocks(api, events, delta)
-    frame = capture_of(api, blocks).frame()[FRAME_HEAD.size :]
+    head, *body = capture_of(api, blocks).frame()
+    frame, body = head[FRAME_HEAD.size :], b"".join(body)
     with tempfile.TemporaryDirectory() as tmp:
         writer = TrajectoryWriter(Path(tmp))
         gc.collect()
         tracemalloc.start()
-        capture = CallCapture.unframe(frame)
+        capture = CallCapture.unframe(frame, body)
         writer.append(*record_of(capture))
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()

@@ -83,7 +83,7 @@ def test_v2_files_refer_back_and_cat_prints_whole_version_1_lines(v2):
     assert printed == [{**r.model_dump(mode="json"), "schema_version": 1} for r in conversations()]
     assert [x["index"] for x in cat(v2, "--session", "beta")] == [1, 2, 3, 4, 5, 6]
     result = runner.invoke(app, ["cat", str(v2), "--session", "gamma"])
-    assert result.exit_code == 1 and "no calls of session 'gamma'" in result.output
+    assert result.exit_code == 2 and "no calls of session 'gamma'" in result.output
 
 
 def test_version_1_reads_exports_and_shows_as_its_version_2_rewrite(v1, v2, tmp_path):
@@ -138,7 +138,7 @@ def test_compact_keeps_a_file_with_a_bad_line_and_skips_a_torn_last_line(v1):
     lines = original.split(b"\n")
     file.write_bytes(b"\n".join([lines[0], b"{oops", *lines[1:]]))
     result = runner.invoke(app, ["compact", str(v1)])
-    assert result.exit_code == 1 and f"{file}:2: not valid JSON" in result.output
+    assert result.exit_code == 2 and f"{file}:2: not valid JSON" in result.output
     assert file.read_bytes() == b"\n".join([lines[0], b"{oops", *lines[1:]])
     file.write_bytes(original + lines[0][:40])  # a crash mid-write
     result = runner.invoke(app, ["compact", str(file)])

@@ -98,11 +98,14 @@ def test_run_records_a_dead_upstream_as_a_502(tmp_path):
 def test_run_https_proxy_mode_against_https_upstream(agent, tmp_path):
     cert, key = make_self_signed_cert(tmp_path)
     traj = tmp_path / "traj"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     with StandinUpstream(tls=(cert, key)) as up:
-        env = {**os.environ, "OPENAI_BASE_URL": f"{up.url}/v1"}
+        env = {**os.environ, "OPENAI_BASE_URL": f"{up.url}/v1", "TMPDIR": str(scratch)}
         r = llm_traj("run", "--via", "https-proxy", "--traj", str(traj), "--session", "tls",
                      "--set", "ssl_insecure=true", "--", sys.executable, str(agent), "0", env=env)
     assert r.returncode == 0, r.stderr
+    assert list(scratch.iterdir()) == []  # the run's proxy log, CA and bundle are gone with it
     records = list(read_records(traj / "tls.jsonl"))
     assert len(records) == 2 and records[0].url.startswith(up.url)
     assert records[1].response["choices"][0]["message"]["content"]
@@ -143,9 +146,12 @@ def test_run_with_config_injects_the_key_the_agent_never_sees(upstream, tmp_path
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_run_forwards_signals_and_leaves_nothing_behind(upstream, agent, tmp_path, signum):
     traj = tmp_path / "traj"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     proc = subprocess.Popen(
         [LLM_TRAJ, "run", "--upstream", upstream.url, "--traj", str(traj), "--", sys.executable, str(agent), "hang"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert proc.stdout.readline().strip() == "agent done"
     proc.send_signal(signum)
@@ -154,6 +160,7 @@ def test_run_forwards_signals_and_leaves_nothing_behind(upstream, agent, tmp_pat
     assert len(list(read_records(traj / "default.jsonl"))) == 2
     assert processes_mentioning(str(traj)) == []
     assert processes_mentioning(str(agent)) == []
+    assert list(scratch.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -206,7 +213,7 @@ def test_background_service_start_status_stop(upstream, tmp_path):
 
 def test_show_missing_file_is_one_line(tmp_path):
     r = llm_traj("show", str(tmp_path / "nope.jsonl"))
-    assert r.returncode == 1 and r.stderr.strip() == f"llm-traj: {tmp_path / 'nope.jsonl'} does not exist"
+    assert r.returncode == 2 and r.stderr.strip() == f"llm-traj: {tmp_path / 'nope.jsonl'} does not exist"
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +238,8 @@ def test_stats_diff_export_commands(demo_traj, tmp_path):
     changed.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     r = llm_traj("diff", str(demo_traj), str(changed))
     assert r.returncode == 1 and "something else entirely" in r.stdout
+    r = llm_traj("diff", str(demo_traj), str(tmp_path / "missing"))  # trouble is not a difference
+    assert r.returncode == 2 and r.stderr.strip() == f"llm-traj: {tmp_path / 'missing'} does not exist"
 
     for fmt in ("openai-chat", "har", "atif"):
         out = tmp_path / f"out.{fmt}"
@@ -252,11 +261,11 @@ def test_inspect_commands_errors_are_one_line(tmp_path, demo_traj):
         assert r.returncode == 0 and r.stderr.startswith(f"llm-traj: warning: {corrupt}:2: not valid JSON"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and r.stdout
     r = llm_traj("compact", str(corrupt))  # would drop it: refused
-    assert r.returncode == 1 and r.stderr.startswith(f"llm-traj: {corrupt}:2: not valid JSON"), r.stderr
+    assert r.returncode == 2 and r.stderr.startswith(f"llm-traj: {corrupt}:2: not valid JSON"), r.stderr
     r = llm_traj("export", str(demo_traj), "--format", "csv")
     assert r.returncode == 2 and r.stderr.strip() == "llm-traj: --format 'csv': use one of openai-chat, har, atif, tokens"
     r = llm_traj("stats", str(tmp_path / "missing"))
-    assert r.returncode == 1 and r.stderr.strip() == f"llm-traj: {tmp_path / 'missing'} does not exist"
+    assert r.returncode == 2 and r.stderr.strip() == f"llm-traj: {tmp_path / 'missing'} does not exist"
 
 
 def test_web_shows_annotated_llm_flows(upstream, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from anthropic import Anthropic
 from llmtraj.anticall import AntiCallClient
+from llmtraj.anticall.control_file import read_control_file
 from llmtraj.cli.proxy_process import ProxyProcess, ProxyStartError
 from llmtraj.core.record import PromptTag
 from llmtraj.prompts.override import parse_assignment
@@ -139,10 +140,15 @@ def test_override_record_replay_and_ab(upstream, registry, tmp_path):
         assert json.loads(upstream.requests[-1].body) == json.loads(legacy) and len(upstream.requests) == before + 1
         # a session's own override, set through the proxy before its first call, then fixed
         control = f"{proxy.url}/llm-traj/prompt"
-        assert put(control, {"session": "pinned", "prompt": "coder/1"}) == (200, {"session": "pinned", "assignment": "coder/1"})
+        # an agent reaches the proxy's port, not its control file: it cannot pick its own prompt
+        assert put(control, {"session": "pinned", "prompt": "greet/1"}, token=None)[0] == 401
+        assert put(control, {"session": "pinned", "prompt": "greet/1"}, token="not-the-token")[0] == 401
+        assert get_json(f"{control}?session=pinned")["assignment"] == "greet@staging"  # unchanged
+        token = read_control_file(recorded / "control.json").token
+        assert put(control, {"session": "pinned", "prompt": "coder/1"}, token) == (200, {"session": "pinned", "assignment": "coder/1"})
         chat(proxy, "pinned", AGENT_PROMPT)
-        assert put(control, {"session": "pinned", "prompt": "greet/1"})[0] == 409
-        assert put(control, {"session": "x", "prompt": "greet@canary"}) == (400, {"error": "prompt 'greet' has no label 'canary'; its labels: latest, production, staging"})
+        assert put(control, {"session": "pinned", "prompt": "greet/1"}, token)[0] == 409
+        assert put(control, {"session": "x", "prompt": "greet@canary"}, token) == (400, {"error": "prompt 'greet' has no label 'canary'; its labels: latest, production, staging"})
     finally:
         proxy.stop()
     [over] = wait_records(recorded / "over.jsonl", 1)
@@ -210,13 +216,20 @@ def assert_replayed_exactly(proxy: ProxyProcess, sessions: list[str], calls: int
             assert reply.status_code == 200 and reply.headers["x-llm-traj-match"] == "exact", session
 
 
-def put(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
+def put(url: str, body: dict, token: str | None) -> tuple[int, dict]:
+    """PUT /llm-traj/prompt with the control file's token (None: without one)."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
 
 
 async def drive_one(proxy: ProxyProcess, control_file: Path, session: str) -> tuple[str, object]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from llmtraj.anticall.control_file import read_control_file
 from llmtraj.cli.proxy_process import ProxyProcess
 from llmtraj.prompts.override import parse_assignment
 from llmtraj.prompts.registry import text_hash
@@ -128,7 +129,8 @@ def test_mlflow_changes_reach_new_sessions_while_the_proxy_runs(upstream, store,
 
     def tagged_late(attempt: int) -> bool:
         session = f"late-{attempt}"
-        assert put(f"{proxy.url}/llm-traj/prompt", {"session": session, "prompt": "none"})[0] == 200  # the agent's own
+        token = read_control_file(tmp_path / "control.json").token
+        assert put(f"{proxy.url}/llm-traj/prompt", {"session": session, "prompt": "none"}, token)[0] == 200  # the agent's own
         chat(proxy, session, "You arrived late.")
         [record] = wait_records(tmp_path / f"{session}.jsonl", 1)
         return record.prompt.name == "late"

@@ -435,9 +435,9 @@ def test_record_sink_writes_what_the_proxy_captured(tmp_path):
             extra={"token_ids": [1, 2]},
         )
 
-    frames = capture(1).frame(1) + capture(2).frame(2)
+    frames = b"".join(capture(1).frame(1) + capture(2).frame(2))
     read_acks, write_acks = os.pipe()
-    serve(str(tmp_path), io.BytesIO(frames + capture(3).frame(3)[:-5]), acks=write_acks)
+    serve(str(tmp_path), io.BytesIO(frames + b"".join(capture(3).frame(3))[:-5]), acks=write_acks)
     os.close(write_acks)
     assert os.read(read_acks, 100) == ACK.pack(1) + ACK.pack(2)  # each written call confirmed, in order
     records = list(read_records(tmp_path))
@@ -447,8 +447,49 @@ def test_record_sink_writes_what_the_proxy_captured(tmp_path):
     assert "sk-secret-123456" not in (tmp_path / "s.jsonl").read_text()
 
     # frames sent again to a restarted writer: what is on disk is skipped, the rest written
-    serve(str(tmp_path), io.BytesIO(capture(2).frame(2, RESENT) + capture(3).frame(3, RESENT) + capture(2).frame(4)))
+    serve(str(tmp_path), io.BytesIO(b"".join(capture(2).frame(2, RESENT) + capture(3).frame(3, RESENT) + capture(2).frame(4))))
     assert [r.index for r in read_records(tmp_path)] == [1, 2, 3, 2]  # (a frame not marked is written as sent)
+
+def test_record_sink_hands_over_bodies_in_pieces_past_a_full_pipe_and_dead_writers(tmp_path):
+    """The proxy's sink writes a request body as the pieces it arrived in,
+    straight into the pipe: what a full pipe does not take waits as a view of
+    its piece, and a writer killed meanwhile gets every unconfirmed frame again
+    (its pieces whole, marked sent before): each call is on disk once, its body exact."""
+    import signal
+    import time
+
+    from llmtraj.recording.capture import CallCapture
+    from llmtraj.recording.sink import RecordSink
+
+    sink = RecordSink(tmp_path)
+    sink.start()  # (no event loop: nothing is read back until `close`, so every frame stays unconfirmed)
+    sent = {}
+    for index in range(1, 8):
+        messages = [{"role": "user", "content": f"call {index} " + "tool output " * (90_000 + 7_001 * index)}]
+        body = json.dumps({"model": "m", "messages": messages}).encode()
+        cuts = sorted({0, len(body), *(random.Random(index).randrange(len(body)) for _ in range(40))})
+        sent[index] = messages
+        sink.send(CallCapture(
+            api="chat.completions", session="s", index=index, mode="record", method="POST",
+            url="http://u/v1/chat/completions", request_headers=[], started_at=T0 + index, status=200,
+            request_body=[body[a:b] for a, b in zip(cuts, cuts[1:])] + [b""],  # (an empty piece too)
+            response_headers=[(b"content-type", b"application/json")], response_headers_at=T0 + index,
+            chunks=[b'{"choices": []}'], chunk_times=[T0 + index], ended_at=T0 + index,
+        ))  # fmt: skip
+        assert sink._pending  # more than the pipe takes (1 MB at most): the rest waits
+        if index in (3, 5):
+            deadline = time.monotonic() + 30
+            while len(list(read_records(tmp_path))) < index - 1 and time.monotonic() < deadline:
+                sink._write()  # (what the loop does when the pipe has room)
+                time.sleep(0.02)  # until the writer has written calls it could not confirm: resent, they are skipped
+            sink._proc.send_signal(signal.SIGKILL)
+            sink._proc.wait()
+    sink.close()
+    assert sink.restarts == 2 and sink.acked == 7
+    records = list(read_records(tmp_path))
+    assert [r.index for r in records] == list(range(1, 8))
+    assert all(r.request["messages"] == sent[r.index] for r in records)
+
 
 def test_a_body_short_of_its_content_length_is_recorded_incomplete_by_the_writer():
     """Whatever ended the response (a proxy that saw no error), the writer counts

@@ -10,7 +10,7 @@ import os
 import stat
 
 from llmtraj.apis.chat_completions import ChatCompletions
-from llmtraj.core.redact import REDACTED, Scrubber, redact_url
+from llmtraj.core.redact import REDACTED, Scrubber, _has_shape_start, redact_url
 from llmtraj.core.store import TrajectoryWriter, read_records
 from llmtraj.recording.builder import RecordBuilder
 
@@ -83,6 +83,19 @@ def test_key_shapes_are_scrubbed_without_any_header(tmp_path):
     assert record.request["messages"][0]["content"] == (
         f"env: OPENAI_API_KEY={REDACTED}\ncurl -H 'Authorization: Bearer {REDACTED}'")
     assert KEY.encode() not in raw
+
+
+def test_every_shape_is_found_and_scrubbed():
+    # the searches for where a shape may start (`_SHAPE_STARTS`) cover every start (`_SHAPE_LITERALS`)
+    for start in ("sk-", "AIza", "AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "hf_", "xox", "earer ", "EARER "):
+        assert _has_shape_start("x " + start + " y"), start
+    assert not _has_shape_start("sk_ AIz AKI gh_ ghx_ hf- xo earer,EARER")
+    for text, clean in (
+        ("k sk-abc1234567890defghijklmno", f"k {REDACTED}"), ("AIza" + "a1" * 17 + "b", REDACTED),
+        ("AKIA" + "A1" * 8, REDACTED), ("ghs_" + "a1" * 18, REDACTED), ("hf_" + "a1" * 15, REDACTED),
+        ("xoxb-1234567890", REDACTED), ("BEARER abcdefgh12345678", f"BEARER {REDACTED}"),
+    ):
+        assert Scrubber().text(text) == clean, text
 
 
 def test_secrets_in_stream_events_are_scrubbed_and_the_events_still_decode(tmp_path):

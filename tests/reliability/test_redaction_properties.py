@@ -172,3 +172,34 @@ def test_scrubbing_a_value_keeps_its_shape_and_removes_every_secret(data):
     for s in strings(value):
         if scrubber.may_hold_text(s):
             assert scrubber.may_hold(json.dumps(s, ensure_ascii=False).encode())
+
+
+# Starts and pieces of credential shapes, to fall on either side of what an event shares with the one before.
+SHAPE_PIECES = st.sampled_from(["sk-", "sk-proj", "1234567890abcdefghij", "Bearer ", "bearer ", "abcdefgh12345678XYZ",
+                                "gh", "ghp_", "p_", "AIza", "AKIA", "xox", "xoxb-", "earer ", "hf_", "-"])
+
+
+@SETTINGS
+@given(data=st.data())
+def test_events_repeating_one_another_are_each_scrubbed_as_alone(tmp_path_factory, data):
+    """The writer searches an event for secrets only around what it adds to the
+    one before it: whatever the stream, each event is written as scrubbing it
+    alone gives, a secret or shape straddling what it shares included."""
+    secrets = data.draw(st.lists(SECRET, min_size=1, max_size=2, unique=True))
+    piece = st.one_of(PLAIN, SHAPE_PIECES, st.sampled_from(secrets),
+                      st.sampled_from(secrets).map(lambda s: s[: len(s) // 2]),
+                      st.sampled_from(secrets).map(lambda s: s[len(s) // 2 :]))  # fmt: skip
+    text = st.lists(piece, max_size=3).map("".join)
+    head, tail = data.draw(text), data.draw(text)
+    if data.draw(st.booleans()):  # each event its own delta
+        pieces = data.draw(st.lists(text, min_size=1, max_size=10))
+    else:  # each event the text so far (cut anywhere, inside a secret too)
+        whole = "".join(data.draw(st.lists(piece, min_size=1, max_size=8)))
+        pieces = [whole[:cut] for cut in sorted(data.draw(st.lists(st.integers(0, len(whole)), min_size=1, max_size=10)))]
+    events = [f"data: {head}{piece}{tail}\n\n" for piece in pieces]
+    file = tmp_path_factory.mktemp("events") / "t.jsonl"
+    writer = TrajectoryWriter(file)
+    writer.append(record_fields(1, {"model": "m"}, None, events, "x"), set(secrets))
+    writer.close()
+    (record,) = read_records(file)
+    assert [event.raw for event in record.events] == [Scrubber(secrets).text(event) for event in events]

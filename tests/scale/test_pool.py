@@ -247,3 +247,40 @@ def test_calls_of_one_session(ray_cluster, tmp_path):
             await pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_proxy_gone_for_good_gets_no_new_session(ray_cluster, upstream, tmp_path):
+    """Ray cannot restart a proxy whose actor has no restarts left: its session
+    ends, new sessions go to the proxies that serve, the trainer's calls skip it,
+    and with none left open_session says so in one line."""
+
+    async def main():
+        pool = ProxyPool(2, mode="record", path=tmp_path / "traj", upstream=upstream.url, listen_host=LOOPBACK,
+                         max_restarts=0)  # fmt: skip
+        try:
+            first = [await pool.open_session() for _ in range(2)]
+            assert sorted(h.proxy for h in first) == [0, 1]
+            ray_cluster.kill(pool._proxies[0].actor, no_restart=True)
+            started = time.monotonic()
+            while pool.stats()["proxies"][0]["gone"] is None:
+                assert time.monotonic() - started < 60, "the proxy's end was not noticed"
+                await asyncio.sleep(0.1)
+            assert "could not be restarted" in pool.stats()["proxies"][0]["gone"]
+            assert pool.stats()["lost_sessions"] == 1
+            fresh = [await pool.open_session() for _ in range(3)]
+            assert [h.proxy for h in fresh] == [1, 1, 1]
+            pool.set_weight_version(7)  # told to the proxy that serves only
+            async with openai.AsyncOpenAI(base_url=fresh[0].base_url, api_key="k", max_retries=0) as client:
+                await client.chat.completions.create(model="standin-echo", messages=[{"role": "user", "content": "hi"}])
+            (record,) = await pool.records(fresh[0].session_id)
+            assert record.weight_version == 7
+            ray_cluster.kill(pool._proxies[1].actor, no_restart=True)
+            while pool.stats()["proxies"][1]["gone"] is None:
+                assert time.monotonic() - started < 120, "the second proxy's end was not noticed"
+                await asyncio.sleep(0.1)
+            with pytest.raises(RuntimeError, match="every proxy of this ProxyPool is gone for good"):
+                await pool.open_session()
+        finally:
+            await pool.shutdown()
+
+    asyncio.run(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import sys
 import tempfile
 import time
@@ -56,7 +57,7 @@ def show(
 
     reader = _reader(path)
     if session is not None and session not in reader.sessions:
-        fail(f"no calls of session {session!r} in {path}")
+        fail(f"no calls of session {session!r} in {path}", 2)
     with _reading():
         for name in [session] if session is not None else reader.sessions:
             typer.echo(render(reader.sessions[name]))
@@ -118,16 +119,18 @@ def run(
     from .run import RunError, plan_run
     from .run import run as run_plan
 
+    run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))  # the proxy's log and CA: gone with the run
     try:
         plan = plan_run(mode=mode, traj=traj, session=session, via=via, upstream=upstream, command=ctx.args,
                         sets=[*set_, *_config_set(config), *_prompt_sets(prompt, prompts)])
-        run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))
         report: dict = {}
         on_exit = (_end_anticall_session(plan) if plan.mode == "anticall"
                    else _keep_replay_report(plan, report) if plan.mode == "replay" else None)  # fmt: skip
         code, started = run_plan(plan, run_dir, on_exit)
     except (RunError, ProxyStartError) as exc:
         fail(str(exc), 2)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     typer.echo(_summary(traj, session, started, code, started), err=True)
     if plan.mode == "replay":
         code = _print_replay_report(report, code)
@@ -326,9 +329,9 @@ def _reader(path: str):
     try:
         local = local_trajectory(path)
     except RemoteError as exc:
-        fail(str(exc))
+        fail(str(exc), 2)
     if not local.exists() and not trajectory_files(local):  # (FILE.jsonl compressed since: FILE.jsonl.zst is read)
-        fail(f"{path} does not exist")
+        fail(f"{path} does not exist", 2)
     with _reading():
         return TrajectoryReader(local, tolerate_corrupt=True, skipped=_skipped_lines)
 
@@ -342,7 +345,7 @@ def _reading():
     try:
         yield
     except TrajectoryError as exc:
-        fail(f"{exc} (fix or remove that line)")
+        fail(f"{exc} (fix or remove that line)", 2)
     finally:
         for line in _skipped_lines:
             if (line.file, line.line) not in _warned:
@@ -359,7 +362,7 @@ def cat(
     """Print the trajectory as schema_version 1 lines, every request whole (for jq and other tools)."""
     reader = _reader(path)
     if session is not None and session not in reader.sessions:
-        fail(f"no calls of session {session!r} in {path}")
+        fail(f"no calls of session {session!r} in {path}", 2)
     out = sys.stdout.buffer
     with _reading():
         for name in [session] if session is not None else reader.sessions:
@@ -381,7 +384,7 @@ def compact(
 
     files = trajectory_files(path)
     if not files and not path.exists():
-        fail(f"{path} does not exist")
+        fail(f"{path} does not exist", 2)
     before = after = 0
     for file in files:
         with _reading():
@@ -442,7 +445,8 @@ def diff(
     raw: bool = typer.Option(False, "--raw", help="Compare requests as recorded, not normalised as replay matches them."),
     rules: Path = RULES_OPTION,
 ) -> None:
-    """Where two trajectories of the same task diverge (requests normalised as replay matches them). Exit 1 if they do."""
+    """Where two trajectories of the same task diverge (requests normalised as replay matches them). Exit 1 if they
+    do, 2 if one cannot be read."""
     from ..inspect.diff import diff as compute
     from ..inspect.diff import render_diff
     from ..replay.matching import DEFAULT_IGNORE

@@ -177,19 +177,30 @@ def _apply(base: dict[str, Any], same: frozenset[str], prefix: dict[str, int], s
 
 
 def _shared_prefix(a: str, b: str, limit: int, guess: int = 0) -> int:
-    """The length of the common prefix of a and b, at most `limit` (found by
-    bisection: each step one comparison in C, not a loop over characters).
-    `guess`, the answer for the previous pair of a stream's events (which
-    mostly differ only in their delta), is tried first: when right, two
-    comparisons settle it."""
-    lo, hi = 0, limit
+    """The length of the common prefix of a and b, at most `limit` (each step
+    one comparison in C, not a loop over characters). `guess`, the answer for
+    the previous pair of a stream's events (which mostly differ only in their
+    delta), is tried first, then lengths ever further from it (a delta that
+    shares its first characters with the one before moves the answer by a
+    few), then the rest is bisected."""
+    lo, hi = 0, limit  # a[:lo] == b[:lo], and the answer is at most hi
     if 0 < guess <= limit:
         if a.startswith(b[:guess]):
-            if guess == limit or a[guess] != b[guess]:
-                return guess
-            lo = guess + 1
+            lo, step = guess, 1
+            while lo < hi:
+                end = min(lo + step, hi)
+                if a[lo:end] != b[lo:end]:
+                    hi = end - 1
+                    break
+                lo, step = end, step * 2
         else:
-            hi = guess - 1
+            hi, step = guess - 1, 1
+            while lo < hi:
+                at = max(hi - step, lo)
+                if a.startswith(b[:at]):
+                    lo = at
+                    break
+                hi, step = at - 1, step * 2
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[lo:mid] == b[lo:mid]:
@@ -201,17 +212,28 @@ def _shared_prefix(a: str, b: str, limit: int, guess: int = 0) -> int:
 
 def _shared_suffix(a: str, b: str, limit: int, guess: int = 0) -> int:
     """The length of the common suffix, as `_shared_prefix` finds the prefix's."""
+    n, m = len(a), len(b)
     lo, hi = 0, limit
     if 0 < guess <= limit:
-        if a.endswith(b[len(b) - guess :]):
-            if guess == limit or a[len(a) - guess - 1] != b[len(b) - guess - 1]:
-                return guess
-            lo = guess + 1
+        if a.endswith(b[m - guess :]):
+            lo, step = guess, 1
+            while lo < hi:
+                end = min(lo + step, hi)
+                if a[n - end : n - lo] != b[m - end : m - lo]:
+                    hi = end - 1
+                    break
+                lo, step = end, step * 2
         else:
-            hi = guess - 1
+            hi, step = guess - 1, 1
+            while lo < hi:
+                at = max(hi - step, lo)
+                if a.endswith(b[m - at :]):
+                    lo = at
+                    break
+                hi, step = at - 1, step * 2
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[len(a) - mid : len(a) - lo] == b[len(b) - mid : len(b) - lo]:
+        if a[n - mid : n - lo] == b[m - mid : m - lo]:
             lo = mid
         else:
             hi = mid - 1
@@ -224,18 +246,27 @@ _MIN_SHARED = 8  # below this, `"p":..,"s":..` costs more than it saves
 def encode_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle."""
     out = []
+    append = out.append
     previous = ""
-    p = s = 0
+    p = s = m = 0
     for event in events:
         raw = event["raw"]
-        limit = min(len(raw), len(previous))
-        p = _shared_prefix(raw, previous, limit, p)
-        s = _shared_suffix(raw, previous, limit - p, s)
+        n = len(raw)
+        limit = n if n < m else m
+        # The previous pair's p and s first, without a call: most events differ from the one before in their delta alone.
+        if not (0 < p <= limit and raw.startswith(previous[:p]) and (p == limit or raw[p] != previous[p])):
+            p = _shared_prefix(raw, previous, limit, p)
+        rest = limit - p
+        if not (0 < s <= rest and raw.endswith(previous[m - s :]) and (s == rest or raw[n - s - 1] != previous[m - s - 1])):
+            s = _shared_suffix(raw, previous, rest, s)
         if p + s >= _MIN_SHARED:
-            out.append({**event, "p": p, "s": s, "raw": raw[p : len(raw) - s]})  # (and its raw_base64, if any)
+            stored = event.copy()  # (its raw_base64 too, if any)
+            stored["raw"] = raw[p : n - s]
+            stored["p"], stored["s"] = p, s
+            append(stored)
         else:
-            out.append(event)
-        previous = raw
+            append(event)
+        previous, m = raw, n
     return out
 
 

@@ -32,10 +32,15 @@ class IdentityDecoder:
 
 class _Zlib:
     def __init__(self, wbits: int) -> None:
+        self._wbits = wbits
         self._d = zlib.decompressobj(wbits)
 
     def decode(self, chunk: bytes) -> bytes:
-        return self._d.decompress(chunk)
+        out = self._d.decompress(chunk)
+        if self._wbits & 16 and self._d.eof and self._d.unused_data:  # another gzip member follows (RFC 1952 2.2)
+            rest, self._d = self._d.unused_data, zlib.decompressobj(self._wbits)
+            out += self.decode(rest)
+        return out
 
     def flush(self) -> bytes:
         return self._d.flush()
@@ -65,7 +70,12 @@ class _Zstd:
         self._d = zstandard.ZstdDecompressor().decompressobj()
 
     def decode(self, chunk: bytes) -> bytes:
-        return self._d.decompress(chunk)
+        if self._d.eof and chunk:  # another zstd frame follows (RFC 8878 3); an ended decompressobj takes no more
+            self._d = zstandard.ZstdDecompressor().decompressobj()
+        out = self._d.decompress(chunk)
+        if self._d.eof and self._d.unused_data:
+            out += self.decode(self._d.unused_data)
+        return out
 
     def flush(self) -> bytes:
         return b""

@@ -118,7 +118,19 @@ _SHAPES = re.compile(_SHAPE_SOURCE)
 _SHAPES_BYTES = re.compile(re.sub(r"\(\?<!\[A-Za-z0-9_?-?\]\)", "", _SHAPE_SOURCE).encode())
 # Every shape starts with one of these: a text without any is not searched.
 _SHAPE_LITERALS = ("sk-", "AIza", "AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "hf_", "xox", "earer ", "EARER ")
-_SHAPE_LITERALS_BYTES = tuple(literal.encode() for literal in _SHAPE_LITERALS)
+# The same starts as searches that begin with a literal (`re` finds their first
+# character as `memchr` does): 7 passes over a text instead of 12 (`in`), each
+# about twice as fast.
+_SHAPE_STARTS_SOURCE = ("sk-", "A(?:Iza|KIA)", "gh[pousr]_", "hf_", "xox", "earer ", "EARER ")
+_SHAPE_STARTS = tuple(re.compile(source).search for source in _SHAPE_STARTS_SOURCE)
+_SHAPE_STARTS_BYTES = tuple(re.compile(source.encode()).search for source in _SHAPE_STARTS_SOURCE)
+
+
+def _has_shape_start(text: str) -> bool:
+    for search in _SHAPE_STARTS:
+        if search(text):
+            return True
+    return False
 
 
 def _redact_shape(match: re.Match) -> str:
@@ -163,6 +175,8 @@ class Scrubber:
         self.secrets = tuple(sorted({s for s in secrets if looks_like_credential(s)}, key=len, reverse=True))
         # as each appears inside a JSON string serialised by `to_json`
         self._needles = tuple(to_json(s)[1:-1] for s in self.secrets)
+        # how far before and after a place a match of something to scrub can start (`mentions`)
+        self.reach = max(map(len, self.secrets + _SHAPE_LITERALS)) - 1
 
     def may_hold(self, data: bytes, foreign: bool = False) -> bool:
         """False only if no string in the JSON text `data` holds anything to
@@ -174,13 +188,18 @@ class Scrubber:
             return True
         if foreign and _ESCAPED_ASCII.search(data):
             return True
-        return any(literal in data for literal in _SHAPE_LITERALS_BYTES) and _SHAPES_BYTES.search(data) is not None
+        return any(search(data) for search in _SHAPE_STARTS_BYTES) and _SHAPES_BYTES.search(data) is not None
 
     def may_hold_text(self, text: str) -> bool:
         """Whether `text` holds anything to scrub (exactly, unlike `may_hold`)."""
         return any(secret in text for secret in self.secrets) or (
-            any(literal in text for literal in _SHAPE_LITERALS) and _SHAPES.search(text) is not None
+            _has_shape_start(text) and _SHAPES.search(text) is not None
         )
+
+    def mentions(self, text: str) -> bool:
+        """Whether `text` holds a secret or the start of a credential shape
+        (`may_hold_text` is False when not)."""
+        return any(secret in text for secret in self.secrets) or _has_shape_start(text)
 
     def text(self, text: str) -> str:
         for secret in self.secrets:
@@ -188,7 +207,7 @@ class Scrubber:
                 text = text.replace(secret, REDACTED)
                 if secret in text:  # formed again around the marker: nothing of it is kept
                     return REDACTED
-        if any(literal in text for literal in _SHAPE_LITERALS):
+        if _has_shape_start(text):
             text = _SHAPES.sub(_redact_shape, text)
         return text
 

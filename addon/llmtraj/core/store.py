@@ -152,26 +152,47 @@ class TrajectoryWriter:
             line_fields["request"], base = chains.encode(session, request)
             if base is not None:
                 line_fields["request_base"] = base
+        stored_events = None
         if events := fields.get("events"):
-            if scrubber.may_hold_text("".join(event["raw"] for event in events)):
+            stored_events = encode_events(events)
+            if _events_may_hold(events, stored_events, scrubber):
                 events = [{**event, "raw": scrubber.text(event["raw"])} for event in events]
+                stored_events = None
             if any(event.get("raw_base64") for event in events):
                 events = [{**event, "raw_base64": _scrubbed_base64(event["raw_base64"], scrubber)}
                           if event.get("raw_base64") else event for event in events]  # fmt: skip
-            line_fields["events"] = encode_events(events)  # of scrubbed events: nothing left to scrub
+                stored_events = None
+            if stored_events is None:
+                stored_events = encode_events(events)
+            line_fields["events"] = stored_events  # of scrubbed events: nothing left to scrub
         bridge = fields.get("bridge")
         bridge_request = bridge.get("request") if isinstance(bridge, dict) else None
         if isinstance(bridge_request, dict):
             stored_bridge, bridge_base = chains.encode(session + _BRIDGE_CHAIN, bridge_request)
             if bridge_base is not None:
                 line_fields["bridge"] = {**bridge, "request": stored_bridge, "request_base": bridge_base}
-        if request_json is not None and base is None:
-            line = to_json({**line_fields, "request": _RAW_REQUEST}).replace(_RAW_REQUEST_JSON, request_json, 1)
+        raw_request = request_json is not None and base is None
+        # The line is serialised around its events, which are scrubbed already
+        # (the check for anything to scrub skips them): the fields before them,
+        # the events, the fields after them.
+        before, after = {}, {}
+        part = before
+        for key, value in line_fields.items():
+            if key == "events" and stored_events is not None:
+                part = after
+            else:
+                part[key] = value
+        if raw_request:
+            before["request"] = _RAW_REQUEST
+        head, tail = to_json(before), to_json(after)
+        if raw_request:
+            head = head.replace(_RAW_REQUEST_JSON, request_json, 1)
+        if scrubber.may_hold(head, foreign=raw_request) or scrubber.may_hold(tail):
+            data = to_json(_scrubbed(line_fields, scrubber)) + b"\n"
+        elif part is after:
+            data = b"".join((head[:-1], b',"events":', to_json(stored_events), b"," if after else b"", tail[1:], b"\n"))
         else:
-            line = to_json(line_fields)
-        if scrubber.may_hold(line, foreign=request_json is not None and base is None):
-            line = to_json(_scrubbed(line_fields, scrubber))
-        data = line + b"\n"
+            data = head + b"\n"
         written = os.write(fd, data)
         while written < len(data):  # only on a full disk or a signal; finish the line
             written += os.write(fd, data[written:])
@@ -253,6 +274,19 @@ def _redacted_places(fields: Mapping[str, Any], scrubber: Scrubber) -> dict[str,
         if isinstance(data := fields.get(f"{name}_base64"), str):
             out[f"{name}_base64"] = _scrubbed_base64(data, scrubber, body=True)
     return out
+
+
+def _events_may_hold(events: list[dict[str, Any]], stored: list[dict[str, Any]], scrubber: Scrubber) -> bool:
+    """Whether any event's `raw` holds anything to scrub (`Scrubber.may_hold_text`
+    of each). An event stored as a reference to the one before it (`p`, `s`)
+    is searched only around its middle: what it shares with that one was
+    searched there (by induction, the first event in which a secret or a
+    shape's start occurs has it within reach of its middle). Only when
+    something is found there are the whole texts searched."""
+    reach = scrubber.reach
+    near = [event["raw"] if "p" not in kept else event["raw"][max(0, kept["p"] - reach) : len(event["raw"]) - kept["s"] + reach]
+            for event, kept in zip(events, stored)]  # fmt: skip
+    return scrubber.mentions("".join(near)) and scrubber.may_hold_text("".join(event["raw"] for event in events))
 
 
 def _scrubbed_base64(data: str, scrubber: Scrubber, body: bool = False) -> str:

@@ -1,9 +1,10 @@
 """The proxy's control token: one per proxy process, the bearer token of the
 anti-call control API and of the proxy's own endpoints that change its state
 (the trainer's `PUT /llm-traj/weight-version`, `POST /llm-traj/pause` and
-`/llm-traj/resume`, `POST /llm-traj/upload`). The proxy's port is what agents
-reach (from a sandbox, say): without the token they cannot pause the proxy,
-stamp calls with another policy version or upload a session early.
+`/llm-traj/resume`, `POST /llm-traj/upload`, `PUT /llm-traj/prompt`). The
+proxy's port is what agents reach (from a sandbox, say): without the token they
+cannot pause the proxy, stamp calls with another policy version, upload a
+session early or pick their own system prompt.
 
 The token is in the control file (`<llm_traj_path>/control.json`, a URL's
 stage directory's, readable by its owner only) in every mode, with the control API's address in anti-call

@@ -160,7 +160,7 @@ def make_addons() -> list[object]:
     upstream_routing = UpstreamRouting(options)
     # A prompt override rewrites the request before any mode reads it (replay
     # matches, the recorder captures, a driver sees the version sent).
-    prompting = Prompting(recorder)
+    prompting = Prompting(recorder, access)
     forwarding = UpstreamForwarding(options, upstream_routing, loopback)
     recorder.bridged = forwarding.take_bridged
     uploading = Uploading(options, recorder, access)  # after the recorder: at shutdown it uploads what the writer wrote

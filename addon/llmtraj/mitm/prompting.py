@@ -1,8 +1,8 @@
 """Prompt registry at the proxy: names the registry the record writer tags calls
 from (`llm_traj_prompts`), and overrides a session's system prompt with a
 registered version (`llm_traj_prompt_override`, or per session through
-`PUT /llm-traj/prompt`), fixed for the session from its first call, in every
-mode. Matching and rewriting are `llmtraj.prompts`'; only the request body of a
+`PUT /llm-traj/prompt`, with the proxy's control token: an agent must not pick
+its own prompt), fixed for the session from its first call, in every mode. Matching and rewriting are `llmtraj.prompts`'; only the request body of a
 session with an override is touched (its first call looks up the registry)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..core.session import InvalidSession, validate_session
 from ..prompts.matching import APIS_WITH_SYSTEM_PROMPT, PromptIndex
 from ..prompts.override import Assignment, Override, check_assignment, parse_assignment, rewrite_request
 from ..prompts.registry import MLFLOW_SCHEME, PromptError, PromptRegistry, default_registry_path, open_registry, registry_exists
+from .access import ControlAccess
 from .recording import Recorder
 from .routing import CALL_KEY, error_response
 
@@ -43,7 +44,8 @@ def _json(status: int, obj: object) -> http.Response:
 
 
 class Prompting:
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: Recorder, access: ControlAccess) -> None:
+        self._access = access
         self._registry: PromptRegistry | None = None
         self._index: PromptIndex | None = None
         self._index_version: int | None = None
@@ -130,7 +132,7 @@ class Prompting:
         info = flow.metadata.get(CALL_KEY)
         if info is None:
             if flow.request.path.split("?", 1)[0] == PROMPT_PATH:
-                flow.response = self._control(flow.request)
+                flow.response = self._control(flow)
             return
         override = self._sessions.get(info["session"]) if "prompt" in info else None
         if override is None:
@@ -155,9 +157,10 @@ class Prompting:
             logger.warning(f"llm-traj: prompt registry: {exc}")
         return self._index
 
-    def _control(self, request: http.Request) -> http.Response:
-        """GET ?session=S: the session's override; PUT {"session", "prompt"}: set it
-        before the session's first call (`null` for none)."""
+    def _control(self, flow: http.HTTPFlow) -> http.Response:
+        """GET ?session=S: the session's override; PUT {"session", "prompt"} (with
+        the control token): set it before the session's first call (`null` for none)."""
+        request = flow.request
         if self._registry is None:
             return _json(409, {"error": "no prompt registry; start the proxy with --set llm_traj_prompts=PATH"})
         if request.method == "GET":
@@ -171,6 +174,8 @@ class Prompting:
             })  # fmt: skip
         if request.method != "PUT":
             return _json(405, {"error": f"{request.method} {PROMPT_PATH}: use GET or PUT"})
+        if not self._access.check(flow):
+            return flow.response
         try:
             asked = json.loads(request.get_content(strict=False) or b"")
             session = validate_session(str(asked["session"]))

@@ -161,7 +161,7 @@ class Recorder:
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.id in self._request_parts:
-            self._captures[flow.id].request_body = b"".join(self._request_parts.pop(flow.id))
+            self._captures[flow.id].request_body = self._request_parts.pop(flow.id)  # (not joined: a copy)
             return
         info = flow.metadata.get(CALL_KEY)
         if self._sink is None or info is None or flow.response is not None:
@@ -240,7 +240,7 @@ class Recorder:
         if capture is None:
             return
         if (parts := self._request_parts.pop(flow.id, None)) is not None:
-            capture.request_body = b"".join(parts)  # ended before the whole request was sent
+            capture.request_body = parts  # ended before the whole request was sent
         capture.ended_at = time.time()
         info: CallMetadata = flow.metadata[CALL_KEY]
         if (noted := info.get("upstream_failure")) is not None:

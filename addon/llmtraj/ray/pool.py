@@ -68,6 +68,7 @@ class _Proxy:
     sessions: set[str] = field(default_factory=set)  # open sessions
     held: set[str] = field(default_factory=set)  # call ids the trainer has been given and not answered
     restarts: int = 0
+    gone: str | None = None  # why the actor is gone for good (Ray cannot restart it): it gets no new session
 
     @property
     def incarnation(self) -> str:
@@ -164,7 +165,11 @@ class ProxyPool:
         validate_session(session)
         if session in self._sessions:
             raise ValueError(f"session {session!r} is already in this pool; give each episode its own id")
-        proxy = min(self._proxies, key=lambda p: (len(p.sessions), len(p.held), p.index))
+        alive = [p for p in self._proxies if p.gone is None]
+        if not alive:
+            raise RuntimeError("every proxy of this ProxyPool is gone for good (Ray could not restart them): "
+                               "shut it down and start another")  # fmt: skip
+        proxy = min(alive, key=lambda p: (len(p.sessions), len(p.held), p.index))
         proxy.sessions.add(session)
         self._sessions[session] = _Session(proxy.index, proxy.incarnation, dict(metadata or {}))
         url = proxy.info["url"]
@@ -289,16 +294,17 @@ class ProxyPool:
             self._told.pop("/llm-traj/pause", None)
         else:
             self._told[path] = body  # what a restarted proxy is told again
-        ray.get([proxy.actor.training.remote(path, body) for proxy in self._proxies])
+        ray.get([proxy.actor.training.remote(path, body) for proxy in self._proxies if proxy.gone is None])
 
     # --- the pool ------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Per proxy: its node, address, open sessions, the held calls given to
-        the trainer and not yet answered, and how often it was restarted."""
+        the trainer and not yet answered, how often it was restarted, and why
+        it is gone for good (None while it serves)."""
         proxies = [
             {"index": p.index, "node_id": p.info["node_id"], "url": p.info["url"], "sessions": len(p.sessions),
-             "held": len(p.held), "restarts": p.restarts}
+             "held": len(p.held), "restarts": p.restarts, "gone": p.gone}
             for p in self._proxies
         ]  # fmt: skip
         return {
@@ -317,10 +323,12 @@ class ProxyPool:
         self._closed = True
         for task in self._pumps + self._health:
             task.cancel()
-        results = await asyncio.gather(*(p.actor.shutdown.remote() for p in self._proxies), return_exceptions=True)
-        for proxy, result in zip(self._proxies, results):
+        serving = [p for p in self._proxies if p.gone is None]
+        results = await asyncio.gather(*(p.actor.shutdown.remote() for p in serving), return_exceptions=True)
+        for proxy, result in zip(serving, results):
             if isinstance(result, Exception):
                 logger.error(f"llm-traj: proxy {proxy.index} did not stop cleanly: {result}")
+        for proxy in self._proxies:
             ray.kill(proxy.actor, no_restart=True)
 
     # --- internals -----------------------------------------------------------------
@@ -399,7 +407,8 @@ class ProxyPool:
             try:
                 await self._revive(proxy, why)
             except RayActorError:
-                logger.error(f"llm-traj: proxy {proxy.index} is gone for good; its sessions ended")
+                proxy.gone = f"died ({why}) and could not be restarted"
+                logger.error(f"llm-traj: proxy {proxy.index} is gone for good; its sessions ended, new ones go to the others")
                 return
 
     async def _revive(self, proxy: _Proxy, why: str) -> None:

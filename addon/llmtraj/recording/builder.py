@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic_core import from_json
@@ -139,24 +140,30 @@ class RecordBuilder:
 
     def chunk(self, data: bytes, now: float | None = None) -> None:
         """Feed body bytes as received (still content-encoded)."""
-        if not data:
-            return
-        self._received = True
-        if self.first_byte_at is None:
-            self.first_byte_at = now or time.time()
-        if self._parser is None:
-            self._body.append(data)  # decoded once at the end: cheaper than per chunk
-            return
-        if self._undecodable:
-            return
-        if self._encoded:
-            try:
-                data = self._decoder.decode(data)
-            except Exception as exc:  # corrupt compressed stream: keep forwarding, note it
-                self._bad_stream(f"cannot decode body: {exc}")
+        self.chunks((data,), (now,))
+
+    def chunks(self, chunks: Iterable[bytes], times: Iterable[float | None]) -> None:
+        """Feed body chunks as received (still content-encoded), each with the time it came."""
+        parser = self._parser
+        for data, now in zip(chunks, times):
+            if not data:
+                continue
+            if self.first_byte_at is None:
+                self._received = True
+                self.first_byte_at = now or time.time()
+            if parser is None:
+                self._body.append(data)  # decoded once at the end: cheaper than per chunk
+                continue
+            if self._undecodable:
                 return
-        if blocks := self._parser.feed(data):
-            self._take(blocks, now)
+            if self._encoded:
+                try:
+                    data = self._decoder.decode(data)
+                except Exception as exc:  # corrupt compressed stream: keep forwarding, note it
+                    self._bad_stream(f"cannot decode body: {exc}")
+                    return
+            if blocks := parser.feed(data):
+                self._take(blocks, now)
 
     def _take(self, blocks: list[SSEBlock], now: float | None) -> None:
         if not blocks:
@@ -164,13 +171,14 @@ class RecordBuilder:
         t = round((now or time.time()) - self.started_at, 6)
         events, add = self._events, self._aggregator.add
         for block in blocks:
-            if "\ufffd" in block.text and block.text.encode() != block.raw:  # not UTF-8: kept exactly
-                events.append({"t": t, "raw": block.text, "raw_base64": base64.b64encode(block.raw).decode("ascii")})
+            text = block.text
+            if "\ufffd" in text and text.encode() != block.raw:  # not UTF-8: kept exactly
+                events.append({"t": t, "raw": text, "raw_base64": base64.b64encode(block.raw).decode("ascii")})
             else:  # (replay sends the bytes the agent got)
-                events.append({"t": t, "raw": block.text})
-            if block.data is not None:
-                self._data_seen = True
+                events.append({"t": t, "raw": text})
             add(block)
+        if not self._data_seen:
+            self._data_seen = any(block.data is not None for block in blocks)
 
     def finish(self, now: float | None = None) -> RecordFields:
         """The upstream ended the response normally."""

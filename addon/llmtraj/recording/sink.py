@@ -16,26 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import logging
 import os
 import select
 import subprocess
 import sys
 import time
+from collections import deque
 
-from .capture import ACK, FRAME_HEAD, RESENT, CallCapture
+from .capture import ACK, CallCapture, resent
 
 _PIPE_SIZE = 1 << 20  # room for bursts before our own buffer is used
 _MAX_TRIES = 8  # writers that may die with a call pending before it is given up (a writer killed while starting counts too)
+_PIECES_PER_WRITE = 64  # (within any system's IOV_MAX)
 logger = logging.getLogger("llm_traj")
 
 
 class RecordSink:
     """The proxy's end: starts the child and sends it captures without ever
-    blocking the event loop (what the pipe cannot take at once is buffered and
-    written when it can). `sent` counts the calls handed over, `acked` those
-    the writer confirmed written, `restarts` the writers started in place of
-    one that died."""
+    blocking the event loop (a frame goes into the pipe straight from its
+    pieces; what the pipe cannot take at once is kept as they are, not copied,
+    and written when it can). `sent` counts the calls handed over, `acked`
+    those the writer confirmed written, `restarts` the writers started in
+    place of one that died."""
 
     def __init__(self, path: os.PathLike | str, prompts: os.PathLike | str | None = None) -> None:
         self.path = path
@@ -44,9 +48,9 @@ class RecordSink:
         self._proc: subprocess.Popen | None = None
         self._fd = self._ack_fd = -1
         self._next_seq = 1
-        # frames not yet confirmed, by sequence number in order sent: (frame, writers it was sent to)
-        self._unacked: dict[int, tuple[bytes, int]] = {}
-        self._pending = bytearray()  # bytes of frames not yet in the pipe
+        # frames not yet confirmed, by sequence number in order sent: (frame's pieces, writers it was sent to)
+        self._unacked: dict[int, tuple[list[bytes], int]] = {}
+        self._pending: deque[bytes | memoryview] = deque()  # pieces of frames not yet in the pipe (the first maybe in part)
         self._acks = bytearray()  # a partial acknowledgement read so far
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop watching the pipes
         self._waiting_writable = False
@@ -105,7 +109,7 @@ class RecordSink:
         self._unwritten.setdefault(capture.session, set()).add(seq)
         self._session_of[seq] = capture.session
         self.sent += 1
-        self._pending += frame
+        self._pending.extend(frame)
         if self._restart_scheduled is not None:
             return  # the restart to come sends it with the others
         if self._proc is None:
@@ -117,19 +121,31 @@ class RecordSink:
         if self._proc is None or not self._pending:
             return
         try:
-            written = os.write(self._fd, self._pending)
-        except BlockingIOError:
-            written = 0
+            self._put()
         except OSError:  # the writer is gone
             self._writer_died()
             return
-        del self._pending[:written]
         if self._pending and not self._waiting_writable and self._loop is not None:
             self._loop.add_writer(self._fd, self._write)
             self._waiting_writable = True
         elif not self._pending and self._waiting_writable:
             self._loop.remove_writer(self._fd)
             self._waiting_writable = False
+
+    def _put(self) -> None:
+        """Write into the pipe what it takes of the pending pieces, straight
+        from them; OSError if the writer is gone."""
+        pending = self._pending
+        while pending:
+            try:
+                written = os.writev(self._fd, list(itertools.islice(pending, _PIECES_PER_WRITE)))
+            except BlockingIOError:
+                return
+            while written and written >= len(pending[0]):
+                written -= len(pending.popleft())
+            if written:  # the pipe is full
+                pending[0] = memoryview(pending[0])[written:]
+                return
 
     def _read_acks(self) -> None:
         try:
@@ -206,15 +222,15 @@ class RecordSink:
 
     def _restart(self) -> None:
         self._restart_scheduled = None
-        self._pending = bytearray(self._resend_frames())
+        self._pending = deque(self._resend_frames())
         self.start()
         self._write()
 
-    def _resend_frames(self) -> bytes:
-        """The unconfirmed frames marked as sent before (the new writer skips
-        a call already on disk); a call whose writer died `_MAX_TRIES` times is
-        given up, with an error."""
-        frames = []
+    def _resend_frames(self) -> list[bytes]:
+        """The pieces of the unconfirmed frames marked as sent before (the new
+        writer skips a call already on disk); a call whose writer died
+        `_MAX_TRIES` times is given up, with an error."""
+        pieces = []
         for seq, (frame, tries) in list(self._unacked.items()):
             if tries >= _MAX_TRIES:
                 del self._unacked[seq]
@@ -222,9 +238,8 @@ class RecordSink:
                 logger.error(f"llm-traj: a call was not recorded: {tries} record writers died with it pending")
                 continue
             self._unacked[seq] = (frame, tries + 1)
-            length, _, _ = FRAME_HEAD.unpack_from(frame)
-            frames.append(FRAME_HEAD.pack(length, seq, RESENT) + frame[FRAME_HEAD.size :])
-        return b"".join(frames)
+            pieces += resent(frame)
+        return pieces
 
     def _stop_watching_and_reap(self) -> str:
         proc, self._proc = self._proc, None
@@ -254,7 +269,7 @@ class RecordSink:
             if self._proc is None:
                 if not self._unacked:
                     return
-                self._pending = bytearray(self._resend_frames())
+                self._pending = deque(self._resend_frames())
                 self.start()
             if self._drain(deadline):
                 break
@@ -285,9 +300,7 @@ class RecordSink:
             readable, writable, _ = select.select([self._ack_fd], [] if closed else [self._fd], [], remaining)
             if writable:
                 try:
-                    del self._pending[: os.write(self._fd, self._pending)]
-                except BlockingIOError:
-                    pass
+                    self._put()
                 except OSError:
                     return False  # died: its acknowledgements so far are read below, next time round
             if readable:

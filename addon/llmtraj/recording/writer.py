@@ -4,8 +4,9 @@ The proxy's event loop is the hot path of every agent step, and on it only the
 capture happens (`capture.CallCapture`: references to the bytes as they pass,
 and when). Parsing, decoding, SSE aggregation, redaction, serialising and
 writing run here, in `python -m llmtraj.recording.writer PATH`, on the
-machine's other core. Captures arrive on stdin as framed marshal data (both
-ends are this package, on the same Python; `capture.FRAME_HEAD`), and each
+machine's other core. Captures arrive on stdin as framed marshal data and
+request body (both ends are this package, on the same Python;
+`capture.FRAME_HEAD`), and each
 frame's sequence number goes back on stdout once its line is written. A frame
 marked as sent before (to a writer that died) is skipped if its call is on disk
 already. The process runs in its own session, so a Ctrl-C meant for the proxy
@@ -60,8 +61,7 @@ def record_of(
             # the record's events are the agent's: the engine's bytes as the proxy rewrote them
             chunks, rewriting = agent_chunks(chunks, plan_of(note), tee.fields["stream"])
             times = [*times, capture.ended_at or (times[-1] if times else None)]
-        for data, at in zip(chunks, times):
-            tee.chunk(data, now=at)
+        tee.chunks(chunks, times)
     error = capture.error
     if error is None and (short := _short_body(capture)) is not None:
         error = ("upstream_disconnected", short)
@@ -108,12 +108,13 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
         while head := source.read(FRAME_HEAD.size):
             if len(head) < FRAME_HEAD.size:
                 break  # the proxy died mid-frame: that call was not finished
-            length, seq, flags = FRAME_HEAD.unpack(head)
+            length, body_length, seq, flags = FRAME_HEAD.unpack(head)
             data = source.read(length)
-            if len(data) < length:
+            body = source.read(body_length)
+            if len(data) < length or len(body) < body_length:
                 break  # likewise
             try:
-                capture = CallCapture.unframe(data)
+                capture = CallCapture.unframe(data, body)
                 if not (flags & RESENT and already_written(capture)):
                     writer.append(*record_of(capture, tagger, secret_scan))
             except Exception as exc:  # one bad call must not cost the others
