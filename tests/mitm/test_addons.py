@@ -377,3 +377,24 @@ def test_a_body_of_known_length_passes_whole_and_is_handed_over_with_its_last_by
     run(main())
     (recorded,) = wait_records(tmp_path / "default.jsonl", 1)
     assert recorded.complete and recorded.response["choices"][0]["message"]["content"] == "hello"
+
+
+def test_a_mitmproxy_whose_internals_moved_keeps_its_own_error_pages(monkeypatch, caplog):
+    """An internal `proxy_errors` patches that this mitmproxy lacks is left alone, with a warning (the agent
+    gets mitmproxy's page), the others are patched; an HTTP/2 error it cannot place gets mitmproxy's page."""
+    from mitmproxy.proxy.layers.http import _http1, _http2
+
+    from llmtraj.mitm import proxy_errors
+
+    monkeypatch.delattr(_http1, "make_error_response")
+    original = _http2.Http2Server._handle_event
+    errors = proxy_errors.OpenAIShapedProxyErrors()
+    with caplog.at_level(logging.WARNING, "llm_traj"):
+        errors.load(None)
+    try:
+        assert "has no mitmproxy.proxy.layers.http._http1.make_error_response" in caplog.text
+        assert not hasattr(_http1, "make_error_response") and _http2.Http2Server._handle_event is not original
+    finally:
+        errors.done()
+    assert _http2.Http2Server._handle_event is original
+    assert proxy_errors._stream_answer(object(), 1) is None

@@ -1,7 +1,8 @@
 """A raw TCP upstream for fault tests: it reads each request's head (and body,
 by its Content-Length) and answers with the given bytes (or pieces, `gap`
 seconds apart), then ends the connection as told: `close` (a FIN), `reset`
-(an RST), or `hang` (silence until the test ends)."""
+(an RST), or `hang` (silence until the test ends); `by_path` gives other
+requests' paths their own (answer, ending)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import time
 
 
 class ScriptedUpstream:
-    def __init__(self, answer: bytes | list[bytes], then: str = "close", gap: float = 0.0) -> None:
-        assert then in ("close", "reset", "hang")
+    def __init__(self, answer: bytes | list[bytes], then: str = "close", gap: float = 0.0,
+                 by_path: dict[str, tuple[bytes, str]] | None = None) -> None:
+        self.scripts = {path: ([piece], end) for path, (piece, end) in (by_path or {}).items()}
         self.pieces = [answer] if isinstance(answer, bytes) else answer
         self.then, self.gap = then, gap
+        assert {then, *(end for _, end in self.scripts.values())} <= {"close", "reset", "hang"}
         self._server = socket.create_server(("127.0.0.1", 0))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -47,14 +50,16 @@ class ScriptedUpstream:
                            if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
             while len(body) < length and (more := conn.recv(65536)):
                 body += more
-            for i, piece in enumerate(self.pieces):
+            path = head.split(b" ", 2)[1].decode() if head.count(b" ") >= 2 else ""
+            pieces, then = self.scripts.get(path, (self.pieces, self.then))
+            for i, piece in enumerate(pieces):
                 if i:
                     time.sleep(self.gap)
                 conn.sendall(piece)
-            if self.then == "hang":
+            if then == "hang":
                 held.append(conn)
                 continue
-            if self.then == "reset":
+            if then == "reset":
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()
         for conn in held:
