@@ -348,7 +348,6 @@ def test_flow_metadata_is_json(tmp_path):
     assert json.loads(json.dumps(info)) == info and set(info) == {"session", "api", "index"}
 
 
-
 def test_a_body_of_known_length_passes_whole_and_is_handed_over_with_its_last_byte(tmp_path):
     """The recorder's stream function passes a JSON answer on as it came (no
     byte held back to be sent as a second piece), and has handed the capture to
