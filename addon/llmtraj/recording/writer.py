@@ -30,17 +30,20 @@ from ..core.headers import content_length, text_headers
 from ..core.store import TrajectoryWriter, written_calls
 from ..prompts.tagging import PromptTagger
 from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
+from .body_parse import RequestBodies
 from .builder import RecordBuilder
 from .capture import ACK, FRAME_HEAD, RESENT, CallCapture
 from .secret_scan import SecretFieldScan
 
 
 def record_of(
-    capture: CallCapture, tagger: PromptTagger | None = None, secret_scan: SecretFieldScan | None = None
+    capture: CallCapture, tagger: PromptTagger | None = None, secret_scan: SecretFieldScan | None = None,
+    request_bodies: RequestBodies | None = None,
 ) -> tuple[dict[str, Any], set[str], bytes | None]:
     """(the record's fields, secrets to scrub, request body to write as is)."""
     tee = RecordBuilder(
         secret_scan=secret_scan,
+        request_bodies=request_bodies,
         api=API_BY_NAME[capture.api],
         session=capture.session,
         index=capture.index,
@@ -95,6 +98,7 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
     source = source or sys.stdin.buffer
     tagger = PromptTagger(prompts) if prompts else None
     secret_scan = SecretFieldScan()
+    request_bodies = RequestBodies()
     writer = TrajectoryWriter(path)
     on_disk: dict[Path, set[tuple[str, int, float]]] = {}  # calls in a file, read when a resent frame asks
 
@@ -116,7 +120,7 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
             try:
                 capture = CallCapture.unframe(data, body)
                 if not (flags & RESENT and already_written(capture)):
-                    writer.append(*record_of(capture, tagger, secret_scan))
+                    writer.append(*record_of(capture, tagger, secret_scan, request_bodies))
             except Exception as exc:  # one bad call must not cost the others
                 print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
             if acks is not None:
