@@ -15,8 +15,9 @@ the work, measured through the proxy.
   writer     the record writer's CPU per call in process (`record_of` and the
              store's append, as the writer process runs them) along a
              1000-turn conversation of the same turns, per 100 turns; with
-             the secret-field scan of each whole body (as before it covered
-             only what a body adds to the session's previous one) beside it
+             each whole body parsed and scanned for secret-named fields (as
+             before the writer reused what a body repeats of the session's
+             earlier ones) beside it
   export     `export --format openai-chat` of the longest session, in process,
              per call (each sample holds the conversation so far: the output
              grows with the square of the length) and per session
@@ -40,6 +41,7 @@ import httpx
 from llmtraj.cli.proxy_process import ProxyProcess, standin_process
 from llmtraj.core.store import TrajectoryReader, TrajectoryWriter, read_records
 from llmtraj.inspect.export import export
+from llmtraj.recording.body_parse import RequestBodies
 from llmtraj.recording.capture import CallCapture
 from llmtraj.recording.secret_scan import SecretFieldScan
 from llmtraj.recording.writer import record_of
@@ -147,7 +149,8 @@ def measure_writer_cpu(workdir: Path, turns: int = 1000) -> list[dict]:
     answer = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "Done. " * 20}, "finish_reason": "stop"}]}).encode()
     per_way = {}
-    for way, scan in (("scan of what is new", SecretFieldScan()), ("scan of the whole body", None)):
+    for way, scan, parses in (("as the writer does", SecretFieldScan(), RequestBodies()),
+                              ("whole body parsed and scanned", None, None)):
         writer, cpu = TrajectoryWriter(workdir / f"writer-{scan is None}"), []
         for index, body in enumerate(bodies, start=1):
             capture = CallCapture(
@@ -156,7 +159,7 @@ def measure_writer_cpu(workdir: Path, turns: int = 1000) -> list[dict]:
                 request_body=body, started_at=1.0, status=200, response_headers=[(b"content-type", b"application/json")],
                 response_headers_at=1.1, chunks=[answer], chunk_times=[1.2], ended_at=1.3)  # fmt: skip
             started = time.process_time()
-            writer.append(*record_of(capture, None, scan))
+            writer.append(*record_of(capture, None, scan, parses))
             cpu.append(time.process_time() - started)
         writer.close()
         per_way[way] = cpu

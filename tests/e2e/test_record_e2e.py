@@ -413,6 +413,20 @@ def test_record_writer_killed_is_restarted(upstream, tmp_path):
     assert "the record writer stopped (killed by signal 9); starting another" in p.output()
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="a Linux scheduling policy")
+def test_record_writer_runs_as_a_batch_process(upstream, tmp_path):
+    """The writer, woken by every call's capture, does not preempt the proxy
+    sending the agent its answer: it runs as a batch process (issue 19)."""
+    from ..cli.test_cli_run import processes_mentioning
+
+    path = tmp_path / "traj"
+    with ProxyProcess(upstream=upstream.url, options={"llm_traj_path": path}) as p:
+        OpenAI(base_url=f"{p.url}/v1", api_key="x", max_retries=0).chat.completions.create(model="standin-text", messages=MESSAGES)
+        wait_records(path / "default.jsonl", 1)
+        (writer,) = set(processes_mentioning("llmtraj.recording.writer")) & set(processes_mentioning(str(path))) - {p.pid}
+        assert os.sched_getscheduler(writer) == os.SCHED_BATCH
+
+
 def test_log_has_no_line_per_streamed_call(upstream, tmp_path):
     """mitmproxy's "Streaming response from ..." notices, one per recorded call,
     are dropped; its other lines stay."""

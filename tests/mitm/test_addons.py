@@ -348,6 +348,35 @@ def test_flow_metadata_is_json(tmp_path):
     assert json.loads(json.dumps(info)) == info and set(info) == {"session", "api", "index"}
 
 
+def test_a_body_of_known_length_passes_whole_and_is_handed_over_with_its_last_byte(tmp_path):
+    """The recorder's stream function passes a JSON answer on as it came (no
+    byte held back to be sent as a second piece), and has handed the capture to
+    the writer before that last byte goes to the agent."""
+    from llmtraj.mitm.recording import Recorder
+
+    async def main():
+        async with Proxy(llm_traj_path=str(tmp_path)) as tctx:
+            (recorder,) = [p for p in tctx.master.addons.get("llmtraj").parts if isinstance(p, Recorder)]
+            trigger = tctx.master.addons.trigger_event
+            flow = chat_flow()
+            await trigger(HttpRequestHeadersHook(flow))
+            for piece in (flow.request.raw_content, b""):
+                flow.request.stream(piece)
+            await trigger(HttpRequestHook(flow))
+            flow.response = completion("hello")
+            body = flow.response.raw_content
+            await trigger(HttpResponseHeadersHook(flow))
+            head, last = body[:-1], body[-1:]
+            assert flow.response.stream(head) == head and recorder._sink.sent == 0
+            assert flow.response.stream(last) == last and recorder._sink.sent == 1
+            assert not flow.response.stream(b"")
+            await trigger(HttpResponseHook(flow))
+            assert recorder._sink.sent == 1
+
+    run(main())
+    (recorded,) = wait_records(tmp_path / "default.jsonl", 1)
+    assert recorded.complete and recorded.response["choices"][0]["message"]["content"] == "hello"
+
 
 def test_a_mitmproxy_whose_internals_moved_keeps_its_own_error_pages(monkeypatch, caplog):
     """An internal `proxy_errors` patches that this mitmproxy lacks is left alone, with a warning (the agent

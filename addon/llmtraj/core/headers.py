@@ -5,12 +5,17 @@ from __future__ import annotations
 from .record import Headers
 
 
-def header(headers: Headers, name: str) -> str | None:
-    name = name.lower()
-    return next((v for k, v in headers if k.lower() == name), None)
-
-
 RawHeaders = list[tuple[bytes, bytes]]
+
+
+def header(headers: Headers | RawHeaders, name: str | bytes) -> str | bytes | None:
+    """A header's value: text pairs by a text name, raw pairs (as captured) by a bytes name."""
+    name = name.lower()
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
 
 # Hop-by-hop headers (RFC 9110, 7.6.1): about one connection, never passed on.
 HOP_BY_HOP = frozenset({
@@ -23,9 +28,9 @@ def text_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
-def content_length(headers: Headers) -> int | None:
-    """The length of a body framed by its Content-Length (not chunked), if valid."""
-    value = header(headers, "content-length")
-    if value is None or header(headers, "transfer-encoding") is not None or not value.strip().isdigit():
+def content_length(headers: RawHeaders) -> int | None:
+    """The length of a body framed by its Content-Length (not chunked), if valid, from raw pairs."""
+    value = header(headers, b"content-length")
+    if value is None or header(headers, b"transfer-encoding") is not None or not value.strip().isdigit():
         return None
     return int(value)

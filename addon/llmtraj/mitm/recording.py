@@ -13,14 +13,15 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from ..core.headers import content_length
+from ..apis import API_BY_NAME
+from ..core.headers import RawHeaders, content_length, header
 from ..core.store import TrajectoryWriter
 from ..recording.capture import CallCapture
 from ..recording.sink import RecordSink
 from ..upstreams.config import NO_UPSTREAM
 from .loopback import ORIGINAL_URL_KEY
 from .options import LlmTrajOptions
-from .routing import CALL_KEY, CallMetadata, LlmCall, llm_call
+from .routing import CALL_KEY, CallMetadata
 
 logger = logging.getLogger("llm_traj")
 
@@ -51,17 +52,18 @@ def flow_failure(flow: http.HTTPFlow) -> tuple[str, str]:
 RECORDING_MODES = ("record", "anticall")
 
 
-def _final_events(flow: http.HTTPFlow, response: http.Response) -> tuple[bytes, ...]:
-    """The events that end a call's stream for its agent, when mitmproxy forwards
-    the call to its upstream. (An answer the addon produces through the loopback
-    server is handed over at its end: parts of its record, such as a bridged
-    call's upstream side, are complete only then.)"""
-    call = llm_call(flow)
-    if call is None or ORIGINAL_URL_KEY in flow.metadata:
+def _final_events(flow: http.HTTPFlow, headers: RawHeaders) -> tuple[bytes, ...]:
+    """The events that end a call's stream for its agent (`headers`: its
+    response's, raw), when mitmproxy forwards the call to its upstream. (An
+    answer the addon produces through the loopback server is handed over at its
+    end: parts of its record, such as a bridged call's upstream side, are
+    complete only then.)"""
+    info = flow.metadata.get(CALL_KEY)
+    if info is None or ORIGINAL_URL_KEY in flow.metadata:
         return ()
-    if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+    if not (header(headers, b"content-type") or b"").lower().startswith(b"text/event-stream"):
         return ()
-    return call.api.final_events
+    return API_BY_NAME[info["api"]].final_events
 
 
 def _ends_with_final_event(data: bytes, final_events: tuple[bytes, ...]) -> bool:
@@ -139,14 +141,15 @@ class Recorder:
         # In record mode the request body streams upstream too, collected on the
         # way (buffering it costs the proxy more); the other modes need it whole
         # in `request`, and so does a content-encoded body (decoded there).
-        call = llm_call(flow)
+        info = flow.metadata.get(CALL_KEY)
+        settings = self._options.settings
         if (
-            self._sink is None or call is None or flow.response is not None
-            or self._options.settings.mode != "record" or "content-encoding" in flow.request.headers
-            or self._options.settings.needs_whole_request or "prompt" in flow.metadata[CALL_KEY]  # a prompt override rewrites it
+            self._sink is None or info is None or flow.response is not None or settings.mode != "record"
+            or settings.needs_whole_request or "prompt" in info  # a prompt override rewrites it
+            or header(flow.request.headers.fields, b"content-encoding") is not None
         ):
             return
-        self._capture(flow, call, "record", b"")
+        self._capture(flow, info, "record", b"")
         parts = self._request_parts[flow.id] = []
 
         def collect(data: bytes) -> bytes:
@@ -160,23 +163,24 @@ class Recorder:
         if flow.id in self._request_parts:
             self._captures[flow.id].request_body = self._request_parts.pop(flow.id)  # (not joined: a copy)
             return
-        call = llm_call(flow)
-        if self._sink is None or call is None or flow.response is not None:
+        info = flow.metadata.get(CALL_KEY)
+        if self._sink is None or info is None or flow.response is not None:
             return
         mode = self._options.settings.mode
-        if mode not in RECORDING_MODES and not flow.metadata[CALL_KEY].get("record"):
+        if mode not in RECORDING_MODES and not info.get("record"):
             return
         request = flow.request
-        body = request.get_content(strict=False) if "content-encoding" in request.headers else request.raw_content
-        self._capture(flow, call, mode, body or b"")
+        encoded = header(request.headers.fields, b"content-encoding") is not None
+        body = request.get_content(strict=False) if encoded else request.raw_content
+        self._capture(flow, info, mode, body or b"")
 
-    def _capture(self, flow: http.HTTPFlow, call: LlmCall, mode: str, body: bytes) -> None:
+    def _capture(self, flow: http.HTTPFlow, info: CallMetadata, mode: str, body: bytes) -> None:
         request = flow.request
-        index = self._indexes.next_index(call.session)
-        flow.metadata[CALL_KEY]["index"] = index
+        session = info["session"]
+        index = info["index"] = self._indexes.next_index(session)
         self._captures[flow.id] = CallCapture(
-            api=call.api.name,
-            session=call.session,
+            api=info["api"],
+            session=session,
             index=index,
             mode=mode,
             method=request.method,
@@ -192,23 +196,22 @@ class Recorder:
             return
         response = flow.response
         capture.status = response.status_code
-        capture.response_headers = list(response.headers.fields)
+        capture.response_headers = headers = list(response.headers.fields)
         capture.response_headers_at = response.timestamp_start
         chunks, times = capture.chunks, capture.chunk_times
-        length = content_length(response.headers.items(multi=True))
+        length = content_length(headers)
         received = 0
-        held: list[bytes] = []
-        final_events = _final_events(flow, response)
+        final_events = _final_events(flow, headers)
 
         # Every response streams, JSON too: nothing is held back from the agent,
         # and mitmproxy's streaming path costs less than buffering the body.
         # The capture goes into the writer's pipe before the agent can tell the
-        # response is over: for a chunked body or HTTP/2 at the end of the body
-        # (b""), whose end marker is sent after this; for a body of known length
-        # at its last byte, held back until then; for a stream, also as soon as
-        # a chunk ends with its API's final event, at which SDKs stop reading
-        # (whatever might follow that event is then not recorded).
-        def capture_chunk(data: bytes) -> bytes | list[bytes]:
+        # response is over: for a body of known length with its last byte,
+        # before that byte is passed on; for a chunked body or HTTP/2 at the end
+        # of the body (b""), whose end marker is sent after this; for a stream,
+        # also as soon as a chunk ends with its API's final event, at which SDKs
+        # stop reading (whatever might follow that event is then not recorded).
+        def capture_chunk(data: bytes) -> bytes:
             nonlocal received
             if data:
                 chunks.append(data)
@@ -216,13 +219,12 @@ class Recorder:
                 if length is not None:
                     received += len(data)
                     if received >= length:
-                        held.append(data[-1:])
-                        return [data[:-1]] if len(data) > 1 else []  # (b"" would end a chunked body)
+                        self._send(flow, None)
                 elif final_events and _ends_with_final_event(data, final_events):
                     self._send(flow, None)
                 return data
             self._send(flow, None)
-            return held
+            return data
 
         response.stream = capture_chunk
 

@@ -10,13 +10,14 @@ applies: a call whose upstream sent nothing for the limit (no response head,
 or no body piece) has its upstream connection closed; the agent gets a 504 in
 its API's shape (or, mid-stream, its connection closed as the upstream's would
 be) and the record says `upstream_timeout`. Per body piece only a time is
-stored; one timer per call checks it when the limit could have passed.
+stored; one timer checks the calls when the first limit could have passed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from mitmproxy import http
 from .connections import close_server_connection, disarm_idle_timeout
 from .loopback import ORIGINAL_URL_KEY
 from .options import LlmTrajOptions
-from .routing import CALL_KEY, llm_call
+from .routing import CALL_KEY
 
 logger = logging.getLogger("llm_traj")
 
@@ -37,7 +38,7 @@ class _Watch:
     limit: float
     hold: ExitStack  # mitmproxy's own idle limit, disarmed until the call ends
     last: float = field(default_factory=time.monotonic)  # when the upstream last sent something
-    timer: asyncio.TimerHandle | None = None
+    given_up: bool = False  # its upstream connection closed for the limit
 
 
 def _touching(watch: _Watch, passing):
@@ -54,6 +55,11 @@ class UpstreamIdleTimeout:
     def __init__(self, options: LlmTrajOptions) -> None:
         self._options = options
         self._watches: dict[str, _Watch] = {}  # by flow id, while the call waits for its upstream
+        # One timer for all the calls watched, at the first time one of them
+        # could reach its limit (a timer per call cost every call a heap entry
+        # and its cancelling): each check looks at every call watched then.
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = math.inf  # when the timer fires (time.monotonic())
 
     # (It serves every flow, whatever the limit: a call watched when the limit is
     # set to 0 at runtime must still have its watch ended.)
@@ -62,7 +68,7 @@ class UpstreamIdleTimeout:
         # A request body that streams upstream (record mode) is on its way while
         # mitmproxy connects and sends it: the `request` hook comes only once it
         # is sent, so the watch starts here, and each piece of it counts.
-        if callable(flow.request.stream) and (limit := self._limit()) is not None and llm_call(flow) is not None:
+        if callable(flow.request.stream) and CALL_KEY in flow.metadata and (limit := self._limit()) is not None:
             watch = self._watch(flow, limit)
             flow.request.stream = _touching(watch, flow.request.stream)
 
@@ -72,8 +78,8 @@ class UpstreamIdleTimeout:
         if (watch := self._watches.get(flow.id)) is not None:
             watch.last = time.monotonic()
         elif (
-            flow.response is None and ORIGINAL_URL_KEY not in flow.metadata and (limit := self._limit()) is not None
-            and llm_call(flow) is not None
+            flow.response is None and CALL_KEY in flow.metadata and ORIGINAL_URL_KEY not in flow.metadata
+            and (limit := self._limit()) is not None
         ):  # fmt: skip
             self._watch(flow, limit)
 
@@ -83,7 +89,7 @@ class UpstreamIdleTimeout:
 
     def _watch(self, flow: http.HTTPFlow, limit: float) -> _Watch:
         watch = self._watches[flow.id] = _Watch(flow, limit, disarm_idle_timeout(flow))
-        self._check_later(watch, watch.limit)
+        self._check_at(watch.last + limit)
         return watch
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -104,36 +110,52 @@ class UpstreamIdleTimeout:
         self._end(flow)
 
     def done(self) -> None:
-        for flow_id in list(self._watches):
-            self._end_watch(self._watches.pop(flow_id))
+        for watch in self._watches.values():
+            watch.hold.close()
+        self._watches.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._due = None, math.inf
 
     def _end(self, flow: http.HTTPFlow) -> None:
         watch = self._watches.pop(flow.id, None)
         if watch is not None:
-            self._end_watch(watch)
+            watch.hold.close()
+
+    def _check_at(self, due: float) -> None:
+        """Have the calls checked at `due` (time.monotonic()) at the latest."""
+        if due >= self._due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._check)
+        self._due = due
+
+    def _check(self) -> None:
+        self._timer, self._due = None, math.inf
+        now = time.monotonic()
+        due = math.inf
+        for watch in list(self._watches.values()):
+            if watch.given_up:
+                continue
+            if now - watch.last >= watch.limit and not self._give_up(watch, now):
+                watch.last = now  # not asked for yet: looked at again a whole limit later
+            if not watch.given_up:
+                due = min(due, watch.last + watch.limit)
+        if due < math.inf:
+            self._check_at(due)
 
     @staticmethod
-    def _end_watch(watch: _Watch) -> None:
-        if watch.timer is not None:
-            watch.timer.cancel()
-        watch.hold.close()
-
-    def _check_later(self, watch: _Watch, delay: float) -> None:
-        watch.timer = asyncio.get_running_loop().call_later(delay, self._check, watch)
-
-    def _check(self, watch: _Watch) -> None:
+    def _give_up(watch: _Watch, now: float) -> bool:
+        """Close the upstream connection of a call silent for its limit (False if
+        it has none yet)."""
         flow = watch.flow
-        if self._watches.get(flow.id) is not watch:
-            return
-        idle = time.monotonic() - watch.last
-        if idle < watch.limit:
-            self._check_later(watch, watch.limit - idle)
-            return
         message = f"upstream sent nothing for {watch.limit:g} s (idle timeout)"
         flow.metadata[CALL_KEY]["upstream_failure"] = {"kind": "upstream_timeout", "message": message,
                                                        "answered": flow.response is not None}  # fmt: skip
-        if close_server_connection(flow, "idle timeout"):  # (also a connection still being made)
-            logger.warning(f"llm-traj: {flow.request.pretty_url}: {message}")
-        else:  # not asked for yet: the next check
+        if not close_server_connection(flow, "idle timeout"):  # (also a connection still being made)
             del flow.metadata[CALL_KEY]["upstream_failure"]
-            self._check_later(watch, watch.limit)
+            return False
+        watch.given_up = True
+        logger.warning(f"llm-traj: {flow.request.pretty_url}: {message}")
+        return True

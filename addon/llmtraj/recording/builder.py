@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from pydantic_core import from_json
@@ -17,15 +18,16 @@ from ..core.headers import header
 from ..core.record import SCHEMA_VERSION, Headers
 from ..core.redact import may_have_secret_fields, redact_fields, redact_headers
 from ..core.sse import SSEBlock, SSEParser
+from .body_parse import RequestBodies
 from .secret_scan import SecretFieldScan
 
 
-def parse_json_body(body: bytes) -> tuple[Any, str | None]:
+def parse_json_body(body: bytes, parse: Callable[[bytes], Any] = from_json) -> tuple[Any, str | None]:
     """(JSON value, None), or (None, the body as text) when it is not JSON."""
     if not body:
         return None, None
     try:
-        return from_json(body), None
+        return parse(body), None
     except ValueError:
         return None, body.decode("utf-8", errors="replace")
 
@@ -63,10 +65,13 @@ class RecordBuilder:
         request_body: bytes,
         started_at: float | None = None,
         secret_scan: SecretFieldScan | None = None,
+        request_bodies: RequestBodies | None = None,
     ) -> None:
         self.api = api
         headers, self.secrets = redact_headers(request_headers)
-        request, request_raw = parse_json_body(request_body)
+        request, request_raw = parse_json_body(
+            request_body, partial(request_bodies.parse, session) if request_bodies is not None else from_json
+        )
         # The body for the writer to write as received, when it is valid JSON
         # (just parsed), has nothing to redact and fits on one line: serialising
         # a long conversation again on every call costs more than parsing it did.

@@ -17,6 +17,7 @@ a proxy killed with `kill -9` loses no call it had finished.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -29,17 +30,20 @@ from ..core.headers import content_length, text_headers
 from ..core.store import TrajectoryWriter, written_calls
 from ..prompts.tagging import PromptTagger
 from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
+from .body_parse import RequestBodies
 from .builder import RecordBuilder
 from .capture import ACK, FRAME_HEAD, RESENT, CallCapture
 from .secret_scan import SecretFieldScan
 
 
 def record_of(
-    capture: CallCapture, tagger: PromptTagger | None = None, secret_scan: SecretFieldScan | None = None
+    capture: CallCapture, tagger: PromptTagger | None = None, secret_scan: SecretFieldScan | None = None,
+    request_bodies: RequestBodies | None = None,
 ) -> tuple[dict[str, Any], set[str], bytes | None]:
     """(the record's fields, secrets to scrub, request body to write as is)."""
     tee = RecordBuilder(
         secret_scan=secret_scan,
+        request_bodies=request_bodies,
         api=API_BY_NAME[capture.api],
         session=capture.session,
         index=capture.index,
@@ -81,7 +85,7 @@ def record_of(
 def _short_body(capture: CallCapture) -> str | None:
     """Why a response that ended normally is short of its Content-Length, if it is
     (counted on the upstream's bytes as captured, before any rewriting for the agent)."""
-    if capture.status is None or (length := content_length(text_headers(capture.response_headers))) is None:
+    if capture.status is None or (length := content_length(capture.response_headers)) is None:
         return None
     received = sum(map(len, capture.chunks))
     return f"the body ended after {received} of its {length} bytes (Content-Length)" if received < length else None
@@ -94,6 +98,7 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
     source = source or sys.stdin.buffer
     tagger = PromptTagger(prompts) if prompts else None
     secret_scan = SecretFieldScan()
+    request_bodies = RequestBodies()
     writer = TrajectoryWriter(path)
     on_disk: dict[Path, set[tuple[str, int, float]]] = {}  # calls in a file, read when a resent frame asks
 
@@ -115,7 +120,7 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
             try:
                 capture = CallCapture.unframe(data, body)
                 if not (flags & RESENT and already_written(capture)):
-                    writer.append(*record_of(capture, tagger, secret_scan))
+                    writer.append(*record_of(capture, tagger, secret_scan, request_bodies))
             except Exception as exc:  # one bad call must not cost the others
                 print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
             if acks is not None:
@@ -132,5 +137,10 @@ if __name__ == "__main__":
     arguments.add_argument("path")
     arguments.add_argument("--prompts", help="the prompt registry to tag calls from")
     parsed = arguments.parse_args()
+    # A capture arriving wakes this process: as a batch process (Linux) it does
+    # not preempt the proxy then, which goes on sending the agent its answer
+    # (its share of the CPU stays the same).
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     logging.basicConfig(format="%(message)s")  # its warnings (a trajectory file rotated) on the proxy's stderr
     serve(parsed.path, prompts=parsed.prompts, acks=sys.stdout.fileno())

@@ -1,0 +1,192 @@
+"""The record writer's parse of request bodies, per session, in time that grows
+with what a body adds rather than with the conversation it repeats.
+
+An agent's call repeats its conversation: the body's longest array (`messages`,
+`input`, ...) begins with the very bytes of an earlier body of the session.
+The items of that array that lie wholly within the bytes the two bodies share
+are that body's items (the same bytes parse the same), so only the rest is
+parsed: the body with those items cut out, `{..."messages": [` and what
+follows them. Where the array's items end is found by a scan of the JSON
+tokens that matter (strings, brackets, commas), over each body's new bytes
+once (the first body of a session that is reused is scanned whole, once).
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_core import from_json
+
+from ..core.chain import shared_prefix
+
+MIN_BODY = 32 << 10  # a body smaller than this, or sharing less with the earlier ones, is parsed whole (cheap)
+BODIES_PER_SESSION = 4  # the main conversation and a few side conversations
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},:]')
+_OPEN, _CLOSE, _COMMA, _QUOTE = b"[{", b"]}", ord(","), ord('"')
+_BLANKS = b" \t\r\n"
+
+
+@dataclass(slots=True, eq=False)
+class _Parsed:
+    """A body, its value, and where its longest array's items are."""
+
+    body: bytes
+    value: dict[str, Any]
+    key: str
+    start: int = -1  # just after the array's `[`; -1: not scanned yet, -2: not to be reused (the key twice)
+    commas: list[int] | None = None  # the offsets of the commas between its items, in order
+    close: int = -1  # the offset of its `]`
+
+
+class RequestBodies:
+    """Parses request bodies as `from_json` does (the same value, or the same
+    ValueError), reusing what the bodies of the same session held before (the
+    sessions written to last, within a memory budget)."""
+
+    def __init__(self, sessions: int = 128, budget: int = 256 << 20) -> None:
+        self._bodies: OrderedDict[str, list[_Parsed]] = OrderedDict()
+        self._sessions, self._budget, self._held = sessions, budget, 0
+
+    def parse(self, session: str, body: bytes) -> Any:
+        if len(body) < MIN_BODY:
+            return from_json(body)
+        earlier = self._bodies.pop(session, [])
+        self._held -= sum(len(e.body) for e in earlier)
+        best, shared = None, 0
+        for parsed in earlier:
+            if (n := shared_prefix(parsed.body, body)) > shared:
+                best, shared = parsed, n
+        reused = _reuse(best, body, shared) if best is not None and shared >= MIN_BODY else None
+        if reused is None:
+            value = from_json(body)
+            new = _Parsed(body, value, _longest_array(value)) if isinstance(value, dict) else None
+        else:
+            new = reused
+            value = reused.value
+        if new is not None and new.key:
+            if reused is not None:  # that conversation moved on to this body
+                earlier = [e for e in earlier if e is not best]
+            earlier.append(new)
+            del earlier[: -BODIES_PER_SESSION]
+        self._bodies[session] = earlier
+        self._held += sum(len(e.body) for e in earlier)
+        while self._bodies and (len(self._bodies) > self._sessions or self._held > self._budget):
+            self._held -= sum(len(e.body) for e in self._bodies.popitem(last=False)[1])
+        return value
+
+
+def _longest_array(value: dict[str, Any]) -> str:
+    """The key of the value's longest array ("" when it has none)."""
+    arrays = [(len(v), k) for k, v in value.items() if isinstance(v, list)]
+    return max(arrays)[1] if arrays else ""
+
+
+def _reuse(earlier: _Parsed, body: bytes, shared: int) -> _Parsed | None:
+    """`body` parsed with the items of `earlier`'s array that lie within the
+    `shared` bytes reused, and where its own items are; None when none can be."""
+    if earlier.start == -1 and not _scan(earlier):
+        earlier.start = -2
+    if earlier.start < 0:
+        return None
+    commas, key = earlier.commas, earlier.key
+    if earlier.close < shared:  # the whole array is shared
+        kept, cut = len(commas) + 1, earlier.close
+    else:
+        kept = bisect_left(commas, shared)  # the commas before the first byte that differs
+        if not kept:
+            return None
+        cut = commas[kept - 1] + 1
+        at = cut
+        while at < len(body) and body[at] in _BLANKS:
+            at += 1
+        if at >= len(body) or body[at] == _CLOSE[0]:
+            return None  # (a trailing comma: the body is not JSON; from_json says why)
+    quoted = b'"' + key.encode() + b'"'
+    if body.find(quoted, cut) >= 0 or _key_escapes(key).search(body, cut):
+        return None  # the key may be there twice: the last one counts, and it may be what follows
+    try:
+        value = from_json(body[: earlier.start] + body[cut:])
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get(key), list):
+        return None
+    value[key] = earlier.value[key][:kept] + value[key]
+    if (longest := _longest_array(value)) != key:  # (the conversation outgrew the tools, say): scanned when reused
+        return _Parsed(body, value, longest)
+    parsed = _Parsed(body, value, key, earlier.start, commas[:kept])
+    if earlier.close < shared:
+        parsed.commas, parsed.close = commas, earlier.close
+    else:
+        parsed.close = _items(body, cut, parsed.commas)
+        if parsed.close < 0:
+            return None
+    return parsed
+
+
+def _scan(parsed: _Parsed) -> bool:
+    """Finds where the array of `parsed.key` is in its (valid JSON) body and
+    where its items end; False if the key is there more than once, or not as
+    a key of the top level."""
+    body, key = parsed.body, parsed.key
+    depth, expect_key, found, at = 0, False, False, 0
+    while (token := _TOKEN.search(body, at)) is not None:
+        c, at = body[token.start()], token.end()
+        if c == _QUOTE:
+            if depth == 1 and expect_key and from_json(token.group()) == key:  # (a key: short)
+                if found:
+                    return False
+                found = True
+                colon = _TOKEN.search(body, at)
+                value = _TOKEN.search(body, colon.end()) if colon is not None else None
+                if value is None or colon.group() != b":" or value.group() != b"[":
+                    return False
+                parsed.start, parsed.commas = value.end(), []
+                parsed.close = _items(body, value.end(), parsed.commas)
+                if parsed.close < 0:
+                    return False
+                at = parsed.close + 1
+            expect_key = False
+        elif c in _OPEN:
+            depth += 1
+            expect_key = c == _OPEN[1] and depth == 1
+        elif c in _CLOSE:
+            depth -= 1
+        elif c == _COMMA:
+            expect_key = depth == 1
+    return found
+
+
+def _items(body: bytes, at: int, commas: list[int]) -> int:
+    """Scans an array's items from `at` (at an item's start), adding the
+    offsets of the commas between them to `commas`; the offset of its `]`,
+    or -1 if it has none."""
+    depth = 0
+    for token in _TOKEN.finditer(body, at):
+        c = body[token.start()]
+        if c == _COMMA:
+            if not depth:
+                commas.append(token.start())
+        elif c in _OPEN:
+            depth += 1
+        elif c in _CLOSE:
+            if not depth:
+                return token.start()
+            depth -= 1
+    return -1
+
+
+_ESCAPES: dict[str, re.Pattern[bytes]] = {}
+
+
+def _key_escapes(key: str) -> re.Pattern[bytes]:
+    """What finds an escape that spells a character of `key` (a `\\u0061` for
+    an `a`): the key written another way."""
+    pattern = _ESCAPES.get(key)
+    if pattern is None:
+        spelled = sorted({f"{ord(c):04x}" for c in key})
+        pattern = _ESCAPES[key] = re.compile(rb"\\u(?:" + "|".join(spelled).encode() + rb")", re.IGNORECASE)
+    return pattern

@@ -1,0 +1,138 @@
+"""The record writer's parse of request bodies reuses the items a session's
+earlier bodies held at the same bytes, and gives exactly what a parse of the
+whole body gives: the same value, keys in the same order, or the same refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from llmtraj.recording import body_parse
+from llmtraj.recording.body_parse import RequestBodies
+from pydantic_core import from_json, to_json
+
+ITEMS = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=20)}),
+    st.fixed_dictionaries({"role": st.just("tool"), "content": st.lists(st.dictionaries(
+        st.sampled_from(["type", "text", "messages", "input", "a]b", "{"]), st.one_of(st.text(max_size=8), st.integers()),
+        max_size=3), max_size=2)}),  # fmt: skip
+    st.text(max_size=12),  # ("]", ",", quotes, "messages" itself)
+    st.integers(),
+    st.lists(st.integers(), max_size=3),
+)
+STYLES = [(",", ":"), (", ", ": "), (" ,\n", " :\t")]
+
+
+def as_body(value: dict, style: tuple[str, str], ascii_only: bool) -> bytes:
+    return json.dumps(value, separators=style, ensure_ascii=ascii_only).encode()
+
+
+def same_parse(bodies: RequestBodies, session: str, body: bytes) -> None:
+    try:
+        expected = from_json(body)
+    except ValueError:
+        with pytest.raises(ValueError):
+            bodies.parse(session, body)
+        return
+    assert to_json(bodies.parse(session, body)) == to_json(expected), body  # (to_json: the keys' order too)
+
+
+@settings(max_examples=max(300, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(
+    st.sampled_from(["append", "append", "append", "edit", "cut", "other key", "side", "twice", "escaped", "trailing comma",
+                     "torn", "first"]),
+    st.lists(ITEMS, min_size=1, max_size=3), st.sampled_from(STYLES), st.booleans(), st.randoms(use_true_random=False),
+), min_size=1, max_size=14))  # fmt: skip
+def test_a_session_s_bodies_parse_as_they_do_whole(monkeypatch, steps):
+    monkeypatch.setattr(body_parse, "MIN_BODY", 0)  # every body takes the reusing path
+    bodies = RequestBodies()
+    main: list = [{"role": "system", "content": "be brief"}]
+    side: list = []
+    for what, items, style, ascii_only, rnd in steps:
+        conversation = side if what == "side" else main
+        if what == "edit" and conversation:
+            conversation[rnd.randrange(len(conversation))] = items[0]
+        elif what == "cut":
+            del conversation[rnd.randrange(len(conversation) + 1) :]
+        elif what != "trailing comma":
+            conversation.extend(items)
+        value = {"model": "m", "messages": conversation, "stream": True}
+        if what == "other key":
+            value = {"tools": [1, 2], **value, "temperature": rnd.random()}
+        elif what == "first":
+            value = {"messages": conversation, "model": "m"}
+        elif what == "trailing comma":  # the items before the last, and a comma after them
+            value = {**value, "messages": [*conversation[:-1], "@end"]}
+        body = as_body(value, style, ascii_only)
+        if what == "twice":  # the last "messages" counts
+            body = body[:-1] + b', "messages": [1, 2]}'
+        elif what == "escaped":
+            body = body[:-1] + b', "m\\u0065ssages": []}'
+        elif what == "trailing comma":
+            body = body.replace(b'"@end"', b"")
+        elif what == "torn":
+            body = body[: rnd.randrange(len(body))]
+        same_parse(bodies, "s", body)
+
+
+def test_a_long_conversation_reuses_what_it_repeats(monkeypatch):
+    """Only what precedes the array and what follows its repeated items is
+    parsed: a body whose repeated part the parser could not take apart would be
+    parsed whole again (not here). The conversation outgrows the tools, which
+    were the longest array at first."""
+    whole = []
+    monkeypatch.setattr(body_parse, "from_json", lambda data: whole.append(len(data)) or from_json(data))
+    bodies = RequestBodies()
+    tools = [{"name": f"tool{i}", "description": "does things " * 300} for i in range(20)]
+    messages = [{"role": "system", "content": "be brief"}]
+    for turn in range(60):
+        messages += [{"role": "user", "content": f"turn {turn} " + "tool output line " * 200}, {"role": "assistant", "content": "ok"}]
+        body = json.dumps({"model": "m", "tools": tools, "messages": messages, "stream": False}).encode()
+        assert bodies.parse("s", body) == json.loads(body)
+    head = len(json.dumps({"model": "m", "tools": tools}))  # (what precedes the array is parsed each time)
+    assert len(body) > 3 * head and max(whole[-10:]) < head + 10_000  # the last calls parsed a few KB more each
+
+
+@settings(max_examples=max(30, settings.default.max_examples // 3), deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["append", "append", "edit", "cut", "side"]), st.integers(0, 10**6)),
+                min_size=2, max_size=8))  # fmt: skip
+def test_records_of_reused_parses_read_back_as_sent(tmp_path_factory, steps):
+    """Through the writer's path (record, secret scan, version 2 chain), with
+    bodies large enough to be reused: every request reads back whole."""
+    from llmtraj.core.store import TrajectoryWriter, read_records
+    from llmtraj.recording.capture import CallCapture
+    from llmtraj.recording.secret_scan import SecretFieldScan
+    from llmtraj.recording.writer import record_of
+
+    path = tmp_path_factory.mktemp("traj")
+    writer, scan, bodies = TrajectoryWriter(path), SecretFieldScan(), RequestBodies()
+    main = [{"role": "system", "content": "be brief " * 4000}]
+    side = [{"role": "user", "content": "a title, please " * 3000}]
+    sent = []
+    for index, (what, n) in enumerate(steps, start=1):
+        conversation = side if what == "side" else main
+        if what == "edit":
+            conversation[n % len(conversation)] = {"role": "user", "content": f"edited {n}", "api_key": "k" * (n % 2)}
+        elif what == "cut":
+            del conversation[1 + n % len(conversation) :]
+        else:
+            conversation += [{"role": "user", "content": f"{n} " + "tool output " * (n % 3000)}, {"role": "assistant", "content": "ok"}]
+        body = json.dumps({"model": "m", "messages": conversation}).encode()
+        sent.append(json.loads(body))
+        capture = CallCapture(
+            api="chat.completions", session="s", index=index, mode="record", method="POST", url="http://u/v1/chat/completions",
+            request_headers=[], request_body=body, started_at=1.0, status=200, response_headers=[(b"content-type", b"application/json")],
+            response_headers_at=1.0, chunks=[b'{"choices": []}'], chunk_times=[1.0], ended_at=1.0,
+        )  # fmt: skip
+        writer.append(*record_of(capture, None, scan, bodies))
+    writer.close()
+    back = [r.request for r in read_records(path)]
+    assert [json.dumps(r) for r in back] == [json.dumps(redacted(r)) for r in sent]
+
+
+def redacted(request: dict) -> dict:
+    from llmtraj.core.redact import redact_fields
+
+    return redact_fields(request)
