@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +154,7 @@ def run_agent(
         (place.home / name).parent.mkdir(parents=True, exist_ok=True)
         (place.home / name).write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_", "CODEX_"))}
-    # TMPDIR: where llm-traj run keeps proxy.log; PWD: opencode takes its working directory from it
+    # TMPDIR: llm-traj run's scratch; PWD: opencode takes its working directory from it
     env.update(agent.env, HOME=str(place.home), TMPDIR=str(scratch), PWD=str(place.work))
     if agent.name == "codex":
         env["CODEX_HOME"] = str(place.home / ".codex")
@@ -166,7 +166,9 @@ def run_agent(
             [sys.executable, str(POLICY), str(traj / "control.json"), SESSION, str(scratch / "policy.jsonl")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-    argv = [llm_traj(), "run", "--mode", mode, "--traj", str(traj), "--session", SESSION, "--via", via]
+    proxy_log = Path(tempfile.mkstemp(prefix="proxy-", suffix=".log", dir=scratch)[1])
+    argv = [llm_traj(), "run", "--mode", mode, "--traj", str(traj), "--session", SESSION, "--via", via,
+            "--proxy-log", str(proxy_log)]  # fmt: skip
     if upstream is not None:
         argv += ["--upstream", upstream]
     for option in sets:
@@ -184,8 +186,6 @@ def run_agent(
                 policy.kill()
                 policy_out = policy.communicate()[0]
             assert policy.returncode == 0, f"the scripted policy failed: {policy_out}"
-    logs = sorted(scratch.glob("llm-traj-run-*/proxy.log"), key=lambda p: p.stat().st_mtime)
-    log = logs[-1].read_text() if logs else ""
-    for run_dir in scratch.glob("llm-traj-run-*"):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    log = proxy_log.read_text()
+    assert "listening at" in log, f"no proxy log: {out.stderr}"  # the checks made on it must not pass vacuously
     return Run(out.returncode, out.stdout, out.stderr, log, place.work / OUT_FILE)

@@ -63,9 +63,12 @@ def processes_mentioning(text: str) -> list[int]:
 
 def test_run_base_url_records_and_returns_the_agent_exit_code(upstream, agent, tmp_path):
     traj = tmp_path / "traj"
-    r = llm_traj("run", "--upstream", upstream.url, "--traj", str(traj), "--session", "s1", "--",
-                 sys.executable, str(agent), "3")
+    r = llm_traj("run", "--upstream", upstream.url, "--traj", str(traj), "--session", "s1",
+                 "--proxy-log", str(tmp_path / "proxy.log"), "--", sys.executable, str(agent), "3")
     assert r.returncode == 3, r.stderr
+    # the proxy's log, kept where asked (the agent's conversation may be quoted there: the owner's only)
+    assert "listening at" in (tmp_path / "proxy.log").read_text()
+    assert stat.S_IMODE((tmp_path / "proxy.log").stat().st_mode) == 0o600
     assert "agent done" in r.stdout
     assert r.stderr.strip().splitlines()[-1].startswith("llm-traj: agent exited 3; session s1: 2 calls, 0 failed")
     records = list(read_records(traj / "s1.jsonl"))

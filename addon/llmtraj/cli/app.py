@@ -112,6 +112,8 @@ def run(
     prompts: str = typer.Option(None, "--prompts", envvar="LLM_TRAJ_PROMPTS",
                                 help="The prompt registry calls are tagged from (llm_traj_prompts): a file, or "
                                      "mlflow:TRACKING_URI."),
+    proxy_log: Path = typer.Option(None, "--proxy-log", help="Keep the proxy's log in this file (appended to, "
+                                   "mode 0600; with --set flow_detail=4 it holds every request in full)."),
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Run an agent (after --) with its LLM calls going through the proxy; exit with the agent's code."""
@@ -119,10 +121,10 @@ def run(
     from .run import RunError, plan_run
     from .run import run as run_plan
 
-    run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))  # the proxy's log and CA: gone with the run
+    run_dir = Path(tempfile.mkdtemp(prefix="llm-traj-run-"))  # the proxy's log (unless --proxy-log) and CA: gone with the run
     try:
         plan = plan_run(mode=mode, traj=traj, session=session, via=via, upstream=upstream, command=ctx.args,
-                        sets=[*set_, *_config_set(config), *_prompt_sets(prompt, prompts)])
+                        sets=[*set_, *_config_set(config), *_prompt_sets(prompt, prompts)], proxy_log=proxy_log)
         report: dict = {}
         on_exit = (_end_anticall_session(plan) if plan.mode == "anticall"
                    else _keep_replay_report(plan, report) if plan.mode == "replay" else None)  # fmt: skip

@@ -42,6 +42,7 @@ class RunPlan:
     command: Sequence[str]
     sets: dict[str, str] = field(default_factory=dict)
     confdir: Path | None = None
+    proxy_log: Path | None = None  # where the proxy's log is kept (None: removed with the run)
 
 
 def check_upstream(url: str) -> str:
@@ -76,6 +77,7 @@ def plan_run(
     upstream: str | None,
     command: Sequence[str],
     sets: Sequence[str] = (),
+    proxy_log: Path | None = None,
 ) -> RunPlan:
     if not command:
         raise RunError("no agent command: put it after --, e.g. llm-traj run -- python agent.py")
@@ -93,7 +95,8 @@ def plan_run(
     elif via == "base-url" and mode == "record" and "llm_traj_config" not in parsed:
         raise RunError("--upstream (or --config) is required to record in base-url mode, "
                        "e.g. --upstream https://api.openai.com")
-    return RunPlan(mode, traj, session, via, upstream, list(command), parsed)
+    return RunPlan(mode, traj, session, via, upstream, list(command), parsed,
+                   proxy_log=proxy_log.expanduser().resolve() if proxy_log is not None else None)  # fmt: skip
 
 
 def proxy_for(plan: RunPlan, run_dir: Path) -> ProxyProcess:
@@ -112,7 +115,7 @@ def proxy_for(plan: RunPlan, run_dir: Path) -> ProxyProcess:
         # replay / anti-call answer every LLM call themselves; with a config, it routes them
         upstream = NO_UPSTREAM
     options.update(plan.sets)
-    return ProxyProcess(upstream=upstream, options=options, log=run_dir / "proxy.log")
+    return ProxyProcess(upstream=upstream, options=options, log=plan.proxy_log or run_dir / "proxy.log")
 
 
 def ca_bundle(confdir: Path, out: Path) -> Path:
