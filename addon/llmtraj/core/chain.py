@@ -257,8 +257,19 @@ def encode_events(events: list[dict[str, Any]], near: list[str] | None = None, r
         n = len(raw)
         limit = n if n < m else m
         # The previous pair's p and s first, without a call: most events differ from the one before in their
-        # delta alone (and then share the very `head` and `tail` strings the previous pair did).
-        if not (0 < p <= limit and raw.startswith(head) and (p == limit or raw[p] != previous[p])):
+        # delta alone (and then share the very `head` and `tail` strings the previous pair did), or their
+        # deltas share one character more or less (a token's leading space).
+        if 0 < p <= limit and raw.startswith(head):
+            if p < limit and raw[p] == previous[p]:
+                if p + 1 == limit or raw[p + 1] != previous[p + 1]:
+                    p += 1
+                else:
+                    p = _shared_prefix(raw, previous, limit, p)
+                head = raw[:p]
+        elif 1 < p <= limit and raw.startswith(head[:-1]):
+            p -= 1
+            head = head[:-1]
+        else:
             p = _shared_prefix(raw, previous, limit, p)
             head = raw[:p]
         rest = limit - p

@@ -27,6 +27,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ class TrajectoryWriter:
             if _events_may_hold(events, near, scrubber):
                 events = [{**event, "raw": scrubber.text(event["raw"])} for event in events]
                 stored_events = None
-            if any(event.get("raw_base64") for event in events):
+            if any(map(dict.get, events, repeat("raw_base64"))):
                 events = [{**event, "raw_base64": _scrubbed_base64(event["raw_base64"], scrubber)}
                           if event.get("raw_base64") else event for event in events]  # fmt: skip
                 stored_events = None
