@@ -51,6 +51,11 @@ def base64_unless_utf8(data: bytes) -> str | None:
 # in a row end one, as they end a block in `SSEParser`.
 _USUAL_BLOCK = re.compile(rb"((event: .*\n)?data: (.*)\n\n)")
 
+# Blocks whose data is parsed at a time: their JSON values, folded in and dropped, would otherwise be most of
+# what a stream taken at once holds beyond its record, and live long enough for the garbage collector to
+# walk them again and again (at 20,000 events, 256 at a time cost 1.3x the time per event of 64).
+_BATCH = 64
+
 RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
 
 
@@ -204,8 +209,10 @@ class RecordBuilder:
         if not found:
             return False
         blocks, names, datas = zip(*found)
+        del found
         if sum(map(len, blocks)) != len(body):  # blocks of another shape between or after them
             return False
+        del body
         try:
             raws = list(map(bytes.decode, blocks))  # (a character never spans two blocks: they end in LFs)
         except UnicodeDecodeError:
@@ -215,6 +222,7 @@ class RecordBuilder:
             # each block's time is that of the chunk its end came in
             ends = list(accumulate(map(len, chunks)))
             times = [times[bisect_left(ends, end)] for end in accumulate(map(len, blocks))]
+        del blocks
         started = self.started_at
         self._received = self._data_seen = True
         # each `round(now - started, 6)`, in one call: formatting to 6 decimals rounds the same way, correctly
@@ -222,7 +230,9 @@ class RecordBuilder:
         self._events.extend([{"t": t, "raw": raw} for t, raw in zip(seconds, raws)])
         self._parser.started()
         event_names = {line: line[7:-1].decode() if line else None for line in set(names)}
-        self._aggregate(list(map(event_names.__getitem__, names)), datas)
+        names = list(map(event_names.__getitem__, names))
+        for start in range(0, len(datas), _BATCH):
+            self._aggregate(names[start : start + _BATCH], datas[start : start + _BATCH])
         return True
 
     def _aggregate(self, names: list[str | None], datas: tuple[bytes, ...]) -> None:
