@@ -153,3 +153,15 @@ def test_a_chunk_with_no_bytes_and_a_time_of_none_change_nothing():
     record, taken = _recorded(api, blocks, [T0 + 1, None], bulk=True)
     assert not taken  # "now": left to the general path
     assert [event["raw"] for event in record["events"]] == [block.decode() for block in blocks]
+
+
+@pytest.mark.parametrize("odd", [None, 5, 63, 64, 70, 127, 149])
+def test_long_streams_are_parsed_in_parts_as_the_general_path_parses_them(odd):
+    # More blocks than one part of the parse, some data not JSON (in one part, at its end, at the next's start).
+    blocks = [f'data: {{"id":"c","choices":[{{"index":0,"delta":{{"content":"{i} "}}}}]}}\n\n'.encode()
+              for i in range(150)]  # fmt: skip
+    if odd is not None:
+        blocks[odd] = b"data: [DONE]\n\n" if odd % 2 else b"data: not json\n\n"
+    record, taken = _same_both_ways(API_BY_NAME["chat.completions"], [*blocks, b"data: [DONE]\n\n"],
+                                    [T0 + 1 + i / 1000 for i in range(151)])  # fmt: skip
+    assert taken and len(record["events"]) == 151
