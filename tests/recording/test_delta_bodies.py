@@ -59,11 +59,11 @@ def _conversation(turn: int, topic: str = "a", edit: str = "") -> bytes:
 
 def _bodies() -> list[tuple[str, bytes]]:
     """(session, body) in order: a session that grows, is edited in the middle,
-    shrinks (compacted), then alternates between two conversations; another
-    session between them."""
+    shrinks (compacted), sends a body twice, then alternates between two
+    conversations; another session between them."""
     calls = [("s", _conversation(t)) for t in range(1, 9)]
     calls += [("s", _conversation(8, edit=" (edited)")), ("s", _conversation(9, edit=" (edited)"))]
-    calls += [("s", _conversation(3)), ("s", _conversation(4))]  # shrunk, then grows again
+    calls += [("s", _conversation(3)), ("s", _conversation(4)), ("s", _conversation(4))]  # shrunk, grows, the same again
     for t in range(4, 10):
         calls += [("s", _conversation(t, "b")), ("s", _conversation(t + 1)), ("side", _conversation(t, "c"))]
     calls += [("s", b""), ("s", b"not json " * 300), ("s", b"not json " * 400)]
