@@ -9,7 +9,12 @@ request body (both ends are this package, on the same Python;
 `capture.FRAME_HEAD`), and each
 frame's sequence number goes back on stdout once its line is written. A frame
 marked as sent before (to a writer that died) is skipped if its call is on disk
-already. The process runs in its own session, so a Ctrl-C meant for the proxy
+already. A body sent as a delta (`capture.DELTA`) is rebuilt from the
+session's previous body (`capture.LastBodies`, kept as the proxy keeps its
+own), and what parses and scans it is told how much of it repeats that body;
+a delta whose previous body this writer does not have ends the process
+without writing it (the proxy sends whatever is unconfirmed again, whole, to
+the writer it starts in its place). The process runs in its own session, so a Ctrl-C meant for the proxy
 does not reach it, and ends at end of input, once whatever arrived is written:
 a proxy killed with `kill -9` loses no call it had finished.
 """
@@ -32,18 +37,21 @@ from ..prompts.tagging import PromptTagger
 from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
 from .body_parse import RequestBodies
 from .builder import RecordBuilder
-from .capture import ACK, FRAME_HEAD, RESENT, CallCapture
+from .capture import ACK, DELTA, FRAME_HEAD, RESENT, CallCapture, LastBodies
 from .secret_scan import SecretFieldScan
 
 
 def record_of(
     capture: CallCapture, tagger: PromptTagger | None = None, secret_scan: SecretFieldScan | None = None,
-    request_bodies: RequestBodies | None = None,
+    request_bodies: RequestBodies | None = None, repeats: tuple[bytes, int] | None = None,
 ) -> tuple[dict[str, Any], set[str], bytes | None]:
-    """(the record's fields, secrets to scrub, request body to write as is)."""
+    """(the record's fields, secrets to scrub, request body to write as is);
+    `repeats`: the session's previous body and how many bytes of it the
+    request body begins with, when known."""
     tee = RecordBuilder(
         secret_scan=secret_scan,
         request_bodies=request_bodies,
+        repeats=repeats,
         api=API_BY_NAME[capture.api],
         session=capture.session,
         index=capture.index,
@@ -91,14 +99,16 @@ def _short_body(capture: CallCapture) -> str | None:
     return f"the body ended after {received} of its {length} bytes (Content-Length)" if received < length else None
 
 
-def serve(path: str, source=None, prompts: str | None = None, acks: int | None = None) -> None:
+def serve(path: str, source=None, prompts: str | None = None, acks: int | None = None) -> bool:
     """Write every capture read from `source` (stdin) to the trajectory at `path`,
     each tagged with its system prompt's version in the registry at `prompts`,
-    and acknowledge each on the file descriptor `acks` once written."""
+    and acknowledge each on the file descriptor `acks` once written; False if
+    it stopped at a delta whose previous body it does not have."""
     source = source or sys.stdin.buffer
     tagger = PromptTagger(prompts) if prompts else None
     secret_scan = SecretFieldScan()
     request_bodies = RequestBodies()
+    last_bodies = LastBodies()
     writer = TrajectoryWriter(path)
     on_disk: dict[Path, set[tuple[str, int, float]]] = {}  # calls in a file, read when a resent frame asks
 
@@ -112,17 +122,33 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
         while head := source.read(FRAME_HEAD.size):
             if len(head) < FRAME_HEAD.size:
                 break  # the proxy died mid-frame: that call was not finished
-            length, body_length, seq, flags = FRAME_HEAD.unpack(head)
+            length, body_length, seq, flags, shared, base = FRAME_HEAD.unpack(head)
             data = source.read(length)
             body = source.read(body_length)
             if len(data) < length or len(body) < body_length:
                 break  # likewise
             try:
                 capture = CallCapture.unframe(data, body)
-                if not (flags & RESENT and already_written(capture)):
-                    writer.append(*record_of(capture, tagger, secret_scan, request_bodies))
             except Exception as exc:  # one bad call must not cost the others
                 print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
+                last_bodies.clear()  # its session's last body is unknown: no delta is taken against a wrong one
+            else:
+                repeats = None
+                if flags & DELTA:
+                    previous = last_bodies.last(capture.session)
+                    if previous is None or len(previous) != base or shared > base:
+                        print(f"llm-traj: the record writer does not have the body a call's request repeats"
+                              f" (session {capture.session!r}); stopping, for the proxy to send it whole",
+                              file=sys.stderr, flush=True)  # fmt: skip
+                        return False
+                    capture.request_body = b"".join((memoryview(previous)[:shared], body))
+                    repeats = previous, shared
+                last_bodies.swap(capture.session, capture.request_body, len(capture.request_body))
+                try:
+                    if not (flags & RESENT and already_written(capture)):
+                        writer.append(*record_of(capture, tagger, secret_scan, request_bodies, repeats))
+                except Exception as exc:  # one bad call must not cost the others
+                    print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
             if acks is not None:
                 try:
                     os.write(acks, ACK.pack(seq))
@@ -130,6 +156,7 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
                     acks = None
     finally:
         writer.close()
+    return True
 
 
 if __name__ == "__main__":
@@ -143,4 +170,4 @@ if __name__ == "__main__":
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     logging.basicConfig(format="%(message)s")  # its warnings (a trajectory file rotated) on the proxy's stderr
-    serve(parsed.path, prompts=parsed.prompts, acks=sys.stdout.fileno())
+    sys.exit(0 if serve(parsed.path, prompts=parsed.prompts, acks=sys.stdout.fileno()) else 3)
