@@ -9,9 +9,10 @@ request body (both ends are this package, on the same Python;
 `capture.FRAME_HEAD`), and each
 frame's sequence number goes back on stdout once its line is written. A frame
 marked as sent before (to a writer that died) is skipped if its call is on disk
-already. A body sent as a delta (`capture.DELTA`) is rebuilt from the
-session's previous body (`capture.LastBodies`, kept as the proxy keeps its
-own), and what parses and scans it is told how much of it repeats that body;
+already. A body sent as a delta (`capture.DELTA`) is taken as the pieces of
+the session's previous body (`capture.LastBodies`, kept as the proxy keeps its
+own) up to the bytes it repeats, then the new bytes (`capture.BodyPieces`: not
+joined), and what parses and scans it is told how much of it repeats that body;
 a delta whose previous body this writer does not have ends the process
 without writing it (the proxy sends whatever is unconfirmed again, whole, to
 the writer it starts in its place). The process runs in its own session, so a Ctrl-C meant for the proxy
@@ -37,14 +38,14 @@ from ..prompts.tagging import PromptTagger
 from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
 from .body_parse import RequestBodies
 from .builder import RecordBuilder
-from .capture import ACK, DELTA, FRAME_HEAD, RESENT, CallCapture, LastBodies
+from .capture import ACK, DELTA, FRAME_HEAD, RESENT, BodyPieces, CallCapture, LastBodies
 from .secret_scan import SecretFieldScan
 
 
 def record_of(
     capture: CallCapture, tagger: PromptTagger | None = None, secret_scan: SecretFieldScan | None = None,
-    request_bodies: RequestBodies | None = None, repeats: tuple[bytes, int] | None = None,
-) -> tuple[dict[str, Any], set[str], bytes | None]:
+    request_bodies: RequestBodies | None = None, repeats: tuple[BodyPieces, int] | None = None,
+) -> tuple[dict[str, Any], set[str], bytes | BodyPieces | None]:
     """(the record's fields, secrets to scrub, request body to write as is);
     `repeats`: the session's previous body and how many bytes of it the
     request body begins with, when known."""
@@ -141,8 +142,10 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
                               f" (session {capture.session!r}); stopping, for the proxy to send it whole",
                               file=sys.stderr, flush=True)  # fmt: skip
                         return False
-                    capture.request_body = b"".join((memoryview(previous)[:shared], body))
+                    capture.request_body = BodyPieces.after(previous, shared, body)
                     repeats = previous, shared
+                else:
+                    capture.request_body = BodyPieces([body])
                 last_bodies.swap(capture.session, capture.request_body, len(capture.request_body))
                 try:
                     if not (flags & RESENT and already_written(capture)):
