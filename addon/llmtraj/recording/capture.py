@@ -14,8 +14,8 @@ import marshal
 import struct
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from itertools import accumulate
 from dataclasses import dataclass, field, fields
+from itertools import accumulate
 from typing import Any
 
 from ..core.headers import RawHeaders
