@@ -165,3 +165,10 @@ def test_long_streams_are_parsed_in_parts_as_the_general_path_parses_them(odd):
     record, taken = _same_both_ways(API_BY_NAME["chat.completions"], [*blocks, b"data: [DONE]\n\n"],
                                     [T0 + 1 + i / 1000 for i in range(151)])  # fmt: skip
     assert taken and len(record["events"]) == 151
+
+
+def test_chunks_may_be_bytearrays():
+    blocks = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n', b"data: [DONE]\n\n"]
+    api = API_BY_NAME["chat.completions"]
+    record, taken = _same_both_ways(api, list(map(bytearray, blocks)), [T0 + 1, T0 + 2])
+    assert taken and record == _same_both_ways(api, blocks, [T0 + 1, T0 + 2])[0]

@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from functools import partial
 from itertools import accumulate, repeat
-from operator import sub
+from operator import methodcaller, sub
 from typing import Any
 
 from pydantic_core import from_json
@@ -51,6 +51,7 @@ def base64_unless_utf8(data: bytes) -> str | None:
 # `event:` line, its data; `.` is any byte but LF). In a body of these blocks alone, without a CR, every two LFs
 # in a row end one, as they end a block in `SSEParser`.
 _USUAL_BLOCK = re.compile(rb"((event: .*\n)?data: (.*)\n\n)")
+_ENDS_BLOCK = methodcaller("endswith", b"\n\n")  # (chunks may be bytes or bytearrays)
 
 # Blocks whose data is parsed at a time: their JSON values, folded in and dropped, would otherwise be most of
 # what a stream taken at once holds beyond its record, and live long enough for the garbage collector to
@@ -224,7 +225,7 @@ class RecordBuilder:
         except UnicodeDecodeError:
             return False
         self.first_byte_at = times[0]
-        if len(chunks) != len(blocks) or not all(map(bytes.endswith, chunks, repeat(b"\n\n"))):
+        if len(chunks) != len(blocks) or not all(map(_ENDS_BLOCK, chunks)):
             # each block's time is that of the chunk its end came in
             ends = list(accumulate(map(len, chunks)))
             times = [times[bisect_left(ends, end)] for end in accumulate(map(len, blocks))]
