@@ -500,7 +500,9 @@ def test_the_writer_confirms_a_call_at_once_and_those_arriving_while_it_waits_to
                 time.sleep(0.05)
             big = _sse_capture(4)
             big.request_body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 300_000}]}).encode()
-            threading.Thread(target=os.write, args=(write_frames, b"".join(big.frame(4)))).start()  # (more than a pipe takes)
+            sending = threading.Thread(target=os.write, args=(write_frames, b"".join(big.frame(4))))  # (more than a pipe takes)
+            sending.start()
+            sending.join(30)
         finally:
             os.close(write_frames)
             writer.join(30)
@@ -509,6 +511,30 @@ def test_the_writer_confirms_a_call_at_once_and_those_arriving_while_it_waits_to
     assert b"".join(writes) == b"".join(map(ACK.pack, (1, 2, 3, 4)))
     assert os.read(read_acks, 100) == b"".join(map(ACK.pack, (2, 3, 4)))
     assert [len(r.request["messages"]) for r in read_records(tmp_path)] == [0, 0, 0, 1]
+
+
+def test_a_writer_busy_longer_than_its_pause_reads_on_at_once(tmp_path, monkeypatch):
+    """The pause counts from when the writer took its first call: one that
+    took longer to write (large bodies, a backlog) does not pause at all."""
+    import io
+    import threading
+
+    from llmtraj.recording import writer
+
+    pauses, sleep, make = [], writer.time.sleep, writer.record_of
+    monkeypatch.setattr(writer.time, "sleep", lambda seconds: (pauses.append(seconds), sleep(seconds)))
+    frames = b"".join(_sse_capture(1).frame(1) + _sse_capture(2).frame(2))
+    writer.serve(str(tmp_path / "quick"), io.BytesIO(frames), nap=0.3)
+    assert len(pauses) == 1 and 0.2 < pauses[0] <= 0.3  # (what writing took counts against it)
+
+    def slow(*args):
+        threading.Event().wait(0.2)
+        return make(*args)
+
+    pauses.clear()
+    monkeypatch.setattr(writer, "record_of", slow)
+    writer.serve(str(tmp_path / "slow"), io.BytesIO(frames), nap=0.3)
+    assert pauses == [] and len(list(read_records(tmp_path / "slow"))) == 2
 
 
 def test_wait_written_returns_once_a_burst_of_calls_is_on_disk(tmp_path):

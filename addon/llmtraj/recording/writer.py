@@ -94,11 +94,12 @@ def _short_body(capture: CallCapture) -> str | None:
     return f"the body ended after {received} of its {length} bytes (Content-Length)" if received < length else None
 
 
-# After acknowledging what it has written, the writer waits this long before
-# reading again: the calls that arrive meanwhile are read, written and
-# acknowledged in one wake-up (one read, one acknowledgement and, in the proxy,
-# one wake-up to read it), instead of one of each per call. A call waits at
-# most this long more for its line; an idle writer blocks on its input at once.
+# A writer woken by a call acknowledges what it has written and reads again
+# no sooner than this long after it woke: the calls that arrive meanwhile are
+# read, written and acknowledged in one wake-up (one read, one acknowledgement
+# and, in the proxy, one wake-up to read it), instead of one of each per call.
+# A call waits at most this long more for its line; a writer busy for longer
+# (large bodies, a backlog) does not pause; an idle one blocks on its input.
 NAP = 0.004
 _READ = 1 << 16  # at least this much per read (a frame longer than that is read whole)
 
@@ -140,7 +141,7 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
     each tagged with its system prompt's version in the registry at `prompts`,
     and acknowledge them on the file descriptor `acks` once written: all the
     frames read by then in one write, when no whole frame is left to write,
-    then wait `nap` seconds before reading more."""
+    then read more no sooner than `nap` seconds after the first of them."""
     frames = FrameReader(source or sys.stdin.buffer)
     tagger = PromptTagger(prompts) if prompts else None
     secret_scan = SecretFieldScan()
@@ -148,6 +149,7 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
     writer = TrajectoryWriter(path)
     on_disk: dict[Path, set[tuple[str, int, float]]] = {}  # calls in a file, read when a resent frame asks
     written = bytearray()  # acknowledgements not yet sent
+    woke = 0.0  # when the first of them was taken
 
     def already_written(capture: CallCapture) -> bool:
         file = writer.file_for(capture.session)
@@ -172,11 +174,14 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
             if frame is None:
                 if written:
                     acknowledge()
-                    time.sleep(nap)
+                    if (pause := woke + nap - time.monotonic()) > 0:
+                        time.sleep(pause)
                 if not frames.fill():
                     break  # end of input (a frame cut short: the proxy died mid-frame, that call was not finished)
                 continue
             seq, flags, data, body = frame
+            if not written:
+                woke = time.monotonic()
             try:
                 capture = CallCapture.unframe(data, body)
                 if not (flags & RESENT and already_written(capture)):
