@@ -13,7 +13,9 @@ the work, measured through the proxy.
              own cost of forwarding requests that grow to 1.8 MB, which the
              addon's share is told apart from
   writer     the record writer's CPU per call in process (`record_of` and the
-             store's append, as the writer process runs them) along a
+             store's append, as the writer process runs them, each body
+             rebuilt from the previous one and the new bytes the proxy
+             sends, told how much repeats the previous one) along a
              1000-turn conversation of the same turns, per 100 turns; with
              each whole body parsed and scanned for secret-named fields (as
              before the writer reused what a body repeats of the session's
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import httpx
 from llmtraj.cli.proxy_process import ProxyProcess, standin_process
+from llmtraj.core.chain import shared_prefix
 from llmtraj.core.store import TrajectoryReader, TrajectoryWriter, read_records
 from llmtraj.inspect.export import export
 from llmtraj.recording.body_parse import RequestBodies
@@ -151,16 +154,21 @@ def measure_writer_cpu(workdir: Path, turns: int = 1000) -> list[dict]:
     per_way = {}
     for way, scan, parses in (("as the writer does", SecretFieldScan(), RequestBodies()),
                               ("whole body parsed and scanned", None, None)):
-        writer, cpu = TrajectoryWriter(workdir / f"writer-{scan is None}"), []
+        writer, cpu, previous = TrajectoryWriter(workdir / f"writer-{scan is None}"), [], None
         for index, body in enumerate(bodies, start=1):
+            shared = shared_prefix(previous, body) if previous is not None else 0
+            new = body[shared:]  # (what comes through the pipe)
+            started = time.process_time()
+            if previous is not None:
+                body = b"".join((memoryview(previous)[:shared], new))
             capture = CallCapture(
                 api="chat.completions", session="w", index=index, mode="record", method="POST", url="http://up/v1/chat/completions",
                 request_headers=[(b"content-type", b"application/json"), (b"authorization", b"Bearer sk-bench-0123456789")],
                 request_body=body, started_at=1.0, status=200, response_headers=[(b"content-type", b"application/json")],
                 response_headers_at=1.1, chunks=[answer], chunk_times=[1.2], ended_at=1.3)  # fmt: skip
-            started = time.process_time()
-            writer.append(*record_of(capture, None, scan, parses))
+            writer.append(*record_of(capture, None, scan, parses, (previous, shared) if previous is not None else None))
             cpu.append(time.process_time() - started)
+            previous = body if scan is not None else None
         writer.close()
         per_way[way] = cpu
     rows = []

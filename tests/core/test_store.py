@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from llmtraj.core.record import SCHEMA_VERSION, Bridge, CallRecord, Timings
+from llmtraj.core.redact import REDACTED
 from llmtraj.core.session import InvalidSession
 from llmtraj.core.store import (
     SkippedLine,
@@ -438,14 +439,23 @@ def test_request_body_written_as_received_reads_back_equal(tmp_path):
     assert record.request == json.loads(body) and record.response == {"ok": True}
 
 
-@pytest.mark.parametrize("body", [b'{"model": "m",\n "messages": []}', b'{"api_key": "sk-123456789", "model": "m"}'])
-def test_request_bodies_that_cannot_be_written_as_received(body):
+@pytest.mark.parametrize("body", [b'{"model": "m",\r\n "messages": []}', b'{"api_key": "sk-123456789", "model": "m"}'])
+def test_request_bodies_that_cannot_be_written_as_received(tmp_path, body):
     from llmtraj.apis.chat_completions import ChatCompletions
     from llmtraj.recording.builder import RecordBuilder
 
     tee = RecordBuilder(api=ChatCompletions(), session="s", index=1, mode="record", method="POST",
                   url="http://u", request_headers=[], request_body=body)
-    assert tee.request_json is None  # a newline would break the line; a secret must be redacted
+    assert (tee.request_json is None) == (b"api_key" in body)  # a secret must be redacted
+    tee.response_started(200, [("content-type", "application/json")])
+    tee.chunk(b'{"ok": true}')
+    writer = TrajectoryWriter(tmp_path)
+    writer.append(tee.finish(), tee.secrets, tee.request_json)
+    writer.close()
+    line = (tmp_path / "s.jsonl").read_bytes()
+    assert body not in line and line.count(b"\n") == 1 and b"\r" not in line  # a line end would break the line
+    (record,) = read_records(tmp_path)
+    assert record.request == (json.loads(body) if b"api_key" not in body else {"api_key": REDACTED, "model": "m"})
 
 
 def test_a_bridged_calls_translated_request_is_chained_like_the_request(tmp_path):

@@ -128,7 +128,7 @@ class TrajectoryWriter:
         """Append one record: a `CallRecord`, or a dict of its fields (the
         recorder's hot path, which skips validating twice). `request_json`, if
         given, is the dict's `request` as JSON text, written as is when the
-        request is not stored as a reference and holds nothing to scrub.
+        request is not stored as a reference, is on one line and holds nothing to scrub.
 
         `secrets` (the call's secret header values) and credential shapes are
         scrubbed from the string values of what the line writes: a request
@@ -171,7 +171,8 @@ class TrajectoryWriter:
             stored_bridge, bridge_base = chains.encode(session + _BRIDGE_CHAIN, bridge_request)
             if bridge_base is not None:
                 line_fields["bridge"] = {**bridge, "request": stored_bridge, "request_base": bridge_base}
-        raw_request = request_json is not None and base is None
+        # (looked for line ends only here: a request stored as a reference, most of them, is not scanned)
+        raw_request = request_json is not None and base is None and b"\n" not in request_json and b"\r" not in request_json
         # The line is serialised around its events, which are scrubbed already
         # (the check for anything to scrub skips them): the fields before them,
         # the events, the fields after them.

@@ -51,15 +51,22 @@ class RequestBodies:
         self._bodies: OrderedDict[str, list[_Parsed]] = OrderedDict()
         self._sessions, self._budget, self._held = sessions, budget, 0
 
-    def parse(self, session: str, body: bytes) -> Any:
+    def parse(self, session: str, body: bytes, repeats: tuple[bytes, int] | None = None) -> Any:
+        """`repeats`: a body and the length of the prefix `body` shares with
+        it, when known; if it is one of the earlier bodies, sharing enough,
+        that one is reused and none is compared."""
         if len(body) < MIN_BODY:
             return from_json(body)
         earlier = self._bodies.pop(session, [])
         self._held -= sum(len(e.body) for e in earlier)
         best, shared = None, 0
-        for parsed in earlier:
-            if (n := shared_prefix(parsed.body, body)) > shared:
-                best, shared = parsed, n
+        if repeats is not None and repeats[1] >= MIN_BODY:
+            best = next((parsed for parsed in earlier if parsed.body is repeats[0]), None)
+            shared = repeats[1] if best is not None else 0
+        if best is None:
+            for parsed in earlier:
+                if (n := shared_prefix(parsed.body, body)) > shared:
+                    best, shared = parsed, n
         reused = _reuse(best, body, shared) if best is not None and shared >= MIN_BODY else None
         if reused is None:
             value = from_json(body)

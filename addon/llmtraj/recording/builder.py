@@ -66,21 +66,24 @@ class RecordBuilder:
         started_at: float | None = None,
         secret_scan: SecretFieldScan | None = None,
         request_bodies: RequestBodies | None = None,
+        repeats: tuple[bytes, int] | None = None,  # the session's previous body, the bytes this one repeats of it
     ) -> None:
         self.api = api
         headers, self.secrets = redact_headers(request_headers)
         request, request_raw = parse_json_body(
-            request_body, partial(request_bodies.parse, session) if request_bodies is not None else from_json
+            request_body,
+            partial(request_bodies.parse, session, repeats=repeats) if request_bodies is not None else from_json,
         )
         # The body for the writer to write as received, when it is valid JSON
-        # (just parsed), has nothing to redact and fits on one line: serialising
-        # a long conversation again on every call costs more than parsing it did.
+        # (just parsed) and has nothing to redact (the store writes it if it
+        # fits on one line): serialising a long conversation again on every
+        # call costs more than parsing it did.
         self.request_json: bytes | None = None
         if request is not None:
-            if (secret_scan.may_have_secret_fields(session, request_body) if secret_scan is not None
+            if (secret_scan.may_have_secret_fields(session, request_body, repeats) if secret_scan is not None
                     else may_have_secret_fields(request_body)):  # fmt: skip
                 request = redact_fields(request, self.secrets)
-            elif b"\n" not in request_body and b"\r" not in request_body:
+            else:
                 self.request_json = request_body
         self.started_at = started_at or time.time()
         self.fields: RecordFields = {

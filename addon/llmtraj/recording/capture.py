@@ -4,20 +4,27 @@ writer pipe: references to the bytes as they pass, and when; no parsing, no copi
 The request body, which grows with the conversation (megabytes in a long
 session), goes into the pipe as the pieces it arrived in, after the rest of the
 capture: the proxy never copies it (marshal would, and so would joining it to
-its head)."""
+its head). A session's next body mostly repeats its previous one: it goes as
+"the first N bytes of this session's previous body, then these bytes" (`DELTA`),
+against the previous body the writer has (`LastBodies`)."""
 
 from __future__ import annotations
 
 import marshal
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..core.headers import RawHeaders
 
-# A frame on the writer pipe: this head, the capture's marshal data without its request body, then that body.
-FRAME_HEAD = struct.Struct("!IIQB")  # length of the marshal data, of the body, sequence number, flags
+# A frame on the writer pipe: this head, the capture's marshal data without its request body, then that body
+# (or, with DELTA, what follows the bytes it shares with the session's previous body).
+# The head: length of the marshal data, of the body bytes that follow, sequence number, flags,
+# the bytes shared with the previous body and that body's length (both 0 without DELTA).
+FRAME_HEAD = struct.Struct("!IIQBQQ")
 RESENT = 1  # flag: sent before to a writer that died, so it may be on disk already
+DELTA = 2  # flag: the body is the first `shared` bytes of the session's previous body, then the bytes that follow
 ACK = struct.Struct("!Q")  # the writer's acknowledgement: a frame's sequence number, its line written
 
 
@@ -48,15 +55,25 @@ class CallCapture:
     weight_version: str | int | None = None  # the trainer's policy version when the call came in
     bridge: dict[str, Any] | None = None  # the upstream side of a bridged call: `bridge.BridgedCall.note`
 
-    def frame(self, seq: int = 0, flags: int = 0) -> list[bytes]:
+    def body_pieces(self) -> list[bytes]:
+        """The request body's pieces, none empty."""
+        body = self.request_body
+        return [piece for piece in ([body] if isinstance(body, bytes) else body) if piece]
+
+    def frame(self, seq: int = 0, flags: int = 0, shared: int = 0, base: int = 0) -> list[bytes | memoryview]:
         """The frame as the pieces to write in order: the head and marshal
-        data, then the request body's pieces (none empty)."""
+        data, then the request body's pieces (none empty); with `DELTA` in
+        `flags`, only what follows its first `shared` bytes, which repeat the
+        session's previous body (of `base` bytes)."""
         # marshal: the fastest stdlib serialiser for plain values, and both
         # ends run the same Python (the child is started with sys.executable)
         data = marshal.dumps([getattr(self, name) for name in _MARSHALLED])
-        body = self.request_body
-        pieces = [piece for piece in ([body] if isinstance(body, bytes) else body) if piece]
-        return [FRAME_HEAD.pack(len(data), sum(map(len, pieces)), seq, flags) + data, *pieces]
+        pieces = self.body_pieces()
+        if flags & DELTA:
+            pieces = _after(pieces, shared)
+        else:
+            shared = base = 0
+        return [FRAME_HEAD.pack(len(data), sum(map(len, pieces)), seq, flags, shared, base) + data, *pieces]
 
     @classmethod
     def unframe(cls, data: bytes, request_body: bytes) -> CallCapture:
@@ -65,10 +82,79 @@ class CallCapture:
         return cls(*values)
 
 
-def resent(frame: list[bytes]) -> list[bytes]:
-    """The frame marked as sent before (its pieces but the first shared)."""
-    data, body, seq, _ = FRAME_HEAD.unpack_from(frame[0])
-    return [FRAME_HEAD.pack(data, body, seq, RESENT) + frame[0][FRAME_HEAD.size :], *frame[1:]]
+def resent(frame: list[bytes | memoryview], body: list[bytes]) -> list[bytes | memoryview]:
+    """The frame marked as sent before, with its whole `body` (the pieces of
+    the capture's body): a writer started anew has no previous body."""
+    data, _, seq, *_ = FRAME_HEAD.unpack_from(frame[0])
+    return [FRAME_HEAD.pack(data, sum(map(len, body)), seq, RESENT, 0, 0) + frame[0][FRAME_HEAD.size :], *body]
+
+
+def _after(pieces: list[bytes], start: int) -> list[bytes | memoryview]:
+    """The pieces of what follows the first `start` bytes (views, not copies)."""
+    for i, piece in enumerate(pieces):
+        if start < len(piece):
+            return [memoryview(piece)[start:] if start else piece, *pieces[i + 1 :]]
+        start -= len(piece)
+    return []
+
+
+def shared_length(a: list[bytes], b: list[bytes]) -> int:
+    """The length of the prefix two bodies given as pieces share: compared in
+    C a stretch at a time (`startswith` of a view of the other's piece: a
+    memcmp, no copy), the stretch that differs bisected the same way."""
+    done = i = j = at_a = at_b = 0
+    while i < len(a) and j < len(b):
+        x, y = a[i], b[j]
+        n = min(len(x) - at_a, len(y) - at_b)
+        view = memoryview(x)[at_a : at_a + n]
+        if not y.startswith(view, at_b):
+            lo, hi = 0, n - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if y.startswith(view[lo:mid], at_b + lo):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return done + lo
+        done, at_a, at_b = done + n, at_a + n, at_b + n
+        if at_a == len(x):
+            i, at_a = i + 1, 0
+        if at_b == len(y):
+            j, at_b = j + 1, 0
+    return done
+
+
+class LastBodies:
+    """The last request body sent down the writer pipe of each session (the
+    proxy's: its pieces; the writer's: bytes), for the sessions sent to last
+    within a budget of bytes. Both ends keep one each and put every frame's
+    body into it in the order the frames go through the pipe, so they hold the
+    same bodies: what the proxy sends a delta against, the writer has."""
+
+    def __init__(self, sessions: int = 1024, budget: int = 256 << 20) -> None:
+        self._bodies: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._sessions, self._budget, self._held = sessions, budget, 0
+
+    def swap(self, session: str, body: Any, length: int) -> tuple[Any, int] | None:
+        """Keep `body` (of `length` bytes) as the session's last; (the one
+        before, its length), if it was kept."""
+        previous = self._bodies.pop(session, None)
+        if previous is not None:
+            self._held -= previous[1]
+        self._bodies[session] = (body, length)
+        self._held += length
+        while self._bodies and (len(self._bodies) > self._sessions or self._held > self._budget):
+            self._held -= self._bodies.popitem(last=False)[1][1]
+        return previous
+
+    def last(self, session: str) -> Any:
+        """The session's last body, if it is kept."""
+        kept = self._bodies.get(session)
+        return kept[0] if kept is not None else None
+
+    def clear(self) -> None:
+        self._bodies.clear()
+        self._held = 0
 
 
 _CAPTURE_FIELDS = [f.name for f in fields(CallCapture)]

@@ -25,14 +25,17 @@ class SecretFieldScan:
         self._clean: OrderedDict[str, bytes] = OrderedDict()
         self._sessions, self._budget, self._held = sessions, budget, 0
 
-    def may_have_secret_fields(self, session: str, body: bytes) -> bool:
+    def may_have_secret_fields(self, session: str, body: bytes, repeats: tuple[bytes, int] | None = None) -> bool:
         """As `core.redact.may_have_secret_fields(body)`, scanning only what
-        follows the part of `body` that repeats the session's previous body."""
+        follows the part of `body` that repeats the session's previous body
+        (`repeats`: a body and the length of the prefix `body` shares with
+        it, when known: not compared again)."""
         previous = self._clean.pop(session, None)
         start = 0
         if previous is not None:
             self._held -= len(previous)
-            start = scan_start(body, shared_prefix(previous, body))
+            known = repeats is not None and repeats[0] is previous
+            start = scan_start(body, repeats[1] if known else shared_prefix(previous, body))
         found = may_have_secret_fields(memoryview(body)[start:] if start else body)
         if not found:
             self._clean[session] = body

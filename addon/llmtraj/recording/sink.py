@@ -11,7 +11,14 @@ the hook that ends the call, which mitmproxy runs before the client gets the
 end of the response: once an agent has its answer the call is in the pipe, and
 the writer (in its own session) writes it even if the proxy is killed.
 `wait_written` waits until every call of a session handed over so far is
-confirmed (the proxy's written barrier)."""
+confirmed (the proxy's written barrier).
+
+A request body goes as a delta against the session's previous body when it
+begins with a good part of it (`capture.DELTA`): the writer then reads only
+what is new. The previous body is the one of the session's last frame sent to
+the running writer, in pipe order (`LastBodies`, kept alike at both ends); a
+writer started anew has none, so frames sent again go whole, and so does the
+first of every session after them."""
 
 from __future__ import annotations
 
@@ -26,11 +33,12 @@ import sys
 import time
 from collections import deque
 
-from .capture import ACK, CallCapture, resent
+from .capture import ACK, DELTA, CallCapture, LastBodies, resent, shared_length
 
 _PIPE_SIZE = 1 << 20  # room for bursts before our own buffer is used
 _MAX_TRIES = 8  # writers that may die with a call pending before it is given up (a writer killed while starting counts too)
 _PIECES_PER_WRITE = 64  # (within any system's IOV_MAX)
+_MIN_DELTA = 1 << 10  # a body sharing less with the session's previous one goes whole
 # glibc's malloc gives a large block back to the system when it is freed and
 # faults fresh pages in for the next one: in the writer, which takes a body of
 # megabytes per call, that was near half its CPU per call. Blocks up to 32 MB
@@ -55,8 +63,9 @@ class RecordSink:
         self._proc: subprocess.Popen | None = None
         self._fd = self._ack_fd = -1
         self._next_seq = 1
-        # frames not yet confirmed, by sequence number in order sent: (frame's pieces, writers it was sent to)
-        self._unacked: dict[int, tuple[list[bytes], int]] = {}
+        # frames not yet confirmed, by sequence number in order sent: (frame's pieces, writers it was sent to, the body's pieces)
+        self._unacked: dict[int, tuple[list[bytes | memoryview], int, list[bytes]]] = {}
+        self._last_bodies = LastBodies()  # what the running writer has of each session (see `_frame`)
         self._pending: deque[bytes | memoryview] = deque()  # pieces of frames not yet in the pipe (the first maybe in part)
         self._acks = bytearray()  # a partial acknowledgement read so far
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop watching the pipes
@@ -112,18 +121,31 @@ class RecordSink:
 
     def send(self, capture: CallCapture) -> None:
         seq, self._next_seq = self._next_seq, self._next_seq + 1
-        frame = capture.frame(seq)
-        self._unacked[seq] = (frame, 1)
+        if self._proc is None and self._restart_scheduled is None:
+            self.start()
+        body = capture.body_pieces()
+        frame = self._frame(capture, seq, body)
+        self._unacked[seq] = (frame, 1, body)
         self._unwritten.setdefault(capture.session, set()).add(seq)
         self._session_of[seq] = capture.session
         self.sent += 1
         self._pending.extend(frame)
         if self._restart_scheduled is not None:
             return  # the restart to come sends it with the others
-        if self._proc is None:
-            self.start()
         self._watch()
         self._write()
+
+    def _frame(self, capture: CallCapture, seq: int, body: list[bytes]) -> list[bytes | memoryview]:
+        """The capture's frame, its body as a delta against the session's
+        previous one where it can be. Every frame's body is kept as its
+        session's last, in the order the frames go into the pipe: the writer
+        keeps the same ones (a frame the pipe does not take yet goes before
+        any later one)."""
+        length = sum(map(len, body))
+        previous = self._last_bodies.swap(capture.session, body, length)
+        if previous is not None and (shared := shared_length(previous[0], body)) >= _MIN_DELTA:
+            return capture.frame(seq, DELTA, shared, previous[1])
+        return capture.frame(seq)
 
     def _write(self) -> None:
         if self._proc is None or not self._pending:
@@ -236,23 +258,28 @@ class RecordSink:
 
     def _resend_frames(self) -> list[bytes]:
         """The pieces of the unconfirmed frames marked as sent before (the new
-        writer skips a call already on disk); a call whose writer died
-        `_MAX_TRIES` times is given up, with an error."""
+        writer skips a call already on disk), each body whole (the new writer
+        has no previous body: each becomes its session's last); a call whose
+        writer died `_MAX_TRIES` times is given up, with an error."""
         pieces = []
-        for seq, (frame, tries) in list(self._unacked.items()):
+        self._last_bodies.clear()
+        for seq, (frame, tries, body) in list(self._unacked.items()):
             if tries >= _MAX_TRIES:
                 del self._unacked[seq]
                 self._settled(seq)
                 logger.error(f"llm-traj: a call was not recorded: {tries} record writers died with it pending")
                 continue
-            self._unacked[seq] = (frame, tries + 1)
-            pieces += resent(frame)
+            frame = resent(frame, body)
+            self._unacked[seq] = (frame, tries + 1, body)
+            self._last_bodies.swap(self._session_of[seq], body, sum(map(len, body)))
+            pieces += frame
         return pieces
 
     def _stop_watching_and_reap(self) -> str:
         proc, self._proc = self._proc, None
         self._unwatch()
         self._acks.clear()
+        self._last_bodies.clear()  # (what it had is gone with it)
         if proc is None:
             return "not running"
         if proc.poll() is None:  # closed its pipes but lives on: not a writer we can use

@@ -11,7 +11,12 @@ once its line is written: those of all the frames read by then in one write,
 after which the writer pauses a few ms (`NAP`) so that the calls of a burst
 are taken in one wake-up, not one each. A frame
 marked as sent before (to a writer that died) is skipped if its call is on disk
-already. The process runs in its own session, so a Ctrl-C meant for the proxy
+already. A body sent as a delta (`capture.DELTA`) is rebuilt from the
+session's previous body (`capture.LastBodies`, kept as the proxy keeps its
+own), and what parses and scans it is told how much of it repeats that body;
+a delta whose previous body this writer does not have ends the process
+without writing it (the proxy sends whatever is unconfirmed again, whole, to
+the writer it starts in its place). The process runs in its own session, so a Ctrl-C meant for the proxy
 does not reach it, and ends at end of input, once whatever arrived is written:
 a proxy killed with `kill -9` loses no call it had finished.
 """
@@ -35,18 +40,21 @@ from ..prompts.tagging import PromptTagger
 from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
 from .body_parse import RequestBodies
 from .builder import RecordBuilder
-from .capture import ACK, FRAME_HEAD, RESENT, CallCapture
+from .capture import ACK, DELTA, FRAME_HEAD, RESENT, CallCapture, LastBodies
 from .secret_scan import SecretFieldScan
 
 
 def record_of(
     capture: CallCapture, tagger: PromptTagger | None = None, secret_scan: SecretFieldScan | None = None,
-    request_bodies: RequestBodies | None = None,
+    request_bodies: RequestBodies | None = None, repeats: tuple[bytes, int] | None = None,
 ) -> tuple[dict[str, Any], set[str], bytes | None]:
-    """(the record's fields, secrets to scrub, request body to write as is)."""
+    """(the record's fields, secrets to scrub, request body to write as is);
+    `repeats`: the session's previous body and how many bytes of it the
+    request body begins with, when known."""
     tee = RecordBuilder(
         secret_scan=secret_scan,
         request_bodies=request_bodies,
+        repeats=repeats,
         api=API_BY_NAME[capture.api],
         session=capture.session,
         index=capture.index,
@@ -119,12 +127,13 @@ class FrameReader:
         self._buffer += data
         return bool(data)
 
-    def take(self) -> tuple[int, int, bytes, bytes] | None:
-        """(sequence number, flags, marshal data, request body) of the next frame, if it is whole."""
+    def take(self) -> tuple[tuple[int, int, int, int, int, int], bytes, bytes] | None:
+        """(its head's fields, marshal data, request body) of the next frame, if it is whole."""
         buffer = self._buffer
         if len(buffer) < FRAME_HEAD.size:
             return None
-        length, body_length, seq, flags = FRAME_HEAD.unpack_from(buffer)
+        fields = FRAME_HEAD.unpack_from(buffer)
+        length, body_length = fields[:2]
         data_end = FRAME_HEAD.size + length
         self._need = end = data_end + body_length
         if len(buffer) < end:
@@ -133,19 +142,21 @@ class FrameReader:
             data, body = bytes(view[FRAME_HEAD.size : data_end]), bytes(view[data_end:end])
         del buffer[:end]
         self._need = FRAME_HEAD.size
-        return seq, flags, data, body
+        return fields, data, body
 
 
-def serve(path: str, source=None, prompts: str | None = None, acks: int | None = None, nap: float = NAP) -> None:
+def serve(path: str, source=None, prompts: str | None = None, acks: int | None = None, nap: float = NAP) -> bool:
     """Write every capture read from `source` (stdin) to the trajectory at `path`,
     each tagged with its system prompt's version in the registry at `prompts`,
     and acknowledge them on the file descriptor `acks` once written: all the
     frames read by then in one write, when no whole frame is left to write,
-    then read more no sooner than `nap` seconds after the first of them."""
+    then read more no sooner than `nap` seconds after the first of them;
+    False if it stopped at a delta whose previous body it does not have."""
     frames = FrameReader(source or sys.stdin.buffer)
     tagger = PromptTagger(prompts) if prompts else None
     secret_scan = SecretFieldScan()
     request_bodies = RequestBodies()
+    last_bodies = LastBodies()
     writer = TrajectoryWriter(path)
     on_disk: dict[Path, set[tuple[str, int, float]]] = {}  # calls in a file, read when a resent frame asks
     written = bytearray()  # acknowledgements not yet sent
@@ -179,20 +190,37 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
                 if not frames.fill():
                     break  # end of input (a frame cut short: the proxy died mid-frame, that call was not finished)
                 continue
-            seq, flags, data, body = frame
+            (_, _, seq, flags, shared, base), data, body = frame
             if not written:
                 woke = time.monotonic()
             try:
                 capture = CallCapture.unframe(data, body)
-                if not (flags & RESENT and already_written(capture)):
-                    writer.append(*record_of(capture, tagger, secret_scan, request_bodies))
             except Exception as exc:  # one bad call must not cost the others
                 print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
+                last_bodies.clear()  # its session's last body is unknown: no delta is taken against a wrong one
+            else:
+                repeats = None
+                if flags & DELTA:
+                    previous = last_bodies.last(capture.session)
+                    if previous is None or len(previous) != base or shared > base:
+                        print(f"llm-traj: the record writer does not have the body a call's request repeats"
+                              f" (session {capture.session!r}); stopping, for the proxy to send it whole",
+                              file=sys.stderr, flush=True)  # fmt: skip
+                        return False
+                    capture.request_body = b"".join((memoryview(previous)[:shared], body))
+                    repeats = previous, shared
+                last_bodies.swap(capture.session, capture.request_body, len(capture.request_body))
+                try:
+                    if not (flags & RESENT and already_written(capture)):
+                        writer.append(*record_of(capture, tagger, secret_scan, request_bodies, repeats))
+                except Exception as exc:  # one bad call must not cost the others
+                    print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
             written += ACK.pack(seq)
     finally:
         writer.close()
-        if written:
+        if written:  # (those written before a delta it could not take too)
             acknowledge()
+    return True
 
 
 if __name__ == "__main__":
@@ -206,4 +234,4 @@ if __name__ == "__main__":
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     logging.basicConfig(format="%(message)s")  # its warnings (a trajectory file rotated) on the proxy's stderr
-    serve(parsed.path, prompts=parsed.prompts, acks=sys.stdout.fileno())
+    sys.exit(0 if serve(parsed.path, prompts=parsed.prompts, acks=sys.stdout.fileno()) else 3)
