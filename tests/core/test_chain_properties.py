@@ -181,3 +181,31 @@ def test_shared_prefix_and_suffix_are_maximal_whatever_the_guess(a, b, guess, cu
     limit = min(len(a), len(b), cut)
     assert _shared_prefix(a, b, limit, guess) == _naive_shared(a, b, limit, suffix=False)
     assert _shared_suffix(a, b, limit, guess) == _naive_shared(a, b, limit, suffix=True)
+
+
+@settings(max_examples=max(300, settings.default.max_examples), deadline=None)
+@given(st.lists(st.tuples(st.text(alphabet="ab", max_size=6), st.text(alphabet="abé", max_size=4),
+                          st.text(alphabet="ab", max_size=6)), max_size=12),
+       st.text(alphabet="ab", min_size=0, max_size=12), st.integers(0, 4))  # fmt: skip
+def test_events_are_stored_by_their_longest_shared_prefix_and_suffix(parts, frame, reach):
+    # Events of a stream: a shared frame around a changing middle; the lengths one pair had are tried on the next
+    # (and the strings of that pair's prefix and suffix reused): whatever they are, each event is stored by the
+    # longest prefix it shares with the one before, then the longest suffix in what remains, and read back whole.
+    from llmtraj.core.chain import _MIN_SHARED, decode_events, encode_events
+
+    events = [{"t": i, "raw": frame + a + b + c + frame} for i, (a, b, c) in enumerate(parts)]
+    near: list[str] = []
+    stored = encode_events(events, near, reach)
+    assert decode_events(stored) == events
+    previous = ""
+    for event, kept, seen in zip(events, stored, near):
+        raw = event["raw"]
+        limit = min(len(raw), len(previous))
+        p = _naive_shared(raw, previous, limit, suffix=False)
+        s = _naive_shared(raw, previous, limit - p, suffix=True)
+        if p + s >= _MIN_SHARED:
+            assert (kept["p"], kept["s"], kept["raw"]) == (p, s, raw[p : len(raw) - s])
+            assert seen == raw[max(0, p - reach) : len(raw) - s + reach]
+        else:
+            assert kept is event and seen == raw
+        previous = raw

@@ -26,11 +26,22 @@ LOGPROBS = st.none() | st.fixed_dictionaries({"content": st.lists(LOGPROB, max_s
 FINISH = st.sampled_from([None, "stop", "length", "tool_calls"])
 
 
+# /v1/completions: the text and its logprobs in lists
+TEXT_LOGPROBS = st.none() | st.fixed_dictionaries({
+    "tokens": st.lists(TEXT, max_size=2), "token_logprobs": st.lists(st.floats(-50, 0), max_size=2),
+    "top_logprobs": st.none(), "text_offset": st.lists(st.integers(0, 99), max_size=2)})  # fmt: skip
+
+
 @st.composite
 def choice(draw: st.DrawFn, index: int) -> dict[str, Any]:
-    delta = draw(st.sampled_from([{}, {"content": draw(TEXT)}, {"role": "assistant", "content": ""},
-                                  {"reasoning_content": draw(TEXT)}]))  # fmt: skip
-    out: dict[str, Any] = {"index": index, "delta": delta, "logprobs": draw(LOGPROBS), "finish_reason": draw(FINISH)}
+    if draw(st.booleans()):
+        delta = draw(st.sampled_from([{}, {"content": draw(TEXT)}, {"role": "assistant", "content": ""},
+                                      {"reasoning_content": draw(TEXT)},
+                                      {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                       "function": {"name": draw(TEXT), "arguments": draw(TEXT)}}]}]))  # fmt: skip
+        out: dict[str, Any] = {"index": index, "delta": delta, "logprobs": draw(LOGPROBS), "finish_reason": draw(FINISH)}
+    else:
+        out = {"index": index, "text": draw(TEXT), "logprobs": draw(TEXT_LOGPROBS), "finish_reason": draw(FINISH)}
     if draw(st.booleans()):
         out["stop_reason"] = None
     if draw(st.booleans()):
@@ -42,7 +53,8 @@ def choice(draw: st.DrawFn, index: int) -> dict[str, Any]:
 
 @st.composite
 def chunk(draw: st.DrawFn) -> dict[str, Any]:
-    """A chat stream chunk as vLLM or SGLang writes it (keys in their order)."""
+    """A stream chunk as vLLM or SGLang writes it (keys in their order): chat
+    (text, reasoning, tool calls) or completions, up to two choices."""
     out: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": draw(TEXT)}
     choices = [draw(choice(i)) for i in range(draw(st.integers(0, 2)))]
     out["choices"] = choices

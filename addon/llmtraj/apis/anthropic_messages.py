@@ -120,6 +120,11 @@ class AnthropicMessageAggregator:
         except ValueError as exc:
             self.problems.append(f"{name or 'event'} is not JSON ({exc}): {data[:200]!r}")
             return
+        self.add_parsed(name, data, event)
+
+    def add_parsed(self, name: str | None, data: str, event: Any) -> None:
+        if name == "ping":
+            return
         if not isinstance(event, dict):
             self.problems.append(f"{name or 'event'} is not a JSON object: {data[:200]!r}")
             return

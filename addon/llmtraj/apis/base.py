@@ -15,6 +15,11 @@ class StreamAggregator(Protocol):
     def add(self, block: SSEBlock) -> None:
         """Fold one SSE block of the response stream into the aggregate."""
 
+    def add_parsed(self, name: str | None, data: str, value: Any) -> None:
+        """Fold one whole block with data into the aggregate, its data already
+        parsed as JSON (`value`): the same as `add` of that block (its `event`
+        is `name`), without parsing it again."""
+
     def result(self) -> dict[str, Any] | None:
         """The final object as a non-streamed call would have returned it, or
         None when no event carried any part of it."""

@@ -113,6 +113,9 @@ class ChatCompletionAggregator:
             else:
                 self.problems.append(f"event is not JSON ({exc}): {data[:200]!r}")
             return
+        self.add_parsed(block.event, data, chunk)
+
+    def add_parsed(self, name: str | None, data: str, chunk: Any) -> None:
         if not isinstance(chunk, dict):
             self.problems.append(f"event is not a JSON object: {data[:200]!r}")
             return

@@ -215,10 +215,13 @@ class ResponsesAggregator:
             if data.strip() != "[DONE]":  # [DONE]: some compatible servers
                 self.problems.append(f"event is not JSON ({exc}): {data[:200]!r}")
             return
+        self.add_parsed(block.event, data, event)
+
+    def add_parsed(self, name: str | None, data: str, event: Any) -> None:
         if not isinstance(event, dict):
             self.problems.append(f"event is not a JSON object: {data[:200]!r}")
             return
-        kind = event.get("type") or block.event
+        kind = event.get("type") or name
         if not isinstance(kind, str):
             self.problems.append(f"event without a type: {data[:200]!r}")
             return

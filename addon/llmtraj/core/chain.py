@@ -243,29 +243,47 @@ def _shared_suffix(a: str, b: str, limit: int, guess: int = 0) -> int:
 _MIN_SHARED = 8  # below this, `"p":..,"s":..` costs more than it saves
 
 
-def encode_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle."""
+def encode_events(events: list[dict[str, Any]], near: list[str] | None = None, reach: int = 0) -> list[dict[str, Any]]:
+    """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle.
+    `near`, if given, gets what each raw adds to the one before it with `reach` characters to either
+    side (all of a raw stored whole), for the search for secrets (`store._events_may_hold`)."""
     out = []
     append = out.append
-    previous = ""
+    keep = near.append if near is not None else None
+    previous = head = tail = ""
     p = s = m = 0
     for event in events:
         raw = event["raw"]
         n = len(raw)
         limit = n if n < m else m
-        # The previous pair's p and s first, without a call: most events differ from the one before in their delta alone.
-        if not (0 < p <= limit and raw.startswith(previous[:p]) and (p == limit or raw[p] != previous[p])):
+        # The previous pair's p and s first, without a call: most events differ from the one before in their
+        # delta alone (and then share the very `head` and `tail` strings the previous pair did), or their
+        # deltas share one character more or less (a token's leading space).
+        if 0 < p <= limit and raw.startswith(head):
+            if p < limit and raw[p] == previous[p]:
+                if p + 1 == limit or raw[p + 1] != previous[p + 1]:
+                    p += 1
+                else:
+                    p = _shared_prefix(raw, previous, limit, p)
+                head = raw[:p]
+        elif 1 < p <= limit and raw.startswith(head[:-1]):
+            p -= 1
+            head = head[:-1]
+        else:
             p = _shared_prefix(raw, previous, limit, p)
+            head = raw[:p]
         rest = limit - p
-        if not (0 < s <= rest and raw.endswith(previous[m - s :]) and (s == rest or raw[n - s - 1] != previous[m - s - 1])):
+        if not (0 < s <= rest and raw.endswith(tail) and (s == rest or raw[n - s - 1] != previous[m - s - 1])):
             s = _shared_suffix(raw, previous, rest, s)
+            tail = raw[n - s :]
         if p + s >= _MIN_SHARED:
-            stored = event.copy()  # (its raw_base64 too, if any)
-            stored["raw"] = raw[p : n - s]
-            stored["p"], stored["s"] = p, s
-            append(stored)
+            append({**event, "raw": raw[p : n - s], "p": p, "s": s})  # (its raw_base64 too, if any)
+            if keep is not None:
+                keep(raw[p - reach if p > reach else 0 : n - s + reach])
         else:
             append(event)
+            if keep is not None:
+                keep(raw)
         previous, m = raw, n
     return out
 

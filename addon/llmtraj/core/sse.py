@@ -87,6 +87,11 @@ class SSEParser:
         self._scan = self._resume_at(len(self._buf))
         return blocks
 
+    def started(self) -> None:
+        """The stream's first blocks were taken without this parser (whole
+        blocks without a CR): it goes on as if it had parsed them."""
+        self._at_stream_start = False
+
     def finish(self) -> list[SSEBlock]:
         """End of stream: a trailing CR is a line end, and an unterminated last
         block is returned with `terminated=False` (per the spec it dispatches no

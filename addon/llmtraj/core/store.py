@@ -27,6 +27,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +155,12 @@ class TrajectoryWriter:
                 line_fields["request_base"] = base
         stored_events = None
         if events := fields.get("events"):
-            stored_events = encode_events(events)
-            if _events_may_hold(events, stored_events, scrubber):
+            near: list[str] = []
+            stored_events = encode_events(events, near, scrubber.reach)
+            if _events_may_hold(events, near, scrubber):
                 events = [{**event, "raw": scrubber.text(event["raw"])} for event in events]
                 stored_events = None
-            if any(event.get("raw_base64") for event in events):
+            if any(map(dict.get, events, repeat("raw_base64"))):
                 events = [{**event, "raw_base64": _scrubbed_base64(event["raw_base64"], scrubber)}
                           if event.get("raw_base64") else event for event in events]  # fmt: skip
                 stored_events = None
@@ -277,16 +279,13 @@ def _redacted_places(fields: Mapping[str, Any], scrubber: Scrubber) -> dict[str,
     return out
 
 
-def _events_may_hold(events: list[dict[str, Any]], stored: list[dict[str, Any]], scrubber: Scrubber) -> bool:
+def _events_may_hold(events: list[dict[str, Any]], near: list[str], scrubber: Scrubber) -> bool:
     """Whether any event's `raw` holds anything to scrub (`Scrubber.may_hold_text`
     of each). An event stored as a reference to the one before it (`p`, `s`)
-    is searched only around its middle: what it shares with that one was
-    searched there (by induction, the first event in which a secret or a
-    shape's start occurs has it within reach of its middle). Only when
-    something is found there are the whole texts searched."""
-    reach = scrubber.reach
-    near = [event["raw"] if "p" not in kept else event["raw"][max(0, kept["p"] - reach) : len(event["raw"]) - kept["s"] + reach]
-            for event, kept in zip(events, stored)]  # fmt: skip
+    is searched only around its middle (`near`, from `encode_events`): what it
+    shares with that one was searched there (by induction, the first event in
+    which a secret or a shape's start occurs has it within reach of its
+    middle). Only when something is found there are the whole texts searched."""
     return scrubber.mentions("".join(near)) and scrubber.may_hold_text("".join(event["raw"] for event in events))
 
 

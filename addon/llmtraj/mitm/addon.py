@@ -168,7 +168,7 @@ def make_addons() -> list[object]:
     parts = [
         options, OpenAIShapedProxyErrors(), QuietStreamingLog(), loopback, Routing(options), TrainerControls(options, access),
         prompting, ProxyEndpoints(options, replayer, recorder), replayer, OfflineReplay(options, replayer), upstream_routing,
-        recorder, ModelListKeeper(options), anticalling, access, TokenCapture(options, upstream_routing),
+        recorder, ModelListKeeper(options), anticalling, access, TokenCapture(options, upstream_routing, recorder),
         forwarding, uploading, WebAnnotations(options), WebChatView(),
         UpstreamIdleTimeout(options),  # last: it watches the calls no part answered, with the body's stream set
     ]

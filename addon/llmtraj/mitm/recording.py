@@ -196,9 +196,26 @@ class Recorder:
             return
         response = flow.response
         capture.status = response.status_code
-        capture.response_headers = headers = list(response.headers.fields)
+        capture.response_headers = list(response.headers.fields)
         capture.response_headers_at = response.timestamp_start
+        response.stream = self._capturing(flow, capture)
+
+    def stream_through(self, flow: http.HTTPFlow, passing: Callable[[bytes], bytes]) -> bool:
+        """Has the response's stream function hand each chunk, once captured, to
+        `passing`, which returns what the agent gets instead (b"" for nothing
+        yet): one call a chunk, where a function wrapped around the stream
+        function costs two. False when this recorder does not capture the flow."""
+        capture = self._captures.get(flow.id)
+        if capture is None or capture.status is None:
+            return False
+        flow.response.stream = self._capturing(flow, capture, passing)
+        return True
+
+    def _capturing(
+        self, flow: http.HTTPFlow, capture: CallCapture, passing: Callable[[bytes], bytes] | None = None
+    ) -> Callable[[bytes], bytes | tuple[()]]:
         chunks, times = capture.chunks, capture.chunk_times
+        headers = capture.response_headers  # as the upstream sent them
         length = content_length(headers)
         received = 0
         final_events = _final_events(flow, headers)
@@ -211,7 +228,7 @@ class Recorder:
         # of the body (b""), whose end marker is sent after this; for a stream,
         # also as soon as a chunk ends with its API's final event, at which SDKs
         # stop reading (whatever might follow that event is then not recorded).
-        def capture_chunk(data: bytes) -> bytes:
+        def capture_chunk(data: bytes) -> bytes | tuple[()]:
             nonlocal received
             if data:
                 chunks.append(data)
@@ -222,11 +239,13 @@ class Recorder:
                         self._send(flow, None)
                 elif final_events and _ends_with_final_event(data, final_events):
                     self._send(flow, None)
+            else:
+                self._send(flow, None)
+            if passing is None:
                 return data
-            self._send(flow, None)
-            return data
+            return passing(data) or ()  # never b"" for a piece: in a chunked response that is the end
 
-        response.stream = capture_chunk
+        return capture_chunk
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._send(flow, None)  # (sent at the end of the body already, unless it had none)

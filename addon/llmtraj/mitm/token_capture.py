@@ -7,10 +7,11 @@
 - sampling control (`sampling` per provider or model): sampling keys the
   route does not allow are taken out, its fixed values imposed.
 
-Runs after the recorder took the request as the agent sent it and wraps the
-recorder's stream capture, which keeps the engine's bytes (the record writer
-makes the `tokens` field of them, and the agent's events again by the same
-rules). Per event only what changes is parsed and written anew."""
+Runs after the recorder took the request as the agent sent it. The recorder's
+stream function keeps the engine's bytes (the record writer makes the `tokens`
+field of them, and the agent's events again by the same rules) and then hands
+each chunk to the rewrite (one call a chunk: a wrapper around it cost about
+0.4 µs an event more). Per event only what changes is parsed and written anew."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pydantic_core import from_json
 
 from ..tokens.capture import ENGINES, CapturePlan, StreamHider, engine_json, hide_in_body, plan_capture
 from .options import LlmTrajOptions
+from .recording import Recorder
 from .routing import CALL_KEY, llm_call
 from .upstreaming import UpstreamRouting
 
@@ -28,9 +30,10 @@ logger = logging.getLogger("llm_traj")
 
 
 class TokenCapture:
-    def __init__(self, options: LlmTrajOptions, routing: UpstreamRouting) -> None:
+    def __init__(self, options: LlmTrajOptions, routing: UpstreamRouting, recorder: Recorder) -> None:
         self._options = options
         self._routing = routing
+        self._recorder = recorder  # whose stream function passes each chunk on through the rewrite
         self._plans: dict[str, CapturePlan] = {}  # by flow id, until the response starts
 
     def serves_flows(self) -> bool:
@@ -82,16 +85,8 @@ class TokenCapture:
             logger.warning("llm-traj: the upstream compressed a captured response; passed on unchanged")
             flow.metadata[CALL_KEY]["capture"] = {**plan.note(), "passed_unchanged": True}
             return
-        capture = response.stream if callable(response.stream) else None  # the recorder's
         if response.headers.get("content-type", "").lower().startswith("text/event-stream"):
-            hider = StreamHider(plan)
-
-            def rewrite(data: bytes) -> list[bytes]:
-                if capture is not None:
-                    capture(data)
-                out = hider.feed(data)
-                return [out] if out else []  # never b"": in a chunked response that is the end
-
+            passing = StreamHider(plan).feed
         else:
             # one JSON object, rewritten whole at its end: the length changes
             parts: list[bytes] = []
@@ -99,16 +94,18 @@ class TokenCapture:
             if response.http_version == "HTTP/1.1":
                 response.headers["transfer-encoding"] = "chunked"
 
-            def rewrite(data: bytes) -> list[bytes]:
-                if capture is not None:
-                    capture(data)
+            def passing(data: bytes) -> bytes:
                 if data:
                     parts.append(data)
-                    return []
-                body = hide_in_body(b"".join(parts), plan)
-                return [body] if body else []
+                    return b""
+                return hide_in_body(b"".join(parts), plan)
 
-        response.stream = rewrite
+        if not self._recorder.stream_through(flow, passing):
+
+            def rewrite(data: bytes) -> bytes | tuple[()]:
+                return passing(data) or ()  # never b"" for a piece: in a chunked response that is the end
+
+            response.stream = rewrite
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._plans.pop(flow.id, None)

@@ -5,9 +5,13 @@ makes the `CallRecord`'s fields. Knows nothing of mitmproxy."""
 from __future__ import annotations
 
 import base64
+import re
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from functools import partial
+from itertools import accumulate, repeat
+from operator import methodcaller, sub
 from typing import Any
 
 from pydantic_core import from_json
@@ -41,6 +45,17 @@ def base64_unless_utf8(data: bytes) -> str | None:
         return base64.b64encode(data).decode("ascii")
     return None
 
+
+# A block as nearly every server sends it: an optional `event:` line, one `data:` line (groups: the block, its
+# `event:` line, its data; `.` is any byte but LF). In a body of these blocks alone, without a CR, every two LFs
+# in a row end one, as they end a block in `SSEParser`.
+_USUAL_BLOCK = re.compile(rb"((event: .*\n)?data: (.*)\n\n)")
+_ENDS_BLOCK = methodcaller("endswith", b"\n\n")  # (chunks may be bytes or bytearrays)
+
+# Blocks whose data is parsed at a time: their JSON values, folded in and dropped, would otherwise be most of
+# what a stream taken at once holds beyond its record, and live long enough for the garbage collector to
+# walk them again and again (at 20,000 events, 256 at a time cost 1.3x the time per event of 64).
+_BATCH = 64
 
 RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
 
@@ -153,6 +168,10 @@ class RecordBuilder:
     def chunks(self, chunks: Iterable[bytes], times: Iterable[float | None]) -> None:
         """Feed body chunks as received (still content-encoded), each with the time it came."""
         parser = self._parser
+        if parser is not None and not self._encoded and self.first_byte_at is None:
+            chunks, times = list(chunks), list(times)
+            if self._whole_stream(chunks, times):
+                return
         for data, now in zip(chunks, times):
             if not data:
                 continue
@@ -172,6 +191,71 @@ class RecordBuilder:
                     return
             if blocks := parser.feed(data):
                 self._take(blocks, now)
+
+    def _whole_stream(self, chunks: list[bytes], times: list[float | None]) -> bool:
+        """Takes a stream's body at once when it is all of the usual shape (UTF-8,
+        LF line ends, each block one `data:` line after an optional `event:`
+        line): a few calls over the whole body instead of a parse per chunk,
+        each block decoded alone (as the parser does: the narrowest string, and
+        no cost for a wide character in one block on all that follow). False,
+        having taken nothing, for any other body (the general path, chunk by
+        chunk, takes it). The events and the aggregate are the general path's."""
+        times = times[: len(chunks)]
+        if len(times) < len(chunks) or not all(times) or not chunks:  # (a time of None or 0 is "now")
+            return False
+        if not all(chunks):  # empty chunks carry no bytes and no time
+            kept = [(data, now) for data, now in zip(chunks, times) if data]
+            chunks, times = [data for data, _ in kept], [now for _, now in kept]
+        body = b"".join(chunks)
+        if b"\r" in body:
+            return False
+        found = _USUAL_BLOCK.findall(body)
+        if not found:
+            return False
+        blocks, names, datas = zip(*found)
+        del found
+        if sum(map(len, blocks)) != len(body):  # blocks of another shape between or after them
+            return False
+        del body
+        try:
+            raws = list(map(bytes.decode, blocks))  # (a character never spans two blocks: they end in LFs)
+        except UnicodeDecodeError:
+            return False
+        self.first_byte_at = times[0]
+        if len(chunks) != len(blocks) or not all(map(_ENDS_BLOCK, chunks)):
+            # each block's time is that of the chunk its end came in
+            ends = list(accumulate(map(len, chunks)))
+            times = [times[bisect_left(ends, end)] for end in accumulate(map(len, blocks))]
+        del blocks
+        started = self.started_at
+        self._received = self._data_seen = True
+        # each `round(now - started, 6)`, in one call: formatting to 6 decimals rounds the same way, correctly
+        seconds = map(float, ("%.6f " * len(times) % tuple(map(sub, times, repeat(started)))).split())
+        self._events.extend([{"t": t, "raw": raw} for t, raw in zip(seconds, raws)])
+        self._parser.started()
+        event_names = {line: line[7:-1].decode() if line else None for line in set(names)}
+        names = list(map(event_names.__getitem__, names))
+        for start in range(0, len(datas), _BATCH):
+            self._aggregate(names[start : start + _BATCH], datas[start : start + _BATCH])
+        return True
+
+    def _aggregate(self, names: list[str | None], datas: tuple[bytes, ...]) -> None:
+        """Folds whole blocks with data (`names` their events) into the aggregate,
+        their data parsed from bytes in one pass."""
+        aggregator = self._aggregator
+        texts = list(map(bytes.decode, datas))
+        done = datas[-1] == b"[DONE]"  # the usual end of an OpenAI stream, not JSON
+        try:
+            values = list(map(from_json, datas[:-1] if done else datas))
+        except ValueError:  # some data is not JSON: the aggregator parses each and says which
+            for name, text in zip(names, texts):
+                aggregator.add(SSEBlock(b"", text, name))
+            return
+        add = aggregator.add_parsed
+        for name, text, value in zip(names, texts, values):
+            add(name, text, value)
+        if done:
+            aggregator.add(SSEBlock(b"", texts[-1], names[-1]))
 
     def _take(self, blocks: list[SSEBlock], now: float | None) -> None:
         if not blocks:
