@@ -1,6 +1,6 @@
 """Benchmark (not a test): what recording costs, measured on loopback in one run.
 
-    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams|zstd|capture|pool]
+    scripts/bench [--seconds 3] [--rounds 3] [--quick] [--json FILE] [--only growth|prompt-tagging|normalize|anticall|bridge|streams|small-calls|zstd|capture|pool]
 
 Four targets, each in front of the same stand-in upstream (its own process, so
 it does not share a GIL with the load generator):
@@ -87,7 +87,8 @@ and the round trip through a real mitmdump against mitmdump-sb1.
 Long streams of every API against bare streaming mitmdump, their own run
 (bench/long_streams.py, `--only streams`): requests/s and CPU (proxy + record
 writer) per request and per event, the writer's CPU per event up to 20,000
-events, small calls, the first event's delay.
+events, small calls, the first event's delay (`--only small-calls`: the small
+calls alone, a minute).
 
 And what zstd compression of finished session files pays (bench/compression.py;
 alone with `--only zstd`).
@@ -1241,14 +1242,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="times each measurement goes round the targets; metrics are the median (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, 0.5 s loads, 5 streams)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
-    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams", "zstd", "capture", "pool"],
+    parser.add_argument("--only", choices=["growth", "prompt-tagging", "normalize", "anticall", "bridge", "streams", "small-calls", "zstd", "capture", "pool"],
                         help="run only this part: growth (trajectory size, writer CPU per turn, export, replay of "
                         "10,000 sessions; --quick leaves out the 1000-turn session), prompt-tagging or normalize "
                         "(replay normalisation; each a few seconds), pool (anti-call calls/s through llmtraj.ray.ProxyPool "
                         "of 1 and 4 proxies against one proxy alone; needs the scale extra), anticall (the round trip through a real "
                         "mitmdump and what the control API adds to it), bridge (its streams against recording "
                         "them unbridged), streams (long streams of every API against bare streaming mitmdump, "
-                        "bench/long_streams.py; a few minutes), zstd (compressed session files: size, compaction, "
+                        "bench/long_streams.py; a few minutes), small-calls (its small JSON calls alone), zstd (compressed session files: size, compaction, "
                         "reading, replay) or capture (token capture's streams against the same engine bytes recorded "
                         "without it, bare mitmdump beside them)")
     parser.add_argument("--driver", type=Path, metavar="CONTROL_FILE", help=argparse.SUPPRESS)  # the anti-call driver process
@@ -1298,11 +1299,11 @@ def main(argv: list[str] | None = None) -> int:
         return bridge_only(settings_from(args))
     if args.only == "capture":
         return capture_only(settings_from(args))
-    if args.only == "streams":
+    if args.only in ("streams", "small-calls"):
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)
         try:
-            return long_streams.main(args.quick, args.seconds, args.rounds, args.json)
+            return long_streams.main(args.quick, args.seconds, args.rounds, args.json, small_only=args.only == "small-calls")
         except KeyboardInterrupt:
             print("bench: interrupted; all processes stopped", file=sys.stderr)
             return 130

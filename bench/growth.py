@@ -8,14 +8,15 @@ the work, measured through the proxy.
              compact JSON), and what the same calls take as version 1 lines
              (`llm-traj cat`'s, every request whole), the format before this one
   CPU        proxy and writer CPU per call over the 1000-turn session, per
-             100 turns (the writer's CPU read once it has written the bucket),
+             100 turns (the writer's CPU read once it has written the bucket,
+             to the microsecond: its time on a CPU, /proc/PID/schedstat),
              and bare mitmdump's (streaming) for the same calls: the proxy's
              own cost of forwarding requests that grow to 1.8 MB, which the
              addon's share is told apart from
   writer     the record writer's CPU per call in process (`record_of` and the
              store's append, as the writer process runs them, each body
-             rebuilt from the previous one and the new bytes the proxy
-             sends, told how much repeats the previous one) along a
+             taken as the pieces of the previous one it repeats and the new
+             bytes the proxy sends, told how much repeats the previous one) along a
              1000-turn conversation of the same turns, per 100 turns; with
              each whole body parsed and scanned for secret-named fields (as
              before the writer reused what a body repeats of the session's
@@ -45,7 +46,7 @@ from llmtraj.core.chain import shared_prefix
 from llmtraj.core.store import TrajectoryReader, TrajectoryWriter, read_records
 from llmtraj.inspect.export import export
 from llmtraj.recording.body_parse import RequestBodies
-from llmtraj.recording.capture import CallCapture
+from llmtraj.recording.capture import BodyPieces, CallCapture
 from llmtraj.recording.secret_scan import SecretFieldScan
 from llmtraj.recording.writer import record_of
 from llmtraj.replay import load
@@ -67,12 +68,17 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _cpu(pid: int | None) -> float:
-    if pid is None:  # (bare mitmdump has no writer)
-        return 0.0
+def _cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_time(pid: int) -> float:
+    """The time a single-threaded process has run on a CPU, in nanoseconds'
+    precision (its CPU ticks are 10 ms: 100 µs per call in a row of 100 calls)."""
+    with open(f"/proc/{pid}/schedstat") as fh:
+        return int(fh.read().split()[0]) / 1e9
 
 
 def _rss_mb(pid: int) -> float:
@@ -121,7 +127,7 @@ def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path | None, sessi
         messages.append({"role": "user", "content": filler[: TURN_BYTES - 80]})
         if buckets is not None and (turn - 1) % CPU_BUCKET == 0:
             writer = writer or next(iter(_children(proxy.pid)), None)
-            mark = (turn, _cpu(proxy.pid), _cpu(writer), len(json.dumps(messages)))
+            mark = (turn, _cpu(proxy.pid), _run_time(writer) if writer else 0.0, len(json.dumps(messages)))  # (bare mitmdump has no writer)
         r = client.post(url, json={"model": "standin-text", "messages": messages, "stream": True})
         if r.status_code != 200:
             raise RuntimeError(f"bench growth: turn {turn} got {r.status_code}: {r.text[:200]}")
@@ -135,7 +141,7 @@ def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path | None, sessi
                 "turns": f"{first}-{turn}",
                 "request KB": round(request_bytes / 1024, 1),
                 "proxy µs/call": round((_cpu(proxy.pid) - proxy_cpu) / calls * 1e6),
-                "writer µs/call": round((_cpu(writer) - writer_cpu) / calls * 1e6),
+                "writer µs/call": round(((_run_time(writer) if writer else 0.0) - writer_cpu) / calls * 1e6),
             })  # fmt: skip
     if traj is not None:
         _wait_lines(traj / f"{session}.jsonl", turns)
@@ -154,13 +160,12 @@ def measure_writer_cpu(workdir: Path, turns: int = 1000) -> list[dict]:
     per_way = {}
     for way, scan, parses in (("as the writer does", SecretFieldScan(), RequestBodies()),
                               ("whole body parsed and scanned", None, None)):
-        writer, cpu, previous = TrajectoryWriter(workdir / f"writer-{scan is None}"), [], None
-        for index, body in enumerate(bodies, start=1):
-            shared = shared_prefix(previous, body) if previous is not None else 0
-            new = body[shared:]  # (what comes through the pipe)
+        writer, cpu, previous, previous_bytes = TrajectoryWriter(workdir / f"writer-{scan is None}"), [], None, b""
+        for index, whole in enumerate(bodies, start=1):
+            shared = shared_prefix(previous_bytes, whole) if previous is not None else 0
+            new = whole[shared:]  # (what comes through the pipe)
             started = time.process_time()
-            if previous is not None:
-                body = b"".join((memoryview(previous)[:shared], new))
+            body = BodyPieces.after(previous, shared, new) if previous is not None else BodyPieces([new])
             capture = CallCapture(
                 api="chat.completions", session="w", index=index, mode="record", method="POST", url="http://up/v1/chat/completions",
                 request_headers=[(b"content-type", b"application/json"), (b"authorization", b"Bearer sk-bench-0123456789")],
@@ -168,7 +173,7 @@ def measure_writer_cpu(workdir: Path, turns: int = 1000) -> list[dict]:
                 response_headers_at=1.1, chunks=[answer], chunk_times=[1.2], ended_at=1.3)  # fmt: skip
             writer.append(*record_of(capture, None, scan, parses, (previous, shared) if previous is not None else None))
             cpu.append(time.process_time() - started)
-            previous = body if scan is not None else None
+            previous, previous_bytes = (body, whole) if scan is not None else (None, b"")
         writer.close()
         per_way[way] = cpu
     rows = []

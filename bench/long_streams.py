@@ -427,6 +427,7 @@ class StreamSettings:
     rounds: int = 3
     first_requests: int = 20
     quick: bool = False
+    small_only: bool = False  # the small calls alone (`scripts/bench --only small-calls`)
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -438,9 +439,12 @@ class StreamSettings:
 
 
 def works(settings: StreamSettings) -> list[Work]:
+    small = [Work(f"small.c{c}", "chat.completions", False, clients=c, seconds=settings.seconds) for c in (1, 16)]
+    if settings.small_only:
+        return small
     out = [Work(f"{api}.tput", api, True, clients=4, seconds=settings.seconds) for api in APIS]
     out += [Work(f"{api}.len{n}", api, True, count=settings.count(n), events=n) for api in APIS for n in settings.lengths]
-    out += [Work(f"small.c{c}", "chat.completions", False, clients=c, seconds=settings.seconds) for c in (1, 16)]
+    out += small
     out += [Work(f"{api}.first", api, True, count=settings.first_requests, events=20, delay_ms=1) for api in APIS]
     return out
 
@@ -509,7 +513,7 @@ def checks(results: dict) -> list[dict]:
     def check(name: str, ok: bool, text: str) -> None:
         out.append({"name": name, "ok": ok, "text": text})
 
-    for api in APIS:
+    for api in APIS if f"{APIS[0]}.tput" in m else ():  # (none with the small calls alone)
         bare, rec = m[f"{api}.tput"][BARE], m[f"{api}.tput"][RECORD]
         rps, cpu = rec["rps"] / bare["rps"], rec["cpu_us_per_req"] / bare["cpu_us_per_req"]
         check(f"{api}.tput.rps", rps >= TPUT_RPS_TARGET,
@@ -538,8 +542,9 @@ def report(results: dict, local: dict, settings: StreamSettings) -> str:
     from bench import environment
 
     m = results["medians"]
+    apis = () if settings.small_only else APIS  # (the streams measured)
     rows = []
-    for api in APIS:
+    for api in apis:
         bare, rec = m[f"{api}.tput"][BARE], m[f"{api}.tput"][RECORD]
         rows.append([api, f"{bare['rps']:.0f}", f"{rec['rps']:.0f}", f"{rec['rps'] / bare['rps']:.2f}x",
                      f"{bare['cpu_us_per_req']:.0f}", f"{rec['cpu_us_per_req']:.0f}",
@@ -547,7 +552,7 @@ def report(results: dict, local: dict, settings: StreamSettings) -> str:
     tput = _table(["200-event streams, 4 clients", "bare req/s", "llm-traj req/s", "ratio", "bare CPU µs/req",
                    "llm-traj CPU µs/req", "ratio", "writer µs/event"], rows)  # fmt: skip
     rows = []
-    for api in APIS:
+    for api in apis:
         for n in settings.lengths:
             bare, rec = m[f"{api}.len{n}"][BARE], m[f"{api}.len{n}"][RECORD]
             rows.append([api, f"{n:,}", f"{bare['cpu_us_per_event']:.1f}", f"{rec['proxy_us_per_event']:.1f}",
@@ -562,7 +567,7 @@ def report(results: dict, local: dict, settings: StreamSettings) -> str:
     small = _table(["small JSON calls, clients", "bare req/s", "llm-traj req/s", "ratio", "bare CPU µs/req",
                     "llm-traj CPU µs/req"], rows)  # fmt: skip
     rows = [[api, f"{m[f'{api}.first'][BARE]['first_event_ms']:.2f}", f"{m[f'{api}.first'][RECORD]['first_event_ms']:.2f}",
-             f"{m[f'{api}.first'][RECORD]['first_event_ms'] - m[f'{api}.first'][BARE]['first_event_ms']:+.2f}"] for api in APIS]  # fmt: skip
+             f"{m[f'{api}.first'][RECORD]['first_event_ms'] - m[f'{api}.first'][BARE]['first_event_ms']:+.2f}"] for api in apis]  # fmt: skip
     first = _table(["first event (p50 ms)", "bare", "llm-traj", "difference"], rows)
     rows = [[c["api"], str(c["delta"]), f"{c['events']:,}", f"{c['make_us_per_event']:.1f}", f"{c['write_us_per_event']:.1f}",
              f"{c['us_per_event']:.1f}", f"{c['record_bytes']:,}"] for c in local["cost"]]  # fmt: skip
@@ -576,15 +581,15 @@ def report(results: dict, local: dict, settings: StreamSettings) -> str:
         f"{BARE} = bare mitmdump reverse, stream_large_bodies=1; {RECORD} = mitmdump + llm-traj record "
         f"(CPU: mitmdump + its record writer); each figure the median of {settings.rounds} alternating rounds; "
         f"{results['records']} records written, each checked",
-        "", tput, "", lengths, "", small, "", first, "", cost, "", memory, "",
+        *(["", small, ""] if settings.small_only else ["", tput, "", lengths, "", small, "", first, "", cost, "", memory, ""]),
         *(f"{'PASS' if c['ok'] else 'MISS'}  {c['text']}" for c in checks(results)),
     ])  # fmt: skip
 
 
-def main(quick: bool, seconds: float | None, rounds: int | None, json_path: Path | None) -> int:
+def main(quick: bool, seconds: float | None, rounds: int | None, json_path: Path | None, small_only: bool = False) -> int:
     settings = StreamSettings(seconds=seconds or (1.0 if quick else 3.0), rounds=rounds or (1 if quick else 3),
-                              first_requests=8 if quick else 20, quick=quick)  # fmt: skip
-    local = in_process(quick)
+                              first_requests=8 if quick else 20, quick=quick, small_only=small_only)  # fmt: skip
+    local = {"cost": [], "memory": []} if small_only else in_process(quick)
     results = run_streams(settings)
     print(report(results, local, settings))
     if json_path:

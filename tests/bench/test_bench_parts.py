@@ -26,3 +26,16 @@ def test_growth_bare_mitmdump_and_writer_columns(tmp_path):
     assert len(growth.measure_bare_cpu(turns=growth.CPU_BUCKET)) == 1
     [row] = growth.measure_writer_cpu(tmp_path, turns=growth.CPU_BUCKET)
     assert row["request KB"] > 0
+
+
+def test_long_streams_small_calls_alone():
+    """`scripts/bench --only small-calls`: only the small calls are measured, and
+    the report and its checks stand on them alone."""
+    settings = long_streams.StreamSettings(small_only=True)
+    assert [work.key for work in long_streams.works(settings)] == ["small.c1", "small.c16"]
+    figures = {long_streams.BARE: {"rps": 1000.0, "cpu_us_per_req": 800.0},
+               long_streams.RECORD: {"rps": 960.0, "cpu_us_per_req": 900.0}}  # fmt: skip
+    results = {"medians": {"small.c1": figures, "small.c16": figures}, "records": 2}
+    assert [c["name"] for c in long_streams.checks(results)] == ["small.c1.rps", "small.c16.rps"]
+    report = long_streams.report(results, {"cost": [], "memory": []}, settings)
+    assert "| 16 " in report and "0.96x" in report and "200-event" not in report

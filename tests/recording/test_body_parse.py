@@ -9,8 +9,10 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from llmtraj.recording import body_parse
+from llmtraj.core.chain import shared_prefix
+from llmtraj.recording import body_parse, capture
 from llmtraj.recording.body_parse import RequestBodies
+from llmtraj.recording.capture import BodyPieces
 from pydantic_core import from_json, to_json
 
 ITEMS = st.one_of(
@@ -29,14 +31,16 @@ def as_body(value: dict, style: tuple[str, str], ascii_only: bool) -> bytes:
     return json.dumps(value, separators=style, ensure_ascii=ascii_only).encode()
 
 
-def same_parse(bodies: RequestBodies, session: str, body: bytes) -> None:
+def same_parse(bodies: RequestBodies, session: str, body: bytes, given=None, repeats=None) -> None:
+    """`given`: what to hand the parse instead of `body` (its pieces)."""
+    given = body if given is None else given
     try:
         expected = from_json(body)
     except ValueError:
         with pytest.raises(ValueError):
-            bodies.parse(session, body)
+            bodies.parse(session, given, repeats)
         return
-    assert to_json(bodies.parse(session, body)) == to_json(expected), body  # (to_json: the keys' order too)
+    assert to_json(bodies.parse(session, given, repeats)) == to_json(expected), body  # (to_json: the keys' order too)
 
 
 @settings(max_examples=max(300, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -45,9 +49,14 @@ def same_parse(bodies: RequestBodies, session: str, body: bytes) -> None:
                      "torn", "first"]),
     st.lists(ITEMS, min_size=1, max_size=3), st.sampled_from(STYLES), st.booleans(), st.randoms(use_true_random=False),
 ), min_size=1, max_size=14))  # fmt: skip
-def test_a_session_s_bodies_parse_as_they_do_whole(monkeypatch, steps):
+@pytest.mark.parametrize("as_deltas", [False, True])
+def test_a_session_s_bodies_parse_as_they_do_whole(monkeypatch, as_deltas, steps):
+    """`as_deltas`: each body given as the record writer has it, the pieces of
+    the previous body it repeats then its new bytes, with how much repeats."""
     monkeypatch.setattr(body_parse, "MIN_BODY", 0)  # every body takes the reusing path
+    monkeypatch.setattr(capture, "_JOINED", 0)  # (every delta's new bytes a piece of their own)
     bodies = RequestBodies()
+    previous = None
     main: list = [{"role": "system", "content": "be brief"}]
     side: list = []
     for what, items, style, ascii_only, rnd in steps:
@@ -74,7 +83,13 @@ def test_a_session_s_bodies_parse_as_they_do_whole(monkeypatch, steps):
             body = body.replace(b'"@end"', b"")
         elif what == "torn":
             body = body[: rnd.randrange(len(body))]
-        same_parse(bodies, "s", body)
+        if not as_deltas:
+            same_parse(bodies, "s", body)
+            continue
+        shared = shared_prefix(bytes(previous), body) if previous is not None else 0
+        given = BodyPieces.after(previous, shared, body[shared:]) if shared else BodyPieces([body])
+        same_parse(bodies, "s", body, given, (previous, shared) if shared else None)
+        previous = given
 
 
 def test_a_long_conversation_reuses_what_it_repeats(monkeypatch):

@@ -13,12 +13,13 @@ import signal
 import time
 
 import httpx
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmtraj.cli.proxy_process import ProxyProcess
 from llmtraj.core.chain import shared_prefix
 from llmtraj.core.store import read_records
-from llmtraj.recording.capture import ACK, DELTA, RESENT, CallCapture, LastBodies, shared_length
+from llmtraj.recording import capture
+from llmtraj.recording.capture import ACK, DELTA, RESENT, BodyPieces, CallCapture, LastBodies, shared_length
 from llmtraj.recording.sink import RecordSink
 from llmtraj.recording.writer import serve
 
@@ -190,3 +191,25 @@ def test_a_long_session_through_mitmdump_with_its_writer_killed_twice(upstream, 
     assert [r.request["messages"] for r in records] == sent
     assert output.count("the record writer stopped (killed by signal 9)") == 2
     assert "does not have the body" not in output
+
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.binary(max_size=40)), min_size=1, max_size=12), st.integers(0, 60))
+def test_body_pieces_read_as_the_joined_body(steps, joined):
+    """A body kept as the pieces of the ones before it (some joined, some
+    cut) reads as the bytes it stands for, at every offset."""
+    saved, capture._JOINED = capture._JOINED, joined
+    try:
+        body, pieces = b"", BodyPieces([])
+        for shared, new in steps:
+            shared = shared % (len(body) + 1)
+            body, pieces = body[:shared] + new, BodyPieces.after(pieces, shared, new)
+            assert len(pieces) == len(body) and all(len(piece) for piece in pieces.pieces)
+            for at in range(len(body) + 1):
+                assert pieces.head(at) == body[:at] and pieces.tail(at) == body[at:]
+                if at < len(body):
+                    assert pieces.at(at) == body[at]
+        assert bytes(pieces) == body and bytes(pieces) is bytes(pieces)
+    finally:
+        capture._JOINED = saved

@@ -414,32 +414,54 @@ def test_tee_fields_are_exactly_the_record_schema():
     assert CallRecord.model_validate(fields).model_dump(mode="json") == json.loads(json.dumps(fields))
 
 
-def test_record_sink_writes_what_the_proxy_captured(tmp_path):
+_SSE = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n'
+
+
+def _sse_capture(index: int, session: str = "s"):
+    """A streamed call's capture, an event per chunk."""
+    from llmtraj.recording.capture import CallCapture
+
+    cut = _SSE.index(b"\n\n") + 2
+    return CallCapture(
+        api="chat.completions", session=session, index=index, mode="record", method="POST",
+        url="http://u/v1/chat/completions", request_headers=[(b"authorization", b"Bearer sk-secret-123456")],
+        request_body=b'{"model": "m", "messages": []}', started_at=T0 + index, status=200,
+        response_headers=[(b"content-type", b"text/event-stream")], response_headers_at=T0 + index + 0.1,
+        chunks=[_SSE[:cut], _SSE[cut:]], chunk_times=[T0 + index + 0.2, T0 + index + 0.3], ended_at=T0 + index + 0.4,
+        extra={"token_ids": [1, 2]},
+    )  # fmt: skip
+
+
+def _ack_writes(monkeypatch, acks: int) -> list[bytes]:
+    """What the writer writes on the acknowledgement pipe, write by write."""
+    writes, write = [], os.write
+
+    def spy(fd, data):
+        if fd == acks:
+            writes.append(bytes(data))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", spy)
+    return writes
+
+
+def test_record_sink_writes_what_the_proxy_captured(tmp_path, monkeypatch):
     """The proxy's capture goes through the frame format to the child's writer;
-    a frame cut off (the proxy killed mid-write) is dropped, the rest kept."""
+    a frame cut off (the proxy killed mid-write) is dropped, the rest kept. The
+    frames read together are acknowledged together, in one write, at the end
+    of the input too."""
     import io
 
-    from llmtraj.recording.capture import ACK, RESENT, CallCapture
+    from llmtraj.recording.capture import ACK, RESENT
     from llmtraj.recording.writer import serve
 
-    sse = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n'
-    cut = sse.index(b"\n\n") + 2  # one event per chunk
-
-    def capture(index: int) -> CallCapture:
-        return CallCapture(
-            api="chat.completions", session="s", index=index, mode="record", method="POST",
-            url="http://u/v1/chat/completions", request_headers=[(b"authorization", b"Bearer sk-secret-123456")],
-            request_body=b'{"model": "m", "messages": []}', started_at=T0, status=200,
-            response_headers=[(b"content-type", b"text/event-stream")], response_headers_at=T0 + 0.1,
-            chunks=[sse[:cut], sse[cut:]], chunk_times=[T0 + 0.2, T0 + 0.3], ended_at=T0 + 0.4,
-            extra={"token_ids": [1, 2]},
-        )
-
-    frames = b"".join(capture(1).frame(1) + capture(2).frame(2))
+    frames = b"".join(_sse_capture(1).frame(1) + _sse_capture(2).frame(2))
     read_acks, write_acks = os.pipe()
-    serve(str(tmp_path), io.BytesIO(frames + b"".join(capture(3).frame(3))[:-5]), acks=write_acks)
+    writes = _ack_writes(monkeypatch, write_acks)
+    serve(str(tmp_path), io.BytesIO(frames + b"".join(_sse_capture(3).frame(3))[:-5]), acks=write_acks)
     os.close(write_acks)
-    assert os.read(read_acks, 100) == ACK.pack(1) + ACK.pack(2)  # each written call confirmed, in order
+    assert writes == [ACK.pack(1) + ACK.pack(2)]  # each written call confirmed, in order, in one write
+    assert os.read(read_acks, 100) == ACK.pack(1) + ACK.pack(2)
     records = list(read_records(tmp_path))
     assert [r.index for r in records] == [1, 2]
     assert records[0].response["choices"][0]["message"]["content"] == "Hi"
@@ -447,8 +469,101 @@ def test_record_sink_writes_what_the_proxy_captured(tmp_path):
     assert "sk-secret-123456" not in (tmp_path / "s.jsonl").read_text()
 
     # frames sent again to a restarted writer: what is on disk is skipped, the rest written
-    serve(str(tmp_path), io.BytesIO(b"".join(capture(2).frame(2, RESENT) + capture(3).frame(3, RESENT) + capture(2).frame(4))))
+    resent = _sse_capture(2).frame(2, RESENT) + _sse_capture(3).frame(3, RESENT) + _sse_capture(2).frame(4)
+    serve(str(tmp_path), io.BytesIO(b"".join(resent)))
     assert [r.index for r in read_records(tmp_path)] == [1, 2, 3, 2]  # (a frame not marked is written as sent)
+
+
+def test_the_writer_confirms_a_call_at_once_and_those_arriving_while_it_waits_together(tmp_path, monkeypatch):
+    """A frame arriving at an idle writer is written and confirmed at once; the
+    frames that arrive in the pause after that (each in its own write) are
+    read, written and confirmed in one go, and so is a frame longer than a read."""
+    import threading
+    import time
+
+    from llmtraj.recording.capture import ACK
+    from llmtraj.recording.writer import serve
+
+    read_frames, write_frames = os.pipe()
+    read_acks, write_acks = os.pipe()
+    writes = _ack_writes(monkeypatch, write_acks)
+    with open(read_frames, "rb") as source:
+        writer = threading.Thread(target=serve, args=(str(tmp_path), source), kwargs={"acks": write_acks, "nap": 0.5})
+        writer.start()
+        try:
+            os.write(write_frames, b"".join(_sse_capture(1).frame(1)))
+            started = time.monotonic()
+            assert os.read(read_acks, 100) == ACK.pack(1)  # not held for the pause
+            assert time.monotonic() - started < 0.4
+            for index in (2, 3):  # during the pause
+                os.write(write_frames, b"".join(_sse_capture(index).frame(index)))
+                time.sleep(0.05)
+            big = _sse_capture(4)
+            big.request_body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 300_000}]}).encode()
+            sending = threading.Thread(target=os.write, args=(write_frames, b"".join(big.frame(4))))  # (more than a pipe takes)
+            sending.start()
+            sending.join(30)
+        finally:
+            os.close(write_frames)
+            writer.join(30)
+    os.close(write_acks)
+    assert writes[0] == ACK.pack(1) and writes[1] == ACK.pack(2) + ACK.pack(3)
+    assert b"".join(writes) == b"".join(map(ACK.pack, (1, 2, 3, 4)))
+    assert os.read(read_acks, 100) == b"".join(map(ACK.pack, (2, 3, 4)))
+    assert [len(r.request["messages"]) for r in read_records(tmp_path)] == [0, 0, 0, 1]
+
+
+def test_a_writer_busy_longer_than_its_pause_reads_on_at_once(tmp_path, monkeypatch):
+    """The pause counts from when the writer took its first call: one that
+    took longer to write (large bodies, a backlog) does not pause at all."""
+    import io
+    import threading
+
+    from llmtraj.recording import writer
+
+    pauses, sleep, make = [], writer.time.sleep, writer.record_of
+    monkeypatch.setattr(writer.time, "sleep", lambda seconds: (pauses.append(seconds), sleep(seconds)))
+    frames = b"".join(_sse_capture(1).frame(1) + _sse_capture(2).frame(2))
+    writer.serve(str(tmp_path / "quick"), io.BytesIO(frames), nap=0.3)
+    assert len(pauses) == 1 and 0.2 < pauses[0] <= 0.3  # (what writing took counts against it)
+
+    def slow(*args):
+        threading.Event().wait(0.2)
+        return make(*args)
+
+    pauses.clear()
+    monkeypatch.setattr(writer, "record_of", slow)
+    writer.serve(str(tmp_path / "slow"), io.BytesIO(frames), nap=0.3)
+    assert pauses == [] and len(list(read_records(tmp_path / "slow"))) == 2
+
+
+def test_wait_written_returns_once_a_burst_of_calls_is_on_disk(tmp_path):
+    """The proxy's written barrier returns when the writer has confirmed every
+    call of the session, not a pause later, and not before they are on disk."""
+    import asyncio
+    import time
+
+    from llmtraj.recording.sink import RecordSink
+    from llmtraj.recording.writer import NAP
+
+    async def burst() -> tuple[bool, float, int]:
+        sink = RecordSink(tmp_path)
+        try:
+            sink.send(_sse_capture(0, session="other"))  # (a writer started, and busy with another session)
+            assert await sink.wait_written("other", 30)
+            started = time.monotonic()
+            for index in range(1, 41):
+                sink.send(_sse_capture(index))
+            written = await sink.wait_written("s", 30)
+            elapsed = time.monotonic() - started
+            return written, elapsed, len(list(read_records(tmp_path / "s.jsonl")))
+        finally:
+            sink.close()
+
+    written, elapsed, on_disk = asyncio.run(burst())
+    assert written and on_disk == 40
+    assert elapsed < 1.0 + NAP  # (the writer's pause delays a call's confirmation by NAP at most)
+
 
 def test_record_sink_hands_over_bodies_in_pieces_past_a_full_pipe_and_dead_writers(tmp_path):
     """The proxy's sink writes a request body as the pieces it arrived in,

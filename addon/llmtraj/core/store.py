@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsBytes
 
 import zstandard
 from pydantic import ValidationError
@@ -124,12 +124,13 @@ class TrajectoryWriter:
         self,
         record: CallRecord | dict[str, Any],
         secrets: Set[str] = frozenset(),
-        request_json: bytes | None = None,
+        request_json: bytes | SupportsBytes | None = None,
     ) -> None:
         """Append one record: a `CallRecord`, or a dict of its fields (the
         recorder's hot path, which skips validating twice). `request_json`, if
-        given, is the dict's `request` as JSON text, written as is when the
-        request is not stored as a reference, is on one line and holds nothing to scrub.
+        given, is the dict's `request` as JSON text (or what gives it, by
+        `bytes()`, asked only then), written as is when the request is not
+        stored as a reference, is on one line and holds nothing to scrub.
 
         `secrets` (the call's secret header values) and credential shapes are
         scrubbed from the string values of what the line writes: a request
@@ -174,7 +175,10 @@ class TrajectoryWriter:
             if bridge_base is not None:
                 line_fields["bridge"] = {**bridge, "request": stored_bridge, "request_base": bridge_base}
         # (looked for line ends only here: a request stored as a reference, most of them, is not scanned)
-        raw_request = request_json is not None and base is None and b"\n" not in request_json and b"\r" not in request_json
+        raw_request = False
+        if request_json is not None and base is None:
+            request_json = bytes(request_json)
+            raw_request = b"\n" not in request_json and b"\r" not in request_json
         # The line is serialised around its events, which are scrubbed already
         # (the check for anything to scrub skips them): the fields before them,
         # the events, the fields after them.

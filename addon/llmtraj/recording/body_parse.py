@@ -9,6 +9,8 @@ parsed: the body with those items cut out, `{..."messages": [` and what
 follows them. Where the array's items end is found by a scan of the JSON
 tokens that matter (strings, brackets, commas), over each body's new bytes
 once (the first body of a session that is reused is scanned whole, once).
+A body comes as its pieces (`capture.BodyPieces`): only what follows the items
+reused is joined.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from pydantic_core import from_json
 
 from ..core.chain import shared_prefix
+from .capture import BodyPieces, as_pieces
 
 MIN_BODY = 32 << 10  # a body smaller than this, or sharing less with the earlier ones, is parsed whole (cheap)
 BODIES_PER_SESSION = 4  # the main conversation and a few side conversations
@@ -34,7 +37,7 @@ _BLANKS = b" \t\r\n"
 class _Parsed:
     """A body, its value, and where its longest array's items are."""
 
-    body: bytes
+    body: BodyPieces
     value: dict[str, Any]
     key: str
     start: int = -1  # just after the array's `[`; -1: not scanned yet, -2: not to be reused (the key twice)
@@ -51,12 +54,15 @@ class RequestBodies:
         self._bodies: OrderedDict[str, list[_Parsed]] = OrderedDict()
         self._sessions, self._budget, self._held = sessions, budget, 0
 
-    def parse(self, session: str, body: bytes, repeats: tuple[bytes, int] | None = None) -> Any:
+    def parse(
+        self, session: str, body: bytes | BodyPieces, repeats: tuple[BodyPieces, int] | None = None
+    ) -> Any:
         """`repeats`: a body and the length of the prefix `body` shares with
         it, when known; if it is one of the earlier bodies, sharing enough,
         that one is reused and none is compared."""
         if len(body) < MIN_BODY:
-            return from_json(body)
+            return from_json(bytes(body))
+        body = as_pieces(body)
         earlier = self._bodies.pop(session, [])
         self._held -= sum(len(e.body) for e in earlier)
         best, shared = None, 0
@@ -65,11 +71,11 @@ class RequestBodies:
             shared = repeats[1] if best is not None else 0
         if best is None:
             for parsed in earlier:
-                if (n := shared_prefix(parsed.body, body)) > shared:
+                if (n := shared_prefix(bytes(parsed.body), bytes(body))) > shared:
                     best, shared = parsed, n
         reused = _reuse(best, body, shared) if best is not None and shared >= MIN_BODY else None
         if reused is None:
-            value = from_json(body)
+            value = from_json(bytes(body))
             new = _Parsed(body, value, _longest_array(value)) if isinstance(value, dict) else None
         else:
             new = reused
@@ -92,9 +98,10 @@ def _longest_array(value: dict[str, Any]) -> str:
     return max(arrays)[1] if arrays else ""
 
 
-def _reuse(earlier: _Parsed, body: bytes, shared: int) -> _Parsed | None:
+def _reuse(earlier: _Parsed, body: BodyPieces, shared: int) -> _Parsed | None:
     """`body` parsed with the items of `earlier`'s array that lie within the
-    `shared` bytes reused, and where its own items are; None when none can be."""
+    `shared` bytes reused, and where its own items are; None when none can be.
+    Of `body`, only what follows those items is read (`rest`, from `cut`)."""
     if earlier.start == -1 and not _scan(earlier):
         earlier.start = -2
     if earlier.start < 0:
@@ -102,21 +109,20 @@ def _reuse(earlier: _Parsed, body: bytes, shared: int) -> _Parsed | None:
     commas, key = earlier.commas, earlier.key
     if earlier.close < shared:  # the whole array is shared
         kept, cut = len(commas) + 1, earlier.close
+        rest = body.tail(cut)
     else:
         kept = bisect_left(commas, shared)  # the commas before the first byte that differs
         if not kept:
             return None
         cut = commas[kept - 1] + 1
-        at = cut
-        while at < len(body) and body[at] in _BLANKS:
-            at += 1
-        if at >= len(body) or body[at] == _CLOSE[0]:
+        rest = body.tail(cut)
+        if not (item := rest.lstrip(_BLANKS)) or item[0] == _CLOSE[0]:
             return None  # (a trailing comma: the body is not JSON; from_json says why)
     quoted = b'"' + key.encode() + b'"'
-    if body.find(quoted, cut) >= 0 or _key_escapes(key).search(body, cut):
+    if rest.find(quoted) >= 0 or _key_escapes(key).search(rest):
         return None  # the key may be there twice: the last one counts, and it may be what follows
     try:
-        value = from_json(body[: earlier.start] + body[cut:])
+        value = from_json(body.head(earlier.start) + rest)
     except ValueError:
         return None
     if not isinstance(value, dict) or not isinstance(value.get(key), list):
@@ -128,9 +134,11 @@ def _reuse(earlier: _Parsed, body: bytes, shared: int) -> _Parsed | None:
     if earlier.close < shared:
         parsed.commas, parsed.close = commas, earlier.close
     else:
-        parsed.close = _items(body, cut, parsed.commas)
-        if parsed.close < 0:
+        new_commas: list[int] = []
+        if (close := _items(rest, 0, new_commas)) < 0:
             return None
+        parsed.commas += [comma + cut for comma in new_commas]
+        parsed.close = close + cut
     return parsed
 
 
@@ -138,7 +146,7 @@ def _scan(parsed: _Parsed) -> bool:
     """Finds where the array of `parsed.key` is in its (valid JSON) body and
     where its items end; False if the key is there more than once, or not as
     a key of the top level."""
-    body, key = parsed.body, parsed.key
+    body, key = bytes(parsed.body), parsed.key
     depth, expect_key, found, at = 0, False, False, 0
     while (token := _TOKEN.search(body, at)) is not None:
         c, at = body[token.start()], token.end()

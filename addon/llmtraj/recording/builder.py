@@ -23,17 +23,18 @@ from ..core.record import SCHEMA_VERSION, Headers
 from ..core.redact import may_have_secret_fields, redact_fields, redact_headers
 from ..core.sse import SSEBlock, SSEParser
 from .body_parse import RequestBodies
+from .capture import BodyPieces
 from .secret_scan import SecretFieldScan
 
 
-def parse_json_body(body: bytes, parse: Callable[[bytes], Any] = from_json) -> tuple[Any, str | None]:
+def parse_json_body(body: bytes | BodyPieces, parse: Callable[[Any], Any] = from_json) -> tuple[Any, str | None]:
     """(JSON value, None), or (None, the body as text) when it is not JSON."""
-    if not body:
+    if not len(body):
         return None, None
     try:
         return parse(body), None
     except ValueError:
-        return None, body.decode("utf-8", errors="replace")
+        return None, bytes(body).decode("utf-8", errors="replace")
 
 
 def base64_unless_utf8(data: bytes) -> str | None:
@@ -77,26 +78,28 @@ class RecordBuilder:
         method: str,
         url: str,
         request_headers: Headers,
-        request_body: bytes,
+        request_body: bytes | BodyPieces,  # (pieces: joined only where the whole body is needed)
         started_at: float | None = None,
         secret_scan: SecretFieldScan | None = None,
         request_bodies: RequestBodies | None = None,
-        repeats: tuple[bytes, int] | None = None,  # the session's previous body, the bytes this one repeats of it
+        repeats: tuple[BodyPieces, int] | None = None,  # the session's previous body, the bytes this one repeats of it
     ) -> None:
         self.api = api
         headers, self.secrets = redact_headers(request_headers)
         request, request_raw = parse_json_body(
             request_body,
-            partial(request_bodies.parse, session, repeats=repeats) if request_bodies is not None else from_json,
+            partial(request_bodies.parse, session, repeats=repeats) if request_bodies is not None
+            else lambda body: from_json(bytes(body)),  # fmt: skip
         )
         # The body for the writer to write as received, when it is valid JSON
         # (just parsed) and has nothing to redact (the store writes it if it
         # fits on one line): serialising a long conversation again on every
-        # call costs more than parsing it did.
-        self.request_json: bytes | None = None
+        # call costs more than parsing it did. (Pieces are joined by the store
+        # only if it writes them.)
+        self.request_json: bytes | BodyPieces | None = None
         if request is not None:
             if (secret_scan.may_have_secret_fields(session, request_body, repeats) if secret_scan is not None
-                    else may_have_secret_fields(request_body)):  # fmt: skip
+                    else may_have_secret_fields(bytes(request_body))):  # fmt: skip
                 request = redact_fields(request, self.secrets)
             else:
                 self.request_json = request_body
@@ -112,7 +115,7 @@ class RecordBuilder:
             "request_headers": headers,
             "request": request,
             "request_raw": request_raw,
-            "request_raw_base64": base64_unless_utf8(request_body) if request_raw is not None else None,
+            "request_raw_base64": base64_unless_utf8(bytes(request_body)) if request_raw is not None else None,
             "status": None,
             "response_headers": [],
             "stream": False,

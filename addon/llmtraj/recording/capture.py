@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import marshal
 import struct
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
+from itertools import accumulate
 from typing import Any
 
 from ..core.headers import RawHeaders
@@ -39,7 +41,7 @@ class CallCapture:
     method: str
     url: str
     request_headers: RawHeaders
-    request_body: bytes | list[bytes]  # (the proxy's: the pieces as they arrived; the writer's: bytes)
+    request_body: bytes | list[bytes] | BodyPieces  # (the proxy's: the pieces as they arrived; the writer's: bytes, then `BodyPieces`)
     started_at: float
     status: int | None = None
     response_headers: RawHeaders = field(default_factory=list)
@@ -124,9 +126,74 @@ def shared_length(a: list[bytes], b: list[bytes]) -> int:
     return done
 
 
+_JOINED = 64 << 10  # new bytes are joined to the last piece while both fit in this (pieces grow with the body, not the turns)
+
+
+class BodyPieces:
+    """A request body kept as pieces, as the writer rebuilds it from a delta:
+    the pieces of the session's previous body up to the bytes it shares, then
+    the new bytes; nothing of the shared part is copied. The whole body is
+    joined only when something asks for it (`bytes()`), once."""
+
+    __slots__ = ("pieces", "_ends", "_whole")
+
+    def __init__(self, pieces: list[bytes | memoryview]) -> None:
+        self.pieces = [piece for piece in pieces if len(piece)]
+        self._ends = list(accumulate(map(len, self.pieces)))
+        self._whole = self.pieces[0] if len(self.pieces) == 1 and isinstance(self.pieces[0], bytes) else None
+
+    @classmethod
+    def after(cls, previous: BodyPieces, shared: int, new: bytes) -> BodyPieces:
+        """The first `shared` bytes of `previous`, then `new`."""
+        i = bisect_left(previous._ends, shared)  # the piece the shared bytes end in
+        pieces = previous.pieces[:i]
+        if i < len(previous.pieces) and (start := previous._ends[i - 1] if i else 0) < shared:
+            pieces.append(memoryview(previous.pieces[i])[: shared - start])
+        if pieces and len(pieces[-1]) + len(new) <= _JOINED:
+            pieces[-1] = b"".join((pieces[-1], new))  # (lets go of what the cut piece held beyond it)
+        else:
+            pieces.append(new)
+        return cls(pieces)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __bytes__(self) -> bytes:
+        if self._whole is None:
+            self._whole = b"".join(self.pieces)
+        return self._whole
+
+    def at(self, offset: int) -> int:
+        """The byte at `offset`."""
+        i = bisect_right(self._ends, offset)
+        return self.pieces[i][offset - (self._ends[i - 1] if i else 0)]
+
+    def head(self, end: int) -> bytes:
+        """The bytes before `end`."""
+        if self._whole is not None:
+            return self._whole[:end]
+        i = bisect_left(self._ends, end)  # the piece `end` is in or at the end of
+        if i == len(self.pieces):
+            return b"".join(self.pieces)
+        return b"".join((*self.pieces[:i], memoryview(self.pieces[i])[: end - (self._ends[i - 1] if i else 0)]))
+
+    def tail(self, start: int) -> bytes:
+        """The bytes from `start` on."""
+        if self._whole is not None:
+            return self._whole[start:]
+        i = bisect_right(self._ends, start)
+        if i == len(self.pieces):
+            return b""
+        return b"".join((memoryview(self.pieces[i])[start - (self._ends[i - 1] if i else 0) :], *self.pieces[i + 1 :]))
+
+
+def as_pieces(body: bytes | BodyPieces) -> BodyPieces:
+    return body if isinstance(body, BodyPieces) else BodyPieces([body])
+
+
 class LastBodies:
     """The last request body sent down the writer pipe of each session (the
-    proxy's: its pieces; the writer's: bytes), for the sessions sent to last
+    proxy's: its pieces; the writer's: `BodyPieces`), for the sessions sent to last
     within a budget of bytes. Both ends keep one each and put every frame's
     body into it in the order the frames go through the pipe, so they hold the
     same bodies: what the proxy sends a delta against, the writer has."""

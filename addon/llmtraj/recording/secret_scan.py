@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 from ..core.chain import shared_prefix
 from ..core.redact import may_have_secret_fields
+from .capture import BodyPieces, as_pieces
 
 _KEY_REACH = 66  # a quote, up to 64 characters of a key's name, a quote (then blanks, then its colon)
 _BLANKS = b" \t\r\n"
@@ -22,21 +23,24 @@ class SecretFieldScan:
     (the sessions written to last, within a memory budget)."""
 
     def __init__(self, sessions: int = 128, budget: int = 256 << 20) -> None:
-        self._clean: OrderedDict[str, bytes] = OrderedDict()
+        self._clean: OrderedDict[str, BodyPieces] = OrderedDict()
         self._sessions, self._budget, self._held = sessions, budget, 0
 
-    def may_have_secret_fields(self, session: str, body: bytes, repeats: tuple[bytes, int] | None = None) -> bool:
+    def may_have_secret_fields(
+        self, session: str, body: bytes | BodyPieces, repeats: tuple[BodyPieces, int] | None = None
+    ) -> bool:
         """As `core.redact.may_have_secret_fields(body)`, scanning only what
         follows the part of `body` that repeats the session's previous body
         (`repeats`: a body and the length of the prefix `body` shares with
-        it, when known: not compared again)."""
+        it, when known: not compared again, and the body not joined)."""
+        body = as_pieces(body)
         previous = self._clean.pop(session, None)
         start = 0
         if previous is not None:
             self._held -= len(previous)
             known = repeats is not None and repeats[0] is previous
-            start = scan_start(body, repeats[1] if known else shared_prefix(previous, body))
-        found = may_have_secret_fields(memoryview(body)[start:] if start else body)
+            start = scan_start(body, repeats[1] if known else shared_prefix(bytes(previous), bytes(body)))
+        found = may_have_secret_fields(body.tail(start))
         if not found:
             self._clean[session] = body
             self._held += len(body)
@@ -45,11 +49,12 @@ class SecretFieldScan:
         return found
 
 
-def scan_start(body: bytes, repeated: int) -> int:
+def scan_start(body: bytes | BodyPieces, repeated: int) -> int:
     """Where to scan `body` when its first `repeated` bytes repeat a body with
     no secret-named key: far enough back that a key whose colon comes after
     them is seen whole (a key ending before them was in the other body)."""
     start = repeated
-    while start > 0 and body[start - 1] in _BLANKS:
+    at = as_pieces(body).at
+    while start > 0 and at(start - 1) in _BLANKS:
         start -= 1
     return max(0, start - _KEY_REACH)

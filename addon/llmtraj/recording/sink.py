@@ -3,7 +3,8 @@ captures without ever blocking the event loop, and keeps each one until the
 writer confirms it is on disk.
 
 Every frame carries a sequence number; the writer acknowledges each one once
-its line is written (on its stdout). A frame not yet acknowledged when the
+its line is written (on its stdout, those written together in one write, so
+that the loop wakes once for a burst of calls). A frame not yet acknowledged when the
 writer dies is sent again, marked, to the writer started in its place, which
 skips a call already on disk. A capture is written into the pipe at once, in
 the hook that ends the call, which mitmproxy runs before the client gets the

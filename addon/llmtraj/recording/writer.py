@@ -6,12 +6,15 @@ and when). Parsing, decoding, SSE aggregation, redaction, serialising and
 writing run here, in `python -m llmtraj.recording.writer PATH`, on the
 machine's other core. Captures arrive on stdin as framed marshal data and
 request body (both ends are this package, on the same Python;
-`capture.FRAME_HEAD`), and each
-frame's sequence number goes back on stdout once its line is written. A frame
+`capture.FRAME_HEAD`), and each frame's sequence number goes back on stdout
+once its line is written: those of all the frames read by then in one write,
+after which the writer pauses a few ms (`NAP`) so that the calls of a burst
+are taken in one wake-up, not one each. A frame
 marked as sent before (to a writer that died) is skipped if its call is on disk
-already. A body sent as a delta (`capture.DELTA`) is rebuilt from the
-session's previous body (`capture.LastBodies`, kept as the proxy keeps its
-own), and what parses and scans it is told how much of it repeats that body;
+already. A body sent as a delta (`capture.DELTA`) is taken as the pieces of
+the session's previous body (`capture.LastBodies`, kept as the proxy keeps its
+own) up to the bytes it repeats, then the new bytes (`capture.BodyPieces`: not
+joined), and what parses and scans it is told how much of it repeats that body;
 a delta whose previous body this writer does not have ends the process
 without writing it (the proxy sends whatever is unconfirmed again, whole, to
 the writer it starts in its place). The process runs in its own session, so a Ctrl-C meant for the proxy
@@ -26,6 +29,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +41,14 @@ from ..prompts.tagging import PromptTagger
 from ..tokens.recording import agent_chunks, engine_final, plan_of, tokens_of
 from .body_parse import RequestBodies
 from .builder import RecordBuilder
-from .capture import ACK, DELTA, FRAME_HEAD, RESENT, CallCapture, LastBodies
+from .capture import ACK, DELTA, FRAME_HEAD, RESENT, BodyPieces, CallCapture, LastBodies
 from .secret_scan import SecretFieldScan
 
 
 def record_of(
     capture: CallCapture, tagger: PromptTagger | None = None, secret_scan: SecretFieldScan | None = None,
-    request_bodies: RequestBodies | None = None, repeats: tuple[bytes, int] | None = None,
-) -> tuple[dict[str, Any], set[str], bytes | None]:
+    request_bodies: RequestBodies | None = None, repeats: tuple[BodyPieces, int] | None = None,
+) -> tuple[dict[str, Any], set[str], bytes | BodyPieces | None]:
     """(the record's fields, secrets to scrub, request body to write as is);
     `repeats`: the session's previous body and how many bytes of it the
     request body begins with, when known."""
@@ -99,18 +103,65 @@ def _short_body(capture: CallCapture) -> str | None:
     return f"the body ended after {received} of its {length} bytes (Content-Length)" if received < length else None
 
 
-def serve(path: str, source=None, prompts: str | None = None, acks: int | None = None) -> bool:
+# A writer woken by a call acknowledges what it has written and reads again
+# no sooner than this long after it woke: the calls that arrive meanwhile are
+# read, written and acknowledged in one wake-up (one read, one acknowledgement
+# and, in the proxy, one wake-up to read it), instead of one of each per call.
+# A call waits at most this long more for its line; a writer busy for longer
+# (large bodies, a backlog) does not pause; an idle one blocks on its input.
+NAP = 0.004
+_READ = 1 << 16  # at least this much per read (a frame longer than that is read whole)
+
+
+class FrameReader:
+    """The frames on `source`, read in as few reads as they arrived in: `take`
+    gives a frame already read whole (or None), `fill` reads what came."""
+
+    def __init__(self, source) -> None:
+        self._read = source.read1  # (what is there, at most one read)
+        self._buffer = bytearray()
+        self._need = FRAME_HEAD.size  # bytes the next frame needs in the buffer, as far as is known
+
+    def fill(self) -> bool:
+        """Read what is there, waiting for some; False at end of input."""
+        data = self._read(max(_READ, self._need - len(self._buffer)))
+        self._buffer += data
+        return bool(data)
+
+    def take(self) -> tuple[tuple[int, int, int, int, int, int], bytes, bytes] | None:
+        """(its head's fields, marshal data, request body) of the next frame, if it is whole."""
+        buffer = self._buffer
+        if len(buffer) < FRAME_HEAD.size:
+            return None
+        fields = FRAME_HEAD.unpack_from(buffer)
+        length, body_length = fields[:2]
+        data_end = FRAME_HEAD.size + length
+        self._need = end = data_end + body_length
+        if len(buffer) < end:
+            return None
+        with memoryview(buffer) as view:  # (one copy each, not two)
+            data, body = bytes(view[FRAME_HEAD.size : data_end]), bytes(view[data_end:end])
+        del buffer[:end]
+        self._need = FRAME_HEAD.size
+        return fields, data, body
+
+
+def serve(path: str, source=None, prompts: str | None = None, acks: int | None = None, nap: float = NAP) -> bool:
     """Write every capture read from `source` (stdin) to the trajectory at `path`,
     each tagged with its system prompt's version in the registry at `prompts`,
-    and acknowledge each on the file descriptor `acks` once written; False if
-    it stopped at a delta whose previous body it does not have."""
-    source = source or sys.stdin.buffer
+    and acknowledge them on the file descriptor `acks` once written: all the
+    frames read by then in one write, when no whole frame is left to write,
+    then read more no sooner than `nap` seconds after the first of them;
+    False if it stopped at a delta whose previous body it does not have."""
+    frames = FrameReader(source or sys.stdin.buffer)
     tagger = PromptTagger(prompts) if prompts else None
     secret_scan = SecretFieldScan()
     request_bodies = RequestBodies()
     last_bodies = LastBodies()
     writer = TrajectoryWriter(path)
     on_disk: dict[Path, set[tuple[str, int, float]]] = {}  # calls in a file, read when a resent frame asks
+    written = bytearray()  # acknowledgements not yet sent
+    woke = 0.0  # when the first of them was taken
 
     def already_written(capture: CallCapture) -> bool:
         file = writer.file_for(capture.session)
@@ -118,15 +169,31 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
             on_disk[file] = written_calls(file) if file.exists() else set()
         return (capture.session, capture.index, capture.started_at) in on_disk[file]
 
+    def acknowledge() -> None:
+        nonlocal acks
+        if acks is not None:
+            try:
+                sent = 0
+                while sent < len(written):
+                    sent += os.write(acks, written[sent:])
+            except OSError:  # the proxy is gone: go on writing what it sent
+                acks = None
+        written.clear()
+
     try:
-        while head := source.read(FRAME_HEAD.size):
-            if len(head) < FRAME_HEAD.size:
-                break  # the proxy died mid-frame: that call was not finished
-            length, body_length, seq, flags, shared, base = FRAME_HEAD.unpack(head)
-            data = source.read(length)
-            body = source.read(body_length)
-            if len(data) < length or len(body) < body_length:
-                break  # likewise
+        while True:
+            frame = frames.take()
+            if frame is None:
+                if written:
+                    acknowledge()
+                    if (pause := woke + nap - time.monotonic()) > 0:
+                        time.sleep(pause)
+                if not frames.fill():
+                    break  # end of input (a frame cut short: the proxy died mid-frame, that call was not finished)
+                continue
+            (_, _, seq, flags, shared, base), data, body = frame
+            if not written:
+                woke = time.monotonic()
             try:
                 capture = CallCapture.unframe(data, body)
             except Exception as exc:  # one bad call must not cost the others
@@ -141,21 +208,21 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
                               f" (session {capture.session!r}); stopping, for the proxy to send it whole",
                               file=sys.stderr, flush=True)  # fmt: skip
                         return False
-                    capture.request_body = b"".join((memoryview(previous)[:shared], body))
+                    capture.request_body = BodyPieces.after(previous, shared, body)
                     repeats = previous, shared
+                else:
+                    capture.request_body = BodyPieces([body])
                 last_bodies.swap(capture.session, capture.request_body, len(capture.request_body))
                 try:
                     if not (flags & RESENT and already_written(capture)):
                         writer.append(*record_of(capture, tagger, secret_scan, request_bodies, repeats))
                 except Exception as exc:  # one bad call must not cost the others
                     print(f"llm-traj: could not record a call: {exc!r}", file=sys.stderr, flush=True)
-            if acks is not None:
-                try:
-                    os.write(acks, ACK.pack(seq))
-                except OSError:  # the proxy is gone: go on writing what it sent
-                    acks = None
+            written += ACK.pack(seq)
     finally:
         writer.close()
+        if written:  # (those written before a delta it could not take too)
+            acknowledge()
     return True
 
 
