@@ -7,6 +7,7 @@ run the same addon in a real mitmdump."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 
@@ -79,6 +80,21 @@ def test_a_failing_part_skips_no_other_part(caplog):
     assert calls == ["a", "b", "c", "d", "e"]
     failed = [r.getMessage() for r in caplog.records]
     assert failed == ["llm-traj: request hook of Part failed"] * 3 and all(r.exc_info for r in caplog.records)
+
+
+def test_running_freezes_what_start_up_built():
+    """Once the proxy runs, what it built at start-up is out of the cyclic
+    collector's passes (they walked it on every call's hot path)."""
+    made_at_start_up = {"options": [1, 2, 3]}
+    addon = LlmTraj([])
+    gc.unfreeze()
+    try:
+        assert any(obj is made_at_start_up for obj in gc.get_objects())
+        addon.running()
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is made_at_start_up for obj in gc.get_objects())  # frozen: in no generation
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize("is_async", [False, True])
