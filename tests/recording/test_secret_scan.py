@@ -63,9 +63,9 @@ def test_memory_is_bounded():
     scan = SecretFieldScan(sessions=3, budget=1000)
     for i in range(10):
         scan.may_have_secret_fields(f"s{i}", b'{"content": "' + b"x" * 300 + b'"}')
-    assert len(scan._clean) == 3 and scan._held <= 1000
+    assert len(scan._clean) == 3 and scan._clean.held <= 1000
     scan.may_have_secret_fields("big", b'{"content": "' + b"x" * 5000 + b'"}')
-    assert scan._held <= 1000
+    assert scan._clean.held <= 1000
 
 
 def test_shared_prefix():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ from pydantic_core import from_json
 
 from ..core.chain import shared_prefix
 from .capture import BodyPieces, as_pieces
+from .session_lru import SessionLRU
 
 MIN_BODY = 32 << 10  # a body smaller than this, or sharing less with the earlier ones, is parsed whole (cheap)
 BODIES_PER_SESSION = 4  # the main conversation and a few side conversations
@@ -51,8 +51,7 @@ class RequestBodies:
     sessions written to last, within a memory budget)."""
 
     def __init__(self, sessions: int = 128, budget: int = 256 << 20) -> None:
-        self._bodies: OrderedDict[str, list[_Parsed]] = OrderedDict()
-        self._sessions, self._budget, self._held = sessions, budget, 0
+        self._bodies: SessionLRU[list[_Parsed]] = SessionLRU(sessions, budget)
 
     def parse(
         self, session: str, body: bytes | BodyPieces, repeats: tuple[BodyPieces, int] | None = None
@@ -63,8 +62,8 @@ class RequestBodies:
         if len(body) < MIN_BODY:
             return from_json(bytes(body))
         body = as_pieces(body)
-        earlier = self._bodies.pop(session, [])
-        self._held -= sum(len(e.body) for e in earlier)
+        kept = self._bodies.pop(session)
+        earlier = kept[0] if kept is not None else []
         best, shared = None, 0
         if repeats is not None and repeats[1] >= MIN_BODY:
             best = next((parsed for parsed in earlier if parsed.body is repeats[0]), None)
@@ -85,10 +84,7 @@ class RequestBodies:
                 earlier = [e for e in earlier if e is not best]
             earlier.append(new)
             del earlier[: -BODIES_PER_SESSION]
-        self._bodies[session] = earlier
-        self._held += sum(len(e.body) for e in earlier)
-        while self._bodies and (len(self._bodies) > self._sessions or self._held > self._budget):
-            self._held -= sum(len(e.body) for e in self._bodies.popitem(last=False)[1])
+        self._bodies.put(session, earlier, sum(len(e.body) for e in earlier))
         return value
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import marshal
 import struct
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from itertools import accumulate
 from typing import Any
 
 from ..core.headers import RawHeaders
+from .session_lru import SessionLRU
 
 # A frame on the writer pipe: this head, the capture's marshal data without its request body, then that body
 # (or, with DELTA, what follows the bytes it shares with the session's previous body).
@@ -191,7 +191,7 @@ def as_pieces(body: bytes | BodyPieces) -> BodyPieces:
     return body if isinstance(body, BodyPieces) else BodyPieces([body])
 
 
-class LastBodies:
+class LastBodies(SessionLRU[Any]):
     """The last request body sent down the writer pipe of each session (the
     proxy's: its pieces; the writer's: `BodyPieces`), for the sessions sent to last
     within a budget of bytes. Both ends keep one each and put every frame's
@@ -199,29 +199,18 @@ class LastBodies:
     same bodies: what the proxy sends a delta against, the writer has."""
 
     def __init__(self, sessions: int = 1024, budget: int = 256 << 20) -> None:
-        self._bodies: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self._sessions, self._budget, self._held = sessions, budget, 0
+        super().__init__(sessions, budget)
 
     def swap(self, session: str, body: Any, length: int) -> tuple[Any, int] | None:
         """Keep `body` (of `length` bytes) as the session's last; (the one
         before, its length), if it was kept."""
-        previous = self._bodies.pop(session, None)
-        if previous is not None:
-            self._held -= previous[1]
-        self._bodies[session] = (body, length)
-        self._held += length
-        while self._bodies and (len(self._bodies) > self._sessions or self._held > self._budget):
-            self._held -= self._bodies.popitem(last=False)[1][1]
+        previous = self.pop(session)
+        self.put(session, body, length)
         return previous
 
     def last(self, session: str) -> Any:
         """The session's last body, if it is kept."""
-        kept = self._bodies.get(session)
-        return kept[0] if kept is not None else None
-
-    def clear(self) -> None:
-        self._bodies.clear()
-        self._held = 0
+        return self.get(session)
 
 
 _CAPTURE_FIELDS = [f.name for f in fields(CallCapture)]

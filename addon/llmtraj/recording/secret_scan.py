@@ -8,11 +8,10 @@ conversation."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from ..core.chain import shared_prefix
 from ..core.redact import may_have_secret_fields
 from .capture import BodyPieces, as_pieces
+from .session_lru import SessionLRU
 
 _KEY_REACH = 66  # a quote, up to 64 characters of a key's name, a quote (then blanks, then its colon)
 _BLANKS = b" \t\r\n"
@@ -23,8 +22,7 @@ class SecretFieldScan:
     (the sessions written to last, within a memory budget)."""
 
     def __init__(self, sessions: int = 128, budget: int = 256 << 20) -> None:
-        self._clean: OrderedDict[str, BodyPieces] = OrderedDict()
-        self._sessions, self._budget, self._held = sessions, budget, 0
+        self._clean: SessionLRU[BodyPieces] = SessionLRU(sessions, budget)
 
     def may_have_secret_fields(
         self, session: str, body: bytes | BodyPieces, repeats: tuple[BodyPieces, int] | None = None
@@ -34,18 +32,15 @@ class SecretFieldScan:
         (`repeats`: a body and the length of the prefix `body` shares with
         it, when known: not compared again, and the body not joined)."""
         body = as_pieces(body)
-        previous = self._clean.pop(session, None)
+        kept = self._clean.pop(session)
         start = 0
-        if previous is not None:
-            self._held -= len(previous)
+        if kept is not None:
+            previous = kept[0]
             known = repeats is not None and repeats[0] is previous
             start = scan_start(body, repeats[1] if known else shared_prefix(bytes(previous), bytes(body)))
         found = may_have_secret_fields(body.tail(start))
         if not found:
-            self._clean[session] = body
-            self._held += len(body)
-            while self._clean and (len(self._clean) > self._sessions or self._held > self._budget):
-                self._held -= len(self._clean.popitem(last=False)[1])
+            self._clean.put(session, body, len(body))
         return found
 
 

@@ -143,7 +143,7 @@ class RecordSink:
         any later one)."""
         length = sum(map(len, body))
         previous = self._last_bodies.swap(capture.session, body, length)
-        if previous is not None and (shared := shared_length(previous[0], body)) >= _MIN_DELTA:
+        if previous is not None and length >= _MIN_DELTA and (shared := shared_length(previous[0], body)) >= _MIN_DELTA:
             return capture.frame(seq, DELTA, shared, previous[1])
         return capture.frame(seq)
 
