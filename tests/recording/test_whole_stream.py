@@ -156,8 +156,8 @@ def test_a_chunk_with_no_bytes_and_a_time_of_none_change_nothing():
 
 
 @pytest.mark.parametrize("odd", [None, 5, 63, 64, 70, 127, 149])
-def test_long_streams_are_parsed_in_parts_as_the_general_path_parses_them(odd):
-    # More blocks than one part of the parse, some data not JSON (in one part, at its end, at the next's start).
+def test_long_streams_with_data_that_is_not_json_give_the_general_paths_record(odd):
+    # Blocks of one template, some data among them not JSON (the template dropped there, and made again after).
     blocks = [f'data: {{"id":"c","choices":[{{"index":0,"delta":{{"content":"{i} "}}}}]}}\n\n'.encode()
               for i in range(150)]  # fmt: skip
     if odd is not None:
