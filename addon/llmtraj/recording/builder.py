@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from ..apis import ApiShape
+from ..apis import ApiShape, StreamAggregator
 from ..core.encoding import Decoder, IdentityDecoder, UnsupportedEncoding, decoder_for
 from ..core.headers import header
 from ..core.record import SCHEMA_VERSION, Headers
@@ -57,6 +57,49 @@ _ENDS_BLOCK = methodcaller("endswith", b"\n\n")  # (chunks may be bytes or bytea
 # what a stream taken at once holds beyond its record, and live long enough for the garbage collector to
 # walk them again and again (at 20,000 events, 256 at a time cost 1.3x the time per event of 64).
 _BATCH = 64
+
+
+def usual_blocks(body: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]] | None:
+    """(the blocks, their `event:` lines (b"" for none), their data) of a stream
+    body made of usual blocks alone (LF line ends); None for any other body."""
+    if b"\r" in body:
+        return None
+    found = _USUAL_BLOCK.findall(body)
+    if not found:
+        return None
+    blocks, names, datas = zip(*found)
+    if sum(map(len, blocks)) != len(body):  # blocks of another shape between or after them
+        return None
+    return blocks, names, datas
+
+
+def fold_usual_blocks(aggregator: StreamAggregator, names: tuple[bytes, ...], datas: tuple[bytes, ...]) -> None:
+    """Folds a body's usual blocks (`usual_blocks`; their data UTF-8) into
+    `aggregator` as their blocks from the SSE parser would be: the data of
+    _BATCH blocks parsed at a time."""
+    event_names = {line: line[7:-1].decode() if line else None for line in set(names)}
+    named = list(map(event_names.__getitem__, names))
+    for start in range(0, len(datas), _BATCH):
+        _fold(aggregator, named[start : start + _BATCH], datas[start : start + _BATCH])
+
+
+def _fold(aggregator: StreamAggregator, names: list[str | None], datas: tuple[bytes, ...]) -> None:
+    """Folds whole blocks with data (`names` their events) into the aggregate,
+    their data parsed from bytes in one pass."""
+    texts = list(map(bytes.decode, datas))
+    done = datas[-1] == b"[DONE]"  # the usual end of an OpenAI stream, not JSON
+    try:
+        values = list(map(from_json, datas[:-1] if done else datas))
+    except ValueError:  # some data is not JSON: the aggregator parses each and says which
+        for name, text in zip(names, texts):
+            aggregator.add(SSEBlock(b"", text, name))
+        return
+    add = aggregator.add_parsed
+    for name, text, value in zip(names, texts, values):
+        add(name, text, value)
+    if done:
+        aggregator.add(SSEBlock(b"", texts[-1], names[-1]))
+
 
 RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
 
@@ -210,16 +253,11 @@ class RecordBuilder:
             kept = [(data, now) for data, now in zip(chunks, times) if data]
             chunks, times = [data for data, _ in kept], [now for _, now in kept]
         body = b"".join(chunks)
-        if b"\r" in body:
+        found = usual_blocks(body)
+        if found is None:
             return False
-        found = _USUAL_BLOCK.findall(body)
-        if not found:
-            return False
-        blocks, names, datas = zip(*found)
-        del found
-        if sum(map(len, blocks)) != len(body):  # blocks of another shape between or after them
-            return False
-        del body
+        blocks, names, datas = found
+        del found, body
         try:
             raws = list(map(bytes.decode, blocks))  # (a character never spans two blocks: they end in LFs)
         except UnicodeDecodeError:
@@ -236,29 +274,8 @@ class RecordBuilder:
         seconds = map(float, ("%.6f " * len(times) % tuple(map(sub, times, repeat(started)))).split())
         self._events.extend([{"t": t, "raw": raw} for t, raw in zip(seconds, raws)])
         self._parser.started()
-        event_names = {line: line[7:-1].decode() if line else None for line in set(names)}
-        names = list(map(event_names.__getitem__, names))
-        for start in range(0, len(datas), _BATCH):
-            self._aggregate(names[start : start + _BATCH], datas[start : start + _BATCH])
+        fold_usual_blocks(self._aggregator, names, datas)
         return True
-
-    def _aggregate(self, names: list[str | None], datas: tuple[bytes, ...]) -> None:
-        """Folds whole blocks with data (`names` their events) into the aggregate,
-        their data parsed from bytes in one pass."""
-        aggregator = self._aggregator
-        texts = list(map(bytes.decode, datas))
-        done = datas[-1] == b"[DONE]"  # the usual end of an OpenAI stream, not JSON
-        try:
-            values = list(map(from_json, datas[:-1] if done else datas))
-        except ValueError:  # some data is not JSON: the aggregator parses each and says which
-            for name, text in zip(names, texts):
-                aggregator.add(SSEBlock(b"", text, name))
-            return
-        add = aggregator.add_parsed
-        for name, text, value in zip(names, texts, values):
-            add(name, text, value)
-        if done:
-            aggregator.add(SSEBlock(b"", texts[-1], names[-1]))
 
     def _take(self, blocks: list[SSEBlock], now: float | None) -> None:
         if not blocks:
