@@ -2,7 +2,9 @@
 the record the general path makes chunk by chunk: the same events (text, bytes,
 times), the same aggregate and problems, for every fixture of every API in any
 chunking and for generated streams of every shape, the usual one (the bulk path
-takes it) and any other (the general path takes it)."""
+takes it) and any other (the general path takes it). Token capture's fold of
+the engine's own bytes (`tokens.recording.engine_final`, issue 12) takes them at
+once the same way."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from llmtraj.apis import API_BY_NAME, ApiShape
 from llmtraj.recording.builder import RecordBuilder
+from llmtraj.tokens.recording import engine_final
 
 from .test_recorder import ALL_STREAMS, SSE_HEADERS, T0, expected_for, new_tee
 
@@ -127,6 +130,15 @@ TIMES = st.lists(st.floats(1.0e9, 2.0e9, allow_nan=False) | st.floats(1.0e-3, 1.
 def test_any_stream_in_any_chunking_gives_the_general_paths_record(api, data, cuts, times):
     chunks = _cut(data, cuts)
     _same_both_ways(API_BY_NAME[api], chunks, times[: len(chunks)])
+
+
+@pytest.mark.parametrize("api", ["chat.completions", "anthropic.messages", "responses", "completions"])
+@settings(max_examples=max(60, settings.default.max_examples), deadline=None)
+@given(data=STREAM | USUAL_STREAM.map(b"".join), cuts=st.lists(st.floats(0, 1), max_size=10))
+def test_the_engines_bytes_fold_to_the_general_paths_aggregate(api, data, cuts):
+    chunks = _cut(data, cuts)
+    record, _ = _recorded(API_BY_NAME[api], chunks, [T0 + 1] * len(chunks), bulk=False)
+    assert engine_final(API_BY_NAME[api], chunks, True) == record["response"]
 
 
 @pytest.mark.parametrize("api", ["chat.completions", "anthropic.messages", "responses"])

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from ..apis import ApiShape
+from ..apis import ApiShape, StreamAggregator
 from ..core.encoding import Decoder, IdentityDecoder, UnsupportedEncoding, decoder_for
 from ..core.headers import header
 from ..core.record import SCHEMA_VERSION, Headers
@@ -58,6 +58,47 @@ _ENDS_BLOCK = methodcaller("endswith", b"\n\n")  # (chunks may be bytes or bytea
 # this many of its text blocks could not be made templates of (texts written with escapes: `\u4f60`), makes
 # no more: each try costs about a parse.
 _UNMATCHED_TEMPLATES = 4
+
+
+def usual_blocks(body: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]] | None:
+    """(the blocks, their `event:` lines (b"" for none), their data) of a stream
+    body made of usual blocks alone (LF line ends); None for any other body."""
+    if b"\r" in body:
+        return None
+    found = _USUAL_BLOCK.findall(body)
+    if not found:
+        return None
+    blocks, names, datas = zip(*found)
+    if sum(map(len, blocks)) != len(body):  # blocks of another shape between or after them
+        return None
+    return blocks, names, datas
+
+
+def fold_usual_blocks(
+    aggregator: StreamAggregator, names: tuple[bytes, ...], datas: tuple[bytes, ...], raws: list[str]
+) -> None:
+    """Folds a body's usual blocks (`usual_blocks`; `raws` their text) into `aggregator` as their blocks from
+    the SSE parser would be: the blocks that follow one of a template (`EventTemplate`) as the texts they add,
+    any other parsed and folded in whole (and made the template of the next ones, if it can be)."""
+    event_names = {line: line[7:-1].decode() if line else None for line in set(names)}
+    named = list(map(event_names.__getitem__, names))
+    unmatched = 0  # text blocks that were made no template, or one that matched no block
+    index = 0
+    while index < len(raws):
+        name, data, raw = named[index], datas[index], raws[index]
+        index += 1
+        try:
+            value = from_json(data)
+        except ValueError:  # not JSON (an OpenAI stream's last `[DONE]`): the aggregator says what it is
+            aggregator.add(SSEBlock(b"", data.decode(), name))
+            continue
+        aggregator.add_parsed(name, data.decode(), value)
+        if unmatched < _UNMATCHED_TEMPLATES and (slot := aggregator.text_slot(name, value)) is not None:
+            start = index
+            if (template := EventTemplate.of(raw, value, *slot)) is not None:
+                index = template.take(raws, index)
+            unmatched += index == start
+
 
 RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
 
@@ -211,16 +252,11 @@ class RecordBuilder:
             kept = [(data, now) for data, now in zip(chunks, times) if data]
             chunks, times = [data for data, _ in kept], [now for _, now in kept]
         body = b"".join(chunks)
-        if b"\r" in body:
+        found = usual_blocks(body)
+        if found is None:
             return False
-        found = _USUAL_BLOCK.findall(body)
-        if not found:
-            return False
-        blocks, names, datas = zip(*found)
-        del found
-        if sum(map(len, blocks)) != len(body):  # blocks of another shape between or after them
-            return False
-        del body
+        blocks, names, datas = found
+        del found, body
         try:
             raws = list(map(bytes.decode, blocks))  # (a character never spans two blocks: they end in LFs)
         except UnicodeDecodeError:
@@ -237,31 +273,8 @@ class RecordBuilder:
         seconds = map(float, ("%.6f " * len(times) % tuple(map(sub, times, repeat(started)))).split())
         self._events.extend([{"t": t, "raw": raw} for t, raw in zip(seconds, raws)])
         self._parser.started()
-        event_names = {line: line[7:-1].decode() if line else None for line in set(names)}
-        self._aggregate(list(map(event_names.__getitem__, names)), datas, raws)
+        fold_usual_blocks(self._aggregator, names, datas, raws)
         return True
-
-    def _aggregate(self, names: list[str | None], datas: tuple[bytes, ...], raws: list[str]) -> None:
-        """Folds whole blocks with data (`names` their events, `raws` their text) into the aggregate: the
-        blocks that follow one of a template (`EventTemplate`) and are of it as the texts they add, any
-        other parsed and folded in whole (and made the template of the next ones, if it can be)."""
-        aggregator = self._aggregator
-        unmatched = 0  # text blocks that were made no template, or one that matched no block
-        index = 0
-        while index < len(raws):
-            name, data, raw = names[index], datas[index], raws[index]
-            index += 1
-            try:
-                value = from_json(data)
-            except ValueError:  # not JSON (an OpenAI stream's last `[DONE]`): the aggregator says what it is
-                aggregator.add(SSEBlock(b"", data.decode(), name))
-                continue
-            aggregator.add_parsed(name, data.decode(), value)
-            if unmatched < _UNMATCHED_TEMPLATES and (slot := aggregator.text_slot(name, value)) is not None:
-                start = index
-                if (template := EventTemplate.of(raw, value, *slot)) is not None:
-                    index = template.take(raws, index)
-                unmatched += index == start
 
     def _take(self, blocks: list[SSEBlock], now: float | None) -> None:
         if not blocks:
