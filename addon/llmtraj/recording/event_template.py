@@ -29,7 +29,6 @@ _STRING_BODY = re.compile(r'[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*')
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
 _TEXT = "text"  # the kind of the text slot among `str` and `int` (ignored values)
 _NEEDS_QUOTING = re.compile(r'["\\\x00-\x1f]')
-_WHITESPACE = " \t\n\r"
 
 
 def _at(value: Any, path: Path) -> Any:
