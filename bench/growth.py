@@ -8,11 +8,18 @@ the work, measured through the proxy.
              compact JSON), and what the same calls take as version 1 lines
              (`llm-traj cat`'s, every request whole), the format before this one
   CPU        proxy and writer CPU per call over the 1000-turn session, per
-             100 turns (the writer's CPU read once it has written the bucket,
-             to the microsecond: its time on a CPU, /proc/PID/schedstat),
-             and bare mitmdump's (streaming) for the same calls: the proxy's
+             100 turns, and bare mitmdump's for the same calls: the proxy's
              own cost of forwarding requests that grow to 1.8 MB, which the
-             addon's share is told apart from
+             addon's share is told apart from. Bare mitmdump runs beside the
+             recording proxy, each turn's request sent to both, in turn
+             first to one and first to the other, and streams request and
+             response bodies as the recording proxy does in record mode
+             (`stream_large_bodies=1`). Each process's CPU is its threads'
+             time on a CPU (/proc/PID/task/*/schedstat, to the nanosecond),
+             the writer's read once it has written the bucket. Flat: "added
+             by llm-traj" and "writer" at turns 901-1000 at most
+             max(+25%, +100 µs) above turns 101-200 (turns 1-100 warm the
+             caches on small bodies)
   writer     the record writer's CPU per call in process (`record_of` and the
              store's append, as the writer process runs them, each body
              taken as the pieces of the previous one it repeats and the new
@@ -33,6 +40,7 @@ the work, measured through the proxy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -58,6 +66,7 @@ CPU_BUCKET = 100
 REPLAY_SESSIONS, QUICK_REPLAY_SESSIONS, REPLAY_TURNS, REPLAY_SERVED = 10_000, 1_000, 50, 20
 SIZE_TARGET = 3.0
 STARTUP_TARGET_S, RSS_TARGET_MB = 2.0, 200.0
+FLAT_SHARE, FLAT_MICROS = 0.25, 100  # a CPU column is flat if its last turns are at most this far above turns 101-200
 
 
 def _children(pid: int) -> list[int]:
@@ -69,16 +78,15 @@ def _children(pid: int) -> list[int]:
 
 
 def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _run_time(pid: int) -> float:
-    """The time a single-threaded process has run on a CPU, in nanoseconds'
-    precision (its CPU ticks are 10 ms: 100 µs per call in a row of 100 calls)."""
-    with open(f"/proc/{pid}/schedstat") as fh:
-        return int(fh.read().split()[0]) / 1e9
+    """The time a process's threads have run on a CPU, in seconds to the
+    nanosecond (its CPU ticks are 10 ms: 100 µs per call in a row of 100
+    calls); 0 for no process."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as fh:  # (a thread that ended)
+                total += int(fh.read().split()[0])
+    return total / 1e9
 
 
 def _rss_mb(pid: int) -> float:
@@ -114,37 +122,41 @@ def _answer(body: bytes) -> str:
     return "".join(text)
 
 
-def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path | None, session: str, turns: int,
-             buckets: list[dict] | None) -> int:
-    """Runs one conversation; returns its final conversation's bytes. `traj`
-    None: the proxy is bare mitmdump (no writer, nothing written)."""
-    url = f"{proxy.url}/s/{session}/v1/chat/completions"
+def _session(client: httpx.Client, proxy: ProxyProcess, traj: Path, session: str, turns: int,
+             buckets: list[dict] | None = None, bare: ProxyProcess | None = None) -> int:
+    """Runs one conversation through `proxy`, each request sent to `bare` too
+    (bare mitmdump) when given; returns its final conversation's bytes."""
+    urls = [f"{p.url}/s/{session}/v1/chat/completions" for p in (proxy, bare) if p is not None]
     messages: list[dict] = [{"role": "system", "content": "You are a coding agent. Answer briefly."}]
-    writer = None
-    mark = None
+    writer = mark = None
     for turn in range(1, turns + 1):
         filler = f"turn {turn}: the command printed " + "output line of the tool, " * 80
         messages.append({"role": "user", "content": filler[: TURN_BYTES - 80]})
         if buckets is not None and (turn - 1) % CPU_BUCKET == 0:
             writer = writer or next(iter(_children(proxy.pid)), None)
-            mark = (turn, _cpu(proxy.pid), _run_time(writer) if writer else 0.0, len(json.dumps(messages)))  # (bare mitmdump has no writer)
-        r = client.post(url, json={"model": "standin-text", "messages": messages, "stream": True})
-        if r.status_code != 200:
-            raise RuntimeError(f"bench growth: turn {turn} got {r.status_code}: {r.text[:200]}")
-        messages.append({"role": "assistant", "content": _answer(r.content)})
+            mark = (turn, _cpu(proxy.pid), _cpu(bare.pid) if bare else 0.0, _cpu(writer) if writer else 0.0,
+                    len(json.dumps(messages)))  # fmt: skip
+        request = {"model": "standin-text", "messages": messages, "stream": True}
+        for url in urls if turn % 2 else urls[::-1]:  # (each proxy first every other turn)
+            r = client.post(url, json=request)
+            if r.status_code != 200:
+                raise RuntimeError(f"bench growth: turn {turn} got {r.status_code} from {url}: {r.text[:200]}")
+            if url == urls[0]:
+                answer = _answer(r.content)
+        messages.append({"role": "assistant", "content": answer})
         if buckets is not None and turn % CPU_BUCKET == 0:
-            if traj is not None:
-                _wait_lines(traj / f"{session}.jsonl", turn)
-            first, proxy_cpu, writer_cpu, request_bytes = mark
+            _wait_lines(traj / f"{session}.jsonl", turn)
+            first, proxy_cpu, bare_cpu, writer_cpu, request_bytes = mark
             calls = turn - first + 1
-            buckets.append({
-                "turns": f"{first}-{turn}",
-                "request KB": round(request_bytes / 1024, 1),
-                "proxy µs/call": round((_cpu(proxy.pid) - proxy_cpu) / calls * 1e6),
-                "writer µs/call": round(((_run_time(writer) if writer else 0.0) - writer_cpu) / calls * 1e6),
-            })  # fmt: skip
-    if traj is not None:
-        _wait_lines(traj / f"{session}.jsonl", turns)
+            row = {"turns": f"{first}-{turn}", "request KB": round(request_bytes / 1024, 1)}
+            if bare is not None:
+                row["bare mitmdump µs/call"] = round((_cpu(bare.pid) - bare_cpu) / calls * 1e6)
+            row["proxy µs/call"] = round((_cpu(proxy.pid) - proxy_cpu) / calls * 1e6)
+            if bare is not None:
+                row["added by llm-traj µs/call"] = row["proxy µs/call"] - row["bare mitmdump µs/call"]
+            row["writer µs/call"] = round(((_cpu(writer) if writer else 0.0) - writer_cpu) / calls * 1e6)
+            buckets.append(row)
+    _wait_lines(traj / f"{session}.jsonl", turns)
     return len(json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode())
 
 
@@ -185,18 +197,6 @@ def measure_writer_cpu(workdir: Path, turns: int = 1000) -> list[dict]:
     return rows
 
 
-def measure_bare_cpu(turns: int = max(LENGTHS)) -> list[int]:
-    """Bare mitmdump's CPU per call (streaming, `stream_large_bodies=1`) along
-    the same conversation, per CPU_BUCKET turns: what forwarding the growing
-    requests costs mitmproxy itself, which the proxy's column includes."""
-    buckets: list[dict] = []
-    with standin_process() as upstream, ProxyProcess(
-        upstream=upstream.url, addon=False, extra_args=["--set", "flow_detail=0", "--set", "stream_large_bodies=1"],
-    ) as proxy, httpx.Client(timeout=120) as client:  # fmt: skip
-        _session(client, proxy, None, "bare", turns, buckets)
-    return [bucket["proxy µs/call"] for bucket in buckets]
-
-
 def _v1_bytes(file: Path) -> int:
     total = 0
     for record in TrajectoryReader(file.parent).sessions[file.stem]:
@@ -205,15 +205,21 @@ def _v1_bytes(file: Path) -> int:
     return total
 
 
-def measure_size_and_cpu(workdir: Path, lengths: tuple[int, ...]) -> tuple[list[dict], list[dict], list[dict]]:
+def measure_size_and_cpu(
+    workdir: Path, lengths: tuple[int, ...], cpu_turns: int = max(LENGTHS)
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Sizes per session length; the CPU rows of the session of `cpu_turns`
+    turns (if one of `lengths`); the export of the longest session."""
     traj = workdir / "growth"
     sizes, buckets = [], []
     with standin_process() as upstream, ProxyProcess(
         upstream=upstream.url, options={"llm_traj_mode": "record", "llm_traj_path": traj},
         extra_args=["--set", "flow_detail=0"],
-    ) as proxy, httpx.Client(timeout=120) as client:  # fmt: skip
+    ) as proxy, ProxyProcess(
+        upstream=upstream.url, addon=False, extra_args=["--set", "flow_detail=0", "--set", "stream_large_bodies=1"],
+    ) as bare, httpx.Client(timeout=120) as client:  # fmt: skip
         for turns in lengths:
-            final = _session(client, proxy, traj, f"g{turns}", turns, buckets if turns == 1000 else None)
+            final = _session(client, proxy, traj, f"g{turns}", turns, *((buckets, bare) if turns == cpu_turns else ()))
             file = traj / f"g{turns}.jsonl"
             on_disk, v1 = file.stat().st_size, _v1_bytes(file)
             sizes.append({
@@ -277,6 +283,17 @@ def measure_replay(workdir: Path, template: Path, sessions: int) -> dict:
             "RSS after MB": round(rss_served), "ms per replayed call": round(per_call_ms, 2)}  # fmt: skip
 
 
+def _flatness(rows: list[dict], column: str) -> str:
+    """PASS when `column` at the last turns is at most FLAT_SHARE or
+    FLAT_MICROS (whichever is larger) above the turns after the first bucket
+    (which warms the caches on small bodies)."""
+    base, last = rows[1][column], rows[-1][column]
+    allowed = max(base * FLAT_SHARE, FLAT_MICROS)
+    return (f"{'PASS' if last - base <= allowed else 'MISS'} {column.removesuffix(' µs/call')} flat along the session: "
+            f"{last} µs/call at turns {rows[-1]['turns']}, {base} at {rows[1]['turns']} (at most +{FLAT_SHARE:.0%} "
+            f"or +{FLAT_MICROS} µs, whichever is larger)")  # fmt: skip
+
+
 def table(rows: list[dict]) -> str:
     header = list(rows[0])
     cells = [[str(row[h]) for h in header] for row in rows]
@@ -292,12 +309,6 @@ def run_growth(quick: bool = False) -> tuple[str, dict]:
         workdir = Path(tmp)
         print(f"bench growth: sessions of {', '.join(map(str, lengths))} turns through the proxy...", file=sys.stderr)
         sizes, buckets, exported = measure_size_and_cpu(workdir, lengths)
-        if buckets:
-            print("bench growth: the same 1000 turns through bare mitmdump...", file=sys.stderr)
-            for bucket, bare in zip(buckets, measure_bare_cpu(), strict=True):
-                proxy_cpu, writer_cpu = bucket.pop("proxy µs/call"), bucket.pop("writer µs/call")
-                bucket.update({"bare mitmdump µs/call": bare, "proxy µs/call": proxy_cpu,
-                               "added by llm-traj µs/call": proxy_cpu - bare, "writer µs/call": writer_cpu})  # fmt: skip
         print("bench growth: the record writer along 1000 turns, in process...", file=sys.stderr)
         writer = measure_writer_cpu(workdir)
         print(f"bench growth: replay of {sessions} sessions of {REPLAY_TURNS} turns...", file=sys.stderr)
@@ -311,10 +322,10 @@ def run_growth(quick: bool = False) -> tuple[str, dict]:
         f"{replay['same, empty recording s']} s on an empty recording)",
         f"{'PASS' if replay['RSS after MB'] < RSS_TARGET_MB else 'MISS'} replay RSS < {RSS_TARGET_MB:.0f} MB "
         f"({replay['RSS ready MB']} MB ready, {replay['RSS after MB']} MB after {REPLAY_SERVED} sessions)",
-    ]
+    ] + [_flatness(buckets, column) for column in ("added by llm-traj µs/call", "writer µs/call") if buckets]
     text = "\n\n".join(filter(None, [
         "Growth: bytes on disk per session length (turns of ~2 KB, streamed)", table(sizes),
-        "Proxy and writer CPU per call along the 1000-turn session (bare mitmdump forwarding the same calls beside it)" if buckets else "", table(buckets) if buckets else "",
+        "Proxy and writer CPU per call along the 1000-turn session (bare mitmdump forwarding the same calls at the same time)" if buckets else "", table(buckets) if buckets else "",
         "The record writer's CPU per call along 1000 turns, in process", table(writer),
         "Export (openai-chat, in process; per_call repeats the conversation in every sample)", table(exported),
         "Replay of many sessions", table([replay]), "\n".join(checks),

@@ -23,9 +23,24 @@ def test_long_stream_writer_cost_and_memory(api):
 
 def test_growth_bare_mitmdump_and_writer_columns(tmp_path):
     growth = pytest.importorskip("growth")
-    assert len(growth.measure_bare_cpu(turns=growth.CPU_BUCKET)) == 1
+    _, [cpu], _ = growth.measure_size_and_cpu(tmp_path, (growth.CPU_BUCKET,), cpu_turns=growth.CPU_BUCKET)
+    assert cpu["bare mitmdump µs/call"] > 0 and cpu["proxy µs/call"] > 0 and cpu["writer µs/call"] > 0
+    assert cpu["added by llm-traj µs/call"] == cpu["proxy µs/call"] - cpu["bare mitmdump µs/call"]
     [row] = growth.measure_writer_cpu(tmp_path, turns=growth.CPU_BUCKET)
     assert row["request KB"] > 0
+
+
+def test_growth_flatness_rule():
+    """At turns 901-1000 at most 25% or 100 µs (whichever is larger) above turns 101-200."""
+    growth = pytest.importorskip("growth")
+
+    def rows(base: int, last: int) -> list[dict]:
+        return [{"turns": "1-100", "w": 0}, {"turns": "101-200", "w": base}, {"turns": "901-1000", "w": last}]
+
+    assert growth._flatness(rows(200, 300), "w").startswith("PASS")  # +100 µs
+    assert growth._flatness(rows(200, 301), "w").startswith("MISS")
+    assert growth._flatness(rows(800, 1000), "w").startswith("PASS")  # +25%
+    assert growth._flatness(rows(800, 1001), "w").startswith("MISS")
 
 
 def test_long_streams_small_calls_alone():

@@ -2,7 +2,9 @@
 the record the general path makes chunk by chunk: the same events (text, bytes,
 times), the same aggregate and problems, for every fixture of every API in any
 chunking and for generated streams of every shape, the usual one (the bulk path
-takes it) and any other (the general path takes it)."""
+takes it) and any other (the general path takes it). Token capture's fold of
+the engine's own bytes (`tokens.recording.engine_final`, issue 12) takes them at
+once the same way."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from llmtraj.apis import API_BY_NAME, ApiShape
 from llmtraj.recording.builder import RecordBuilder
+from llmtraj.tokens.recording import engine_final
 
 from .test_recorder import ALL_STREAMS, SSE_HEADERS, T0, expected_for, new_tee
 
@@ -129,6 +132,15 @@ def test_any_stream_in_any_chunking_gives_the_general_paths_record(api, data, cu
     _same_both_ways(API_BY_NAME[api], chunks, times[: len(chunks)])
 
 
+@pytest.mark.parametrize("api", ["chat.completions", "anthropic.messages", "responses", "completions"])
+@settings(max_examples=max(60, settings.default.max_examples), deadline=None)
+@given(data=STREAM | USUAL_STREAM.map(b"".join), cuts=st.lists(st.floats(0, 1), max_size=10))
+def test_the_engines_bytes_fold_to_the_general_paths_aggregate(api, data, cuts):
+    chunks = _cut(data, cuts)
+    record, _ = _recorded(API_BY_NAME[api], chunks, [T0 + 1] * len(chunks), bulk=False)
+    assert engine_final(API_BY_NAME[api], chunks, True) == record["response"]
+
+
 @pytest.mark.parametrize("api", ["chat.completions", "anthropic.messages", "responses"])
 @settings(max_examples=max(60, settings.default.max_examples), deadline=None)
 @given(blocks=USUAL_STREAM, merge=st.lists(st.booleans(), min_size=12, max_size=12), times=TIMES)
@@ -156,8 +168,8 @@ def test_a_chunk_with_no_bytes_and_a_time_of_none_change_nothing():
 
 
 @pytest.mark.parametrize("odd", [None, 5, 63, 64, 70, 127, 149])
-def test_long_streams_are_parsed_in_parts_as_the_general_path_parses_them(odd):
-    # More blocks than one part of the parse, some data not JSON (in one part, at its end, at the next's start).
+def test_long_streams_with_data_that_is_not_json_give_the_general_paths_record(odd):
+    # Blocks of one template, some data among them not JSON (the template dropped there, and made again after).
     blocks = [f'data: {{"id":"c","choices":[{{"index":0,"delta":{{"content":"{i} "}}}}]}}\n\n'.encode()
               for i in range(150)]  # fmt: skip
     if odd is not None:

@@ -34,7 +34,7 @@ from pydantic_core import from_json
 from ..core import sse
 from ..core.jsontext import compact_json
 from ..core.sse import SSEBlock
-from .base import single_choice_view
+from .base import TextSlot, single_choice_view
 
 # Blocks whose `input` is streamed as `input_json_delta` fragments (the beta
 # API's `mcp_tool_use` as well: betas are served on the same path).
@@ -171,6 +171,19 @@ class AnthropicMessageAggregator:
             self.problems.append(f"content_block_start without a content block: {data[:200]!r}")
             return
         self._blocks.append(_StreamedBlock(content_block))
+
+    def text_slot(self, name: str | None, event: Any) -> TextSlot | None:
+        # a text, thinking or tool input delta: each one appends its fragment to the same block's
+        if not isinstance(event, dict) or (name or event.get("type")) != "content_block_delta" or self._message is None:
+            return None
+        index, delta = event.get("index"), event.get("delta")
+        if not (isinstance(index, int) and 0 <= index < len(self._blocks) and isinstance(delta, dict)):
+            return None
+        block = self._blocks[index]
+        block_types, field = _FRAGMENT_DELTAS.get(delta.get("type"), ((), ""))
+        if block.data.get("type") not in block_types or type(delta.get(field)) is not str:
+            return None
+        return TextSlot(("delta", field), (), block.fragments.append)
 
     def _content_block_delta(self, event: dict[str, Any], data: str) -> None:
         block = self._block_at(event, data)

@@ -6,9 +6,20 @@ API is one new module plus one line in `llmtraj.apis.API_SHAPES`.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 from ..core.sse import SSEBlock
+
+
+class TextSlot(NamedTuple):
+    """Where a streamed event's text is (`path` into its JSON value), the fields
+    whose change has no effect (`ignored`: counters, padding), and the call that
+    folds in the text of an event equal to it but for these (`append`)."""
+
+    path: tuple[str | int, ...]
+    ignored: tuple[tuple[str | int, ...], ...]
+    append: Callable[[str], None]
 
 
 class StreamAggregator(Protocol):
@@ -19,6 +30,12 @@ class StreamAggregator(Protocol):
         """Fold one whole block with data into the aggregate, its data already
         parsed as JSON (`value`): the same as `add` of that block (its `event`
         is `name`), without parsing it again."""
+
+    def text_slot(self, name: str | None, value: Any) -> TextSlot | None:
+        """For a block just folded in (`add_parsed`): where its value holds a
+        string that a block equal to it but for that string (and for the
+        fields `ignored` names) would append, and how to append it; None when
+        such a block would do anything else (`recording.event_template`)."""
 
     def result(self) -> dict[str, Any] | None:
         """The final object as a non-streamed call would have returned it, or

@@ -21,6 +21,7 @@ from pydantic_core import from_json
 from ..core import sse
 from ..core.jsontext import compact_json
 from ..core.sse import SSEBlock
+from .base import TextSlot
 
 # Top-level chunk fields that describe the chunk, not the completion
 # (`obfuscation`: OpenAI's per-chunk random padding).
@@ -137,6 +138,29 @@ class ChatCompletionAggregator:
                 self.problems.append(f"choice is not an object with an integer index: {data[:200]!r}")
                 continue
             self._add_choice(position, choice)
+
+    def text_slot(self, name: str | None, chunk: Any) -> TextSlot | None:
+        # a chunk of one choice whose delta is content alone and whose other fields are scalars: another such
+        # chunk sets the same top-level fields and choice fields again and merges its content (the padding
+        # is not read)
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        if not (isinstance(choices, list) and len(choices) == 1 and isinstance(choice := choices[0], dict)):
+            return None
+        delta, index = choice.get("delta"), choice.get("index", 0)
+        if not (type(delta) is dict and len(delta) == 1 and type(delta.get("content")) is str
+                and isinstance(index, int) and index in self._choices):  # fmt: skip
+            return None
+        if any(key not in ("index", "delta") and isinstance(value, (dict, list)) for key, value in choice.items()):
+            return None
+        message, merge = self._choices[index]["message"], self._merger.merge
+
+        def append(text: str) -> None:
+            if type(pieces := message["content"]) is _Pieces:
+                pieces.parts.append(text)
+            else:
+                merge(message, {"content": text})
+
+        return TextSlot(("choices", 0, "delta", "content"), (("obfuscation",),), append)
 
     def _add_choice(self, position: int, choice: dict[str, Any]) -> None:
         index = choice.get("index", position)

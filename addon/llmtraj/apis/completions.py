@@ -17,6 +17,7 @@ from typing import Any
 
 from ..core import sse
 from ..core.jsontext import compact_json
+from .base import TextSlot
 from .chat_completions import (
     _DONE,
     _ZERO_USAGE,
@@ -30,6 +31,9 @@ _NO_TOOL_CALLS = "legacy completions have no tool calls"
 
 
 class TextCompletionAggregator(ChatCompletionAggregator):
+    def text_slot(self, name: str | None, chunk: Any) -> TextSlot | None:
+        return None  # (legacy completions: every event goes the general way)
+
     def _add_choice(self, position: int, choice: dict[str, Any]) -> None:
         index = choice.get("index", position)
         acc = self._choices.get(index)

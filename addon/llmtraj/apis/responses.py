@@ -24,7 +24,7 @@ from pydantic_core import from_json
 from ..core import sse
 from ..core.jsontext import compact_json
 from ..core.sse import SSEBlock
-from .base import single_choice_view
+from .base import TextSlot, single_choice_view
 from .chat_completions import ChatCompletions, _model, _tool_call
 
 _SNAPSHOT_EVENTS = {"response.created", "response.in_progress", "response.queued"}
@@ -258,7 +258,30 @@ class ResponsesAggregator:
                     del texts[key]
         # other events (annotations, built-in tool progress) are repeated by output_item.done
 
+    def text_slot(self, name: str | None, event: Any) -> TextSlot | None:
+        # a text's delta event: each one appends its `delta` to the same pieces (its sequence number and padding
+        # are not read)
+        if not isinstance(event, dict):
+            return None
+        kind = event.get("type") or name
+        text_event = _TEXT_EVENTS.get(kind) if isinstance(kind, str) else None
+        if text_event is None or text_event[1] != "delta" or type(event.get("delta")) is not str:
+            return None
+        try:
+            pieces = self._text_pieces(text_event[0], event)
+        except ValueError:
+            return None
+        return TextSlot(("delta",), (("sequence_number",), ("obfuscation",)), pieces.append)
+
     def _fold_text(self, text: _Text, stage: str, event: dict[str, Any]) -> None:
+        pieces = self._text_pieces(text, event)
+        if stage == "delta":
+            pieces.append(_get(event, "delta", str))
+        else:
+            pieces[:] = [_get(event, text.key, str)]
+
+    def _text_pieces(self, text: _Text, event: dict[str, Any]) -> list[str]:
+        """The pieces of the text an event of `text` is about (its part put in if it was not announced)."""
         output_index, item = self._item(event)
         part_index = None
         if text.parts is not None:
@@ -272,10 +295,7 @@ class ResponsesAggregator:
         pieces = texts.get(key)
         if pieces is None:
             pieces = texts[key] = []
-        if stage == "delta":
-            pieces.append(_get(event, "delta", str))
-        else:
-            pieces[:] = [_get(event, text.key, str)]
+        return pieces
 
     def _item(self, event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         index = _get(event, "output_index", int)

@@ -30,8 +30,11 @@ SESSIONS_PER_FILE = 128  # a single file of many sessions: those written to last
 RESOLVED_PER_SESSION = 16  # resolved requests a reader keeps; older ones are rebuilt from the chain
 
 
-def _common_prefix(new: list, old: list) -> int:
-    n = min(len(new), len(old))
+def _common_prefix(new: list, old: list, old_length: int) -> int:
+    """How many first items `new` shares with the first `old_length` of `old`."""
+    if new is old and old_length <= len(new):  # a list appended to since (`recording.body_parse`): nothing to compare
+        return old_length
+    n = min(len(new), old_length)
     if new[:n] == old[:n]:  # the usual case, compared in C
         return n
     i = 0
@@ -40,8 +43,17 @@ def _common_prefix(new: list, old: list) -> int:
     return i
 
 
-def delta(request: dict[str, Any], base: dict[str, Any]) -> tuple[int, dict[str, Any], list[str], dict[str, int]]:
-    """(items reused, the request as stored, `same`, `prefix`) of `request` against `base`."""
+def _list_lengths(request: dict[str, Any]) -> dict[str, int]:
+    """The lengths of a request's lists, which are what a chain tip holds of them."""
+    return {key: len(value) for key, value in request.items() if isinstance(value, list)}
+
+
+def delta(
+    request: dict[str, Any], base: dict[str, Any], lengths: dict[str, int] | None = None
+) -> tuple[int, dict[str, Any], list[str], dict[str, int]]:
+    """(items reused, the request as stored, `same`, `prefix`) of `request`
+    against `base`, of whose lists only the first `lengths` items are its own
+    (the lists may have grown since: see `RequestChains`)."""
     stored: dict[str, Any] = {}
     same: list[str] = []
     prefix: dict[str, int] = {}
@@ -49,8 +61,9 @@ def delta(request: dict[str, Any], base: dict[str, Any]) -> tuple[int, dict[str,
     for key, value in request.items():
         old = base.get(key, _ABSENT)
         if isinstance(value, list) and isinstance(old, list):
-            n = _common_prefix(value, old)
-            if n == len(value) == len(old) and n:
+            old_length = len(old) if lengths is None else lengths[key]
+            n = _common_prefix(value, old, old_length)
+            if n == len(value) == old_length and n:
                 same.append(key)
                 stored[key] = None
             elif n:
@@ -72,18 +85,22 @@ def delta(request: dict[str, Any], base: dict[str, Any]) -> tuple[int, dict[str,
 
 class RequestChains:
     """The writer's side, for one file: per session, the requests of its chain
-    tips (the calls most recently written that no later call extended)."""
+    tips (the calls most recently written that no later call extended), each
+    with the lengths its lists had then. A later request may hold the very
+    list of a tip, appended to (the body parse extends a conversation's list
+    in place): the tip's items are its first ones, found without comparing
+    them; a list is never changed but by appending."""
 
     def __init__(self, identity: tuple[int, int]) -> None:
         self.identity = identity  # (st_dev, st_ino) of the file the tips were written to
         self.end = 0  # the file was at least this long after our last line: shorter means truncated
-        self._tips: OrderedDict[str, OrderedDict[int, dict[str, Any]]] = OrderedDict()
+        self._tips: OrderedDict[str, OrderedDict[int, tuple[dict[str, Any], dict[str, int]]]] = OrderedDict()
 
     def encode(self, session: str, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(request as stored, `request_base` or None) against the tip it shares most with."""
         best: tuple[int, dict[str, Any], dict[str, Any]] | None = None
-        for index, tip in reversed(self._tips.get(session, {}).items()):
-            reused, stored, same, prefix = delta(request, tip)
+        for index, (tip, lengths) in reversed(self._tips.get(session, {}).items()):
+            reused, stored, same, prefix = delta(request, tip, lengths)
             if reused and (best is None or reused > best[0]):
                 best = (reused, stored, {"index": index, "same": same, "prefix": prefix})
         if best is None:
@@ -97,7 +114,7 @@ class RequestChains:
             self._tips.popitem(last=False)
         if base is not None:
             tips.pop(base, None)  # that conversation moved on to this call
-        tips[index] = request
+        tips[index] = (request, _list_lengths(request))
         if len(tips) > TIPS_PER_SESSION:
             tips.popitem(last=False)
 

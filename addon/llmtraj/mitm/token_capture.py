@@ -20,6 +20,7 @@ import logging
 from mitmproxy import http
 from pydantic_core import from_json
 
+from ..core.headers import header
 from ..tokens.capture import ENGINES, CapturePlan, StreamHider, engine_json, hide_in_body, plan_capture
 from .options import LlmTrajOptions
 from .recording import Recorder
@@ -81,11 +82,12 @@ class TokenCapture:
         if plan is None:
             return
         response = flow.response
-        if "content-encoding" in response.headers:
+        fields = response.headers.fields  # (raw pairs: a `Headers` lookup raises and catches a KeyError for a missing name)
+        if header(fields, b"content-encoding") is not None:
             logger.warning("llm-traj: the upstream compressed a captured response; passed on unchanged")
             flow.metadata[CALL_KEY]["capture"] = {**plan.note(), "passed_unchanged": True}
             return
-        if response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+        if (header(fields, b"content-type") or b"").lower().startswith(b"text/event-stream"):
             passing = StreamHider(plan).feed
         else:
             # one JSON object, rewritten whole at its end: the length changes

@@ -11,11 +11,23 @@ tokens that matter (strings, brackets, commas), over each body's new bytes
 once (the first body of a session that is reused is scanned whole, once).
 A body comes as its pieces (`capture.BodyPieces`): only what follows the items
 reused is joined.
+
+A body that repeats every item of the earlier one appends its own to that
+body's list (and commas) in place rather than copying them: a call touches
+only what it adds, not every item of a long conversation (each of which, out
+of the cache once the proxy has streamed a long body past it, costs a miss).
+Whoever holds such a list (an earlier `_Parsed`, the store's chain tips,
+`core.chain.RequestChains`) reads only its own first items, which never
+change: a list is only appended to while no one holds more of it, and a body
+that keeps fewer items (an edit, a side conversation, a branch back to an
+older body) gets a copy of them. A value `parse` returns is therefore whole
+until the next `parse` of its session.
 """
 
 from __future__ import annotations
 
 import re
+from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
@@ -35,13 +47,17 @@ _BLANKS = b" \t\r\n"
 
 @dataclass(slots=True, eq=False)
 class _Parsed:
-    """A body, its value, and where its longest array's items are."""
+    """A body, its value, and where its longest array's items are. The
+    array's list and `commas` may be shared with later bodies, which append
+    to them: its own are the first `items` and the first `n_commas`."""
 
     body: BodyPieces
     value: dict[str, Any]
     key: str
+    items: int  # its items of value[key]
     start: int = -1  # just after the array's `[`; -1: not scanned yet, -2: not to be reused (the key twice)
-    commas: list[int] | None = None  # the offsets of the commas between its items, in order
+    commas: array | None = None  # the offsets of the commas between its items, in order
+    n_commas: int = 0
     close: int = -1  # the offset of its `]`
 
 
@@ -75,7 +91,7 @@ class RequestBodies:
         reused = _reuse(best, body, shared) if best is not None and shared >= MIN_BODY else None
         if reused is None:
             value = from_json(bytes(body))
-            new = _Parsed(body, value, _longest_array(value)) if isinstance(value, dict) else None
+            new = _whole(body, value) if isinstance(value, dict) else None
         else:
             new = reused
             value = reused.value
@@ -94,6 +110,22 @@ def _longest_array(value: dict[str, Any]) -> str:
     return max(arrays)[1] if arrays else ""
 
 
+def _whole(body: BodyPieces, value: dict[str, Any]) -> _Parsed:
+    """A body parsed whole (its array scanned when it is reused)."""
+    key = _longest_array(value)
+    return _Parsed(body, value, key, len(value[key]) if key else 0)
+
+
+def _extended(seq: list | array, own: int, more: list | array) -> list | array:
+    """The first `own` items of `seq`, then `more`: `seq` itself, appended to,
+    when it holds no more than those (whoever else holds it reads only its own
+    first items, which stay as they are), else a copy."""
+    if len(seq) != own:
+        seq = seq[:own]
+    seq.extend(more)
+    return seq
+
+
 def _reuse(earlier: _Parsed, body: BodyPieces, shared: int) -> _Parsed | None:
     """`body` parsed with the items of `earlier`'s array that lie within the
     `shared` bytes reused, and where its own items are; None when none can be.
@@ -102,15 +134,19 @@ def _reuse(earlier: _Parsed, body: BodyPieces, shared: int) -> _Parsed | None:
         earlier.start = -2
     if earlier.start < 0:
         return None
-    commas, key = earlier.commas, earlier.key
+    commas, n_commas, key = earlier.commas, earlier.n_commas, earlier.key
+    more_commas: list[int] = []  # the commas after those kept
     if earlier.close < shared:  # the whole array is shared
-        kept, cut = len(commas) + 1, earlier.close
+        kept, kept_commas, cut = earlier.items, n_commas, earlier.close
         rest = body.tail(cut)
     else:
-        kept = bisect_left(commas, shared)  # the commas before the first byte that differs
-        if not kept:
+        kept = kept_commas = bisect_left(commas, shared, 0, n_commas)  # the commas before the first byte that differs
+        if kept == n_commas and (comma := _comma_after_items(earlier, body, shared)) >= 0:
+            kept = earlier.items  # the last item too: it ends within the shared bytes, and a comma follows it
+            more_commas.append(comma)
+        elif not kept:
             return None
-        cut = commas[kept - 1] + 1
+        cut = (more_commas[0] if more_commas else commas[kept - 1]) + 1
         rest = body.tail(cut)
         if not (item := rest.lstrip(_BLANKS)) or item[0] == _CLOSE[0]:
             return None  # (a trailing comma: the body is not JSON; from_json says why)
@@ -123,19 +159,37 @@ def _reuse(earlier: _Parsed, body: BodyPieces, shared: int) -> _Parsed | None:
         return None
     if not isinstance(value, dict) or not isinstance(value.get(key), list):
         return None
-    value[key] = earlier.value[key][:kept] + value[key]
-    if (longest := _longest_array(value)) != key:  # (the conversation outgrew the tools, say): scanned when reused
-        return _Parsed(body, value, longest)
-    parsed = _Parsed(body, value, key, earlier.start, commas[:kept])
-    if earlier.close < shared:
-        parsed.commas, parsed.close = commas, earlier.close
-    else:
+    close = earlier.close
+    if close >= shared:
         new_commas: list[int] = []
         if (close := _items(rest, 0, new_commas)) < 0:
             return None
-        parsed.commas += [comma + cut for comma in new_commas]
-        parsed.close = close + cut
-    return parsed
+        more_commas += [comma + cut for comma in new_commas]
+        close += cut
+    # (appended to only now that the body is known to reuse them)
+    value[key] = _extended(earlier.value[key], kept, value[key])
+    if (longest := _longest_array(value)) != key:  # (the conversation outgrew the tools, say): scanned when reused
+        return _whole(body, value)
+    commas = _extended(commas, kept_commas, more_commas)
+    return _Parsed(body, value, key, len(value[key]), earlier.start, commas, len(commas), close)
+
+
+def _comma_after_items(parsed: _Parsed, body: BodyPieces, shared: int) -> int:
+    """The offset of the comma in `body` that follows the last of `parsed`'s
+    items, when that item lies within the first `shared` bytes (so it is the
+    same item in both, a whole value there, followed by blanks and a comma
+    here); -1 otherwise."""
+    if not parsed.items:
+        return -1
+    end, at = parsed.close, parsed.body.at
+    while at(end - 1) in _BLANKS:
+        end -= 1
+    if end > shared:
+        return -1
+    at, size = body.at, len(body)
+    while end < size and at(end) in _BLANKS:
+        end += 1
+    return end if end < size and at(end) == _COMMA else -1
 
 
 def _scan(parsed: _Parsed) -> bool:
@@ -155,10 +209,11 @@ def _scan(parsed: _Parsed) -> bool:
                 value = _TOKEN.search(body, colon.end()) if colon is not None else None
                 if value is None or colon.group() != b":" or value.group() != b"[":
                     return False
-                parsed.start, parsed.commas = value.end(), []
+                parsed.start, parsed.commas = value.end(), array("q")
                 parsed.close = _items(body, value.end(), parsed.commas)
                 if parsed.close < 0:
                     return False
+                parsed.n_commas = len(parsed.commas)
                 at = parsed.close + 1
             expect_key = False
         elif c in _OPEN:
@@ -171,7 +226,7 @@ def _scan(parsed: _Parsed) -> bool:
     return found
 
 
-def _items(body: bytes, at: int, commas: list[int]) -> int:
+def _items(body: bytes, at: int, commas: list[int] | array) -> int:
     """Scans an array's items from `at` (at an item's start), adding the
     offsets of the commas between them to `commas`; the offset of its `]`,
     or -1 if it has none."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from ..apis import ApiShape
+from ..apis import ApiShape, StreamAggregator
 from ..core.encoding import Decoder, IdentityDecoder, UnsupportedEncoding, decoder_for
 from ..core.headers import header
 from ..core.record import SCHEMA_VERSION, Headers
@@ -24,6 +24,7 @@ from ..core.redact import may_have_secret_fields, redact_fields, redact_headers
 from ..core.sse import SSEBlock, SSEParser
 from .body_parse import RequestBodies
 from .capture import BodyPieces
+from .event_template import EventTemplate
 from .secret_scan import SecretFieldScan
 
 
@@ -53,10 +54,51 @@ def base64_unless_utf8(data: bytes) -> str | None:
 _USUAL_BLOCK = re.compile(rb"((event: .*\n)?data: (.*)\n\n)")
 _ENDS_BLOCK = methodcaller("endswith", b"\n\n")  # (chunks may be bytes or bytearrays)
 
-# Blocks whose data is parsed at a time: their JSON values, folded in and dropped, would otherwise be most of
-# what a stream taken at once holds beyond its record, and live long enough for the garbage collector to
-# walk them again and again (at 20,000 events, 256 at a time cost 1.3x the time per event of 64).
-_BATCH = 64
+# A stream whose blocks this many templates matched none of (each block's other fields change too), or that
+# this many of its text blocks could not be made templates of (texts written with escapes: `\u4f60`), makes
+# no more: each try costs about a parse.
+_UNMATCHED_TEMPLATES = 4
+
+
+def usual_blocks(body: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]] | None:
+    """(the blocks, their `event:` lines (b"" for none), their data) of a stream
+    body made of usual blocks alone (LF line ends); None for any other body."""
+    if b"\r" in body:
+        return None
+    found = _USUAL_BLOCK.findall(body)
+    if not found:
+        return None
+    blocks, names, datas = zip(*found)
+    if sum(map(len, blocks)) != len(body):  # blocks of another shape between or after them
+        return None
+    return blocks, names, datas
+
+
+def fold_usual_blocks(
+    aggregator: StreamAggregator, names: tuple[bytes, ...], datas: tuple[bytes, ...], raws: list[str]
+) -> None:
+    """Folds a body's usual blocks (`usual_blocks`; `raws` their text) into `aggregator` as their blocks from
+    the SSE parser would be: the blocks that follow one of a template (`EventTemplate`) as the texts they add,
+    any other parsed and folded in whole (and made the template of the next ones, if it can be)."""
+    event_names = {line: line[7:-1].decode() if line else None for line in set(names)}
+    named = list(map(event_names.__getitem__, names))
+    unmatched = 0  # text blocks that were made no template, or one that matched no block
+    index = 0
+    while index < len(raws):
+        name, data, raw = named[index], datas[index], raws[index]
+        index += 1
+        try:
+            value = from_json(data)
+        except ValueError:  # not JSON (an OpenAI stream's last `[DONE]`): the aggregator says what it is
+            aggregator.add(SSEBlock(b"", data.decode(), name))
+            continue
+        aggregator.add_parsed(name, data.decode(), value)
+        if unmatched < _UNMATCHED_TEMPLATES and (slot := aggregator.text_slot(name, value)) is not None:
+            start = index
+            if (template := EventTemplate.of(raw, value, *slot)) is not None:
+                index = template.take(raws, index)
+            unmatched += index == start
+
 
 RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
 
@@ -210,16 +252,11 @@ class RecordBuilder:
             kept = [(data, now) for data, now in zip(chunks, times) if data]
             chunks, times = [data for data, _ in kept], [now for _, now in kept]
         body = b"".join(chunks)
-        if b"\r" in body:
+        found = usual_blocks(body)
+        if found is None:
             return False
-        found = _USUAL_BLOCK.findall(body)
-        if not found:
-            return False
-        blocks, names, datas = zip(*found)
-        del found
-        if sum(map(len, blocks)) != len(body):  # blocks of another shape between or after them
-            return False
-        del body
+        blocks, names, datas = found
+        del found, body
         try:
             raws = list(map(bytes.decode, blocks))  # (a character never spans two blocks: they end in LFs)
         except UnicodeDecodeError:
@@ -236,29 +273,8 @@ class RecordBuilder:
         seconds = map(float, ("%.6f " * len(times) % tuple(map(sub, times, repeat(started)))).split())
         self._events.extend([{"t": t, "raw": raw} for t, raw in zip(seconds, raws)])
         self._parser.started()
-        event_names = {line: line[7:-1].decode() if line else None for line in set(names)}
-        names = list(map(event_names.__getitem__, names))
-        for start in range(0, len(datas), _BATCH):
-            self._aggregate(names[start : start + _BATCH], datas[start : start + _BATCH])
+        fold_usual_blocks(self._aggregator, names, datas, raws)
         return True
-
-    def _aggregate(self, names: list[str | None], datas: tuple[bytes, ...]) -> None:
-        """Folds whole blocks with data (`names` their events) into the aggregate,
-        their data parsed from bytes in one pass."""
-        aggregator = self._aggregator
-        texts = list(map(bytes.decode, datas))
-        done = datas[-1] == b"[DONE]"  # the usual end of an OpenAI stream, not JSON
-        try:
-            values = list(map(from_json, datas[:-1] if done else datas))
-        except ValueError:  # some data is not JSON: the aggregator parses each and says which
-            for name, text in zip(names, texts):
-                aggregator.add(SSEBlock(b"", text, name))
-            return
-        add = aggregator.add_parsed
-        for name, text, value in zip(names, texts, values):
-            add(name, text, value)
-        if done:
-            aggregator.add(SSEBlock(b"", texts[-1], names[-1]))
 
     def _take(self, blocks: list[SSEBlock], now: float | None) -> None:
         if not blocks:

@@ -257,7 +257,16 @@ class StreamHider:
                     return None
         if self._logprobs:  # first: the ids are then looked for in what is left
             parts = event.split(_LOGPROBS)
-            if len(parts) > 1:
+            if len(parts) == 2:  # one choice, the usual: no loop (with the ids below, 0.2 µs an event less)
+                part = parts[1]
+                if part[0] == _OBJECT:
+                    _, after, part = part.partition(_AFTER_LOGPROBS)
+                    if not after:
+                        return None
+                    event = parts[0] + _LOGPROBS_NULL + part
+                elif part[:_NULL_LOGPROBS_END] != _NULL_LOGPROBS:
+                    return None
+            elif len(parts) > 2:
                 changed = False
                 for i in range(1, len(parts)):
                     part = parts[i]
@@ -275,7 +284,17 @@ class StreamHider:
                     event = _LOGPROBS_NULL.join(parts)
         if self._ids:
             parts = event.split(_IDS)
-            if len(parts) > 1:
+            if len(parts) == 2 and not self._remove_ids:  # vLLM's one choice, as above
+                part = parts[1]
+                follows = part[0]
+                if follows == _LIST:
+                    _, end, part = part.partition(b"]")
+                    if not end:
+                        return None
+                    event = parts[0] + _IDS_NULL + part
+                elif follows != _NULL:
+                    return None
+            elif len(parts) > 1:
                 changed = False
                 remove = self._remove_ids
                 for i in range(1, len(parts)):

@@ -10,6 +10,7 @@ from pydantic_core import from_json
 
 from ..apis import ApiShape
 from ..core.sse import SSEParser
+from ..recording.builder import fold_usual_blocks, usual_blocks
 from .capture import CapturePlan, StreamHider, hide_in_body
 from .normalise import tokens_from_extra, tokens_from_response
 
@@ -38,13 +39,26 @@ def engine_final(api: ApiShape, chunks: list[bytes], stream: bool) -> Any:
             return from_json(b"".join(chunks))
         except ValueError:
             return None
-    parser, aggregator = SSEParser(), api.new_aggregator()
+    aggregator = api.new_aggregator()
+    body = b"".join(chunks)
+    if (found := usual_blocks(body)) is not None and _utf8(body):  # a few calls over the whole body
+        fold_usual_blocks(aggregator, found[1], found[2], list(map(bytes.decode, found[0])))
+        return aggregator.result()
+    parser = SSEParser()
     for chunk in chunks:
         for block in parser.feed(chunk):
             aggregator.add(block)
     for block in parser.finish():
         aggregator.add(block)
     return aggregator.result()
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False  # (the parser decodes it, replacing what is not UTF-8)
+    return True
 
 
 def tokens_of(api: ApiShape, final: Any, extra: dict[str, Any], engine: str | None = None) -> dict[str, Any] | None:
