@@ -145,15 +145,15 @@ class AntiCalling:
         info["extra"] = held.extra  # filled by the drivers, written by the recorder at the end
 
         async def produce() -> ProducedResponse:
-            hold = disarm_idle_timeout(flow)
+            rearm = disarm_idle_timeout(flow)
             try:
                 result = await answer(broker, held)
             except BaseException:
-                hold.close()
+                rearm()
                 raise
 
             def on_done(completed: bool) -> None:
-                hold.close()
+                rearm()
                 if not completed:
                     broker.release(held.id)
 

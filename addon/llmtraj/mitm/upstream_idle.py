@@ -19,8 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -32,13 +31,17 @@ from .routing import CALL_KEY
 logger = logging.getLogger("llm_traj")
 
 
-@dataclass
 class _Watch:
-    flow: http.HTTPFlow
-    limit: float
-    hold: ExitStack  # mitmproxy's own idle limit, disarmed until the call ends
-    last: float = field(default_factory=time.monotonic)  # when the upstream last sent something
-    given_up: bool = False  # its upstream connection closed for the limit
+    """One call watched (a plain class with slots: one is made for every call forwarded)."""
+
+    __slots__ = ("flow", "limit", "rearm", "last", "given_up")
+
+    def __init__(self, flow: http.HTTPFlow, limit: float, rearm: Callable[[], object]) -> None:
+        self.flow = flow
+        self.limit = limit
+        self.rearm = rearm  # re-arms mitmproxy's own idle limit, disarmed until the call ends
+        self.last = time.monotonic()  # when the upstream last sent something
+        self.given_up = False  # its upstream connection closed for the limit
 
 
 def _touching(watch: _Watch, passing):
@@ -111,7 +114,7 @@ class UpstreamIdleTimeout:
 
     def done(self) -> None:
         for watch in self._watches.values():
-            watch.hold.close()
+            watch.rearm()
         self._watches.clear()
         if self._timer is not None:
             self._timer.cancel()
@@ -120,7 +123,7 @@ class UpstreamIdleTimeout:
     def _end(self, flow: http.HTTPFlow) -> None:
         watch = self._watches.pop(flow.id, None)
         if watch is not None:
-            watch.hold.close()
+            watch.rearm()
 
     def _check_at(self, due: float) -> None:
         """Have the calls checked at `due` (time.monotonic()) at the latest."""

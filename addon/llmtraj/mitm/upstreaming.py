@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from contextlib import ExitStack
+from collections.abc import Callable
 from dataclasses import replace
 
 from mitmproxy import ctx, http
@@ -28,7 +28,7 @@ from ..upstreams.client import Attempt, UpstreamClient, UpstreamFailure, Upstrea
 from ..upstreams.config import AUTH_HEADERS
 from ..upstreams.registry import Registry, RetryPolicy, Route, Target, UnknownModel
 from .endpoints import json_response
-from .connections import disarm_idle_timeout
+from .connections import disarm_idle_timeout, keep_armed
 from .loopback import ORIGINAL_URL_KEY, Loopback, ProducedResponse
 from .options import LlmTrajOptions
 from .routing import CALL_KEY, llm_call
@@ -135,19 +135,19 @@ class UpstreamForwarding:
         info = flow.metadata[CALL_KEY] if call is not None else {}  # (what is noted of other requests is not kept)
 
         async def produce() -> ProducedResponse:
-            hold = _our_idle_limit(flow, policy)
+            rearm = _our_idle_limit(flow, policy)
             try:
                 response = await self._send(route, upstream, policy, attempts, method, url, headers, body)
             except BaseException:
-                hold.close()
+                rearm()
                 raise
             if isinstance(response, UpstreamFailure):
-                hold.close()
+                rearm()
                 info["upstream_failure"] = {"kind": response.kind, "message": response.message, "answered": False}
                 status, payload = no_response_answer(api, response.kind, response.message)
                 return ProducedResponse(status, [("content-type", "application/json")], json.dumps(payload).encode())
             return ProducedResponse(response.status, response.headers, _noting_failure(response.body, upstream, info),
-                                    on_done=lambda completed: hold.close())  # fmt: skip
+                                    on_done=lambda completed: rearm())  # fmt: skip
 
         self._loopback.serve(flow, produce)
 
@@ -213,7 +213,7 @@ class UpstreamForwarding:
         policy, body = self._with_idle_limit(route.policy), bridged.body()
 
         async def produce() -> ProducedResponse:
-            hold = _our_idle_limit(flow, policy)
+            rearm = _our_idle_limit(flow, policy)
             try:
                 response = await self._send(route, upstream, policy, attempts, "POST", url, headers, body)
                 if isinstance(response, UpstreamFailure):
@@ -221,9 +221,9 @@ class UpstreamForwarding:
                 else:
                     answer = await bridged.answer(response.status, response.headers, response.body)
             except BaseException:
-                hold.close()
+                rearm()
                 raise
-            return ProducedResponse(answer.status, answer.headers, answer.body, on_done=lambda completed: hold.close())
+            return ProducedResponse(answer.status, answer.headers, answer.body, on_done=lambda completed: rearm())
 
         self._loopback.serve(flow, produce)
 
@@ -306,11 +306,11 @@ def _bridge_headers(agent: http.Headers, route: Route, stream: bool) -> list[tup
     return headers + [("authorization", key)] if key else headers
 
 
-def _our_idle_limit(flow: http.HTTPFlow, policy: RetryPolicy) -> ExitStack:
+def _our_idle_limit(flow: http.HTTPFlow, policy: RetryPolicy) -> Callable[[], object]:
     """While the client waits for the upstream with an idle timeout of its own,
     mitmproxy's idle limit of the agent's connection is disarmed: the client's
-    applies, and gives the agent a truthful answer (closing the returned stack re-arms it)."""
-    return disarm_idle_timeout(flow) if policy.idle_timeout is not None else ExitStack()
+    applies, and gives the agent a truthful answer (calling the returned function re-arms it)."""
+    return disarm_idle_timeout(flow) if policy.idle_timeout is not None else keep_armed
 
 
 def _answering(answer: AgentAnswer):

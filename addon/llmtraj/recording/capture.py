@@ -15,6 +15,7 @@ import struct
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field, fields
 from itertools import accumulate
+from operator import attrgetter
 from typing import Any
 
 from ..core.headers import RawHeaders
@@ -69,7 +70,7 @@ class CallCapture:
         session's previous body (of `base` bytes)."""
         # marshal: the fastest stdlib serialiser for plain values, and both
         # ends run the same Python (the child is started with sys.executable)
-        data = marshal.dumps([getattr(self, name) for name in _MARSHALLED])
+        data = marshal.dumps(_marshalled(self))
         pieces = self.body_pieces()
         if flags & DELTA:
             pieces = _after(pieces, shared)
@@ -79,9 +80,8 @@ class CallCapture:
 
     @classmethod
     def unframe(cls, data: bytes, request_body: bytes) -> CallCapture:
-        values = marshal.loads(data)
-        values.insert(_BODY_AT, request_body)
-        return cls(*values)
+        values = marshal.loads(data)  # (a tuple)
+        return cls(*values[:_BODY_AT], request_body, *values[_BODY_AT:])
 
 
 def resent(frame: list[bytes | memoryview], body: list[bytes]) -> list[bytes | memoryview]:
@@ -215,4 +215,4 @@ class LastBodies(SessionLRU[Any]):
 
 _CAPTURE_FIELDS = [f.name for f in fields(CallCapture)]
 _BODY_AT = _CAPTURE_FIELDS.index("request_body")
-_MARSHALLED = [name for name in _CAPTURE_FIELDS if name != "request_body"]
+_marshalled = attrgetter(*(name for name in _CAPTURE_FIELDS if name != "request_body"))  # the values, as a tuple
