@@ -60,9 +60,14 @@ _ENDS_BLOCK = methodcaller("endswith", b"\n\n")  # (chunks may be bytes or bytea
 _UNMATCHED_TEMPLATES = 4
 
 
-def usual_blocks(body: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]] | None:
-    """(the blocks, their `event:` lines (b"" for none), their data) of a stream
-    body made of usual blocks alone (LF line ends); None for any other body."""
+def usual_blocks(
+    body: bytes,
+) -> tuple[tuple[bytes, ...], list[str], tuple[bytes, ...], tuple[bytes, ...]] | None:
+    """(the blocks, their text, their `event:` lines (b"" for none), their data)
+    of a stream body made of usual blocks alone (UTF-8, LF line ends); None for
+    any other body. Each block is decoded alone (as the parser does: the
+    narrowest string, and no cost for a wide character in one block on all that
+    follow; a character never spans two blocks: they end in LFs)."""
     if b"\r" in body:
         return None
     found = _USUAL_BLOCK.findall(body)
@@ -71,7 +76,11 @@ def usual_blocks(body: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...], tup
     blocks, names, datas = zip(*found)
     if sum(map(len, blocks)) != len(body):  # blocks of another shape between or after them
         return None
-    return blocks, names, datas
+    try:
+        raws = list(map(bytes.decode, blocks))
+    except UnicodeDecodeError:
+        return None
+    return blocks, raws, names, datas
 
 
 def fold_usual_blocks(
@@ -255,12 +264,8 @@ class RecordBuilder:
         found = usual_blocks(body)
         if found is None:
             return False
-        blocks, names, datas = found
+        blocks, raws, names, datas = found
         del found, body
-        try:
-            raws = list(map(bytes.decode, blocks))  # (a character never spans two blocks: they end in LFs)
-        except UnicodeDecodeError:
-            return False
         self.first_byte_at = times[0]
         if len(chunks) != len(blocks) or not all(map(_ENDS_BLOCK, chunks)):
             # each block's time is that of the chunk its end came in

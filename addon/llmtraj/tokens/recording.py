@@ -41,8 +41,9 @@ def engine_final(api: ApiShape, chunks: list[bytes], stream: bool) -> Any:
             return None
     aggregator = api.new_aggregator()
     body = b"".join(chunks)
-    if (found := usual_blocks(body)) is not None and _utf8(body):  # a few calls over the whole body
-        fold_usual_blocks(aggregator, found[1], found[2], list(map(bytes.decode, found[0])))
+    if (found := usual_blocks(body)) is not None:  # a few calls over the whole body
+        _, raws, names, datas = found
+        fold_usual_blocks(aggregator, names, datas, raws)
         return aggregator.result()
     parser = SSEParser()
     for chunk in chunks:
@@ -51,14 +52,6 @@ def engine_final(api: ApiShape, chunks: list[bytes], stream: bool) -> Any:
     for block in parser.finish():
         aggregator.add(block)
     return aggregator.result()
-
-
-def _utf8(data: bytes) -> bool:
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False  # (the parser decodes it, replacing what is not UTF-8)
-    return True
 
 
 def tokens_of(api: ApiShape, final: Any, extra: dict[str, Any], engine: str | None = None) -> dict[str, Any] | None:
