@@ -73,9 +73,14 @@ def engine():
         pytest.fail("no .venv-engine: run scripts/engine-setup (scripts/test-engine does)")
     model_dir = build_model()
     port = _free_port()
+    # The engine runs on core 0 only (its worker's OpenMP threads too), so the proxy, the agent and the test
+    # always have the other. Spread over both cores, vLLM's CPU build at times took both for 2 s at once (its
+    # scheduler polls; on this VM's kernel every other runnable thread, a 20 ms sampler included, then waited),
+    # and a stream's text reached the agent that long after the engine's events reached the proxy.
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"
     process = ServerProcess(
         [
-            str(ENGINE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "taskset", "-c", "0", str(ENGINE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", MODEL_NAME, "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--max-model-len", str(CONTEXT),
             # A prompt served from the prefix cache takes other float paths; the tiny random model's
