@@ -4,8 +4,9 @@ costs on streamed answers of every API, against bare streaming mitmdump
 
 Both proxies run side by side in front of one upstream (this file run with
 `--serve`, its own process) that answers each API's streams as real servers
-send them (`stream_blocks`: ids, envelopes, the closing events that repeat
-the whole text), an event per write. Every measurement alternates between the
+send them (`stream_blocks`: ids, envelopes, OpenAI's random padding new in
+every event, the closing events that repeat the whole text), an event per
+write. Every measurement alternates between the
 two proxies, round after round (the order swapped each round), and a figure is
 the median of its rounds. CPU is the proxy's plus, for llm-traj, its record
 writer's (the child process that makes and writes the records), read once
@@ -68,15 +69,25 @@ def _pieces(events: int, delta: int) -> list[str]:
     return [(words[i % len(words)] * (delta // 4 + 1))[:delta] for i in range(events)]
 
 
+def _padding(i: int) -> str:
+    """OpenAI's `obfuscation` of the i-th event: random letters and digits of a varying length, new in every
+    event (it pads the event's size), so an event differs from the one before in its padding too."""
+    n = 1 + i * 7 % 15
+    return "".join(_ALPHANUMERIC[(i * 31 + k * 17 + n) % len(_ALPHANUMERIC)] for k in range(n))
+
+
+_ALPHANUMERIC = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
 def _chat(events: int, delta: int) -> list[bytes]:
     top = {"id": "chatcmpl-CKm7tGqR2bZbQ1xY9fE3uJkLpW0aS", "object": "chat.completion.chunk", "created": 1759000000,
            "model": "gpt-4.1-mini-2025-04-14", "service_tier": "default", "system_fingerprint": "fp_3f58d112f7"}
-    def chunk(delta_: dict, finish: str | None = None, obfuscation: str = "x9Q") -> bytes:
+    def chunk(delta_: dict, obfuscation: str, finish: str | None = None) -> bytes:
         return _sse({**top, "choices": [{"index": 0, "delta": delta_, "logprobs": None, "finish_reason": finish}],
                      "obfuscation": obfuscation})
-    blocks = [chunk({"role": "assistant", "content": "", "refusal": None})]
-    blocks += [chunk({"content": piece}) for piece in _pieces(events - 3, delta)]
-    blocks.append(chunk({}, "stop"))
+    blocks = [chunk({"role": "assistant", "content": "", "refusal": None}, _padding(0))]
+    blocks += [chunk({"content": piece}, _padding(i)) for i, piece in enumerate(_pieces(events - 3, delta), 1)]
+    blocks.append(chunk({}, _padding(events), "stop"))
     blocks.append(_sse({**top, "choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": events,
                                                         "total_tokens": events + 20}}))
     return blocks + [b"data: [DONE]\n\n"]
@@ -119,8 +130,8 @@ def _responses(events: int, delta: int) -> list[bytes]:
               event("response.output_item.added", output_index=0,
                     item={**item, "status": "in_progress", "content": []}),
               event("response.content_part.added", **at, part={**part, "text": ""})]
-    blocks += [event("response.output_text.delta", **at, delta=piece, logprobs=[], obfuscation="lLUaIst")
-               for piece in pieces]
+    blocks += [event("response.output_text.delta", **at, delta=piece, logprobs=[], obfuscation=_padding(i))
+               for i, piece in enumerate(pieces)]
     blocks += [event("response.output_text.done", **at, text=text, logprobs=[]),
                event("response.content_part.done", **at, part=part),
                event("response.output_item.done", output_index=0, item=item),
