@@ -648,9 +648,14 @@ def last_record(path: Path) -> dict | None:
     if not files:
         return None
     with open(files[-1], "rb") as fh:
-        fh.seek(max(0, fh.seek(0, os.SEEK_END) - (4 << 20)))
-        lines = fh.read().rstrip(b"\n").rsplit(b"\n", 1)
-    return json.loads(lines[-1])
+        end, tail = fh.seek(0, os.SEEK_END), 4 << 20
+        while True:  # a tail that holds the whole last line (a long stream's record is several MB)
+            start = max(0, end - tail)
+            fh.seek(start)
+            lines = fh.read().rstrip(b"\n").rsplit(b"\n", 1)
+            if len(lines) == 2 or start == 0:
+                return json.loads(lines[-1])
+            tail *= 4
 
 
 def _check_text_record(record: dict) -> str | None:
