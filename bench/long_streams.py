@@ -6,12 +6,12 @@ Both proxies run side by side in front of one upstream (this file run with
 `--serve`, its own process) that answers each API's streams as real servers
 send them (`stream_blocks`: ids, envelopes, OpenAI's random padding new in
 every event, the closing events that repeat the whole text), an event per
-write. Every measurement alternates between the
-two proxies, round after round (the order swapped each round), and a figure is
-the median of its rounds. CPU is the proxy's plus, for llm-traj, its record
-writer's (the child process that makes and writes the records), read once
-the writer has written every call; the figures are checked: one record per
-request, the last one complete with every event and the whole text.
+write. Every measurement alternates between the two proxies, round after round
+(the order swapped each round), and a figure is the median of its rounds. CPU
+is the proxy's plus, for llm-traj, its record writer's (the child process that
+makes and writes the records), read once the writer has written every call;
+the figures are checked: one record per request, the last one complete with
+every event and the whole text.
 
   throughput  200-event streams (4-character deltas, back to back) from 4
               keep-alive clients for a fixed time: requests/s and CPU per
