@@ -41,6 +41,7 @@ import gc
 import json
 import re
 import statistics
+import string
 import sys
 import tempfile
 import time
@@ -76,7 +77,7 @@ def _padding(i: int) -> str:
     return "".join(_ALPHANUMERIC[(i * 31 + k * 17 + n) % len(_ALPHANUMERIC)] for k in range(n))
 
 
-_ALPHANUMERIC = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_ALPHANUMERIC = string.ascii_letters + string.digits
 
 
 def _chat(events: int, delta: int) -> list[bytes]:
