@@ -124,6 +124,8 @@ _SHAPE_LITERALS = ("sk-", "AIza", "AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_"
 _SHAPE_STARTS_SOURCE = ("sk-", "A(?:Iza|KIA)", "gh[pousr]_", "hf_", "xox", "earer ", "EARER ")
 _SHAPE_STARTS = tuple(re.compile(source).search for source in _SHAPE_STARTS_SOURCE)
 _SHAPE_STARTS_BYTES = tuple(re.compile(source.encode()).search for source in _SHAPE_STARTS_SOURCE)
+# How far before and after a place a shape's start that overlaps it can begin.
+SHAPE_REACH = max(map(len, _SHAPE_LITERALS)) - 1
 
 
 def _has_shape_start(text: str) -> bool:
@@ -175,8 +177,6 @@ class Scrubber:
         self.secrets = tuple(sorted({s for s in secrets if looks_like_credential(s)}, key=len, reverse=True))
         # as each appears inside a JSON string serialised by `to_json`
         self._needles = tuple(to_json(s)[1:-1] for s in self.secrets)
-        # how far before and after a place a match of something to scrub can start (`mentions`)
-        self.reach = max(map(len, self.secrets + _SHAPE_LITERALS)) - 1
 
     def may_hold(self, data: bytes, foreign: bool = False) -> bool:
         """False only if no string in the JSON text `data` holds anything to
@@ -196,10 +196,16 @@ class Scrubber:
             _has_shape_start(text) and _SHAPES.search(text) is not None
         )
 
-    def mentions(self, text: str) -> bool:
-        """Whether `text` holds a secret or the start of a credential shape
-        (`may_hold_text` is False when not)."""
-        return any(secret in text for secret in self.secrets) or _has_shape_start(text)
+    def holds_secret(self, text: str) -> bool:
+        """Whether `text` holds one of the call's secrets (a search that skips
+        ahead by a secret's length: cheap over a whole stream's events)."""
+        return any(secret in text for secret in self.secrets)
+
+    @staticmethod
+    def mentions_shape(text: str) -> bool:
+        """Whether `text` holds the start of a credential shape (`may_hold_text`
+        is False for a text without a secret and without one)."""
+        return _has_shape_start(text)
 
     def text(self, text: str) -> str:
         for secret in self.secrets:

@@ -37,7 +37,7 @@ from pydantic_core import from_json, to_json
 
 from .chain import RequestChains, SessionRequests, decode_events, encode_events
 from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
-from .redact import Scrubber, redact_raw_body, redact_url, scrubber_for
+from .redact import SHAPE_REACH, Scrubber, redact_raw_body, redact_url, scrubber_for
 from .remote import local_trajectory
 from .session import validate_session
 
@@ -157,7 +157,7 @@ class TrajectoryWriter:
         stored_events = None
         if events := fields.get("events"):
             near: list[str] = []
-            stored_events = encode_events(events, near, scrubber.reach)
+            stored_events = encode_events(events, near, SHAPE_REACH)
             if _events_may_hold(events, near, scrubber):
                 events = [{**event, "raw": scrubber.text(event["raw"])} for event in events]
                 stored_events = None
@@ -285,12 +285,19 @@ def _redacted_places(fields: Mapping[str, Any], scrubber: Scrubber) -> dict[str,
 
 def _events_may_hold(events: list[dict[str, Any]], near: list[str], scrubber: Scrubber) -> bool:
     """Whether any event's `raw` holds anything to scrub (`Scrubber.may_hold_text`
-    of each). An event stored as a reference to the one before it (`p`, `s`)
-    is searched only around its middle (`near`, from `encode_events`): what it
-    shares with that one was searched there (by induction, the first event in
-    which a secret or a shape's start occurs has it within reach of its
-    middle). Only when something is found there are the whole texts searched."""
-    return scrubber.mentions("".join(near)) and scrubber.may_hold_text("".join(event["raw"] for event in events))
+    of each). The call's secrets are looked for in the whole texts (a search
+    that skips ahead by a secret's length). A credential shape is looked for by
+    its start, which an event stored as a reference to the one before it (`p`,
+    `s`) can hold only around its middle (`near`, from `encode_events`): what
+    it shares with that one was searched there (by induction, the first event
+    in which a start occurs has it within reach of its middle). Only when one
+    is found there are the whole texts searched for shapes."""
+    text = "".join(event["raw"] for event in events) if scrubber.secrets else None
+    if text is not None and scrubber.holds_secret(text):
+        return True
+    if not scrubber.mentions_shape("".join(near)):
+        return False
+    return scrubber.may_hold_text(text if text is not None else "".join(event["raw"] for event in events))
 
 
 def _scrubbed_base64(data: str, scrubber: Scrubber, body: bool = False) -> str:
