@@ -209,3 +209,52 @@ def test_events_are_stored_by_their_longest_shared_prefix_and_suffix(parts, fram
         else:
             assert kept is event and seen == raw
         previous = raw
+
+
+@settings(max_examples=max(300, settings.default.max_examples), deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.lists(st.text(alphabet='ab"é', max_size=5), min_size=2, max_size=4), st.lists(st.lists(st.text(alphabet='ab"é', max_size=5), min_size=3, max_size=3), max_size=5)),
+    st.text(alphabet="ab", max_size=8)), max_size=6), st.booleans())  # fmt: skip
+def test_events_of_a_template_are_stored_as_their_values_and_read_back_whole(runs, stray):
+    # A stream of template runs (the template's event with its `slots`, then events marked with the values
+    # they put there) and other events between them: each marked event is stored as its values alone, and
+    # every event reads back whole. A value with no template before it (`stray`) is stored as a raw.
+    from llmtraj.core.chain import decode_events, encode_events
+
+    events, values_only = [], 0
+    for run in runs:
+        if isinstance(run, str):
+            after_template = events and ("slots" in events[-1] or "v" in events[-1])
+            events.append({"t": len(events), "raw": run, **({"v": ["x"]} if stray and not after_template else {})})
+            continue
+        around, rows = run
+        slots = len(around) - 1
+        for row_at, row in enumerate([[""] * slots, *(row[:slots] for row in rows)]):
+            raw = "".join(a + v for a, v in zip(around, [*row, ""]))
+            event = {"t": len(events), "raw": raw}
+            if row_at == 0:
+                ends = [sum(map(len, around[: i + 1])) for i in range(slots)]
+                event["slots"] = [[end, end] for end in ends]
+            else:
+                event["v"] = row
+                values_only += 1
+            events.append(event)
+    plain = [{k: v for k, v in event.items() if k not in ("slots", "v")} for event in events]
+    stored = encode_events(events)
+    assert sum(set(event) == {"t", "v"} for event in stored) == values_only
+    assert decode_events(stored) == plain
+
+
+@pytest.mark.parametrize("events", [
+    [{"t": 0, "v": ["a"]}],  # values before any template
+    [{"t": 0, "raw": "xay", "slots": [[1, 2]]}, {"t": 1, "v": ["a", "b"]}],  # more values than slots
+    [{"t": 0, "raw": "xay", "slots": [[1, 2]]}, {"t": 1, "raw": "q"}, {"t": 2, "v": ["b"]}],  # the run ended
+    [{"t": 0, "raw": "xay", "slots": [[2, 1]]}, {"t": 1, "v": ["b"]}],  # a slot that ends before it starts
+    [{"t": 0, "raw": "xay", "slots": [[1, 9]]}, {"t": 1, "v": ["b"]}],  # a slot past the raw's end
+    [{"t": 0, "raw": "xay", "slots": [[1, 2]]}, {"t": 1, "v": [1]}],  # a value that is not a string
+])  # fmt: skip
+def test_values_that_fit_no_template_are_refused(events):
+    from llmtraj.core.chain import decode_events
+
+    with pytest.raises(ValueError, match="events: "):
+        decode_events(events)

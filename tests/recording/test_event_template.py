@@ -190,10 +190,12 @@ def test_a_long_streams_text_blocks_are_folded_in_by_template(api, monkeypatch):
     # The streams servers send (the benchmark's, and texts written with escapes): all but the first few and
     # last few blocks match a template (else the comparisons above compare the general path with itself).
     taken = []
+    given: list = []  # the events each take was given: the blocks it takes get their values there
     take = EventTemplate.take
 
-    def counted(self, raws, start):
-        taken.append(take(self, raws, start) - start)
+    def counted(self, raws, start, events=None):
+        taken.append(take(self, raws, start, events) - start)
+        given.append(events)
         return taken[-1] + start
 
     monkeypatch.setattr(event_template.EventTemplate, "take", counted)
@@ -202,6 +204,7 @@ def test_a_long_streams_text_blocks_are_folded_in_by_template(api, monkeypatch):
     record, bulk = _same_both_ways(shape, blocks, [T0 + 0.2 + i * 0.001 for i in range(len(blocks))])
     assert bulk and sum(taken) >= len(blocks) - 10
     assert record["complete"] and not record["problems"]
+    assert given[0] is not None and sum("v" in event for event in given[0]) == sum(taken)
 
 
 def test_a_template_is_proven_on_its_own_block():

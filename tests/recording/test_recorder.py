@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llmtraj.apis import API_BY_NAME, ApiShape
 from llmtraj.apis.chat_completions import ChatCompletions
+from llmtraj.core.chain import decode_events, encode_events
 from llmtraj.core.record import CallRecord
 from llmtraj.core.redact import REDACTED
 from llmtraj.core.store import TrajectoryWriter, read_records
@@ -648,12 +649,14 @@ ALL_STREAMS = [(path, API_BY_NAME["chat.completions"]) for path in FIXTURES] + [
 
 
 def _recorded(api: ApiShape, chunks: list[bytes]) -> dict[str, Any]:
-    """The record's fields for a stream fed in `chunks`, every chunk at the same time."""
+    """The record's fields for a stream fed in `chunks`, every chunk at the same time, its events as
+    the store writes and reads them (a stream taken at once also says where its events repeat a template's)."""
     tee = new_tee(api=api)
     tee.response_started(200, SSE_HEADERS, now=T0 + 0.1)
     for chunk in chunks:
         tee.chunk(chunk, now=T0 + 0.2)
-    return tee.finish(now=T0 + 5)
+    fields = tee.finish(now=T0 + 5)
+    return {**fields, "events": decode_events(encode_events(fields["events"]))}
 
 
 @pytest.mark.parametrize(("fixture", "api"), ALL_STREAMS, ids=lambda p: getattr(p, "name", None) or p.name)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import string
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -203,3 +206,61 @@ def test_events_repeating_one_another_are_each_scrubbed_as_alone(tmp_path_factor
     writer.close()
     (record,) = read_records(file)
     assert [event.raw for event in record.events] == [Scrubber(secrets).text(event) for event in events]
+
+
+def _template_raws(around: list[str], values: list[list[str]]) -> list[str]:
+    return ["".join(a + v for a, v in zip(around, [*vs, ""])) for vs in values]
+
+
+def _written_as_template(file: Path, around: list[str], values: list[list[str]], secrets: list[str]) -> list[str]:
+    """Writes a stream whose events put `values` in a template's slots between the texts `around` them, the
+    events marked as the writer's template marks them (`slots`, `v`); their raws as read back."""
+    fields = record_fields(1, {"model": "m"}, None, _template_raws(around, values), "x")
+    places = []
+    for a, v in zip(around, values[0]):
+        start = (places[-1][1] if places else 0) + len(a)
+        places.append([start, start + len(v)])
+    fields["events"][0]["slots"] = places
+    for event, vs in zip(fields["events"][1:], values[1:]):
+        event["v"] = vs
+    writer = TrajectoryWriter(file)
+    writer.append(fields, set(secrets))
+    writer.close()
+    (record,) = read_records(file)
+    return [event.raw for event in record.events]
+
+
+@SETTINGS
+@given(data=st.data())
+def test_events_stored_as_a_templates_values_are_each_scrubbed_as_alone(tmp_path_factory, data):
+    """Events stored as the values they put in a template's slots (`slots`, `v`: the writer searches
+    them for credential shapes only around each value): whatever the values, each event is written as
+    scrubbing it alone gives, a secret or shape straddling a value and the template's text included."""
+    secrets = data.draw(st.lists(SECRET, min_size=1, max_size=2, unique=True))
+    # (a shape's start or a secret cut anywhere: its two parts on either side of a value's edge)
+    cut = st.tuples(st.one_of(SHAPE_PIECES, st.sampled_from(secrets)), st.integers(0, 8), st.booleans())
+    piece = st.one_of(PLAIN, SHAPE_PIECES, st.sampled_from(secrets),
+                      cut.map(lambda c: c[0][: c[1]] if c[2] else c[0][c[1] :]))  # fmt: skip
+    text = st.lists(piece, max_size=4).map("".join)
+    slots = data.draw(st.integers(1, 3))
+    around = ["data: " + data.draw(text), *(data.draw(text) for _ in range(slots - 1)), data.draw(text) + "\n\n"]
+    values = data.draw(st.lists(st.lists(text, min_size=slots, max_size=slots), min_size=1, max_size=8))
+    raws = _written_as_template(tmp_path_factory.mktemp("events") / "t.jsonl", around, values, secrets)
+    assert raws == [Scrubber(secrets).text(raw) for raw in _template_raws(around, values)]
+
+
+KEY_TAIL = "-abcdefgh12345678XYZ12"  # what makes "sk" a key
+
+
+@pytest.mark.parametrize(("around", "values"), [
+    (["data: ", "k" + KEY_TAIL + "\n\n"], [["q"], ["s"]]),  # its start in a value and the text after it
+    (["data: s", "\n\n"], [["q" + KEY_TAIL], ["k" + KEY_TAIL]]),  # in the text before a value and the value
+    (["data: ", "k", "\n\n"], [["q", "x"], ["s", KEY_TAIL]]),  # in two values and the text between them
+    (["data: ", "k" + KEY_TAIL + " " * 40 + "\n\n"], [["q"], ["s"]]),  # the text after it long
+])  # fmt: skip
+def test_a_key_made_where_a_value_meets_the_template_is_scrubbed(tmp_path, around, values):
+    # (the cases a random text rarely makes: the key's start across a value's edge, the first raw clean)
+    secrets = ["Bearer abcdefgh12345678"]
+    raws = _written_as_template(tmp_path / "t.jsonl", around, values, secrets)
+    assert raws == [Scrubber(secrets).text(raw) for raw in _template_raws(around, values)]
+    assert REDACTED not in raws[0] and REDACTED in raws[1]

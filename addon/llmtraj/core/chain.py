@@ -15,11 +15,20 @@ A streamed call's events repeat most of their bytes from one to the next (the
 id, model and framing around a few characters of delta), so a version 2 event
 may carry `p` and `s`: its `raw` is then only the middle, between the first p
 and the last s characters of the previous event's raw in the same line.
+
+Most events of a long stream are one event with other values in a few places
+(its text, a counter, a random padding): the writer's event template
+(`recording.event_template`) finds those places. An event whose values were
+found so carries `slots`, their places in its raw (`[[start, end], ...]`), and
+each event after it that differs only there is `{"t": ..., "v": [values]}`:
+its raw is that event's with the characters of each slot replaced by the value
+(as written in the raw, escapes and all).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import chain as chained
 from typing import Any
 
 _ABSENT = object()
@@ -261,7 +270,8 @@ _MIN_SHARED = 8  # below this, `"p":..,"s":..` costs more than it saves
 
 
 def encode_events(events: list[dict[str, Any]], near: list[str] | None = None, reach: int = 0) -> list[dict[str, Any]]:
-    """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle.
+    """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle; an
+    event of a template (`v`, after the event with `slots` it follows) as its values alone.
     `near`, if given, gets what each raw adds to the one before it with `reach` characters to either
     side (all of a raw stored whole), for the search for secrets (`store._events_may_hold`)."""
     out = []
@@ -269,9 +279,22 @@ def encode_events(events: list[dict[str, Any]], near: list[str] | None = None, r
     keep = near.append if near is not None else None
     previous = head = tail = ""
     p = s = m = 0
+    in_template = False  # the last event had `slots` or was stored as values
+    around: list[str] = []  # (with `near`) the template's text around its slots, within reach of them
     for event in events:
         raw = event["raw"]
         n = len(raw)
+        if in_template and "v" in event:
+            values = event["v"]
+            append({"t": event["t"], "v": values})
+            if keep is not None:  # each value between the template's text around it, as in the raw
+                keep(_interleaved(around, values))
+            previous, m = raw, n
+            p = s = 0  # (the previous pair's lengths are of other raws)
+            continue
+        in_template = "slots" in event
+        if in_template and keep is not None:
+            around = _around_slots(raw, event["slots"], reach)
         limit = n if n < m else m
         # The previous pair's p and s first, without a call: most events differ from the one before in their
         # delta alone (and then share the very `head` and `tail` strings the previous pair did), or their
@@ -293,16 +316,38 @@ def encode_events(events: list[dict[str, Any]], near: list[str] | None = None, r
         if not (0 < s <= rest and raw.endswith(tail) and (s == rest or raw[n - s - 1] != previous[m - s - 1])):
             s = _shared_suffix(raw, previous, rest, s)
             tail = raw[n - s :]
+        stored = {k: v for k, v in event.items() if k != "v"} if "v" in event else event  # (a value without its template)
         if p + s >= _MIN_SHARED:
-            append({**event, "raw": raw[p : n - s], "p": p, "s": s})  # (its raw_base64 too, if any)
+            append({**stored, "raw": raw[p : n - s], "p": p, "s": s})  # (its raw_base64 and slots too, if any)
             if keep is not None:
                 keep(raw[p - reach if p > reach else 0 : n - s + reach])
         else:
-            append(event)
+            append(stored)
             if keep is not None:
                 keep(raw)
         previous, m = raw, n
     return out
+
+
+def _interleaved(pieces: list[str], values: list[str]) -> str:
+    """The pieces with a value between each two."""
+    return "".join(chained.from_iterable(zip(pieces, values))) + pieces[-1]
+
+
+def _around_slots(raw: str, slots: list[list[int]], reach: int) -> list[str]:
+    """The text of `raw` before, between and after its slots, within `reach` of a slot (the middle of a
+    long stretch left out, a line feed in its place: no credential shape's start has one)."""
+    ends = [0, *(end for _, end in slots)]
+    starts = [*(start for start, _ in slots), len(raw)]
+    around = []
+    for i, (a, b) in enumerate(zip(ends, starts)):
+        left = reach if i else 0  # (nothing before the first slot's text reaches back past the raw's start)
+        right = reach if i < len(slots) else 0
+        if b - a <= left + right:
+            around.append(raw[a:b])
+        else:
+            around.append(raw[a : a + left] + "\n" + raw[b - right : b])
+    return around
 
 
 def decode_events(events: Any) -> Any:
@@ -311,18 +356,45 @@ def decode_events(events: Any) -> Any:
         return events
     out = []
     previous = ""
+    pieces: list[str] | None = None  # the raw of the last event with `slots` around them, while its values follow
     for event in events:
-        if isinstance(event, dict) and "p" in event:
-            p, s, middle = event.get("p"), event.get("s"), event.get("raw")
-            if not (isinstance(p, int) and isinstance(s, int) and isinstance(middle, str)
-                    and 0 <= p and 0 <= s and p + s <= len(previous)):  # fmt: skip
-                raise ValueError("events: a reference to the previous event that does not fit")
-            event = {**event, "raw": previous[:p] + middle + previous[len(previous) - s :]}
-            del event["p"], event["s"]
+        if isinstance(event, dict) and "v" in event:
+            values = event["v"]
+            if pieces is None or not isinstance(values, list) or len(values) != len(pieces) - 1 \
+                    or not all(isinstance(value, str) for value in values):  # fmt: skip
+                raise ValueError("events: values that follow no event with as many slots")
+            event = {key: value for key, value in event.items() if key != "v"}
+            event["raw"] = _interleaved(pieces, values)
+        else:
+            pieces = None
+            if isinstance(event, dict) and "p" in event:
+                p, s, middle = event.get("p"), event.get("s"), event.get("raw")
+                if not (isinstance(p, int) and isinstance(s, int) and isinstance(middle, str)
+                        and 0 <= p and 0 <= s and p + s <= len(previous)):  # fmt: skip
+                    raise ValueError("events: a reference to the previous event that does not fit")
+                event = {**event, "raw": previous[:p] + middle + previous[len(previous) - s :]}
+                del event["p"], event["s"]
+            if isinstance(event, dict) and "slots" in event:
+                event = dict(event)
+                pieces = _cut_at(event.get("raw"), event.pop("slots"))
         out.append(event)
         previous = event.get("raw") if isinstance(event, dict) and isinstance(event.get("raw"), str) else ""
     return out
 
+
+def _cut_at(raw: Any, slots: Any) -> list[str]:
+    """`raw` cut at its `slots`: the text before, between and after them."""
+    if not isinstance(raw, str) or not isinstance(slots, list) or not slots:
+        raise ValueError("events: slots of an event without a raw, or no slots")
+    pieces, end = [], 0
+    for slot in slots:
+        if not (isinstance(slot, list) and len(slot) == 2 and all(type(x) is int for x in slot)
+                and end <= slot[0] <= slot[1] <= len(raw)):  # fmt: skip
+            raise ValueError("events: slots that are not places in order in their raw")
+        pieces.append(raw[end : slot[0]])
+        end = slot[1]
+    pieces.append(raw[end:])
+    return pieces
 
 
 def shared_prefix(a: bytes, b: bytes) -> int:

@@ -159,11 +159,11 @@ class TrajectoryWriter:
             near: list[str] = []
             stored_events = encode_events(events, near, SHAPE_REACH)
             if _events_may_hold(events, near, scrubber):
-                events = [{**event, "raw": scrubber.text(event["raw"])} for event in events]
+                events = [{**_without_template(event), "raw": scrubber.text(event["raw"])} for event in events]
                 stored_events = None
             if any(map(dict.get, events, repeat("raw_base64"))):
-                events = [{**event, "raw_base64": _scrubbed_base64(event["raw_base64"], scrubber)}
-                          if event.get("raw_base64") else event for event in events]  # fmt: skip
+                events = [{**_without_template(event), "raw_base64": _scrubbed_base64(event["raw_base64"], scrubber)}
+                          if event.get("raw_base64") else _without_template(event) for event in events]  # fmt: skip
                 stored_events = None
             if stored_events is None:
                 stored_events = encode_events(events)
@@ -281,6 +281,12 @@ def _redacted_places(fields: Mapping[str, Any], scrubber: Scrubber) -> dict[str,
         if isinstance(data := fields.get(f"{name}_base64"), str):
             out[f"{name}_base64"] = _scrubbed_base64(data, scrubber, body=True)
     return out
+
+
+def _without_template(event: dict[str, Any]) -> dict[str, Any]:
+    """An event without its template's places and values (`chain.encode_events`): what they say
+    of its raw is not true once the raw is scrubbed."""
+    return {key: value for key, value in event.items() if key != "slots" and key != "v"}
 
 
 def _events_may_hold(events: list[dict[str, Any]], near: list[str], scrubber: Scrubber) -> bool:

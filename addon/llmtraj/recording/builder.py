@@ -84,11 +84,14 @@ def usual_blocks(
 
 
 def fold_usual_blocks(
-    aggregator: StreamAggregator, names: tuple[bytes, ...], datas: tuple[bytes, ...], raws: list[str]
+    aggregator: StreamAggregator, names: tuple[bytes, ...], datas: tuple[bytes, ...], raws: list[str],
+    events: list[dict[str, Any]] | None = None,
 ) -> None:
     """Folds a body's usual blocks (`usual_blocks`; `raws` their text) into `aggregator` as their blocks from
     the SSE parser would be: the blocks that follow one of a template (`EventTemplate`) as the texts they add,
-    any other parsed and folded in whole (and made the template of the next ones, if it can be)."""
+    any other parsed and folded in whole (and made the template of the next ones, if it can be). Their
+    events in `events` (if given, as `raws`) get what the record stores of them: a template's event its
+    `slots`, each event that follows it its values (`v`)."""
     event_names = {line: line[7:-1].decode() if line else None for line in set(names)}
     named = list(map(event_names.__getitem__, names))
     unmatched = 0  # text blocks that were made no template, or one that matched no block
@@ -105,7 +108,9 @@ def fold_usual_blocks(
         if unmatched < _UNMATCHED_TEMPLATES and (slot := aggregator.text_slot(name, value)) is not None:
             start = index
             if (template := EventTemplate.of(raw, value, *slot)) is not None:
-                index = template.take(raws, index)
+                index = template.take(raws, index, events)
+                if events is not None and index > start:
+                    events[start - 1]["slots"] = template.slots
             unmatched += index == start
 
 
@@ -276,9 +281,10 @@ class RecordBuilder:
         self._received = self._data_seen = True
         # each `round(now - started, 6)`, in one call: formatting to 6 decimals rounds the same way, correctly
         seconds = map(float, ("%.6f " * len(times) % tuple(map(sub, times, repeat(started)))).split())
-        self._events.extend([{"t": t, "raw": raw} for t, raw in zip(seconds, raws)])
+        events = [{"t": t, "raw": raw} for t, raw in zip(seconds, raws)]
+        self._events.extend(events)
         self._parser.started()
-        fold_usual_blocks(self._aggregator, names, datas, raws)
+        fold_usual_blocks(self._aggregator, names, datas, raws, events)
         return True
 
     def _take(self, blocks: list[SSEBlock], now: float | None) -> None:

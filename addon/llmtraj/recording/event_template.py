@@ -11,7 +11,12 @@ slots parses to the event's value with those values at their places, so any raw
 of the same pieces around valid JSON values of the same kinds parses to the
 event's value with the new values there (a JSON string's or integer's bytes
 never change how what is around them parses), and folding it in is appending
-its text. Anything else goes the general way (parsed, folded in whole)."""
+its text. Anything else goes the general way (parsed, folded in whole).
+
+The places of the slots in the template's raw and each folded event's values
+are also what the record stores of those events (`core.chain.encode_events`):
+the template's event with its `slots`, each event that followed it as its
+values (`v`), as they are written in its raw."""
 
 from __future__ import annotations
 
@@ -77,10 +82,10 @@ class EventTemplate:
     """Raws made of `pieces` with a value in each slot between them: the text slot's string is appended
     (`append`), the other slots' values are ignored."""
 
-    __slots__ = ("pieces", "steps", "append")
+    __slots__ = ("pieces", "steps", "append", "slots")
 
-    def __init__(self, pieces: list[str], kinds: list[Any], append: Callable[[str], None]) -> None:
-        self.pieces, self.append = pieces, append
+    def __init__(self, pieces: list[str], kinds: list[Any], append: Callable[[str], None], slots: list[list[int]]) -> None:
+        self.pieces, self.append, self.slots = pieces, append, slots  # slots: their places in the template's raw
         self.steps = list(zip(kinds, pieces[1:]))  # each slot's kind (str, int or _TEXT) and the piece after it
 
     @classmethod
@@ -125,11 +130,12 @@ class EventTemplate:
                 return None
         except ValueError:
             return None
-        return cls(pieces, kinds, append)
+        return cls(pieces, kinds, append, [[a, b] for a, b, _, _ in slots])
 
-    def take(self, raws: list[str], start: int) -> int:
+    def take(self, raws: list[str], start: int, events: list[dict[str, Any]] | None = None) -> int:
         """Folds in the texts of the blocks of `raws` from `start` on while they are of this template: the
-        index of the first that is not (`len(raws)` if all are)."""
+        index of the first that is not (`len(raws)` if all are). Each such block's event in `events` (if
+        given, as `raws`) gets its values, as written in the raw (`v`)."""
         first, steps, append = self.pieces[0], self.steps, self.append
         for index in range(start, len(raws)):
             raw = raws[index]
@@ -137,26 +143,32 @@ class EventTemplate:
                 return index
             at = len(first)
             text = None
+            values = []
             for kind, piece in steps:
                 # each slot's end found in C (the next quote, the integer's last digit), its value checked after
                 if kind is int:
                     if (found := _INTEGER.match(raw, at)) is None or not raw.startswith(piece, end := found.end()):
                         return index
+                    value = found.group()
                 else:
                     end = raw.find('"', at)
                     value = raw[at:end]
                     if "\\" in value or not value.isprintable():  # escapes, or characters JSON must escape
-                        if kind is not _TEXT or (value := _text(raw, at)) is None:
+                        if kind is not _TEXT or (decoded := _text(raw, at)) is None:
                             return index
-                        value, end = value
+                        text, end = decoded
+                        value = raw[at:end]
+                    elif kind is _TEXT:
+                        text = value
                     if not raw.startswith(piece, end):
                         return index
-                    if kind is _TEXT:
-                        text = value
+                values.append(value)
                 at = end + len(piece)
             if at != len(raw):
                 return index
             append(text)
+            if events is not None:
+                events[index]["v"] = values
         return len(raws)
 
 
