@@ -195,7 +195,7 @@ def test_events_are_stored_by_their_longest_shared_prefix_and_suffix(parts, fram
 
     events = [{"t": i, "raw": frame + a + b + c + frame} for i, (a, b, c) in enumerate(parts)]
     near: list[str] = []
-    stored = encode_events(events, near, reach)
+    stored = encode_events(events, near, ("c" * (reach + 1),))  # (a start of reach + 1 characters)
     assert decode_events(stored) == events
     previous = ""
     for event, kept, seen in zip(events, stored, near):

@@ -27,6 +27,7 @@ its raw is that event's with the characters of each slot replaced by the value
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from itertools import chain as chained
 from typing import Any
@@ -269,32 +270,40 @@ def _shared_suffix(a: str, b: str, limit: int, guess: int = 0) -> int:
 _MIN_SHARED = 8  # below this, `"p":..,"s":..` costs more than it saves
 
 
-def encode_events(events: list[dict[str, Any]], near: list[str] | None = None, reach: int = 0) -> list[dict[str, Any]]:
+def encode_events(
+    events: list[dict[str, Any]], near: list[str] | None = None, starts: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """Events as stored: each raw that shares enough with the previous one as `p`, `s` and its middle; an
     event of a template (`v`, after the event with `slots` it follows) as its values alone.
-    `near`, if given, gets what each raw adds to the one before it with `reach` characters to either
-    side (all of a raw stored whole), for the search for secrets (`store._events_may_hold`)."""
+    `near`, if given, gets what each raw adds to the one before it, with enough to either side for any of
+    `starts` that overlaps it (all of a raw stored whole), for the search for credential shapes by their
+    starts (`store._events_may_hold`)."""
     out = []
     append = out.append
     keep = near.append if near is not None else None
+    reach = max(map(len, starts)) - 1 if starts else 0
     previous = head = tail = ""
     p = s = m = 0
     in_template = False  # the last event had `slots` or was stored as values
-    around: list[str] = []  # (with `near`) the template's text around its slots, within reach of them
+    around: list[str] | None = None  # (with `near`) the template's text around its slots, within reach of them
     for event in events:
         raw = event["raw"]
         n = len(raw)
         if in_template and "v" in event:
             values = event["v"]
             append({"t": event["t"], "v": values})
-            if keep is not None:  # each value between the template's text around it, as in the raw
+            if around is not None:  # each value between the template's text around it, as in the raw
                 keep(_interleaved(around, values))
+            elif near is not None:  # no start can run across a value's edge: the values alone
+                near += values
             previous, m = raw, n
             p = s = 0  # (the previous pair's lengths are of other raws)
             continue
         in_template = "slots" in event
         if in_template and keep is not None:
             around = _around_slots(raw, event["slots"], reach)
+            if _edges_clean(around, starts):
+                around = None
         limit = n if n < m else m
         # The previous pair's p and s first, without a call: most events differ from the one before in their
         # delta alone (and then share the very `head` and `tail` strings the previous pair did), or their
@@ -332,6 +341,23 @@ def encode_events(events: list[dict[str, Any]], near: list[str] | None = None, r
 def _interleaved(pieces: list[str], values: list[str]) -> str:
     """The pieces with a value between each two."""
     return "".join(chained.from_iterable(zip(pieces, values))) + pieces[-1]
+
+
+@functools.lru_cache(maxsize=4)
+def _edge_characters(starts: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str]]:
+    """(the last characters of the starts' first parts, the first characters of their last parts), of
+    every way to cut a start in two."""
+    return (frozenset(start[i] for start in starts for i in range(len(start) - 1)),
+            frozenset(start[i] for start in starts for i in range(1, len(start))))  # fmt: skip
+
+
+def _edges_clean(around: list[str], starts: tuple[str, ...]) -> bool:
+    """Whether no start can run across a slot's edge: the template's text before each slot ends, and
+    the text after it begins, with a character no start has there (none of it empty)."""
+    ends, begins = _edge_characters(starts)
+    return all(text and text[-1] not in ends for text in around[:-1]) and all(
+        text and text[0] not in begins for text in around[1:]
+    )
 
 
 def _around_slots(raw: str, slots: list[list[int]], reach: int) -> list[str]:

@@ -37,7 +37,7 @@ from pydantic_core import from_json, to_json
 
 from .chain import RequestChains, SessionRequests, decode_events, encode_events
 from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
-from .redact import SHAPE_REACH, Scrubber, redact_raw_body, redact_url, scrubber_for
+from .redact import SHAPE_STARTS, Scrubber, redact_raw_body, redact_url, scrubber_for
 from .remote import local_trajectory
 from .session import validate_session
 
@@ -157,7 +157,7 @@ class TrajectoryWriter:
         stored_events = None
         if events := fields.get("events"):
             near: list[str] = []
-            stored_events = encode_events(events, near, SHAPE_REACH)
+            stored_events = encode_events(events, near, SHAPE_STARTS)
             if _events_may_hold(events, near, scrubber):
                 events = [{**_without_template(event), "raw": scrubber.text(event["raw"])} for event in events]
                 stored_events = None
