@@ -18,6 +18,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic_core import from_json, to_json
 from llmtraj.apis import API_BY_NAME, ApiShape
 from llmtraj.apis.chat_completions import ChatCompletions
 from llmtraj.core.chain import decode_events, encode_events
@@ -475,6 +476,25 @@ def test_record_sink_writes_what_the_proxy_captured(tmp_path, monkeypatch):
     assert [r.index for r in read_records(tmp_path)] == [1, 2, 3, 2]  # (a frame not marked is written as sent)
 
 
+def test_the_writer_freezes_what_start_up_built(tmp_path):
+    """The writer process's start-up objects are out of the cyclic collector's
+    passes (a long stream's records set off full passes that walked them)."""
+    import gc
+    import io
+
+    from llmtraj.recording.writer import serve
+
+    made_at_start_up = {"schemas": [1, 2, 3]}
+    gc.unfreeze()
+    try:
+        assert any(obj is made_at_start_up for obj in gc.get_objects())
+        serve(str(tmp_path), io.BytesIO(b""))
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is made_at_start_up for obj in gc.get_objects())  # frozen: in no generation
+    finally:
+        gc.unfreeze()
+
+
 def test_the_writer_confirms_a_call_at_once_and_those_arriving_while_it_waits_together(tmp_path, monkeypatch):
     """A frame arriving at an idle writer is written and confirmed at once; the
     frames that arrive in the pause after that (each in its own write) are
@@ -656,7 +676,7 @@ def _recorded(api: ApiShape, chunks: list[bytes]) -> dict[str, Any]:
     for chunk in chunks:
         tee.chunk(chunk, now=T0 + 0.2)
     fields = tee.finish(now=T0 + 5)
-    return {**fields, "events": decode_events(encode_events(fields["events"]))}
+    return {**fields, "events": decode_events(from_json(to_json(encode_events(fields["events"]))))}
 
 
 @pytest.mark.parametrize(("fixture", "api"), ALL_STREAMS, ids=lambda p: getattr(p, "name", None) or p.name)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -162,6 +163,10 @@ def serve(path: str, source=None, prompts: str | None = None, acks: int | None =
     on_disk: dict[Path, set[tuple[str, int, float]]] = {}  # calls in a file, read when a resent frame asks
     written = bytearray()  # acknowledgements not yet sent
     woke = 0.0  # when the first of them was taken
+    # What start-up built (modules, pydantic's schemas) lives as long as the writer: frozen, the cyclic
+    # collector no longer walks it on each full pass, which a long stream's many objects set off (a
+    # 200-event stream's record cost 11-17% more CPU with it walked, a 20,000-event one about 1.7x).
+    gc.freeze()
 
     def already_written(capture: CallCapture) -> bool:
         file = writer.file_for(capture.session)
