@@ -250,3 +250,31 @@ def test_a_torn_line_in_a_compressed_file_is_skipped_as_in_a_plain_one(v2):
     skipped = []
     assert [r.index for r in read_records(v2 / "alpha.jsonl.zst", skipped=skipped)] == [1, 2, 3, 4, 5, 6]
     assert [s.line for s in skipped] == [7]
+
+
+def test_compact_keeps_a_recorded_streams_events_stored_as_their_templates_values(tmp_path):
+    # A stream the recorder stored as a template's values (`slots`, `v`) is stored so again by compaction,
+    # not as each event's difference from the one before (which is larger), and reads back the same.
+    from llmtraj.recording.capture import CallCapture
+    from llmtraj.recording.writer import record_of
+
+    chunks = [json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                          "choices": [{"index": 0, "delta": {"content": f"word{i} "}, "finish_reason": None}],
+                          "obfuscation": "xyz"[: 1 + i % 3]}) for i in range(300)]  # fmt: skip
+    capture = CallCapture(
+        api="chat.completions", session="s", index=1, mode="record", method="POST", url="http://up/v1/chat/completions",
+        request_headers=[(b"content-type", b"application/json")], request_body=b'{"model":"m","stream":true}',
+        started_at=1000.0, status=200, response_headers=[(b"content-type", b"text/event-stream")],
+        response_headers_at=1000.1, chunks=[f"data: {c}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"],
+        chunk_times=[1000.2 + i / 1000 for i in range(301)], ended_at=1001.0,
+    )  # fmt: skip
+    writer = TrajectoryWriter(tmp_path / "t")
+    writer.append(*record_of(capture))
+    writer.close()
+    file = tmp_path / "t" / "s.jsonl"
+    recorded, size = list(read_records(file)), file.stat().st_size
+    assert sum("v" in event for event in json.loads(file.read_text())["events"]) >= 290
+    result = runner.invoke(app, ["compact", str(tmp_path / "t")])
+    assert result.exit_code == 0, result.output
+    assert list(read_records(file)) == recorded and file.stat().st_size == size
+    assert sum("v" in event for event in json.loads(file.read_text())["events"]) >= 290

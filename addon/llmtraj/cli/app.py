@@ -383,6 +383,7 @@ def compact(
     """Rewrite a trajectory in the current format (version 1 files become version 2), file by file.
     Stop recording to it first."""
     from ..core.store import CompactionError, compact_file, trajectory_files
+    from ..recording.builder import mark_templates
 
     files = trajectory_files(path)
     if not files and not path.exists():
@@ -391,7 +392,7 @@ def compact(
     for file in files:
         with _reading():
             try:
-                _, old, new, skipped = compact_file(file, compress=zstd)
+                _, old, new, skipped = compact_file(file, compress=zstd, mark_templates=mark_templates)
             except CompactionError as exc:
                 fail(str(exc))
         before, after = before + old, after + new

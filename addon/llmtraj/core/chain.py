@@ -363,10 +363,10 @@ def _edges_clean(around: list[str], starts: tuple[str, ...]) -> bool:
 def _around_slots(raw: str, slots: list[list[int]], reach: int) -> list[str]:
     """The text of `raw` before, between and after its slots, within `reach` of a slot (the middle of a
     long stretch left out, a line feed in its place: no credential shape's start has one)."""
-    ends = [0, *(end for _, end in slots)]
-    starts = [*(start for start, _ in slots), len(raw)]
+    text_starts = [0, *(end for _, end in slots)]
+    text_ends = [*(start for start, _ in slots), len(raw)]
     around = []
-    for i, (a, b) in enumerate(zip(ends, starts)):
+    for i, (a, b) in enumerate(zip(text_starts, text_ends)):
         left = reach if i else 0  # (nothing before the first slot's text reaches back past the raw's start)
         right = reach if i < len(slots) else 0
         if b - a <= left + right:

@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -86,8 +86,11 @@ def session_of_file(file: Path) -> str:
 
 
 class TrajectoryWriter:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, mark_templates: Callable[[str, list[dict[str, Any]]], None] | None = None) -> None:
         self.path = Path(path)
+        # For a `CallRecord` appended (compaction's, read back): marks its stream's events as the recorder
+        # marks them (`recording.builder.mark_templates`), so that they are stored as compactly.
+        self._mark_templates = mark_templates
         if is_compressed(self.path):
             raise ValueError(f"{self.path} is compressed (read-only); record to {self.path.name.removesuffix(ZSTD)}")
         self.single_file = is_single_file(self.path)
@@ -140,6 +143,8 @@ class TrajectoryWriter:
             fields = {**record.model_dump(mode="json"), "schema_version": SCHEMA_VERSION}
             if fields["events"]:  # an event's exact bytes only where they are not its text
                 fields["events"] = [{k: v for k, v in e.items() if v is not None or k != "raw_base64"} for e in fields["events"]]
+                if self._mark_templates is not None:
+                    self._mark_templates(fields["api"], fields["events"])
         else:
             fields = record
         scrubber = scrubber_for(frozenset(secrets))
@@ -757,9 +762,12 @@ class CompactionError(ValueError):
     """A file that could not be rewritten, in one line."""
 
 
-def compact_file(file: Path, compress: bool = False) -> tuple[Path, int, int, list[SkippedLine]]:
+def compact_file(
+    file: Path, compress: bool = False, mark_templates: Callable[[str, list[dict[str, Any]]], None] | None = None
+) -> tuple[Path, int, int, list[SkippedLine]]:
     """Rewrite one trajectory file in the current format, in place (a new file
-    renamed over it), compressed with zstd if `compress` or if it was:
+    renamed over it), compressed with zstd if `compress` or if it was, its
+    streams' events marked by `mark_templates` (see `TrajectoryWriter`):
     (the file now, bytes before, bytes after, torn last line skipped). A
     compressed file replaces the plain one. A bad line raises
     `TrajectoryError` and leaves the file as it was; so does a file that grew
@@ -771,7 +779,7 @@ def compact_file(file: Path, compress: bool = False) -> tuple[Path, int, int, li
     work = Path(tempfile.mkdtemp(prefix=".llm-traj-compact-", dir=file.parent))
     try:
         new = work / "compacted.jsonl"
-        writer = TrajectoryWriter(new)
+        writer = TrajectoryWriter(new, mark_templates)
         try:
             for record in read_records(file, skipped=skipped):
                 writer.append(record)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from ..apis import ApiShape, StreamAggregator
+from ..apis import API_BY_NAME, ApiShape, StreamAggregator
 from ..core.encoding import Decoder, IdentityDecoder, UnsupportedEncoding, decoder_for
 from ..core.headers import header
 from ..core.record import SCHEMA_VERSION, Headers
@@ -112,6 +112,20 @@ def fold_usual_blocks(
                 if events is not None and index > start:
                     events[start - 1]["slots"] = template.slots
             unmatched += index == start
+
+
+def mark_templates(api: str, events: list[dict[str, Any]]) -> None:
+    """Marks a stream's events (a record's, read back) as the recorder marks a stream it takes at once, for
+    the store (`core.chain.encode_events`): a template's event its `slots`, each event that follows it its
+    values (`v`). Events of any other shape, or of an API this llm-traj does not know, are left as they are."""
+    shape = API_BY_NAME.get(api)
+    if shape is None or any(event.get("raw_base64") for event in events):
+        return
+    found = usual_blocks("".join(event["raw"] for event in events).encode())
+    if found is None or found[1] != [event["raw"] for event in events]:
+        return
+    _, raws, names, datas = found
+    fold_usual_blocks(shape.new_aggregator(), names, datas, raws, events)
 
 
 RecordFields = dict[str, Any]  # a CallRecord's fields as plain JSON-able values
