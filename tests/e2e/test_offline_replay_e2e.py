@@ -110,3 +110,17 @@ def test_a_bad_rules_file_stops_the_proxy_with_one_line_naming_the_rule(dated, t
     with pytest.raises(ProxyStartError) as info:
         ProxyProcess(upstream="http://unused", options=options).start()
     assert f"llm_traj_replay_rules: {rules}: rule 'ticket': bad pattern 'TICKET-('" in str(info.value)
+
+
+def test_a_port_in_use_stops_the_proxy_with_mitmproxys_reason_not_llm_trajs_last_info_line(tmp_path):
+    # llm-traj has said "recording to ..." when mitmproxy fails to listen: the reason given is mitmproxy's.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        options = {"llm_traj_mode": "record", "llm_traj_path": tmp_path / "traj"}
+        with pytest.raises(ProxyStartError) as info:
+            ProxyProcess(upstream="http://unused", port=port, options=options).start()
+    assert "already in use" in str(info.value) and "recording to" not in str(info.value)

@@ -128,3 +128,26 @@ def test_a_taken_port_falls_back_to_a_free_one(tmp_path):
                 await proxy.stop_server()
 
     asyncio.run(main())
+
+
+def test_a_port_taken_after_its_check_is_given_up_for_one_the_system_picks(tmp_path, monkeypatch):
+    # The race a check cannot close: another process listens on the port before the proxy does.
+    import llmtraj.compat.verl as verl
+
+    monkeypatch.setattr(verl, "_free", lambda host, port: True)  # (free when checked)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def main():
+            proxy = ModelProxy(port=port, path=tmp_path / "traj")
+            await proxy.start_server()
+            try:
+                assert proxy.port not in (port, 0)
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=5):
+                    pass
+            finally:
+                await proxy.stop_server()
+
+        asyncio.run(main())

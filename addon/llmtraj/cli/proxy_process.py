@@ -26,6 +26,9 @@ _BARE_READY = re.compile(r"listening at \[?([^\]\s]*?)\]?:(\d+)\.")
 _WEB_READY = re.compile(r"Web server listening at (\S+)")
 
 
+_STARTUP_NOTICE = "Error logged during startup"  # mitmproxy's line once an error was logged, before it exits
+
+
 class ProxyStartError(RuntimeError):
     pass
 
@@ -107,10 +110,13 @@ class ServerProcess:
     def failure_reason(self, offset: int = 0) -> str:
         """The process's own error lines (llm-traj's one-liners first), else its last lines."""
         lines = [line for line in self._read_log(offset).splitlines() if line.strip()]
-        ours = [line.split("llm-traj: ", 1)[1] for line in lines if "llm-traj: " in line]
+        last_ours = max((i for i, line in enumerate(lines) if "llm-traj: " in line), default=None)
+        if last_ours is not None:
+            # mitmproxy's own error after llm-traj's last line (a port it could not bind after "recording
+            # to ..."), not its notice that one was logged (which follows llm-traj's own errors too)
+            after = [line for line in lines[last_ours + 1 :] if "rror" in line and _STARTUP_NOTICE not in line]
+            return after[0].strip() if after else lines[last_ours].split("llm-traj: ", 1)[1]
         errors = [line for line in lines if "rror" in line]
-        if ours:
-            return ours[-1]  # the error comes after the info lines ("recording to ...")
         return (errors or lines or [f"{Path(self.args[0]).name} exited without output"])[-1].strip()
 
     def wait(self) -> int:

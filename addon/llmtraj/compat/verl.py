@@ -90,18 +90,30 @@ class ModelProxy:
         if self.port and not _free(self.host, self.port):
             logger.warning(f"port {self.port} is in use; the system picks one")
             self.port = 0
-        proxy = ProxyProcess(
-            upstream=NO_UPSTREAM, listen_host=self.host, port=self.port, log=self.path / "proxy.log",
-            options={**COMMAND_DEFAULTS, "llm_traj_mode": "anticall", "llm_traj_path": self.path},
-        )  # fmt: skip
         try:
-            await asyncio.to_thread(proxy.start)
+            try:
+                proxy = await self._started()
+            except ProxyStartError as exc:
+                if not self.port or "already in use" not in str(exc):
+                    raise
+                # taken between the check above and the proxy's bind (another process picked it meanwhile)
+                logger.warning(f"port {self.port} was taken before the proxy could listen on it; the system picks one")
+                self.port = 0
+                proxy = await self._started()
         except ProxyStartError as exc:
             raise RuntimeError(f"the model proxy did not start: {exc}") from None
         self._proxy, self.port = proxy, proxy.port
         info = read_control_file(control_file_for(self.path))
         self._client = AntiCallClient(info.url, info.token)
         logger.info(f"Model proxy (llm-traj) started on {self.host}:{self.port}, trajectory {self.path}")
+
+    async def _started(self) -> ProxyProcess:
+        proxy = ProxyProcess(
+            upstream=NO_UPSTREAM, listen_host=self.host, port=self.port, log=self.path / "proxy.log",
+            options={**COMMAND_DEFAULTS, "llm_traj_mode": "anticall", "llm_traj_path": self.path},
+        )  # fmt: skip
+        await asyncio.to_thread(proxy.start)
+        return proxy
 
     async def stop_server(self) -> None:
         if self._proxy is None:
