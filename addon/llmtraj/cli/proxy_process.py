@@ -110,12 +110,12 @@ class ServerProcess:
     def failure_reason(self, offset: int = 0) -> str:
         """The process's own error lines (llm-traj's one-liners first), else its last lines."""
         lines = [line for line in self._read_log(offset).splitlines() if line.strip()]
-        last_ours = max((i for i, line in enumerate(lines) if "llm-traj: " in line), default=None)
-        if last_ours is not None:
-            # mitmproxy's own error after llm-traj's last line (a port it could not bind after "recording
-            # to ..."), not its notice that one was logged (which follows llm-traj's own errors too)
-            after = [line for line in lines[last_ours + 1 :] if "rror" in line and _STARTUP_NOTICE not in line]
-            return after[0].strip() if after else lines[last_ours].split("llm-traj: ", 1)[1]
+        ours = [line.split("llm-traj: ", 1)[1] for line in lines if "llm-traj: " in line]
+        # mitmproxy's own error (a port it could not bind, logged before or after llm-traj's "recording to
+        # ..." as the version goes), not its notice that one was logged (which follows llm-traj's own errors)
+        theirs = [line for line in lines if "rror" in line and "llm-traj: " not in line and _STARTUP_NOTICE not in line]
+        if theirs or ours:
+            return (theirs or ours)[0 if theirs else -1].strip()
         errors = [line for line in lines if "rror" in line]
         return (errors or lines or [f"{Path(self.args[0]).name} exited without output"])[-1].strip()
 
