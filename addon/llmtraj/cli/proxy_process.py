@@ -113,9 +113,9 @@ class ServerProcess:
         ours = [line.split("llm-traj: ", 1)[1] for line in lines if "llm-traj: " in line]
         # mitmproxy's own error (a port it could not bind, logged before or after llm-traj's "recording to
         # ..." as the version goes), not its notice that one was logged (which follows llm-traj's own errors)
-        theirs = [line for line in lines if "rror" in line and "llm-traj: " not in line and _STARTUP_NOTICE not in line]
-        if theirs or ours:
-            return (theirs or ours)[0 if theirs else -1].strip()
+        if ours:
+            theirs = [line for line in lines if "rror" in line and "llm-traj: " not in line and _STARTUP_NOTICE not in line]
+            return theirs[0].strip() if theirs else ours[-1]
         errors = [line for line in lines if "rror" in line]
         return (errors or lines or [f"{Path(self.args[0]).name} exited without output"])[-1].strip()
 
