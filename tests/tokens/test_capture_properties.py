@@ -89,6 +89,50 @@ def test_the_quick_way_gives_what_parsing_gives(plan, obj):
         assert (quick is raw) == (parsed is raw)  # an event that needs no change passes as the same bytes
 
 
+# The plans under which vLLM's usual event takes the hider's shortest way: ids and logprobs hidden, usage too or not
+TOKEN_PLANS = st.sampled_from([
+    plan_capture("chat.completions", {"model": "m", "stream": True}),
+    plan_capture("chat.completions", {"model": "m", "stream": True, "stream_options": {"include_usage": True}}),
+])
+
+
+@st.composite
+def token_event(draw: st.DrawFn) -> tuple[dict[str, Any], bool]:
+    """A chunk as vLLM streams it when asked for ids and logprobs (one choice,
+    its logprobs object and ids last), or one changed off that shape in a way
+    the shortest way must see (ids or logprobs elsewhere, another key last);
+    and whether it kept the shape."""
+    choice: dict[str, Any] = {"index": 0, "delta": {"content": draw(TEXT)},
+                              "logprobs": {"content": draw(st.lists(LOGPROB, max_size=2))}, "finish_reason": draw(FINISH)}  # fmt: skip
+    if draw(st.booleans()):
+        choice["stop_reason"] = draw(st.none() | TEXT | st.integers(0, 200_000))
+    choice["token_ids"] = draw(IDS)
+    out: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": draw(TEXT),
+                           "choices": [choice]}  # fmt: skip
+    if draw(st.booleans()):
+        out["usage"] = None
+    change = draw(st.sampled_from([None, "prompt ids first", "a choice without ids before", "a key last"]))
+    if change == "prompt ids first":
+        out = {"prompt_token_ids": draw(IDS), **out}
+    elif change == "a choice without ids before":
+        out["choices"] = [{"index": 1, "delta": {}, "logprobs": draw(LOGPROBS), "finish_reason": draw(FINISH)}, choice]
+    elif change == "a key last":
+        out["system_fingerprint"] = draw(TEXT)
+    return out, change is None
+
+
+@given(TOKEN_PLANS, token_event())
+def test_vllms_usual_event_takes_the_shortest_way_to_what_the_general_way_gives(plan, shaped):
+    obj, usual = shaped
+    raw = event(obj)
+    quick, general = StreamHider(plan), StreamHider(plan)
+    if usual:
+        quick._event = None  # (it must not be needed)
+    assert quick.feed(raw) == general._event(raw, True)
+    assert (quick.rewritten, quick.dropped, quick._held, quick._position) == (
+        general.rewritten, general.dropped, general._held, general._position)
+
+
 def _agent_bytes(plan, data: bytes, cuts: list[int]) -> tuple[bytes, list[int], int]:
     hider = StreamHider(plan)
     out, at = [], 0
