@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from llmtraj.core.record import SCHEMA_VERSION, Bridge, CallRecord, Timings
+from llmtraj.core import store
+from llmtraj.core.record import SCHEMA_VERSION, Bridge, CallRecord, StreamEvent, Timings
 from llmtraj.core.redact import REDACTED
 from llmtraj.core.session import InvalidSession
 from llmtraj.core.store import (
@@ -338,12 +339,37 @@ def test_a_bad_line_in_a_session_file_cuts_that_session_and_not_the_others(tmp_p
 def test_wrong_schema_version_raises_with_the_line(tmp_path):
     file = tmp_path / "t.jsonl"
     future = json.loads(_good(2))
-    future["schema_version"] = 3
+    future["schema_version"] = 4
     _write_lines(file, [_good(1), json.dumps(future).encode(), _good(3)])
     with pytest.raises(TrajectoryError) as info:
         list(read_records(file))
     assert info.value.line == 2
-    assert "schema_version 3 is not supported (this llm-traj reads 1, 2)" in str(info.value)
+    assert "schema_version 4 is not supported (this llm-traj reads 1, 2, 3)" in str(info.value)
+
+
+def test_a_line_with_events_stored_as_template_values_says_version_3(tmp_path, monkeypatch):
+    # a reader of versions 1 and 2 alone cannot rebuild such events: the line's version makes it say so,
+    # where it would otherwise fail on the first event without its raw
+    from llmtraj.recording.builder import mark_templates
+
+    chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": {"content": f"word{i} "}, "finish_reason": None}]} for i in range(20)]  # fmt: skip
+    events = [StreamEvent(t=i / 100, raw=f"data: {json.dumps(c)}\n\n") for i, c in enumerate(chunks)]
+    writer = TrajectoryWriter(tmp_path / "t", mark_templates)
+    writer.append(make_record("streamed", 1).model_copy(update={"stream": True, "events": events}))
+    writer.append(make_record("plain", 1))
+    writer.close()
+    streamed, plain = (tmp_path / "t" / "streamed.jsonl"), (tmp_path / "t" / "plain.jsonl")
+    line = json.loads(streamed.read_text())
+    assert line["schema_version"] == 3 and sum("v" in event for event in line["events"]) == 19
+    assert json.loads(plain.read_text())["schema_version"] == SCHEMA_VERSION == 2
+    (record,) = read_records(streamed)
+    assert record.events == events and record.schema_version == 3
+
+    monkeypatch.setattr(store, "SCHEMA_VERSIONS", (1, 2))
+    with pytest.raises(TrajectoryError, match=r"schema_version 3 is not supported \(this llm-traj reads 1, 2\)"):
+        list(read_records(streamed))
+    assert [r.session for r in read_records(plain)] == ["plain"]
 
 
 def test_missing_schema_version_raises(tmp_path):

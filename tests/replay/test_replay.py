@@ -441,9 +441,9 @@ def test_a_bad_line_cuts_only_its_session_there_with_file_and_line(tmp_path, cap
     report = replay.report()
     assert report["skipped_lines"] == [skipped] and report["sessions"]["s"]["unreadable"] == skipped
     assert replay.report_lines()[-1] == f"  skipped {skipped}"
-    file.write_bytes(lines[0].replace(b'"schema_version":2', b'"schema_version":3') + b"\n")
+    file.write_bytes(lines[0].replace(b'"schema_version":2', b'"schema_version":4') + b"\n")
     miss = serve(load(tmp_path), "s", chat("q1"))
-    assert f"{file}:1: schema_version 3 is not supported" in miss.message
+    assert f"{file}:1: schema_version 4 is not supported" in miss.message
 
 
 def test_load_refuses_an_empty_path_and_unknown_apis(tmp_path):

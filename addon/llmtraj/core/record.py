@@ -9,8 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Version 2 lines store a call's request as a reference to an earlier call of
 # its session plus what is new (`core.store`); read back, a record is whole.
+# Version 3 lines are version 2 lines whose stream events include ones stored
+# as their template's values (`core.chain.encode_events`): a reader of 1 and 2
+# alone would fail on those events for want of their raw, so the line's version
+# makes it refuse the line for what it is (the rest of a file may still read).
 SCHEMA_VERSION = 2
-SCHEMA_VERSIONS = (1, 2)
+TEMPLATE_VALUES_VERSION = 3
+SCHEMA_VERSIONS = (1, 2, 3)
 
 Headers = list[tuple[str, str]]
 
@@ -136,7 +141,7 @@ class PromptTag(BaseModel):
 class CallRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     session: str
     index: int = Field(ge=1, description="1-based position of the call in its session")
     api: str

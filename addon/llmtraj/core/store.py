@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
 from .chain import RequestChains, SessionRequests, decode_events, encode_events
-from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, CallRecord
+from .record import SCHEMA_VERSION, SCHEMA_VERSIONS, TEMPLATE_VALUES_VERSION, CallRecord
 from .redact import SHAPE_STARTS, Scrubber, redact_raw_body, redact_url, scrubber_for
 from .remote import local_trajectory
 from .session import validate_session
@@ -173,6 +173,8 @@ class TrajectoryWriter:
             if stored_events is None:
                 stored_events = encode_events(events)
             line_fields["events"] = stored_events  # of scrubbed events: nothing left to scrub
+            if any(map(dict.__contains__, stored_events, repeat("v"))):
+                line_fields["schema_version"] = TEMPLATE_VALUES_VERSION
         bridge = fields.get("bridge")
         bridge_request = bridge.get("request") if isinstance(bridge, dict) else None
         if isinstance(bridge_request, dict):
