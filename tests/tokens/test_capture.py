@@ -124,6 +124,23 @@ def test_a_cut_off_last_event_goes_as_it_came():
     assert hider.feed(b"") == b'data: {"choices": [{"token_ids": [1]'
 
 
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+@pytest.mark.parametrize("event", [
+    b'data: {"choices":[{"logprobs":{},"finish_reason":token_ids":[1]}]}\n\n',  # no reasons between the keys
+    b'data: {"choices":[{"logprobs":"logprobs":{},"finish_reason":null}]}\n\n',  # a key after a key
+    b'data: {"choices":[{"token_ids":token_ids":[1]}]}\n\n',
+    b'data: {"a":token_ids":token_ids":token_ids":}\n\n',
+])
+def test_an_event_that_is_not_json_does_not_break_the_stream(engine, event):
+    # The proxy's loop runs this on the upstream's bytes: garbage passes (cut where the keys say, as the general
+    # way cuts it, or unchanged), and the events after it are shown as ever.
+    plan = plan_capture("chat.completions", {**CHAT, "stream": True}, engine)
+    hider, general = StreamHider(plan), StreamHider(plan)
+    assert hider.feed(event) == general._event(event, True)
+    following = sse(vllm_chat_stream(ids=True, logprobs=True, usage=True))
+    assert hider.feed(following) + hider.feed(b"") == StreamHider(plan).feed(following) + StreamHider(plan).feed(b"")
+
+
 def test_sglang_id_fields_are_left_out_and_logprobs_null():
     plan = plan_capture("completions", {"model": "m", "prompt": "x", "stream": True}, "sglang")
     chunk = {"id": "1", "object": "text_completion", "created": 1, "model": "m",

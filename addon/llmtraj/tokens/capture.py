@@ -146,7 +146,7 @@ _USAGE, _NO_CHOICES = b'"usage":', b'"choices":[]'
 _TOKEN_EVENT_ENDS = (b'}],"usage":null}\n\n', b"}]}\n\n")
 _FINISHING = b'"finish_reason":"'
 _DATA_OBJECT = b"data: {"
-_LIST, _OBJECT, _NULL, _QUOTE = b'[{n"'  # (ints) what may follow a key's colon
+_LIST, _OBJECT, _NULL = b"[{n"  # (ints) what may follow a key's colon
 _FINGERPRINT = re.compile(rb',"system_fingerprint":("(?:[^"\\]|\\.)*")')
 _DATA = re.compile(rb"data: ?(\{.*\})(\r?\n\r?\n)\Z", re.S)
 
@@ -211,7 +211,7 @@ class StreamHider:
                             shown = b"".join((head, _LOGPROBS_NULL, reasons, _IDS_NULL, end))
                             self.rewritten.append(self._position)
                             self._position += 1
-                            if self._usage and reasons[0] == _QUOTE:  # it finishes its choice: held, as in `_event`
+                            if self._usage and reasons[:1] == b'"':  # it finishes its choice: held, as in `_event`
                                 self._held = (shown, True)
                                 return b""
                             return shown
@@ -294,6 +294,8 @@ class StreamHider:
                 changed = False
                 for i in range(1, len(parts)):
                     part = parts[i]
+                    if not part:  # two keys in a row: not JSON (the parser says so)
+                        return None
                     follows = part[0]
                     if follows == _OBJECT:
                         _, after, parts[i] = part.partition(_AFTER_LOGPROBS)
@@ -323,6 +325,8 @@ class StreamHider:
                 remove = self._remove_ids
                 for i in range(1, len(parts)):
                     part = parts[i]
+                    if not part:  # (as above)
+                        return None
                     follows = part[0]
                     if follows == _LIST:
                         _, end, parts[i] = part.partition(b"]")
