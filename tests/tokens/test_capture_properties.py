@@ -133,6 +133,25 @@ def test_vllms_usual_event_takes_the_shortest_way_to_what_the_general_way_gives(
         general.rewritten, general.dropped, general._held, general._position)
 
 
+
+@given(TOKEN_PLANS, st.lists(token_event(), min_size=1, max_size=6), st.booleans())
+def test_events_that_come_together_take_the_shortest_way_to_what_the_general_way_gives(plan, shaped, done):
+    """Several events in one piece (a reader that fell behind its engine), the
+    [DONE] line last or not: each usual one as the shortest way shows it alone."""
+    data = b"".join(event(obj) for obj, _ in shaped) + (b"data: [DONE]\n\n" if done else b"")
+    quick, general = StreamHider(plan), StreamHider(plan)
+    taken = []
+    shortest = quick._token_event
+    quick._token_event = lambda raw: taken.append(raw) or shortest(raw)
+    general._token_event = lambda raw: None  # (the general way for every event)
+    assert quick.feed(data) + quick.feed(b"") == general.feed(data) + general.feed(b"")
+    assert (quick.rewritten, quick.dropped, quick._held, quick._position) == (
+        general.rewritten, general.dropped, general._held, general._position)
+    assert taken[:1] == [event(shaped[0][0])]  # offered the shortest way
+    if not quick._usage:  # (nothing is held: every event is)
+        assert len(taken) == len(shaped) + done
+
+
 def _agent_bytes(plan, data: bytes, cuts: list[int]) -> tuple[bytes, list[int], int]:
     hider = StreamHider(plan)
     out, at = [], 0
