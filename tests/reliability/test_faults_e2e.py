@@ -16,6 +16,7 @@ import httpx
 import pytest
 from llmtraj.cli.proxy_process import ProxyProcess
 from llmtraj.core.store import read_records
+from llmtraj.testing.standin import FIXTURES
 from openai import OpenAI
 
 from ..cli.test_cli_run import processes_mentioning
@@ -156,18 +157,25 @@ ANTHROPIC_EVENTS = [
 ]
 
 
-@pytest.mark.parametrize("path, events, final", [
-    ("/v1/chat/completions", CHAT_EVENTS, "data: [DONE]"),
-    ("/v1/messages", ANTHROPIC_EVENTS, "event: message_stop"),
-], ids=["chat", "anthropic"])  # fmt: skip
-def test_killing_mitmdump_once_the_agent_has_the_final_event_loses_nothing(tmp_path, path, events, final):
+RESPONSES_EVENTS = [block + b"\n\n" for block in (FIXTURES / "responses" / "text.sse").read_bytes().split(b"\n\n") if block]
+
+
+@pytest.mark.parametrize("path, events, final, together", [
+    ("/v1/chat/completions", CHAT_EVENTS, "data: [DONE]", False),
+    ("/v1/messages", ANTHROPIC_EVENTS, "event: message_stop", False),
+    ("/v1/responses", RESPONSES_EVENTS, "event: response.completed", False),
+    ("/v1/chat/completions", CHAT_EVENTS, "data: [DONE]", True),
+    ("/v1/messages", ANTHROPIC_EVENTS, "event: message_stop", True),
+], ids=["chat", "anthropic", "responses", "chat-one-chunk", "anthropic-one-chunk"])  # fmt: skip
+def test_killing_mitmdump_once_the_agent_has_the_final_event_loses_nothing(tmp_path, path, events, final, together):
     """SDKs stop reading at their API's final event (the openai SDKs return at
     `data: [DONE]` and close), before the body's own end, which here comes 3 s
     later. The agent reads to that event and, its connection still open,
     mitmdump is killed: the capture went into the writer's pipe with the final
-    event, so the call is on disk, complete."""
+    event, so the call is on disk, complete. The events come a chunk each, or
+    all in one chunk (as an upstream that flushes late sends them)."""
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-    answer = head + b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)
+    answer = head + b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in ([b"".join(events)] if together else events))
     traj = tmp_path / "traj"
     with ScriptedUpstream([answer, b"0\r\n\r\n"], gap=3.0) as upstream:
         p = ProxyProcess(upstream=upstream.url, options={"llm_traj_path": traj}).start()

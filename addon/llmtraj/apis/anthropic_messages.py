@@ -457,6 +457,7 @@ def _start_block(block: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, 
 class AnthropicMessages:
     name = "anthropic.messages"
     final_events = (b"event: message_stop",)
+    final_endings = (b'"message_stop"}\n\n',)  # (Anthropic's data: {"type":"message_stop"})
 
     def matches(self, method: str, path: str) -> bool:
         path = path.rstrip("/")

@@ -77,6 +77,9 @@ class ApiShape(Protocol):
     # How this API's stream ends, as the final event's first line: SDKs stop reading there (openai's
     # at `data: [DONE]`, without waiting for the body's own end), so the agent has its whole answer then.
     final_events: tuple[bytes, ...]
+    # How a final event ends, where its servers write it so (its data included): how one is told at the
+    # end of a chunk that holds the events before it too. Empty where the data varies (Responses').
+    final_endings: tuple[bytes, ...]
 
     def matches(self, method: str, path: str) -> bool:
         """Whether a request (path without query and session prefix) is a call of this API."""

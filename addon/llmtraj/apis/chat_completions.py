@@ -321,6 +321,7 @@ class ChatCompletionStream(ChoiceChunkStream):
 class ChatCompletions:
     name = "chat.completions"
     final_events = (b"data: [DONE]",)
+    final_endings = (b"data: [DONE]\n\n",)
 
     def matches(self, method: str, path: str) -> bool:
         return method == "POST" and path.rstrip("/").endswith("/chat/completions")

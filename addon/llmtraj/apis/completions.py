@@ -104,7 +104,7 @@ class TextCompletionStream(ChoiceChunkStream):
 
 class Completions:
     name = "completions"
-    final_events = ChatCompletions.final_events
+    final_events, final_endings = ChatCompletions.final_events, ChatCompletions.final_endings
 
     # OpenAI's error shape and `stream` flag, as chat completions
     error_body = ChatCompletions.error_body

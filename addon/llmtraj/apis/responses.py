@@ -564,6 +564,7 @@ class ResponsesStream:
 class Responses:
     name = "responses"
     final_events = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
+    final_endings = ()  # (the data is the whole response)
 
     # OpenAI's error shape and `stream` flag, as chat completions
     error_body = ChatCompletions.error_body

@@ -52,18 +52,20 @@ def flow_failure(flow: http.HTTPFlow) -> tuple[str, str]:
 RECORDING_MODES = ("record", "anticall")
 
 
-def _final_events(flow: http.HTTPFlow, headers: RawHeaders) -> tuple[bytes, ...]:
-    """The events that end a call's stream for its agent (`headers`: its
-    response's, raw), when mitmproxy forwards the call to its upstream. (An
-    answer the addon produces through the loopback server is handed over at its
-    end: parts of its record, such as a bridged call's upstream side, are
-    complete only then.)"""
+def _stream_ends(flow: http.HTTPFlow, headers: RawHeaders) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """How a call's stream ends for its agent (`headers`: its response's, raw),
+    when mitmproxy forwards the call to its upstream: its API's final events'
+    first lines and their endings (`ApiShape.final_endings`); none for any other
+    call. (An answer the addon produces through the loopback server is handed
+    over at its end: parts of its record, such as a bridged call's upstream
+    side, are complete only then.)"""
     info = flow.metadata.get(CALL_KEY)
     if info is None or ORIGINAL_URL_KEY in flow.metadata:
-        return ()
+        return (), ()
     if not (header(headers, b"content-type") or b"").lower().startswith(b"text/event-stream"):
-        return ()
-    return API_BY_NAME[info["api"]].final_events
+        return (), ()
+    shape = API_BY_NAME[info["api"]]
+    return shape.final_events, shape.final_endings
 
 
 def _ends_with_final_event(data: bytes, final_events: tuple[bytes, ...]) -> bool:
@@ -218,7 +220,7 @@ class Recorder:
         headers = capture.response_headers  # as the upstream sent them
         length = content_length(headers)
         received = 0
-        final_events = _final_events(flow, headers)
+        final_events, final_endings = _stream_ends(flow, headers)
 
         # Every response streams, JSON too: nothing is held back from the agent,
         # and mitmproxy's streaming path costs less than buffering the body.
@@ -228,6 +230,10 @@ class Recorder:
         # of the body (b""), whose end marker is sent after this; for a stream,
         # also as soon as a chunk ends with its API's final event, at which SDKs
         # stop reading (whatever might follow that event is then not recorded).
+        # A chunk is searched for that event only when it begins with one, or
+        # ends as one does: on the proxy's loop a search of every chunk cost a
+        # streamed event more than a microsecond (a final event in a chunk after
+        # others, with data of its own, then goes at the end of the body).
         def capture_chunk(data: bytes) -> bytes | tuple[()]:
             nonlocal received
             if data:
@@ -237,7 +243,9 @@ class Recorder:
                     received += len(data)
                     if received >= length:
                         self._send(flow, None)
-                elif final_events and _ends_with_final_event(data, final_events):
+                elif final_events and (
+                    data.startswith(final_events) or (final_endings and data.endswith(final_endings))
+                ) and _ends_with_final_event(data, final_events):
                     self._send(flow, None)
             else:
                 self._send(flow, None)
