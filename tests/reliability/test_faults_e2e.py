@@ -157,7 +157,9 @@ ANTHROPIC_EVENTS = [
 ]
 
 
-RESPONSES_EVENTS = [block + b"\n\n" for block in (FIXTURES / "responses" / "text.sse").read_bytes().split(b"\n\n") if block]
+RESPONSES_EVENTS = [
+    block + b"\n\n" for block in (FIXTURES / "responses" / "text.sse").read_bytes().split(b"\n\n") if block
+]
 
 
 @pytest.mark.parametrize("path, events, final, together", [
@@ -175,7 +177,8 @@ def test_killing_mitmdump_once_the_agent_has_the_final_event_loses_nothing(tmp_p
     event, so the call is on disk, complete. The events come a chunk each, or
     all in one chunk (as an upstream that flushes late sends them)."""
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-    answer = head + b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in ([b"".join(events)] if together else events))
+    chunks = [b"".join(events)] if together else events
+    answer = head + b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks)
     traj = tmp_path / "traj"
     with ScriptedUpstream([answer, b"0\r\n\r\n"], gap=3.0) as upstream:
         p = ProxyProcess(upstream=upstream.url, options={"llm_traj_path": traj}).start()

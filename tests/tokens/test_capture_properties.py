@@ -133,7 +133,6 @@ def test_vllms_usual_event_takes_the_shortest_way_to_what_the_general_way_gives(
         general.rewritten, general.dropped, general._held, general._position)
 
 
-
 @given(TOKEN_PLANS, st.lists(token_event(), min_size=1, max_size=6), st.booleans())
 def test_events_that_come_together_take_the_shortest_way_to_what_the_general_way_gives(plan, shaped, done):
     """Several events in one piece (a reader that fell behind its engine), the
